@@ -1,0 +1,64 @@
+"""``lmforge <stage> ...``: parse the command line, load the config, call the stage.
+
+Each layer keeps its commands in a ``commands`` module exposing ``register(subparsers)``; a command's
+handler is set with ``parser.set_defaults(handler=...)`` and receives the parsed ``argparse.Namespace``.
+Handlers import heavy dependencies themselves, so ``lmforge --help`` stays quick. Stage commands that
+take a recipe use :func:`add_config_arguments` and :func:`config_from_args`, giving every stage the
+same ``--config recipe.yaml key.sub=value ...`` form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from lmforge import __version__
+from lmforge.config import ConfigError, load_config
+
+T = TypeVar("T")
+
+# One line per layer that contributes commands, in the order they appear in ``lmforge --help``.
+COMMAND_MODULES: list[str] = [
+]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML recipe; omitted keys keep their defaults")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.n_layers=4")
+
+
+def config_from_args(schema: type[T], args: argparse.Namespace) -> T:
+    return load_config(schema, args.config, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="From a raw text corpus to a served chat model.")
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Any = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(handler(args) or 0)
+    except ConfigError as err:
+        print(f"lmforge: config error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

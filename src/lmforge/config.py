@@ -1,0 +1,97 @@
+"""Typed dataclass configs, YAML recipes and dotted command-line overrides.
+
+A config is a plain ``@dataclass`` (nested dataclasses allowed). ``load_config`` merges, in order,
+the dataclass defaults, a YAML recipe and ``key.sub=value`` overrides, with OmegaConf doing the typed
+merge. Unknown keys and values of the wrong type raise :class:`ConfigError` naming the full key;
+``__post_init__`` of the dataclasses may raise ``ValueError`` for semantic checks, which is reported
+the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit its schema."""
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = getattr(err, "msg", None) or str(err).splitlines()[0]
+    return f"{key}: {msg}" if key else msg
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _check_override(item: str) -> str:
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    return item
+
+
+def load_config(
+    schema: type[T],
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    data: dict[str, Any] | None = None,
+) -> T:
+    """Build a ``schema`` instance from defaults, an optional YAML file or dict, then overrides."""
+    try:
+        merged = OmegaConf.structured(schema)
+        if path is not None:
+            merged = OmegaConf.merge(merged, _read_yaml(path))
+        if data is not None:
+            merged = OmegaConf.merge(merged, data)
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([_check_override(o) for o in overrides]))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err)) from None
+    except (ValueError, TypeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(str(err)) from err
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML/JSON-serialisable dict of a dataclass config."""
+    if not dataclasses.is_dataclass(cfg):
+        raise TypeError(f"expected a dataclass instance, got {type(cfg).__name__}")
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the fully resolved config as YAML (the run folder's record of what ran)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise a ValueError naming ``name`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(repr, choices))}")

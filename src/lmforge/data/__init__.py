@@ -1,0 +1,1 @@
+"""Documents, readers/writers, pipeline steps and executors, shards, loaders and mixtures."""

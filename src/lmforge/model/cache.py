@@ -1,0 +1,76 @@
+"""The KV-cache interface through which incremental decoding drives the model.
+
+The model never owns cache storage: a caller (``generate``, the inference engine) creates a cache and
+passes it to ``Transformer.forward(..., cache=cache)``. Each attention layer hands the cache its new
+keys/values with their absolute positions and gets back every key/value the new queries may see.
+Masks (causal, sliding window, sparse pattern, prefix) and position biases (ALiBi, relative buckets)
+are computed from query and key positions, so the same attention code serves a contiguous cache,
+a paged cache with per-sequence lengths, and a padded batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class KVView:
+    """Keys/values visible to the current queries of one layer.
+
+    keys, values: (batch, n_kv_heads, n_keys, head_dim)
+    positions: (batch, n_keys) absolute position of each key; -1 marks an empty/padded slot.
+    """
+
+    keys: Tensor
+    values: Tensor
+    positions: Tensor
+
+
+class KVCache(Protocol):
+    def update(self, layer: int, keys: Tensor, values: Tensor, positions: Tensor) -> KVView:
+        """Store new keys/values (batch, n_kv_heads, n_new, head_dim) at ``positions`` (batch, n_new)
+        and return what the new queries of this layer may attend to."""
+        ...
+
+
+class ContiguousKVCache:
+    """A simple preallocated cache: sequence i's keys live at slots ``0 .. length[i]-1``.
+
+    Positions of new tokens must continue each sequence (the slot of a key is its position), which is
+    what plain left-to-right generation does. Empty slots report position -1.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.pos = torch.full((n_layers, batch, max_len), -1, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    def update(self, layer: int, keys: Tensor, values: Tensor, positions: Tensor) -> KVView:
+        if int(positions.max()) >= self.max_len:
+            raise ValueError(f"position {int(positions.max())} exceeds the cache length {self.max_len}")
+        index = positions.clamp(min=0)
+        gather = index[:, None, :, None].expand_as(keys)
+        self.k[layer].scatter_(2, gather, keys.to(self.k.dtype))
+        self.v[layer].scatter_(2, gather, values.to(self.v.dtype))
+        self.pos[layer].scatter_(1, index, positions)
+        used = int(self.pos[layer].amax()) + 1
+        return KVView(self.k[layer, :, :, :used], self.v[layer, :, :, :used], self.pos[layer, :, :used])
+
+    def length(self) -> int:
+        """Number of positions stored for layer 0 (the longest sequence)."""
+        return int(self.pos[0].amax()) + 1

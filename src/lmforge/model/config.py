@@ -1,0 +1,120 @@
+"""``ModelConfig``: one dataclass whose fields select every component of the Transformer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmforge.config import check_choice
+
+STRUCTURES = ("causal", "prefix")
+NORMS = ("layernorm", "rmsnorm", "deepnorm")
+NORM_POSITIONS = ("pre", "post", "sandwich")
+MLPS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
+POSITIONS = ("learned", "sinusoidal", "relative", "rope", "alibi", "none")
+ATTENTIONS = ("full", "sliding", "sparse")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only Transformer (see ``lmforge.model.presets`` for named shapes)."""
+
+    vocab_size: int = 32000
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    # Key/value heads: n_heads -> multi-head, 1 -> multi-query, anything dividing n_heads -> grouped-query.
+    n_kv_heads: int | None = None
+    head_dim: int | None = None  # default d_model // n_heads
+    d_ff: int | None = None  # default 4*d_model (plain MLP) or 8/3*d_model rounded up to ff_multiple_of (GLU)
+    ff_multiple_of: int = 256
+    max_seq_len: int = 2048
+
+    # structure: causal decoder, or prefix decoder (bidirectional over a per-sequence prefix, causal after it)
+    structure: str = "causal"
+
+    # normalization: deepnorm is post-LN LayerNorm with residual up-scaling alpha and init down-scaling beta
+    norm: str = "rmsnorm"
+    norm_position: str = "pre"
+    norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorm only
+    final_norm: bool = True
+    embedding_norm: bool = False
+
+    # MLP / activation
+    mlp: str = "swiglu"
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    parallel_residual: bool = False
+
+    # positions
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    rotary_pct: float = 1.0  # fraction of head_dim that is rotated (partial rotary)
+    rope_scaling: dict[str, float] | None = None  # e.g. Llama 3.1: {type: llama3, factor: 8, ...}
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+
+    # attention
+    attention: str = "full"
+    sliding_window: int | None = None
+    sparse_block: int = 16  # factorized sparse attention: local block width and stride
+    qk_norm: bool = False
+
+    # mixture of experts (n_experts == 0 -> dense MLP everywhere)
+    n_experts: int = 0
+    moe_top_k: int = 2
+    moe_every: int = 1  # every N-th layer is MoE (layer index % moe_every == moe_every - 1)
+    moe_capacity_factor: float | None = None  # None -> dropless
+    moe_aux_loss_coef: float = 0.01
+    moe_z_loss_coef: float = 0.001
+    moe_normalize_top_k: bool = True
+    router_init_std: float = 0.002
+
+    # embeddings and init
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    scaled_residual_init: bool = True  # residual output projections get std / sqrt(2 * n_layers)
+    dropout: float = 0.0
+
+    extra: dict[str, str] = field(default_factory=dict)  # free-form provenance (e.g. hf model_type)
+
+    def __post_init__(self) -> None:
+        check_choice("structure", self.structure, STRUCTURES)
+        check_choice("norm", self.norm, NORMS)
+        check_choice("norm_position", self.norm_position, NORM_POSITIONS)
+        check_choice("mlp", self.mlp, MLPS)
+        check_choice("position", self.position, POSITIONS)
+        check_choice("attention", self.attention, ATTENTIONS)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads: {self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(f"d_model: {self.d_model} is not divisible by n_heads={self.n_heads}")
+            self.head_dim = self.d_model // self.n_heads
+        if self.d_ff is None:
+            if self.gated:
+                hidden = int(8 * self.d_model / 3)
+                self.d_ff = self.ff_multiple_of * -(-hidden // self.ff_multiple_of)
+            else:
+                self.d_ff = 4 * self.d_model
+        if self.norm == "deepnorm" and self.norm_position != "post":
+            raise ValueError("norm: deepnorm is defined for norm_position=post")
+        if self.attention == "sliding" and not self.sliding_window:
+            raise ValueError("sliding_window: required when attention=sliding")
+        if not 0.0 < self.rotary_pct <= 1.0:
+            raise ValueError(f"rotary_pct: must be in (0, 1], got {self.rotary_pct}")
+        if self.n_experts and not 0 < self.moe_top_k <= self.n_experts:
+            raise ValueError(f"moe_top_k: {self.moe_top_k} must be in 1..n_experts={self.n_experts}")
+
+    @property
+    def gated(self) -> bool:
+        return self.mlp in ("swiglu", "geglu")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_experts > 0 and layer % self.moe_every == self.moe_every - 1

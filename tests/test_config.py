@@ -1,0 +1,62 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from lmforge.config import ConfigError, load_config, save_config
+from lmforge.model.config import ModelConfig
+
+
+@dataclass
+class Inner:
+    n_layers: int = 2
+    name: str = "tiny"
+
+
+@dataclass
+class Recipe:
+    model: Inner = field(default_factory=Inner)
+    lr: float = 3e-4
+    steps: int = 10
+
+
+def test_yaml_then_overrides_are_merged_in_order(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  n_layers: 6\nlr: 0.001\n")
+    cfg = load_config(Recipe, path, ["model.n_layers=4", "steps=7"])
+    assert isinstance(cfg, Recipe) and isinstance(cfg.model, Inner)
+    assert (cfg.model.n_layers, cfg.model.name, cfg.lr, cfg.steps) == (4, "tiny", 0.001, 7)
+
+
+def test_unknown_key_names_the_full_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.n_layer"):
+        load_config(Recipe, overrides=["model.n_layer=4"])
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  depth: 3\n")
+    with pytest.raises(ConfigError, match=r"model\.depth"):
+        load_config(Recipe, path)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"model\.n_layers"):
+        load_config(Recipe, overrides=["model.n_layers=four"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(Recipe, overrides=["steps"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Recipe, tmp_path / "nope.yaml")
+
+
+def test_semantic_validation_is_a_config_error():
+    with pytest.raises(ConfigError, match="n_kv_heads"):
+        load_config(ModelConfig, overrides=["n_heads=8", "n_kv_heads=3"])
+    with pytest.raises(ConfigError, match="position"):
+        load_config(ModelConfig, overrides=["position=wavelet"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(ModelConfig, overrides=["n_layers=3", "n_kv_heads=4"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(ModelConfig, tmp_path / "c.yaml")
+    assert again == cfg
