@@ -16,6 +16,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from lmforge.model.config import ModelConfig
+
 
 @dataclass
 class KVView:
@@ -41,7 +43,8 @@ class ContiguousKVCache:
     """A simple preallocated cache: sequence i's keys live at slots ``0 .. length[i]-1``.
 
     Positions of new tokens must continue each sequence (the slot of a key is its position), which is
-    what plain left-to-right generation does. Empty slots report position -1.
+    what plain left-to-right generation does. Empty slots report position -1. New tokens at position -1
+    (padding in a ragged batch) are written to a spare slot past ``max_len`` that is never returned.
     """
 
     def __init__(
@@ -54,22 +57,34 @@ class ContiguousKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        shape = (n_layers, batch, n_kv_heads, max_len + 1, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.pos = torch.full((n_layers, batch, max_len), -1, dtype=torch.long, device=device)
+        self.pos = torch.full((n_layers, batch, max_len + 1), -1, dtype=torch.long, device=device)
         self.max_len = max_len
+
+    @classmethod
+    def for_model(
+        cls, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32, device="cpu"
+    ) -> ContiguousKVCache:
+        """A cache shaped for ``cfg`` (all its layers, its key/value heads)."""
+        return cls(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, max_len, dtype=dtype, device=device)
 
     def update(self, layer: int, keys: Tensor, values: Tensor, positions: Tensor) -> KVView:
         if int(positions.max()) >= self.max_len:
             raise ValueError(f"position {int(positions.max())} exceeds the cache length {self.max_len}")
-        index = positions.clamp(min=0)
-        gather = index[:, None, :, None].expand_as(keys)
-        self.k[layer].scatter_(2, gather, keys.to(self.k.dtype))
-        self.v[layer].scatter_(2, gather, values.to(self.v.dtype))
-        self.pos[layer].scatter_(1, index, positions)
+        slots = torch.where(positions < 0, self.max_len, positions)
+        index = slots[:, None, :, None].expand_as(keys)
+        self.k[layer].scatter_(2, index, keys.to(self.k.dtype))
+        self.v[layer].scatter_(2, index, values.to(self.v.dtype))
+        self.pos[layer].scatter_(1, slots, positions)
+        self.pos[layer, :, self.max_len] = -1
         used = int(self.pos[layer].amax()) + 1
         return KVView(self.k[layer, :, :, :used], self.v[layer, :, :, :used], self.pos[layer, :, :used])
+
+    def lengths(self) -> Tensor:
+        """Per sequence, one past the last stored position (layer 0): where the next token goes."""
+        return self.pos[0, :, : self.max_len].amax(dim=-1) + 1
 
     def length(self) -> int:
         """Number of positions stored for layer 0 (the longest sequence)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from lmforge.config import check_choice
 
@@ -12,6 +13,7 @@ NORM_POSITIONS = ("pre", "post", "sandwich")
 MLPS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
 POSITIONS = ("learned", "sinusoidal", "relative", "rope", "alibi", "none")
 ATTENTIONS = ("full", "sliding", "sparse")
+ROPE_SCALINGS = ("default", "linear", "llama3")
 
 
 @dataclass
@@ -51,14 +53,18 @@ class ModelConfig:
     position: str = "rope"
     rope_theta: float = 10000.0
     rotary_pct: float = 1.0  # fraction of head_dim that is rotated (partial rotary)
-    rope_scaling: dict[str, float] | None = None  # e.g. Llama 3.1: {type: llama3, factor: 8, ...}
+    # e.g. Llama 3.1: {rope_type: llama3, factor: 8, low_freq_factor: 1, high_freq_factor: 4,
+    # original_max_position_embeddings: 8192}; also {rope_type: linear, factor: F}
+    rope_scaling: dict[str, Any] | None = None
     relative_buckets: int = 32
     relative_max_distance: int = 128
 
     # attention
     attention: str = "full"
     sliding_window: int | None = None
-    sparse_block: int = 16  # factorized sparse attention: local block width and stride
+    # fixed factorized sparse attention (Child et al. 2019, "strided"): each query sees the previous
+    # sparse_block positions (local) and every sparse_block-th position before them (strided)
+    sparse_block: int = 16
     qk_norm: bool = False
 
     # mixture of experts (n_experts == 0 -> dense MLP everywhere)
@@ -109,12 +115,34 @@ class ModelConfig:
             raise ValueError("sliding_window: required when attention=sliding")
         if not 0.0 < self.rotary_pct <= 1.0:
             raise ValueError(f"rotary_pct: must be in (0, 1], got {self.rotary_pct}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            check_choice("rope_scaling.rope_type", kind, ROPE_SCALINGS)
+        if self.attention == "sparse" and self.sparse_block <= 0:
+            raise ValueError(f"sparse_block: must be positive, got {self.sparse_block}")
+        if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+            raise ValueError(f"moe_capacity_factor: must be positive or None, got {self.moe_capacity_factor}")
         if self.n_experts and not 0 < self.moe_top_k <= self.n_experts:
             raise ValueError(f"moe_top_k: {self.moe_top_k} must be in 1..n_experts={self.n_experts}")
 
     @property
     def gated(self) -> bool:
         return self.mlp in ("swiglu", "geglu")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading dimensions of each head that RoPE rotates (even)."""
+        return 2 * int(self.head_dim * self.rotary_pct // 2)
+
+    @property
+    def deepnorm_alpha(self) -> float:
+        """DeepNet residual up-scaling for a decoder-only model: x_{l+1} = LN(alpha * x_l + f(x_l))."""
+        return (2 * self.n_layers) ** 0.25 if self.norm == "deepnorm" else 1.0
+
+    @property
+    def deepnorm_beta(self) -> float:
+        """DeepNet init down-scaling (gain of v/o/MLP weights) for a decoder-only model."""
+        return (8 * self.n_layers) ** -0.25 if self.norm == "deepnorm" else 1.0
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.n_experts > 0 and layer % self.moe_every == self.moe_every - 1

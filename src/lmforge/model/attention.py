@@ -1,0 +1,131 @@
+"""Self-attention: MHA / GQA / MQA projections, optional QK-norm, and the masks and biases built from positions.
+
+``F.scaled_dot_product_attention`` does the arithmetic. A plain causal forward takes its ``is_causal`` fast path
+(no mask is materialised); anything else (a KV cache, packed segments, a prefix, a window or sparse pattern,
+ALiBi or relative biases, explicit position ids) gets an explicit mask computed from query and key positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.model.cache import KVCache
+from lmforge.model.config import ModelConfig
+from lmforge.model.norms import build_norm
+from lmforge.model.positions import RelativePositionBias, alibi_bias, alibi_slopes, apply_rope
+
+
+def attention_mask(
+    cfg: ModelConfig,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    prefix_lengths: Tensor | None = None,
+    q_segments: Tensor | None = None,
+    k_segments: Tensor | None = None,
+) -> Tensor:
+    """Which keys each query may see, (batch, 1, n_q, n_k) bool, from absolute positions.
+
+    Causal (key position <= query position) or, for a prefix decoder, also every key inside the sequence's
+    prefix; restricted by the sliding window or the fixed sparse pattern; keys at position -1 are empty slots.
+    A query that sees nothing (padding) is allowed everything, so its (discarded) output stays finite.
+    """
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    visible = k <= q
+    if prefix_lengths is not None:
+        visible = visible | (k < prefix_lengths.to(k.device)[:, None, None])
+    distance = (q - k).abs()
+    if cfg.attention == "sliding":
+        visible = visible & (distance < cfg.sliding_window)
+    elif cfg.attention == "sparse":
+        # Child et al. 2019, strided pattern: the last `block` positions plus every `block`-th one before them
+        visible = visible & ((distance < cfg.sparse_block) | (distance % cfg.sparse_block == 0))
+    if q_segments is not None:
+        visible = visible & (q_segments[:, :, None] == k_segments[:, None, :])
+    visible = visible & (k >= 0)
+    visible = visible | ~visible.any(dim=-1, keepdim=True)
+    return visible[:, None]
+
+
+@dataclass
+class AttentionContext:
+    """Per-forward inputs every attention layer shares; masks are built once per distinct key-position tensor."""
+
+    cfg: ModelConfig
+    positions: Tensor
+    segment_ids: Tensor | None = None
+    prefix_lengths: Tensor | None = None
+    cache: KVCache | None = None
+    rope: tuple[Tensor, Tensor] | None = None
+    causal_kernel: bool = False  # use SDPA's is_causal path: no mask at all
+    _memo: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+
+    def base_mask(self, k_pos: Tensor) -> Tensor:
+        """Bool visibility mask, or a float additive mask when ALiBi is on (memoised on ``k_pos``)."""
+        if self._memo is not None and self._memo[0] is k_pos:
+            return self._memo[1]
+        k_segments = None
+        if self.segment_ids is not None:
+            if self.cache is not None:
+                raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
+            k_segments = self.segment_ids
+        mask = attention_mask(
+            self.cfg, self.positions, k_pos, self.prefix_lengths, self.segment_ids, k_segments
+        )
+        if self.cfg.position == "alibi":
+            bias = alibi_bias(alibi_slopes(self.cfg.n_heads), self.positions, k_pos)
+            mask = bias.masked_fill(~mask, float("-inf"))
+        self._memo = (k_pos, mask)
+        return mask
+
+
+class Attention(nn.Module):
+    """Multi-head attention with n_kv_heads key/value heads (n_heads: MHA, 1: MQA, else GQA)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer  # index under which this layer's keys/values live in a KV cache
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.dropout = cfg.dropout
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.out_bias)
+        self.q_norm = build_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = build_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.relative_bias = RelativePositionBias(cfg) if cfg.position == "relative" else None
+
+    def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        k_pos = ctx.positions
+        if ctx.cache is not None:
+            view = ctx.cache.update(self.layer, k, v, ctx.positions)
+            k, v, k_pos = view.keys.to(q.dtype), view.values.to(q.dtype), view.positions
+        mask = None if ctx.causal_kernel else self._mask(ctx, k_pos, q.dtype)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=ctx.causal_kernel and seq > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+
+    def _mask(self, ctx: AttentionContext, k_pos: Tensor, dtype: torch.dtype) -> Tensor:
+        mask = ctx.base_mask(k_pos)
+        if self.relative_bias is not None:
+            bias = self.relative_bias(ctx.positions, k_pos).float()
+            mask = bias + mask if mask.dtype != torch.bool else bias.masked_fill(~mask, float("-inf"))
+        return mask if mask.dtype == torch.bool else mask.to(dtype)

@@ -1,0 +1,202 @@
+"""The decoder-only Transformer: embeddings, N blocks, final norm, LM head. Every choice comes from ModelConfig."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.model.attention import Attention, AttentionContext
+from lmforge.model.cache import KVCache
+from lmforge.model.config import ModelConfig
+from lmforge.model.mlp import MLP
+from lmforge.model.moe import MoE
+from lmforge.model.norms import build_norm
+from lmforge.model.positions import SinusoidalPositions, rope_cos_sin, rope_inv_freq
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (batch, seq, vocab); hidden states when the model has no lm_head (pipeline stage)
+    aux_loss: (
+        Tensor  # scalar: weighted MoE load-balancing + router z-loss, summed over MoE layers (0 if dense)
+    )
+
+
+class Block(nn.Module):
+    """One layer: attention and MLP sub-layers with residuals, normalized pre, post or sandwich.
+
+    pre:      x = x + f(norm(x))
+    post:     x = norm(alpha * x + f(x))            (DeepNorm: alpha = (2N)^(1/4), else 1)
+    sandwich: x = x + post_norm(f(norm(x)))
+    With parallel_residual both sub-layers read the same x and their outputs are summed (GPT-J / NeoX).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.norm_position, self.parallel = cfg.norm_position, cfg.parallel_residual
+        self.alpha = cfg.deepnorm_alpha
+        self.attn_norm = build_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        # post-LN with a parallel residual normalizes the single sum once, with attn_norm
+        self.mlp_norm = None if self.parallel and self.norm_position == "post" else build_norm(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
+        sandwich = cfg.norm_position == "sandwich"
+        self.attn_post_norm = build_norm(cfg) if sandwich else None
+        self.mlp_post_norm = build_norm(cfg) if sandwich else None
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def _feed_forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        if isinstance(self.mlp, MoE):
+            return self.mlp(h)
+        return self.mlp(h), h.new_zeros(())
+
+    def forward(self, x: Tensor, ctx: AttentionContext) -> tuple[Tensor, Tensor]:
+        if self.norm_position == "post":
+            attn_out = self.dropout(self.attn(x, ctx))
+            if self.parallel:
+                mlp_out, aux = self._feed_forward(x)
+                return self.attn_norm(self.alpha * x + attn_out + self.dropout(mlp_out)), aux
+            x = self.attn_norm(self.alpha * x + attn_out)
+            mlp_out, aux = self._feed_forward(x)
+            return self.mlp_norm(self.alpha * x + self.dropout(mlp_out)), aux
+
+        attn_out = self.attn(self.attn_norm(x), ctx)
+        if self.attn_post_norm is not None:
+            attn_out = self.attn_post_norm(attn_out)
+        if not self.parallel:
+            x = x + self.dropout(attn_out)
+        mlp_out, aux = self._feed_forward(self.mlp_norm(x))
+        if self.mlp_post_norm is not None:
+            mlp_out = self.mlp_post_norm(mlp_out)
+        if self.parallel:
+            return x + self.dropout(attn_out) + self.dropout(mlp_out), aux
+        return x + self.dropout(mlp_out), aux
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed: nn.Module | None = None
+        if cfg.position == "learned":
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        elif cfg.position == "sinusoidal":
+            self.pos_embed = SinusoidalPositions(cfg.d_model)
+        self.embed_norm = build_norm(cfg) if cfg.embedding_norm else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
+        self.norm = build_norm(cfg) if cfg.final_norm else None
+        self.lm_head: nn.Linear | None = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the LM head with the token embedding when the config asks for it (call after loading)."""
+        if self.cfg.tie_embeddings and self.lm_head is not None and self.embed_tokens is not None:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, init_std) weights, zero biases, unit norms; residual output projections scaled by 1/sqrt(2N)
+        (GPT-2); routers at router_init_std. DeepNorm instead uses Xavier init with gain beta on the value,
+        output and MLP projections (gain 1 on queries and keys), as in the DeepNet paper."""
+        cfg = self.cfg
+        residual_std = (
+            cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_residual_init else cfg.init_std
+        )
+        for name, module in self.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if isinstance(module, nn.Linear):
+                if leaf == "router":
+                    nn.init.normal_(module.weight, std=cfg.router_init_std)
+                elif cfg.norm == "deepnorm" and name.startswith("blocks."):
+                    gain = 1.0 if leaf in ("q_proj", "k_proj") else cfg.deepnorm_beta
+                    nn.init.xavier_normal_(module.weight, gain=gain)
+                else:
+                    std = residual_std if leaf in ("o_proj", "down_proj") else cfg.init_std
+                    nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=cfg.init_std)
+            elif hasattr(module, "reset_parameters") and module is not self:
+                module.reset_parameters()  # norms: unit scale, zero shift
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Distinct parameters (a tied head counts once); optionally without token/position embeddings."""
+        params = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            for module in (self.embed_tokens, self.pos_embed):
+                for p in module.parameters() if module is not None else ():
+                    params.pop(id(p), None)
+        return sum(p.numel() for p in params.values())
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        prefix_lengths: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> ModelOutput:
+        """input_ids (batch, seq) token ids, or hidden states (batch, seq, d_model) when embed_tokens is None.
+
+        position_ids default to 0..seq-1, continuing each sequence of a cache that has ``lengths()``.
+        segment_ids confine attention to tokens of the same packed document. prefix_lengths (batch,) make
+        the first n tokens of each sequence attend bidirectionally (prefix decoder; with a cache the whole
+        prefix must be in the first call)."""
+        cfg = self.cfg
+        if prefix_lengths is not None and cfg.structure != "prefix":
+            raise ValueError("prefix_lengths: the model is a causal decoder (structure=causal)")
+        batch, seq = input_ids.shape[:2]
+        device = input_ids.device
+        explicit_positions = position_ids is not None
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=device).expand(batch, seq)
+            if cache is not None:
+                position_ids = position_ids + cache.lengths().to(device)[:, None]
+
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(input_ids)
+            if self.pos_embed is not None:
+                x = x + self.pos_embed(position_ids.clamp(min=0)).to(x.dtype)
+            if self.embed_norm is not None:
+                x = self.embed_norm(x)
+            x = self.dropout(x)
+        else:
+            x = input_ids
+
+        rope = None
+        if cfg.position == "rope":
+            cos, sin = rope_cos_sin(position_ids, rope_inv_freq(cfg, device))
+            rope = (cos.to(x.dtype), sin.to(x.dtype))
+        needs_mask = (
+            explicit_positions
+            or cache is not None
+            or segment_ids is not None
+            or prefix_lengths is not None
+            or cfg.attention != "full"
+            or cfg.position in ("alibi", "relative")
+        )
+        ctx = AttentionContext(
+            cfg,
+            position_ids,
+            segment_ids=segment_ids,
+            prefix_lengths=prefix_lengths,
+            cache=cache,
+            rope=rope,
+            causal_kernel=not needs_mask,
+        )
+
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        for block in self.blocks.values():
+            x, block_aux = block(x, ctx)
+            aux_loss = aux_loss + block_aux
+        if self.norm is not None:
+            x = self.norm(x)
+        logits = self.lm_head(x) if self.lm_head is not None else x
+        return ModelOutput(logits=logits, aux_loss=aux_loss)
