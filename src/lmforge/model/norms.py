@@ -22,7 +22,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+        # normalise in fp32, round, then scale (HF Llama's order); the output keeps the input's dtype
+        return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight).to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
