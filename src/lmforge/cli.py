@@ -22,6 +22,7 @@ T = TypeVar("T")
 
 # One line per layer that contributes commands, in the order they appear in ``lmforge --help``.
 COMMAND_MODULES: list[str] = [
+    "lmforge.data.commands",
 ]
 
 

@@ -1,0 +1,228 @@
+"""Executors: run a pipeline's tasks locally (a pool of worker processes) or on a Ray cluster.
+
+Both share the same driver loop: for each stage, run the tasks that have no completion marker yet,
+then the stage barrier (the global step's reduce) unless its decision already exists. A relaunch into
+the same run folder therefore redoes only what had not finished; a task's files are committed by
+rename before its marker is written, so a task killed half-way leaves nothing that counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from lmforge.data.pipeline import Pipeline, PipelineError, RunPaths, claim_run_folder
+from lmforge.data.report import RunReport
+
+
+class Executor:
+    """The driver loop; subclasses say how a list of tasks and a barrier are run."""
+
+    def __init__(self, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
+
+    def run(self, pipeline: Pipeline, run_dir: str | os.PathLike[str], *, progress: bool = True) -> RunReport:
+        start = time.perf_counter()
+        paths = RunPaths(run_dir)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        n_tasks = len(pipeline.tasks())
+        claim_run_folder(pipeline, paths.root)
+        n_stages = len(pipeline.stages)
+        for stage in range(n_stages):
+            pending = [t for t in range(n_tasks) if not paths.done(stage, t).exists()]
+            if pending:
+                desc = f"stage {stage + 1}/{n_stages}" if n_stages > 1 else "tasks"
+                with tqdm(total=n_tasks, initial=n_tasks - len(pending), desc=desc, unit="task",
+                          disable=not progress) as bar:  # fmt: skip
+                    failures = self.run_tasks(pipeline, str(paths.root), stage, pending, bar.update)
+                if failures:
+                    lines = "\n".join(f"  task {t}: {err}" for t, err in sorted(failures.items()))
+                    raise PipelineError(
+                        f"{len(failures)} task(s) of stage {stage} failed; relaunch to redo only those:\n{lines}"
+                    )
+            if stage < n_stages - 1 and not paths.decision(stage).exists():
+                self.reduce(pipeline, str(paths.root), stage)
+        markers = [
+            json.loads(paths.done(s, t).read_text(encoding="utf-8"))
+            for s in range(n_stages)
+            for t in range(n_tasks)
+        ]
+        report = RunReport.from_markers([s.name for s in pipeline.steps], n_stages, n_tasks, markers)
+        report.wall_seconds = time.perf_counter() - start
+        report.write(paths.stats)
+        if progress:
+            report.print()
+        return report
+
+    def run_tasks(
+        self, pipeline: Pipeline, run_dir: str, stage: int, tasks: list[int], advance: Callable[[int], Any]
+    ) -> dict[int, str]:
+        """Run ``tasks`` of ``stage``; return the failures as ``{task: error}``."""
+        raise NotImplementedError
+
+    def reduce(self, pipeline: Pipeline, run_dir: str, stage: int) -> None:
+        pipeline.reduce(run_dir, stage)
+
+
+# --- local ----------------------------------------------------------------------------------------------
+
+_WORKER_PIPELINE: Pipeline | None = None
+
+
+def _init_worker(pipeline_bytes: bytes) -> None:
+    global _WORKER_PIPELINE
+    _die_with_parent()
+    _WORKER_PIPELINE = pickle.loads(pipeline_bytes)
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel kill this worker when the driver dies (a killed run leaves no orphans
+    still writing into the run folder while it is relaunched)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def _run_in_worker(run_dir: str, stage: int, task: int) -> int:
+    assert _WORKER_PIPELINE is not None
+    _WORKER_PIPELINE.run_task(run_dir, stage, task)
+    return task
+
+
+class LocalExecutor(Executor):
+    """``workers`` processes on this machine (``workers=1`` runs in the calling process)."""
+
+    def run_tasks(
+        self, pipeline: Pipeline, run_dir: str, stage: int, tasks: list[int], advance: Callable[[int], Any]
+    ) -> dict[int, str]:
+        failures: dict[int, str] = {}
+        if self.workers == 1:
+            for task in tasks:
+                try:
+                    pipeline.run_task(run_dir, stage, task)
+                except Exception as err:
+                    failures[task] = f"{type(err).__name__}: {err}"
+                advance(1)
+            return failures
+        # spawn, not fork: the driver may hold threads (progress bar, Ray, torch) that fork would copy
+        # mid-state; the pipeline is pickled once per worker.
+        with ProcessPoolExecutor(
+            max_workers=min(self.workers, len(tasks)),
+            mp_context=get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(pickle.dumps(pipeline),),
+        ) as pool:
+            futures = {pool.submit(_run_in_worker, run_dir, stage, task): task for task in tasks}
+            for future in as_completed(futures):
+                try:
+                    future.result()
+                except Exception as err:
+                    failures[futures[future]] = f"{type(err).__name__}: {err}"
+                advance(1)
+        return failures
+
+
+# --- Ray ------------------------------------------------------------------------------------------------
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as err:
+        raise ImportError("executor: ray needs Ray installed: pip install 'lmforge[ray]'") from err
+    return ray
+
+
+class _RayWorker:
+    """One Ray actor per worker: the pipeline (and whatever its steps load lazily) lives across tasks."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    def run(self, run_dir: str, stage: int, task: int) -> int:
+        self.pipeline.run_task(run_dir, stage, task)
+        return task
+
+
+def _ray_reduce(pipeline: Pipeline, run_dir: str, stage: int) -> None:
+    pipeline.reduce(run_dir, stage)
+
+
+class RayExecutor(Executor):
+    """Tasks as calls on a pool of Ray actors. Connects to ``address`` (or ``RAY_ADDRESS``) when given,
+    uses an already initialised Ray, or starts a local Ray with ``workers`` CPUs. The run folder must be
+    on a filesystem every node sees (output paths may be any fsspec URL)."""
+
+    def __init__(self, workers: int = 1, address: str | None = None) -> None:
+        super().__init__(workers)
+        self.address = address
+
+    def _ray(self) -> tuple[Any, bool]:
+        ray = _import_ray()
+        if ray.is_initialized():
+            return ray, False
+        if self.address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=self.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False)
+        return ray, True
+
+    def run(self, pipeline: Pipeline, run_dir: str | os.PathLike[str], *, progress: bool = True) -> RunReport:
+        ray, started_here = self._ray()
+        try:
+            self._pipeline_ref = ray.put(pipeline)
+            return super().run(pipeline, str(Path(run_dir).resolve()), progress=progress)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    def run_tasks(
+        self, pipeline: Pipeline, run_dir: str, stage: int, tasks: list[int], advance: Callable[[int], Any]
+    ) -> dict[int, str]:
+        ray = _import_ray()
+        from ray.exceptions import RayError
+
+        worker_cls = ray.remote(num_cpus=1)(_RayWorker)
+        actors = [worker_cls.remote(self._pipeline_ref) for _ in range(min(self.workers, len(tasks)))]
+        queue = list(reversed(tasks))
+        running: dict[Any, tuple[Any, int]] = {}
+        failures: dict[int, str] = {}
+        try:
+            for actor in actors:
+                if queue:
+                    task = queue.pop()
+                    running[actor.run.remote(run_dir, stage, task)] = (actor, task)
+            while running:
+                [ready], _ = ray.wait(list(running), num_returns=1)
+                actor, task = running.pop(ready)
+                try:
+                    ray.get(ready)
+                except RayError as err:
+                    failures[task] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}"
+                advance(1)
+                if queue:
+                    next_task = queue.pop()
+                    running[actor.run.remote(run_dir, stage, next_task)] = (actor, next_task)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+        return failures
+
+    def reduce(self, pipeline: Pipeline, run_dir: str, stage: int) -> None:
+        ray = _import_ray()
+        ray.get(ray.remote(num_cpus=1)(_ray_reduce).remote(self._pipeline_ref, run_dir, stage))

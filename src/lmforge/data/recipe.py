@@ -1,0 +1,167 @@
+"""Pipeline recipes: the YAML schema of ``lmforge data run`` and how it becomes a :class:`Pipeline`.
+
+.. code-block:: yaml
+
+    inputs:
+      - {paths: ["raw/web/*.jsonl.gz"], source: web}
+      - {paths: ["raw/pages/"], format: html, source: pages, files_per_task: 500}
+    steps:
+      - step: html_extract
+      - step: gopher_quality
+        min_words: 50
+      - step: exact_dedup
+    output: {path: clean/, format: jsonl.gz}
+    run_dir: runs/clean
+    workers: 4
+    executor: local          # or ray
+    exclusions: true         # removed documents -> run_dir/excluded/<step>/...
+
+The top level is typed (:class:`PipelineConfig`, loaded with :func:`lmforge.config.load_config`); each
+step's keys are checked against its class's constructor, so a typo names the step and the key.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING
+
+from lmforge.config import ConfigError, check_choice, load_config, save_config
+from lmforge.data.io import DEFAULT_MAX_DOC_BYTES, READERS, Reader, Writer, make_reader
+from lmforge.data.pipeline import EXECUTORS, Pipeline, claim_run_folder
+from lmforge.data.report import RunReport
+from lmforge.data.step import STEPS, Step
+
+
+@dataclass
+class InputConfig:
+    paths: list[str] = MISSING  # files, folders or globs; any fsspec URL
+    format: str = "auto"  # auto (from the extension), jsonl, parquet, txt, html, warc
+    source: str = ""  # written to meta.source; default: the format name
+    files_per_task: int = 0  # 0: the format's default (1 for jsonl/parquet/warc, 256 for txt/html)
+    text_key: str = "text"  # jsonl/parquet only
+    id_key: str = "id"
+
+    def __post_init__(self) -> None:
+        check_choice("inputs.format", self.format, ["auto", *READERS])
+
+
+@dataclass
+class OutputConfig:
+    path: str = MISSING  # a folder; any fsspec URL
+    format: str = "jsonl.gz"
+
+    def __post_init__(self) -> None:
+        check_choice("output.format", self.format, list(Writer.SUFFIXES))
+
+
+@dataclass
+class PipelineConfig:
+    inputs: list[InputConfig] = MISSING
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    output: OutputConfig = MISSING
+    run_dir: str = MISSING  # completion markers, exclusions, rejects, stats.json, config.yaml
+    workers: int = 1
+    executor: str = "local"
+    ray_address: str | None = None
+    exclusions: bool = True
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES
+    imports: list[str] = field(default_factory=list)  # modules defining your own steps (@register_step)
+
+    def __post_init__(self) -> None:
+        check_choice("executor", self.executor, EXECUTORS)
+        if self.workers < 1:
+            raise ValueError(f"workers: must be >= 1, got {self.workers}")
+        if self.max_doc_bytes < 1:
+            raise ValueError(f"max_doc_bytes: must be >= 1, got {self.max_doc_bytes}")
+
+
+def import_step_modules(package: str = "lmforge.data") -> None:
+    """Import every module of ``package`` that registers steps (found by its source, so modules that only
+    hold loaders or shards are not imported for nothing)."""
+    root = importlib.import_module(package)
+    for info in pkgutil.walk_packages(root.__path__, prefix=f"{package}."):
+        spec = importlib.util.find_spec(info.name)
+        origin = spec.origin if spec else None
+        if (
+            origin
+            and origin.endswith(".py")
+            and "@register_step(" in Path(origin).read_text(encoding="utf-8")
+        ):
+            importlib.import_module(info.name)
+
+
+def build_step(spec: dict[str, Any], index: int) -> Step:
+    """Construct one step from its recipe entry ``{step: name, **kwargs}``."""
+    spec = dict(spec)
+    name = spec.pop("step", None)
+    where = f"steps[{index}]"
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: needs 'step: <name>'")
+    if name not in STEPS:
+        import_step_modules()
+    if name not in STEPS:
+        raise ConfigError(
+            f"{where}: unknown step {name!r}; known steps: {', '.join(sorted(STEPS)) or 'none'}"
+        )
+    cls = STEPS[name]
+    params = inspect.signature(cls.__init__).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = [k for k, p in params.items() if k != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    if not accepts_any:
+        for key in spec:
+            if key not in accepted:
+                raise ConfigError(
+                    f"{where} ({name}): unknown argument {key!r}; accepted: {', '.join(accepted) or 'none'}"
+                )
+    try:
+        return cls(**spec)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where} ({name}): {err}") from err
+
+
+def build_pipeline(cfg: PipelineConfig) -> Pipeline:
+    for module in cfg.imports:
+        importlib.import_module(module)
+    readers: list[Reader] = []
+    for i, inp in enumerate(cfg.inputs):
+        kwargs: dict[str, Any] = {
+            "files_per_task": inp.files_per_task or None,
+            "max_doc_bytes": cfg.max_doc_bytes,
+        }
+        if inp.format in ("auto", "jsonl", "parquet"):
+            kwargs.update(text_key=inp.text_key, id_key=inp.id_key)
+        try:
+            reader = make_reader(inp.paths, inp.format, **kwargs)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"inputs[{i}]: {err}") from err
+        reader.source = inp.source or reader.format
+        readers.append(reader)
+    steps = [build_step(spec, i) for i, spec in enumerate(cfg.steps)]
+    writer = Writer(cfg.output.path, cfg.output.format)
+    return Pipeline(readers, steps, writer, exclusions=cfg.exclusions)
+
+
+def run_recipe(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    data: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> RunReport:
+    """Load a recipe (file and/or dict, then ``key=value`` overrides), save it in the run folder, run it."""
+    cfg = load_config(PipelineConfig, path, list(overrides), data=data)
+    pipeline = build_pipeline(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_folder(pipeline, run_dir)
+    save_config(cfg, run_dir / "config.yaml")
+    return pipeline.run(
+        run_dir, workers=cfg.workers, executor=cfg.executor, ray_address=cfg.ray_address, progress=progress
+    )
