@@ -1,0 +1,343 @@
+"""The packed, resumable, rank-sharded loader over token shards.
+
+How batches are made (all of it deterministic from the seed):
+
+- Each domain is a stream: its documents in a seeded random order (a new order every epoch), back to back.
+  A training sequence is ``seq_len + 1`` consecutive stream tokens (inputs and next-token labels), and the
+  next sequence of that domain starts ``seq_len`` tokens later, so every token is an input once and a label
+  once per epoch; the tail that does not fill a sequence is dropped at the end of an epoch.
+- A global batch has ``batch_size * world_size`` slots. For each slot a domain is drawn from the mixture
+  weights with one RNG that every rank runs identically; slot ``g`` belongs to rank ``g % world_size``.
+  So ranks see disjoint sequences, and every rank holds the same loader state (stream cursors, epochs,
+  RNG): resuming, even with another world size, continues the same global stream.
+- With ``document_masking`` the batch also carries ``segment_ids`` (one id per document piece in the row)
+  and ``position_ids`` that restart at 0 at each document start; the model then keeps attention inside a
+  segment. The EOS ending a document still predicts the first token of the next one (EOS doubles as BOS).
+- A validation split holds out a seeded random ``val_fraction`` of each domain's documents (chosen with
+  ``split_seed``, independent of the training seed); train and val never share a document.
+
+Batches are dicts of ``torch.long`` tensors ``[batch_size, seq_len]``: ``input_ids``, ``labels``, and with
+document masking ``position_ids`` and ``segment_ids``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.config import check_choice
+from lmforge.data.curriculum import Curriculum, CurriculumStage
+from lmforge.data.mixture import MixtureConfig, mixture_weights
+from lmforge.data.shards import ShardsError, TokenShards
+
+SPLITS = ("train", "val")
+
+
+@dataclass
+class DataConfig:
+    """The data section of a training recipe."""
+
+    shards: list[str] = field(default_factory=list)  # shards folders (``lmforge data tokenize`` outputs)
+    seq_len: int = 1024
+    document_masking: bool = False
+    seed: int = 0
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    curriculum: list[CurriculumStage] = field(default_factory=list)  # empty: one stage, ``mixture``
+    val_fraction: float = 0.0  # share of documents held out for validation
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 1:
+            raise ValueError(f"seq_len: must be >= 1, got {self.seq_len}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+
+
+class _DomainStream:
+    """One domain's documents, reordered every epoch, read as a single token stream."""
+
+    def __init__(self, name: str, docs: np.ndarray, lengths: np.ndarray, seed: int, shuffle: bool) -> None:
+        self.name = name
+        self.docs = docs  # document ids of this split
+        self.lengths = lengths  # length of every document of the domain, indexed by id
+        self.tokens = int(lengths[docs].sum())
+        self.seed = seed
+        self.shuffle = shuffle
+        self._key = zlib.crc32(name.encode("utf-8"))
+        self.epoch = 0
+        self.cursor = 0
+        self.exhausted = False
+        self._ordered_epoch = -1
+
+    def _ensure_order(self) -> None:
+        if self._ordered_epoch == self.epoch:
+            return
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self._key, self.epoch])
+            self.order = self.docs[rng.permutation(len(self.docs))]
+        else:
+            self.order = self.docs
+        self.starts = np.zeros(len(self.order) + 1, dtype=np.int64)
+        np.cumsum(self.lengths[self.order], out=self.starts[1:])
+        self._ordered_epoch = self.epoch
+
+    def claim(self, seq_len: int, max_epochs: int | None) -> int | None:
+        """Reserve the next window of ``seq_len + 1`` tokens; its start in this epoch's order, or None once
+        ``max_epochs`` epochs are done."""
+        if self.tokens < seq_len + 1:
+            raise ShardsError(
+                f"domain {self.name!r} has {self.tokens} tokens, too few for one sequence of {seq_len} + 1"
+            )
+        while True:
+            if max_epochs is not None and self.epoch >= max_epochs:
+                self.exhausted = True
+                return None
+            self._ensure_order()
+            if self.cursor + seq_len + 1 <= self.starts[-1]:
+                start = self.cursor
+                self.cursor += seq_len
+                return start
+            self.epoch += 1
+            self.cursor = 0
+
+    def pieces(self, start: int, length: int) -> list[tuple[int, int, int]]:
+        """``(doc, begin, end)`` slices covering stream tokens ``start:start + length`` (current epoch)."""
+        out = []
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pos = start
+        stop = start + length
+        while pos < stop:
+            doc_begin, doc_end = int(self.starts[i]), int(self.starts[i + 1])
+            end = min(stop, doc_end)
+            if end > pos:
+                out.append((int(self.order[i]), pos - doc_begin, end - doc_begin))
+            pos = end
+            i += 1
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "exhausted": self.exhausted}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.cursor = int(state["cursor"])
+        self.exhausted = bool(state["exhausted"])
+
+
+class PackedLoader:
+    """Packed next-token batches from token shards; an endless iterator unless ``num_epochs`` is set."""
+
+    def __init__(
+        self,
+        shards_dir: str | Path | list[str] | list[Path],
+        seq_len: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        document_masking: bool = False,
+        mixture: MixtureConfig | None = None,
+        curriculum: Curriculum | None = None,
+        split: str = "train",
+        val_fraction: float = 0.0,
+        split_seed: int = 0,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        tokenizer_sha256: str | None = None,
+    ) -> None:
+        check_choice("split", split, SPLITS)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if split == "val" and val_fraction <= 0:
+            raise ValueError("split='val' needs val_fraction > 0")
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError("seq_len and batch_size must be >= 1")
+        self.shards = TokenShards(shards_dir, tokenizer_sha256=tokenizer_sha256)
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.document_masking = document_masking
+        self.split = split
+        self.num_epochs = num_epochs
+        self.curriculum = curriculum
+        self.domains = self.shards.domains
+        self._streams = {
+            d: _DomainStream(
+                d,
+                self._split_docs(d, split, val_fraction, split_seed),
+                self.shards.doc_lengths(d),
+                seed,
+                shuffle,
+            )
+            for d in self.domains
+        }
+        self._rng = np.random.default_rng([seed, 0x6D6978])  # shared by all ranks: the mixture draws
+        self.samples_drawn = dict.fromkeys(self.domains, 0)  # global, all ranks
+        self.stage = 0
+        if curriculum is not None:
+            self.set_stage(0)
+        else:
+            self.set_mixture(mixture or MixtureConfig())
+
+    def _split_docs(self, domain: str, split: str, val_fraction: float, split_seed: int) -> np.ndarray:
+        n = self.shards.num_docs(domain)
+        if val_fraction <= 0:
+            return np.arange(n, dtype=np.int64)
+        rng = np.random.default_rng([split_seed, zlib.crc32(domain.encode("utf-8"))])
+        n_val = min(n - 1, max(1, round(n * val_fraction)))
+        perm = rng.permutation(n)
+        return np.sort(perm[:n_val] if split == "val" else perm[n_val:]).astype(np.int64)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: DataConfig,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        split: str = "train",
+        tokenizer_sha256: str | None = None,
+    ) -> PackedLoader:
+        """Training split: endless, shuffled, with the curriculum; val split: one ordered pass."""
+        is_val = split == "val"
+        return cls(
+            cfg.shards,
+            seq_len=cfg.seq_len,
+            batch_size=batch_size,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world_size,
+            document_masking=cfg.document_masking,
+            mixture=cfg.mixture,
+            curriculum=Curriculum(cfg.curriculum) if cfg.curriculum and not is_val else None,
+            split=split,
+            val_fraction=cfg.val_fraction,
+            split_seed=cfg.split_seed,
+            shuffle=not is_val,
+            num_epochs=1 if is_val else None,
+            tokenizer_sha256=tokenizer_sha256,
+        )
+
+    # -- mixture and curriculum --------------------------------------------------------------------------------
+    def set_mixture(self, mixture: MixtureConfig) -> None:
+        tokens = {d: s.tokens for d, s in self._streams.items()}
+        self.mixture = mixture
+        self.weights = mixture_weights(mixture, tokens)
+        for domain, weight in self.weights.items():
+            if weight > 0 and tokens[domain] < self.seq_len + 1:
+                raise ShardsError(
+                    f"domain {domain!r} ({self.split} split) has {tokens[domain]} tokens, too few for one "
+                    f"sequence of {self.seq_len} + 1; give it weight 0 or use a shorter seq_len"
+                )
+
+    def set_stage(self, index: int) -> None:
+        """Switch to curriculum stage ``index``: its mixture and sequence length (stream positions are kept,
+        so no data is repeated across stages)."""
+        if self.curriculum is None:
+            raise ValueError("this loader has no curriculum")
+        stage = self.curriculum.stages[index]
+        self.stage = index
+        if stage.seq_len:
+            self.seq_len = stage.seq_len
+        self.set_mixture(stage.mixture)
+
+    def realised_proportions(self) -> dict[str, float]:
+        """Share of the sequences drawn so far (all ranks) that came from each domain."""
+        total = sum(self.samples_drawn.values())
+        return {d: (n / total if total else 0.0) for d, n in self.samples_drawn.items()}
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """Input tokens in one batch of this rank."""
+        return self.batch_size * self.seq_len
+
+    # -- iteration ----------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def _draw_domain(self) -> str | None:
+        active = [d for d in self.domains if self.weights.get(d, 0.0) > 0 and not self._streams[d].exhausted]
+        if not active:
+            return None
+        probs = np.array([self.weights[d] for d in active])
+        cumulative = np.cumsum(probs / probs.sum())
+        pick = int(np.searchsorted(cumulative, self._rng.random(), side="right"))
+        return active[min(pick, len(active) - 1)]
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        rows: list[tuple[str, list[tuple[int, int, int]]]] = []
+        for slot in range(self.batch_size * self.world_size):
+            while True:
+                domain = self._draw_domain()
+                if domain is None:
+                    break
+                start = self._streams[domain].claim(self.seq_len, self.num_epochs)
+                if start is not None:
+                    break
+            if domain is None:
+                break
+            self.samples_drawn[domain] += 1
+            if slot % self.world_size == self.rank:
+                rows.append((domain, self._streams[domain].pieces(start, self.seq_len + 1)))
+        if not rows:
+            raise StopIteration
+        return self._collate(rows)
+
+    def _collate(self, rows: list[tuple[str, list[tuple[int, int, int]]]]) -> dict[str, torch.Tensor]:
+        length = self.seq_len + 1
+        tokens = np.empty((len(rows), length), dtype=np.int64)
+        segments = np.empty((len(rows), length), dtype=np.int64)
+        positions = np.empty((len(rows), length), dtype=np.int64)
+        for r, (domain, pieces) in enumerate(rows):
+            offset = 0
+            for segment, (doc, begin, end) in enumerate(pieces):
+                n = end - begin
+                tokens[r, offset : offset + n] = self.shards.read(domain, doc, begin, end)
+                segments[r, offset : offset + n] = segment
+                positions[r, offset : offset + n] = np.arange(n)
+                offset += n
+        batch = {
+            "input_ids": torch.from_numpy(tokens[:, :-1].copy()),
+            "labels": torch.from_numpy(tokens[:, 1:].copy()),
+        }
+        if self.document_masking:
+            batch["position_ids"] = torch.from_numpy(positions[:, :-1].copy())
+            batch["segment_ids"] = torch.from_numpy(segments[:, :-1].copy())
+        return batch
+
+    # -- checkpointing ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue with the very next batch (identical on every rank)."""
+        return {
+            "version": 1,
+            "seed": self.seed,
+            "split": self.split,
+            "domains": list(self.domains),
+            "stage": self.stage,
+            "seq_len": self.seq_len,
+            "streams": {d: s.state() for d, s in self._streams.items()},
+            "samples_drawn": dict(self.samples_drawn),
+            "rng": self._rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("seed", "split"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"loader state has {key}={state[key]!r}, this loader {getattr(self, key)!r}")
+        if list(state["domains"]) != list(self.domains):
+            raise ValueError(f"loader state has domains {state['domains']}, the shards have {self.domains}")
+        if self.curriculum is not None:
+            self.set_stage(int(state["stage"]))
+        self.seq_len = int(state["seq_len"])
+        for domain, stream_state in state["streams"].items():
+            self._streams[domain].load(stream_state)
+        self.samples_drawn = {d: int(n) for d, n in state["samples_drawn"].items()}
+        self._rng.bit_generator.state = state["rng"]
