@@ -1,0 +1,1 @@
+"""The demo: one command from a raw corpus (by default the Python standard library) to a served chat model."""

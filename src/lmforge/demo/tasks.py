@@ -1,0 +1,199 @@
+"""A generated instruction set of small, verifiable tasks: the demo's SFT data and its held-out exam.
+
+Every example has one exact answer, so exact match is a fair score. Four task families:
+
+- ``addition``: two-digit addition (``What is 37 + 48?`` -> ``85``);
+- ``reverse_words``: reverse the order of a few words;
+- ``count_letter``: how often a letter occurs in a word;
+- ``read_answer``: answer a question from a given sentence (who/what/where).
+
+Generation is deterministic from a seed. Held-out examples never share their defining inputs with the
+training examples (for addition: the operand pair; for the others: the exact prompt), so a held-out score
+measures generalisation, not recall. Records are JSON-ready dicts in the ``messages`` chat format that
+``lmforge sft`` reads, plus ``task``, ``prompt`` and ``answer`` fields that ``lmforge eval`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+TASKS = ("addition", "reverse_words", "count_letter", "read_answer")
+
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "green",
+    "table",
+    "window",
+    "garden",
+    "silver",
+    "music",
+    "paper",
+    "candle",
+    "forest",
+    "orange",
+    "yellow",
+    "bridge",
+    "rabbit",
+    "pencil",
+    "winter",
+    "summer",
+    "castle",
+    "rocket",
+    "planet",
+    "violet",
+    "basket",
+    "dragon",
+    "kettle",
+    "ladder",
+    "marble",
+    "needle",
+    "pocket",
+    "saddle",
+    "tunnel",
+    "wallet",
+    "anchor",
+    "button",
+    "carpet",
+    "dinner",
+    "engine",
+    "flower",
+    "guitar",
+    "hammer",
+    "island",
+    "jacket",
+    "lemon",
+    "mirror",
+    "number",
+    "ocean",
+    "pepper",
+    "rubber",
+    "sister",
+    "tomato",
+    "velvet",
+    "wizard",
+]
+NAMES = [
+    "Anna",
+    "Ben",
+    "Clara",
+    "David",
+    "Emma",
+    "Felix",
+    "Grace",
+    "Henry",
+    "Iris",
+    "Jack",
+    "Kate",
+    "Leo",
+    "Maria",
+    "Noah",
+    "Olga",
+    "Paul",
+]
+OBJECTS = ["ball", "book", "cup", "hat", "kite", "lamp", "map", "pen", "ring", "shoe"]
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
+PLACES = ["kitchen", "garden", "library", "park", "school", "station", "market", "beach"]
+
+
+def _addition(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"{a}+{b}", f"What is {a} + {b}?", str(a + b)
+
+
+def _reverse_words(rng: random.Random) -> tuple[str, str, str]:
+    words = rng.sample(WORDS, rng.randint(3, 5))
+    prompt = f"Reverse the order of these words: {' '.join(words)}"
+    return prompt, prompt, " ".join(reversed(words))
+
+
+def _count_letter(rng: random.Random) -> tuple[str, str, str]:
+    word = rng.choice(WORDS)
+    # Ask about a letter of the word most of the time, sometimes about one it lacks (answer 0).
+    letter = rng.choice(word) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+    prompt = f"How many times does the letter {letter} appear in {word}?"
+    return prompt, prompt, str(word.count(letter))
+
+
+def _read_answer(rng: random.Random) -> tuple[str, str, str]:
+    name, obj, color, place = rng.choice(NAMES), rng.choice(OBJECTS), rng.choice(COLORS), rng.choice(PLACES)
+    sentence = f"{name} left a {color} {obj} in the {place}."
+    question, answer = rng.choice(
+        (
+            (f"What color is the {obj}?", color),
+            (f"Where is the {obj}?", place),
+            (f"Who left the {obj}?", name),
+            (f"What did {name} leave?", obj),
+        )
+    )
+    prompt = f"{sentence} {question}"
+    return prompt, prompt, answer
+
+
+GENERATORS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
+    "addition": _addition,
+    "reverse_words": _reverse_words,
+    "count_letter": _count_letter,
+    "read_answer": _read_answer,
+}
+
+
+def make_record(task: str, prompt: str, answer: str) -> dict[str, Any]:
+    return {
+        "task": task,
+        "prompt": prompt,
+        "answer": answer,
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+    }
+
+
+def generate_tasks(
+    n_train: dict[str, int] | int,
+    n_heldout: dict[str, int] | int,
+    seed: int = 0,
+    tasks: Iterable[str] = TASKS,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Return ``(train, heldout)`` records; per-task counts may be a dict or one int for every task.
+
+    Held-out examples are drawn first and their keys reserved, then training examples are drawn among the
+    remaining keys. When a task has fewer distinct keys than requested, it yields as many as exist.
+    """
+    train: list[dict[str, Any]] = []
+    heldout: list[dict[str, Any]] = []
+    for index, task in enumerate(tasks):
+        if task not in GENERATORS:
+            raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+        want_train = n_train if isinstance(n_train, int) else n_train.get(task, 0)
+        want_heldout = n_heldout if isinstance(n_heldout, int) else n_heldout.get(task, 0)
+        rng = random.Random(f"{seed}:{index}:{task}")
+        seen: set[str] = set()
+        for want, out in ((want_heldout, heldout), (want_train, train)):
+            made, attempts = 0, 0
+            # Bounded attempts: small key spaces (e.g. count_letter) run out of fresh keys.
+            while made < want and attempts < 50 * want + 1000:
+                attempts += 1
+                key, prompt, answer = GENERATORS[task](rng)
+                if key in seen:
+                    continue
+                seen.add(key)
+                out.append(make_record(task, prompt, answer))
+                made += 1
+    random.Random(seed).shuffle(train)
+    return train, heldout
+
+
+def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> int:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    return count

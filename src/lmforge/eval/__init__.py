@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and bits per byte, exact-match and multiple-choice tasks, few-shot prompts."""

@@ -1,0 +1,1 @@
+"""Post-training that plugs into the one trainer: supervised fine-tuning data and objectives."""
