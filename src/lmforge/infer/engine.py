@@ -1,0 +1,502 @@
+"""``LLMEngine``: continuous-batching inference over a paged KV cache.
+
+How a server drives it
+----------------------
+The engine is a synchronous state machine and is NOT thread-safe: exactly one thread may call its methods.
+``lmforge.infer.async_engine.AsyncLLMEngine`` provides that thread for asyncio servers (one engine thread
+driving ``step()``; each request gets an ``asyncio.Queue`` fed with ``loop.call_soon_threadsafe``; requests and
+aborts reach the engine thread through a command queue). The synchronous protocol underneath is::
+
+    group = engine.make_request(request_id, prompt, params)   # validate + tokenize; raises ValueError (-> 400);
+                                                               # thread-safe (touches no scheduler state)
+    engine.add_request(group)          # or engine.add_request(request_id, prompt, params) in one call;
+                                       # raises QueueFullError (-> 429) when max_waiting requests already wait
+    while engine.has_unfinished():
+        for out in engine.step():      # one scheduler iteration: at most one batched decode forward and one
+            ...                        # batched prefill forward; returns a RequestOutput for every request
+                                       # that produced tokens, finished, or was aborted in this step
+    engine.abort(request_id)           # frees the request's blocks at once; its last output (finish_reason
+                                       # "abort") comes from the next step()
+
+A ``RequestOutput`` carries ``outputs: list[CompletionOutput]`` (one per completion, ``index`` 0..n-1). Each
+``CompletionOutput`` has cumulative ``token_ids``/``text``/``logprobs`` and this step's ``new_token_ids``,
+``new_text`` (UTF-8 safe, stop strings removed, a possible stop-string prefix held back) and ``new_logprobs``;
+``finish_reason`` is None while running, then "stop" (EOS, a stop token id or a stop string; ``stop_reason``
+names which), "length" (max_tokens or the context) or "abort". ``RequestOutput.prompt_logprobs`` is set on the
+first output of a request that asked for it. Beam-search requests report only once, when finished.
+``engine.stats()`` gives the counters a metrics endpoint needs.
+
+``engine.generate(prompts, params)`` is the offline convenience: it adds everything, steps until done and
+returns the final ``RequestOutput`` of each prompt in order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.infer.beam import BeamSearch
+from lmforge.infer.block_manager import BlockManager
+from lmforge.infer.kv_cache import PagedKVCache, num_blocks_for_budget
+from lmforge.infer.model_runner import ChunkLogits, ModelRunner
+from lmforge.infer.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from lmforge.infer.sampler import Sampler, process_logits, top_logprobs
+from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.scheduler import QueueFullError, ScheduledSeq, Scheduler
+from lmforge.infer.sequence import Sequence, SequenceGroup
+
+__all__ = ["EngineConfig", "EngineStats", "LLMEngine", "QueueFullError"]
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 256 * 2**20  # the KV pool: keys + values of all layers
+    num_blocks: int | None = None  # overrides kv_cache_memory_bytes when set
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_waiting: int = 1024
+    max_model_len: int | None = None  # default: the model's max_seq_len
+    enable_prefix_caching: bool = True
+    chunked_prefill: bool = True
+    seed: int | None = None  # the shared generator of unseeded requests
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    requests_finished_total: int
+    finished_latencies_s: list[float] = field(default_factory=list)  # request latencies since the last call
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any | None = None,
+        config: EngineConfig | None = None,
+        eos_token_ids: Seq[int] | None = None,
+    ) -> None:
+        self.config = config = config or EngineConfig()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        cfg = model.cfg
+        if getattr(model, "lm_head", None) is None:
+            raise ValueError("the engine needs a model with an lm_head")
+        if eos_token_ids is None:
+            eos = getattr(tokenizer, "eos_id", None)
+            eos_token_ids = [eos] if eos is not None else []
+        self.eos_token_ids = list(eos_token_ids)
+        self.max_model_len = config.max_model_len or cfg.max_seq_len
+        param = next(model.parameters())
+        num_blocks = config.num_blocks or num_blocks_for_budget(
+            config.kv_cache_memory_bytes,
+            cfg.n_layers,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            config.block_size,
+            param.dtype,
+        )
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.cache = PagedKVCache(
+            cfg.n_layers,
+            num_blocks,
+            config.block_size,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            param.dtype,
+            param.device,
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.max_waiting,
+            config.chunked_prefill,
+        )
+        self.runner = ModelRunner(model, self.cache, config.block_size)
+        self.sampler = Sampler(config.seed)
+        self._request_ids = itertools.count()
+        self._aborted: list[SequenceGroup] = []
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._requests_finished_total = 0
+        self._latencies: list[float] = []
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, config: EngineConfig | None = None, **load_kwargs: Any
+    ) -> LLMEngine:
+        """Load an HF-layout folder (weights, config, tokenizer, generation_config.json)."""
+        import json
+
+        from lmforge.model.hf import load_pretrained
+        from lmforge.tokenizer import load_tokenizer
+
+        folder = Path(folder)
+        model = load_pretrained(folder, **load_kwargs)
+        tokenizer = load_tokenizer(folder)
+        eos: list[int] = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+        generation_config = folder / "generation_config.json"
+        if generation_config.is_file():
+            value = json.loads(generation_config.read_text()).get("eos_token_id")
+            extra = value if isinstance(value, list) else [value] if value is not None else []
+            eos += [int(e) for e in extra if int(e) not in eos]
+        return cls(model, tokenizer, config, eos_token_ids=eos)
+
+    # -- requests ----------------------------------------------------------------------------------------------
+    def make_request(
+        self,
+        request_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        add_special_tokens: bool = True,
+    ) -> SequenceGroup:
+        """Validate and tokenize a request (raises ValueError with a client-facing message)."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: a text prompt needs a tokenizer; pass token ids")
+            token_ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        else:
+            token_ids = [int(t) for t in prompt]
+        vocab = self.model.cfg.vocab_size
+        if not token_ids:
+            raise ValueError("prompt: must contain at least one token")
+        if any(t < 0 or t >= vocab for t in token_ids):
+            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(token_ids)} tokens leave no room to generate in the context of {self.max_model_len}"
+            )
+        if any(t < 0 or t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias: token ids must be in [0, {vocab})")
+        bm = self.block_manager
+        longest = min(len(token_ids) + params.max_tokens, self.max_model_len)
+        if bm.blocks_for(longest) * max(params.beam_width, params.n) > bm.num_blocks - 1:
+            raise ValueError("prompt: prompt + max_tokens does not fit in the KV cache; lower max_tokens")
+        if request_id is None:
+            request_id = f"req-{next(self._request_ids)}"
+        group = SequenceGroup(request_id, token_ids, params, self.tokenizer if params.detokenize else None)
+        if params.use_beam_search:
+            max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
+            eos = [] if params.ignore_eos else self.eos_token_ids + list(params.stop_token_ids)
+            group.beam = BeamSearch(
+                params.beam_width, max_tokens, eos, params.length_penalty, params.early_stopping
+            )
+        return group
+
+    def add_request(
+        self,
+        request: str | SequenceGroup | None = None,
+        prompt: str | list[int] | None = None,
+        params: SamplingParams | None = None,
+        add_special_tokens: bool = True,
+    ) -> SequenceGroup:
+        """Queue a request (a prepared ``SequenceGroup``, or ``request_id, prompt, params``)."""
+        if isinstance(request, SequenceGroup):
+            group = request
+        else:
+            if prompt is None:
+                raise ValueError("prompt: required")
+            group = self.make_request(request, prompt, params, add_special_tokens)
+        self.scheduler.add(group)
+        self._prompt_tokens_total += len(group.prompt_token_ids)
+        return group
+
+    def abort(self, request_id: str) -> bool:
+        group = self.scheduler.abort(request_id)
+        if group is None:
+            return False
+        group.aborted = True
+        self._aborted.append(group)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or bool(self._aborted)
+
+    def stats(self) -> EngineStats:
+        bm, latencies = self.block_manager, self._latencies
+        self._latencies = []
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_free=bm.num_free_blocks,
+            prefix_cache_queries=bm.stats.queries,
+            prefix_cache_hits=bm.stats.hits,
+            prefix_cache_hit_rate=bm.stats.hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            requests_finished_total=self._requests_finished_total,
+            finished_latencies_s=latencies,
+        )
+
+    # -- one iteration -------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs = [self._abort_output(g) for g in self._aborted]
+        self._aborted = []
+        plan = self.scheduler.schedule()
+        self.cache.copy_blocks(self.block_manager.take_copies())
+        if not plan.scheduled:
+            return outputs
+        wants_prompt_logprobs = {
+            i
+            for i, item in enumerate(plan.scheduled)
+            if item.seq.params.prompt_logprobs is not None and item.seq.num_computed < item.seq.prompt_len
+        }
+        chunk_logits = self.runner.execute(plan.scheduled, wants_prompt_logprobs)
+        touched: dict[str, SequenceGroup] = {}
+        completed: list[tuple[ScheduledSeq, ChunkLogits]] = []
+        groups = {s.seq_id: g for g in self.scheduler.running for s in g.seqs}
+        for i, (item, logits) in enumerate(zip(plan.scheduled, chunk_logits)):
+            if i in wants_prompt_logprobs:
+                self._record_prompt_logprobs(groups[item.seq.seq_id], item, logits)
+            if item.completes:
+                completed.append((item, logits))
+            item.seq.num_computed += item.num_tokens
+            self.block_manager.register_computed(item.seq)
+        by_group: dict[str, list[tuple[Sequence, torch.Tensor]]] = {}
+        for item, logits in completed:
+            group = groups[item.seq.seq_id]
+            by_group.setdefault(group.request_id, []).append((item.seq, logits.last))
+            touched[group.request_id] = group
+        self._sample(by_group, touched)
+        for group in touched.values():
+            out = self._make_output(group)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _record_prompt_logprobs(self, group: SequenceGroup, item: ScheduledSeq, logits: ChunkLogits) -> None:
+        seq, start = item.seq, item.seq.num_computed
+        assert group.prompt_logprobs is not None and logits.all is not None
+        # logits at position j predict token j + 1; keep those that land inside the prompt
+        targets = [j + 1 for j in range(start, start + item.num_tokens) if j + 1 < seq.prompt_len]
+        targets = [t for t in targets if t >= len(group.prompt_logprobs)]
+        if not targets:
+            return
+        rows = torch.tensor([t - 1 - start for t in targets])
+        logprobs = torch.log_softmax(logits.all.index_select(0, rows).float(), dim=-1)
+        chosen = torch.tensor([seq.token_ids[t] for t in targets])
+        group.prompt_logprobs.extend(
+            top_logprobs(logprobs, chosen, [group.params.prompt_logprobs or 0] * len(rows))
+        )
+
+    def _sample(
+        self, by_group: dict[str, list[tuple[Sequence, torch.Tensor]]], touched: dict[str, SequenceGroup]
+    ) -> None:
+        rows: list[torch.Tensor] = []
+        seqs: list[Sequence] = []
+        owners: list[SequenceGroup] = []
+        for request_id, entries in by_group.items():
+            group = touched[request_id]
+            if group.beam is not None:
+                self._beam_step(group, entries)
+                continue
+            if group.expands_after_prefill:
+                ((parent, logits),) = entries
+                for index in range(1, group.params.n):
+                    child = parent.fork(index)
+                    self.block_manager.fork(parent, child)
+                    group.seqs.append(child)
+                    entries.append((child, logits))
+            for seq, logits in entries:
+                seqs.append(seq)
+                owners.append(group)
+                rows.append(logits)
+        if not seqs:
+            return
+        tokens, logprobs = self.sampler(torch.stack(rows), seqs)
+        now = time.monotonic()
+        for seq, group, token, logprob in zip(seqs, owners, tokens, logprobs):
+            if group.first_token_time is None:
+                group.first_token_time = now
+            self._append(group, seq, token, logprob)
+
+    def _append(self, group: SequenceGroup, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        params = seq.params
+        seq.append_token(token, logprob)
+        self._generation_tokens_total += 1
+        if not params.ignore_eos and token in self.eos_token_ids:
+            seq.finish("stop")
+        elif token in params.stop_token_ids:
+            seq.finish("stop", token)
+        else:
+            stop = seq.detokenizer.append(token) if seq.detokenizer is not None else None
+            if stop is not None:
+                seq.finish("stop", stop)
+            elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+                seq.finish("length")
+        if seq.is_finished:
+            self.scheduler.free_seq(seq)
+            if group.is_finished:
+                self._finish_group(group)
+
+    def _finish_group(self, group: SequenceGroup) -> None:
+        self.scheduler.finish(group)
+        self._requests_finished_total += 1
+        self._latencies.append(time.monotonic() - group.arrival_time)
+
+    def _beam_step(self, group: SequenceGroup, entries: list[tuple[Sequence, torch.Tensor]]) -> None:
+        beam = group.beam
+        assert beam is not None
+        live = [seq for seq, _ in entries]
+        logprobs = torch.log_softmax(torch.stack([lg for _, lg in entries]).float(), dim=-1)
+        logprobs = process_logits(logprobs, live)
+        next_beams = beam.step(logprobs)
+        self._generation_tokens_total += len(next_beams)
+        if beam.done:
+            for seq in live:
+                seq.finish("stop")
+                self.scheduler.free_seq(seq)
+            self._finish_group(group)
+            return
+        claimed: set[int] = set()
+        children: list[tuple[Sequence, int]] = []
+        for index, (parent_row, token) in enumerate(next_beams):
+            parent = live[parent_row]
+            if parent_row in claimed:
+                seq = parent.fork(index)
+                self.block_manager.fork(parent, seq)
+            else:
+                claimed.add(parent_row)
+                seq = parent
+            children.append((seq, token))
+        for row, seq in enumerate(live):
+            if row not in claimed:
+                self.scheduler.free_seq(seq)
+        for index, (seq, token) in enumerate(children):
+            seq.index = index
+            seq.append_token(token, None)
+        group.seqs = [seq for seq, _ in children]
+
+    # -- outputs -----------------------------------------------------------------------------------------------
+    def _make_output(self, group: SequenceGroup) -> RequestOutput | None:
+        prompt_logprobs = group.prompt_logprobs
+        if group.beam is not None:
+            if not group.is_finished:
+                return None
+            completions = []
+            for index, hyp in enumerate(group.beam.best(group.params.n)):
+                text = self._decode(hyp.token_ids, group.params)
+                completions.append(
+                    CompletionOutput(
+                        index, hyp.token_ids, text, hyp.token_ids, text, None, None, hyp.score, "stop"
+                    )
+                )
+            return RequestOutput(
+                group.request_id,
+                group.prompt_token_ids,
+                completions,
+                True,
+                prompt_logprobs,
+                group.num_cached_tokens,
+            )
+        completions = []
+        for seq in sorted(group.seqs, key=lambda s: s.index):
+            new_tokens = seq.output_token_ids[seq.emitted_tokens :]
+            seq.emitted_tokens = seq.num_output_tokens
+            new_logprobs = None
+            if seq.logprobs is not None:
+                new_logprobs = seq.logprobs[seq.emitted_logprobs :]
+                seq.emitted_logprobs = len(seq.logprobs)
+            new_text = seq.detokenizer.take_delta(seq.is_finished) if seq.detokenizer is not None else ""
+            completions.append(
+                CompletionOutput(
+                    seq.index,
+                    seq.output_token_ids,
+                    seq.text,
+                    new_tokens,
+                    new_text,
+                    seq.logprobs,
+                    new_logprobs,
+                    seq.cumulative_logprob,
+                    seq.finish_reason,
+                    seq.stop_reason,
+                )
+            )
+        if group.prompt_logprobs is not None and len(group.prompt_logprobs) < len(group.prompt_token_ids):
+            prompt_logprobs = None  # not complete yet (chunked prefill)
+        return RequestOutput(
+            group.request_id,
+            group.prompt_token_ids,
+            completions,
+            group.is_finished,
+            prompt_logprobs,
+            group.num_cached_tokens,
+        )
+
+    def _decode(self, token_ids: list[int], params: SamplingParams) -> str:
+        if self.tokenizer is None or not params.detokenize:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
+
+    def _abort_output(self, group: SequenceGroup) -> RequestOutput:
+        completions = []
+        for seq in group.seqs:
+            if not seq.is_finished:
+                seq.finish("abort")
+            completions.append(
+                CompletionOutput(
+                    seq.index,
+                    seq.output_token_ids,
+                    seq.text,
+                    [],
+                    "",
+                    seq.logprobs,
+                    [],
+                    seq.cumulative_logprob,
+                    seq.finish_reason,
+                    seq.stop_reason,
+                )
+            )
+        return RequestOutput(group.request_id, group.prompt_token_ids, completions, True)
+
+    # -- offline use ---------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Seq[str | list[int]] | str,
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; returns their final outputs in prompt order."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        ids = []
+        for prompt, p in zip(prompts, params, strict=True):
+            ids.append(self.add_request(None, prompt, p).request_id)
+        final: dict[str, RequestOutput] = {}
+        progress = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            progress = tqdm(total=len(ids), desc="generate", unit="req")
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+                    if progress is not None:
+                        progress.update(1)
+        if progress is not None:
+            progress.close()
+        return [final[i] for i in ids]

@@ -1,0 +1,111 @@
+"""Model runner: turns scheduled chunks into padded model inputs, runs the forward, returns the needed logits.
+
+Decoding sequences (one new token each) run as one ``[B, 1]`` forward; prefill chunks run as a second, padded
+``[B, T]`` forward, so a long prefill never pads the decodes. Only the rows whose logits are used (the last
+token of a completed chunk; every position when prompt logprobs are asked for) go through the LM head: a
+forward pre-hook on ``model.lm_head`` selects them, which saves a ``T x vocab`` matmul per prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.infer.kv_cache import PagedKVCache
+from lmforge.infer.scheduler import ScheduledSeq
+
+
+@dataclass
+class ChunkLogits:
+    """Logits a scheduled chunk produced: ``last`` for its final token if it completes, ``all`` for every
+    token of the chunk when prompt logprobs are collected."""
+
+    last: Tensor | None = None
+    all: Tensor | None = None
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, cache: PagedKVCache, block_size: int) -> None:
+        self.model = model
+        self.cache = cache
+        self.block_size = block_size
+        self._logit_rows: Tensor | None = None
+        head = getattr(model, "lm_head", None)
+        self._has_head_hook = head is not None
+        if head is not None:
+            head.register_forward_pre_hook(self._select_rows)
+
+    def _select_rows(self, module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
+        if self._logit_rows is None:
+            return None
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, self._logit_rows),)
+
+    @torch.inference_mode()
+    def execute(self, items: list[ScheduledSeq], all_logits: set[int]) -> list[ChunkLogits]:
+        """Run the chunks; ``all_logits`` holds indices (into ``items``) that need logits at every position."""
+        results = [ChunkLogits() for _ in items]
+        decodes = [i for i, it in enumerate(items) if it.num_tokens == 1 and i not in all_logits]
+        prefills = [i for i in range(len(items)) if i not in set(decodes)]
+        for batch in (decodes, prefills):
+            if batch:
+                self._run_batch([items[i] for i in batch], [i in all_logits for i in batch], batch, results)
+        return results
+
+    def _run_batch(
+        self, items: list[ScheduledSeq], want_all: list[bool], indices: list[int], results: list[ChunkLogits]
+    ) -> None:
+        bs = self.block_size
+        width = max(it.num_tokens for it in items)
+        batch = len(items)
+        input_ids = torch.zeros(batch, width, dtype=torch.long)
+        positions = torch.zeros(batch, width, dtype=torch.long)
+        slot_parts: list[Tensor] = []
+        row_parts: list[Tensor] = []
+        logit_rows: list[Tensor] = []
+        contexts = []
+        table_width = max(len(it.seq.block_table) for it in items)
+        tables = torch.zeros(batch, table_width, dtype=torch.long)
+        for b, it in enumerate(items):
+            seq, start, n = it.seq, it.seq.num_computed, it.num_tokens
+            input_ids[b, :n] = torch.tensor(seq.token_ids[start : start + n])
+            pos = torch.arange(start, start + n)
+            positions[b, :n] = pos
+            positions[b, n:] = start + n - 1  # padding queries reuse the last position: finite, discarded
+            table = torch.tensor(seq.block_table)
+            tables[b, : len(table)] = table
+            slot_parts.append(table[pos // bs] * bs + pos % bs)
+            row_parts.append(torch.arange(b * width, b * width + n))
+            contexts.append(start + n)
+            if want_all[b]:
+                logit_rows.append(torch.arange(b * width, b * width + n))
+            elif it.completes:
+                logit_rows.append(torch.tensor([b * width + n - 1]))
+        span = -(-max(contexts) // bs)
+        view_slots = (tables[:, :span, None] * bs + torch.arange(bs)).reshape(batch, span * bs)
+        key_positions = torch.arange(span * bs).expand(batch, -1)
+        key_positions = torch.where(key_positions < torch.tensor(contexts)[:, None], key_positions, -1)
+        padded = any(it.num_tokens != width for it in items)
+        self.cache.bind(
+            torch.cat(slot_parts), torch.cat(row_parts) if padded else None, view_slots, key_positions
+        )
+        rows = torch.cat(logit_rows) if logit_rows else torch.zeros(0, dtype=torch.long)
+        self._logit_rows = rows if self._has_head_hook else None
+        try:
+            logits = self.model(input_ids, position_ids=positions, cache=self.cache).logits
+        finally:
+            self._logit_rows = None
+        if not self._has_head_hook:
+            logits = logits.reshape(batch * width, -1).index_select(0, rows)
+        offset = 0
+        for b, it in enumerate(items):
+            if want_all[b]:
+                chunk = logits[offset : offset + it.num_tokens]
+                offset += it.num_tokens
+                results[indices[b]].all = chunk
+                results[indices[b]].last = chunk[-1] if it.completes else None
+            elif it.completes:
+                results[indices[b]].last = logits[offset]
+                offset += 1

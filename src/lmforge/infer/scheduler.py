@@ -1,0 +1,177 @@
+"""Continuous-batching scheduler: which sequences compute how many tokens in the next step.
+
+Every step fills a token budget: running requests first (one token per decoding sequence, or the next chunk
+of a prefill that did not fit in one step), then waiting requests in arrival order, the last admitted one
+chunked to whatever budget is left. A request joins at the next step after it arrives and leaves as soon as
+it finishes. When the block pool runs dry, the most recently admitted running request is preempted: its
+blocks are freed and it goes back to the head of the queue to be recomputed (its prefix blocks usually
+survive in the prefix cache, so recomputation is cheap).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from lmforge.infer.block_manager import BlockManager
+from lmforge.infer.sequence import Sequence, SequenceGroup, SequenceStatus
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its limit; the server answers 429."""
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # tokens whose keys/values are computed this step, from seq.num_computed on
+
+    @property
+    def completes(self) -> bool:
+        """Whether this chunk reaches the sequence's last token, whose logits choose the next token."""
+        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[SequenceGroup] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 1024,
+        max_waiting: int = 1024,
+        chunked_prefill: bool = True,
+    ) -> None:
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every decode needs one token)")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_waiting = max_waiting
+        self.chunked_prefill = chunked_prefill
+        self.waiting: deque[SequenceGroup] = deque()
+        self.running: list[SequenceGroup] = []
+        self.num_preemptions = 0
+        # Admissions leave this many blocks free, so running decodes do not immediately preempt them.
+        self.watermark_blocks = max(1, block_manager.num_blocks // 100)
+
+    # -- queue -----------------------------------------------------------------------------------------------
+    def add(self, group: SequenceGroup) -> None:
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
+        self.waiting.append(group)
+
+    def abort(self, request_id: str) -> SequenceGroup | None:
+        for queue in (self.waiting, self.running):
+            for group in queue:
+                if group.request_id == request_id:
+                    queue.remove(group)
+                    self._free(group)
+                    return group
+        return None
+
+    def finish(self, group: SequenceGroup) -> None:
+        """Remove a finished request from the running set and free its blocks at once."""
+        if group in self.running:
+            self.running.remove(group)
+        self._free(group)
+
+    def free_seq(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+
+    def _free(self, group: SequenceGroup) -> None:
+        for seq in group.seqs:
+            if seq.block_table:
+                self.block_manager.free(seq)
+
+    @property
+    def num_running_seqs(self) -> int:
+        """Sequences the running requests hold or will hold (``n``/beam width once they fork)."""
+        return sum(max(len(g.live_seqs), g.max_seqs) for g in self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step --------------------------------------------------------------------------------------------
+    def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
+        self.running.remove(group)
+        for seq in group.live_seqs:
+            self.block_manager.free(seq)
+            seq.status = SequenceStatus.WAITING
+        out.scheduled = [s for s in out.scheduled if s.seq not in group.seqs]
+        out.preempted.append(group)
+        self.waiting.appendleft(group)
+        self.num_preemptions += 1
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        index = 0
+        while index < len(self.running) and budget > 0:
+            group = self.running[index]
+            seqs = group.live_seqs
+            wanted = [min(s.num_uncomputed, budget) if len(seqs) == 1 else s.num_uncomputed for s in seqs]
+            if sum(wanted) > budget:
+                break
+            placed = []
+            for seq, n in zip(seqs, wanted):
+                while group in self.running and not self.block_manager.ensure_slots(seq, n):
+                    self._preempt(self.running[-1], out)
+                if group not in self.running:
+                    break
+                placed.append(ScheduledSeq(seq, n))
+            if group not in self.running:
+                break  # the group preempted itself: every group after it is gone too
+            out.scheduled.extend(placed)
+            budget -= sum(wanted)
+            index += 1
+        return budget
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        bm = self.block_manager
+        while self.waiting and budget > 0:
+            group = self.waiting[0]
+            seqs = group.live_seqs
+            if self.num_running_seqs + group.max_seqs > self.max_num_seqs and self.running:
+                break
+            use_cache = (
+                group.params.prompt_logprobs is None
+            )  # prompt logprobs need every prompt position computed
+            for seq in seqs:
+                if use_cache:
+                    cached = bm.match_prefix(seq)
+                    if seq is seqs[0] and not group.num_cached_tokens:
+                        group.num_cached_tokens = min(cached, len(group.prompt_token_ids))
+            wanted = [s.num_uncomputed for s in seqs]
+            if len(seqs) == 1 and self.chunked_prefill:
+                wanted = [min(wanted[0], budget)]
+            new_blocks = sum(
+                bm.blocks_for(s.num_computed + n) - len(s.block_table) for s, n in zip(seqs, wanted)
+            )
+            fits_budget = sum(wanted) <= budget or not out.scheduled
+            reserve = self.watermark_blocks if self.running else 0
+            if not fits_budget or new_blocks > bm.num_free_blocks - reserve:
+                for seq in seqs:
+                    bm.free(seq)
+                break
+            for seq, n in zip(seqs, wanted):
+                assert bm.ensure_slots(seq, n)
+                seq.status = SequenceStatus.RUNNING
+                out.scheduled.append(ScheduledSeq(seq, n))
+            budget -= sum(wanted)
+            self.waiting.popleft()
+            self.running.append(group)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
