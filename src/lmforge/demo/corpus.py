@@ -128,6 +128,8 @@ def stdlib_documents(
         for kind, text, fmt in records:
             if len(text) < min_chars:
                 continue
+            if max_bytes is not None and produced >= max_bytes:
+                return
             produced += len(text.encode("utf-8"))
             yield {
                 "id": f"stdlib/{kind}/{module}",
