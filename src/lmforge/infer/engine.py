@@ -3,9 +3,10 @@
 How a server drives it
 ----------------------
 The engine is a synchronous state machine and is NOT thread-safe: exactly one thread may call its methods.
-``lmforge.infer.async_engine.AsyncLLMEngine`` provides that thread for asyncio servers (one engine thread
-driving ``step()``; each request gets an ``asyncio.Queue`` fed with ``loop.call_soon_threadsafe``; requests and
-aborts reach the engine thread through a command queue). The synchronous protocol underneath is::
+An asyncio server runs one engine thread that drives ``step()`` and feeds each request's ``asyncio.Queue``
+through ``loop.call_soon_threadsafe``; requests and aborts reach that thread through a command queue (the
+server layer's ``AsyncEngine`` does this). ``make_request`` is the one method any thread may call: it
+validates and tokenizes without touching scheduler state. The synchronous protocol is::
 
     group = engine.make_request(request_id, prompt, params)   # validate + tokenize; raises ValueError (-> 400);
                                                                # thread-safe (touches no scheduler state)
