@@ -2,6 +2,22 @@
 
 from lmforge.model.cache import ContiguousKVCache, KVCache, KVView
 from lmforge.model.config import ModelConfig
+from lmforge.model.hf import ModelLoadError, load_pretrained, read_config, save_pretrained
+from lmforge.model.presets import get_preset, list_presets
 from lmforge.model.transformer import Block, ModelOutput, Transformer
 
-__all__ = ["Block", "ContiguousKVCache", "KVCache", "KVView", "ModelConfig", "ModelOutput", "Transformer"]
+__all__ = [
+    "Block",
+    "ContiguousKVCache",
+    "KVCache",
+    "KVView",
+    "ModelConfig",
+    "ModelLoadError",
+    "ModelOutput",
+    "Transformer",
+    "get_preset",
+    "list_presets",
+    "load_pretrained",
+    "read_config",
+    "save_pretrained",
+]

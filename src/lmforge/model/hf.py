@@ -1,0 +1,511 @@
+"""Hugging Face interop: load GPT-2 / Llama / Mistral / Qwen2 / Mixtral folders, save ours in their layout.
+
+A model folder holds ``config.json`` and ``model.safetensors`` (or shards listed in
+``model.safetensors.index.json``). ``save_pretrained`` writes the Hugging Face layout of the family the config
+maps onto, so transformers, vLLM and llama.cpp converters read it; a config that maps onto no family is saved in
+our own layout (``config.json`` holding the ``lmforge`` ModelConfig, our parameter names), which
+``load_pretrained`` reads back just as well. Every problem with a folder is one ``ModelLoadError`` naming the
+file and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+HF_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral")
+_ARCHITECTURES = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+}
+_GPT2_ACTIVATIONS = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu": "gelu",
+    "relu": "relu",
+}
+_GLU_ACTIVATIONS = {"silu": "swiglu", "gelu": "geglu"}
+# buffers some checkpoints carry that are recomputed here
+_IGNORED_KEYS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$")
+
+
+class ModelLoadError(ValueError):
+    """A model folder that cannot be read or written: names the file and, where it applies, the key."""
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_config(folder: str | Path) -> ModelConfig:
+    """The ModelConfig of a model folder: our ``lmforge`` config or a supported Hugging Face config.json."""
+    path = Path(folder) / CONFIG_FILE
+    hf = _read_json(path)
+    try:
+        if "lmforge" in hf:
+            return ModelConfig(**hf["lmforge"])
+        return config_from_hf(hf)
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, ModelLoadError):
+            raise ModelLoadError(f"{path}: {err}") from None
+        raise ModelLoadError(f"{path}: {type(err).__name__}: {err}") from err
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """theta and scaling from transformers 5 ``rope_parameters`` or the older ``rope_theta``/``rope_scaling``."""
+    params = dict(hf.get("rope_parameters") or {})
+    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = params or dict(hf.get("rope_scaling") or {})
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in ("linear", "llama3"):
+        raise ModelLoadError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+    scaling.pop("type", None)
+    return theta, {**scaling, "rope_type": kind}
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """Translate a Hugging Face config.json (as a dict) of a supported family."""
+    model_type = hf.get("model_type")
+    if model_type not in HF_FAMILIES:
+        raise ModelLoadError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(HF_FAMILIES)} (or an lmforge config)"
+        )
+    extra = {"hf_model_type": model_type}
+    for key in ("bos_token_id", "eos_token_id"):
+        if hf.get(key) is not None:
+            extra[key] = json.dumps(hf[key])
+    if model_type == "gpt2":
+        if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx"):
+            raise ModelLoadError("GPT-2 attention scaling variants are not supported")
+        activation = hf.get("activation_function", "gelu_new")
+        if activation not in _GPT2_ACTIVATIONS:
+            raise ModelLoadError(f"GPT-2 activation_function {activation!r} is not supported")
+        return ModelConfig(
+            vocab_size=hf["vocab_size"],
+            d_model=hf["n_embd"],
+            n_layers=hf["n_layer"],
+            n_heads=hf["n_head"],
+            d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
+            max_seq_len=hf.get("n_positions", 1024),
+            norm="layernorm",
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            mlp=_GPT2_ACTIVATIONS[activation],
+            position="learned",
+            qkv_bias=True,
+            out_bias=True,
+            mlp_bias=True,
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            extra=extra,
+        )
+
+    activation = hf.get("hidden_act", "silu")
+    if activation not in _GLU_ACTIVATIONS:
+        raise ModelLoadError(f"hidden_act {activation!r} is not supported ({', '.join(_GLU_ACTIVATIONS)})")
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise ModelLoadError("Qwen2 per-layer sliding windows (use_sliding_window=true) are not supported")
+    theta, scaling = _rope_from_hf(hf)
+    window = hf.get("sliding_window") if model_type in ("mistral", "mixtral") else None
+    attention_bias = hf.get("attention_bias", False)
+    fields: dict[str, Any] = dict(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        d_ff=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        mlp=_GLU_ACTIVATIONS[activation],
+        qkv_bias=model_type == "qwen2" or attention_bias,
+        out_bias=attention_bias,
+        mlp_bias=hf.get("mlp_bias", False),
+        position="rope",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        attention="sliding" if window else "full",
+        sliding_window=window or None,
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        extra=extra,
+    )
+    if model_type == "mixtral":
+        fields.update(
+            n_experts=hf.get("num_local_experts", 8),
+            moe_top_k=hf.get("num_experts_per_tok", 2),
+            moe_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
+            moe_z_loss_coef=0.0,
+        )
+    return ModelConfig(**fields)
+
+
+def _family_problems(cfg: ModelConfig, family: str) -> list[str]:
+    """Why ``cfg`` cannot be written as ``family`` (empty: it can)."""
+    problems = []
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            problems.append(what)
+
+    need(cfg.structure == "causal", "structure=causal")
+    need(
+        cfg.norm_position == "pre" and cfg.final_norm and not cfg.embedding_norm,
+        "pre-LN with a final norm only",
+    )
+    need(not cfg.parallel_residual and not cfg.qk_norm, "no parallel residual, no QK-norm")
+    if family == "gpt2":
+        need(cfg.norm == "layernorm" and cfg.norm_bias, "LayerNorm with bias")
+        need(cfg.mlp in _GPT2_ACTIVATIONS.values(), "a plain gelu/gelu_tanh/relu MLP")
+        need(cfg.qkv_bias and cfg.out_bias and cfg.mlp_bias, "biases everywhere")
+        need(cfg.position == "learned", "learned positions")
+        need(
+            cfg.n_kv_heads == cfg.n_heads and cfg.head_dim * cfg.n_heads == cfg.d_model,
+            "plain multi-head attention",
+        )
+        need(cfg.attention == "full" and not cfg.n_experts, "full attention, dense MLP")
+        return problems
+    need(cfg.norm == "rmsnorm" and cfg.mlp in _GLU_ACTIVATIONS.values(), "RMSNorm and a SwiGLU/GeGLU MLP")
+    need(cfg.position == "rope" and cfg.rotary_pct == 1.0, "full-width RoPE")
+    if family == "llama":
+        need(cfg.qkv_bias == cfg.out_bias, "the same bias on q/k/v and o")
+        need(cfg.attention == "full" and not cfg.n_experts, "full attention, dense MLP")
+    elif family == "qwen2":
+        need(cfg.qkv_bias and not cfg.out_bias and not cfg.mlp_bias, "q/k/v biases only")
+        need(cfg.attention == "full" and not cfg.n_experts, "full attention, dense MLP")
+        need(cfg.rope_scaling is None, "no RoPE scaling")
+    else:  # mistral, mixtral
+        need(not (cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias), "no biases")
+        need(cfg.attention in ("full", "sliding"), "full or sliding-window attention")
+        need(cfg.rope_scaling is None, "no RoPE scaling")
+        if family == "mistral":
+            need(not cfg.n_experts, "a dense MLP")
+        else:
+            need(cfg.n_experts > 0 and cfg.moe_every == 1, "MoE in every layer")
+            need(cfg.moe_normalize_top_k and cfg.moe_capacity_factor is None, "dropless, renormalised top-k")
+    return problems
+
+
+def hf_family(cfg: ModelConfig) -> str | None:
+    """The Hugging Face family ``cfg`` maps onto (its recorded origin first), or None."""
+    preferred = cfg.extra.get("hf_model_type")
+    for family in ([preferred] if preferred in HF_FAMILIES else []) + list(HF_FAMILIES):
+        if not _family_problems(cfg, family):
+            return family
+    return None
+
+
+def config_to_hf(cfg: ModelConfig, family: str) -> dict[str, Any]:
+    """The config.json of ``cfg`` as a ``family`` model (``cfg`` must map onto it)."""
+    hf: dict[str, Any] = {"architectures": [_ARCHITECTURES[family]], "model_type": family}
+    for key in ("bos_token_id", "eos_token_id"):
+        if key in cfg.extra:
+            hf[key] = json.loads(cfg.extra[key])
+    if family == "gpt2":
+        activation = {v: k for k, v in _GPT2_ACTIVATIONS.items() if k != "gelu_pytorch_tanh"}[cfg.mlp]
+        return hf | dict(
+            vocab_size=cfg.vocab_size,
+            n_embd=cfg.d_model,
+            n_layer=cfg.n_layers,
+            n_head=cfg.n_heads,
+            n_inner=cfg.d_ff,
+            n_positions=cfg.max_seq_len,
+            layer_norm_epsilon=cfg.norm_eps,
+            activation_function=activation,
+            tie_word_embeddings=cfg.tie_embeddings,
+        )
+    hf |= dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        hidden_act={v: k for k, v in _GLU_ACTIVATIONS.items()}[cfg.mlp],
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        rope_scaling=cfg.rope_scaling,
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+    if family == "llama":
+        hf |= dict(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    if family in ("mistral", "mixtral"):
+        hf["sliding_window"] = cfg.sliding_window if cfg.attention == "sliding" else None
+    if family == "qwen2":
+        hf |= dict(use_sliding_window=False, sliding_window=None)
+    if family == "mixtral":
+        hf |= dict(
+            num_local_experts=cfg.n_experts,
+            num_experts_per_tok=cfg.moe_top_k,
+            router_aux_loss_coef=cfg.moe_aux_loss_coef,
+        )
+    return hf
+
+
+# ----------------------------------------------------------------------------------------- parameter names
+
+
+def _llama_key(name: str) -> str:
+    """Our parameter name -> the Llama/Mistral/Qwen2/Mixtral checkpoint name."""
+    if name.startswith(("embed_tokens.", "norm.")):
+        return "model." + name
+    name = re.sub(r"^blocks\.(\d+)\.", r"model.layers.\1.", name)
+    name = name.replace(".attn_norm.", ".input_layernorm.").replace(
+        ".mlp_norm.", ".post_attention_layernorm."
+    )
+    name = name.replace(".attn.", ".self_attn.").replace(".mlp.router.", ".block_sparse_moe.gate.")
+    if ".mlp.experts." in name:
+        name = name.replace(".mlp.experts.", ".block_sparse_moe.experts.")
+        name = name.replace("gate_proj", "w1").replace("up_proj", "w3").replace("down_proj", "w2")
+    return name
+
+
+_GPT2_RENAMES = {  # ours -> GPT-2 (Conv1D weights are stored transposed: (in, out))
+    "attn_norm": "ln_1",
+    "mlp_norm": "ln_2",
+    "attn.o_proj": "attn.c_proj",
+    "mlp.up_proj": "mlp.c_fc",
+    "mlp.down_proj": "mlp.c_proj",
+}
+
+
+def _gpt2_key(name: str) -> tuple[str, bool]:
+    """Our parameter name -> (GPT-2 name without the ``transformer.`` prefix, stored transposed)."""
+    top = {
+        "embed_tokens.weight": "wte.weight",
+        "pos_embed.weight": "wpe.weight",
+        "norm.weight": "ln_f.weight",
+    }
+    top["norm.bias"] = "ln_f.bias"
+    if name in top:
+        return top[name], False
+    layer, rest = re.match(r"blocks\.(\d+)\.(.+)", name).groups()
+    module, kind = rest.rsplit(".", 1)
+    return f"h.{layer}.{_GPT2_RENAMES[module]}.{kind}", kind == "weight" and module.startswith(
+        ("attn", "mlp")
+    )
+
+
+def _to_hf_state(model: Transformer, family: str) -> dict[str, Tensor]:
+    cfg = model.cfg
+    state = _own_state(model)
+    if family != "gpt2":
+        return {_llama_key(name): t for name, t in state.items()}
+    out: dict[str, Tensor] = {}
+    if "lm_head.weight" in state:
+        out["lm_head.weight"] = state.pop("lm_head.weight")
+    for i in range(cfg.n_layers):
+        parts = [state.pop(f"blocks.{i}.attn.{p}_proj.weight") for p in "qkv"]
+        out[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat(parts).t().contiguous()
+        biases = [state.pop(f"blocks.{i}.attn.{p}_proj.bias") for p in "qkv"]
+        out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(biases)
+    for name, tensor in state.items():
+        key, transposed = _gpt2_key(name)
+        out["transformer." + key] = tensor.t().contiguous() if transposed else tensor
+    return out
+
+
+def _own_state(model: Transformer) -> dict[str, Tensor]:
+    """Our state dict with a tied LM head stored once (safetensors refuses shared storage)."""
+    state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+class _Checkpoint:
+    """The tensors of a folder's single or sharded safetensors file(s), read lazily by key."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        if (folder / WEIGHTS_FILE).is_file():
+            files = [folder / WEIGHTS_FILE]
+        elif (folder / INDEX_FILE).is_file():
+            index = _read_json(folder / INDEX_FILE)
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ModelLoadError(f"{folder / INDEX_FILE}: no weight_map")
+            files = [folder / name for name in sorted(set(weight_map.values()))]
+        else:
+            raise ModelLoadError(f"{folder}: no {WEIGHTS_FILE} or {INDEX_FILE}")
+        self.location: dict[str, Path] = {}
+        self.handles: dict[Path, Any] = {}
+        for path in files:
+            if not path.is_file():
+                raise ModelLoadError(f"{path}: shard listed in {INDEX_FILE} is missing")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as err:
+                raise ModelLoadError(f"{path}: not a readable safetensors file ({err})") from err
+            self.handles[path] = handle
+            self.location.update(dict.fromkeys(handle.keys(), path))
+
+    def has(self, key: str) -> bool:
+        return key in self.location
+
+    def get(self, key: str) -> Tensor:
+        if key not in self.location:
+            raise ModelLoadError(f"{self.folder}: tensor {key!r} not found in the checkpoint")
+        path = self.location[key]
+        try:
+            return self.handles[path].get_tensor(key)
+        except (SafetensorError, OSError) as err:
+            raise ModelLoadError(f"{path}: cannot read tensor {key!r} ({err})") from err
+
+
+def _read_state(ckpt: _Checkpoint, model: Transformer, family: str | None) -> dict[str, tuple[Tensor, str]]:
+    """Our parameter name -> (tensor, the checkpoint key it came from), for every entry of the state dict."""
+    cfg = model.cfg
+    out: dict[str, tuple[Tensor, str]] = {}
+    prefix = "transformer." if family == "gpt2" and ckpt.has("transformer.wte.weight") else ""
+    for name in model.state_dict():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        if family is None:
+            key, transposed = name, False
+        elif family != "gpt2":
+            key, transposed = _llama_key(name), False
+        elif name == "lm_head.weight":
+            key, transposed = "lm_head.weight", False
+        elif re.search(r"\.attn\.[qkv]_proj\.", name):
+            layer, proj, kind = re.search(r"blocks\.(\d+)\.attn\.([qkv])_proj\.(\w+)", name).groups()
+            key = f"{prefix}h.{layer}.attn.c_attn.{kind}"
+            fused = ckpt.get(key)
+            if fused.shape[-1] != 3 * cfg.d_model:
+                raise ModelLoadError(f"{ckpt.location[key]}: tensor {key!r} has shape {tuple(fused.shape)}")
+            part = fused.chunk(3, dim=-1)["qkv".index(proj)]
+            out[name] = (part.t() if kind == "weight" else part, key)
+            continue
+        else:
+            key, transposed = _gpt2_key(name)
+            key = prefix + key
+        tensor = ckpt.get(key)
+        out[name] = (tensor.t() if transposed else tensor, key)
+    if cfg.tie_embeddings and "lm_head.weight" in model.state_dict():
+        out["lm_head.weight"] = out["embed_tokens.weight"]
+    return out
+
+
+def load_pretrained(
+    folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> Transformer:
+    """A Transformer with the weights of a model folder (ours or a supported Hugging Face family)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: model folder not found")
+    cfg = read_config(folder)
+    ours = "lmforge" in _read_json(folder / CONFIG_FILE)
+    family = None if ours else cfg.extra["hf_model_type"]
+    ckpt = _Checkpoint(folder)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = model.state_dict()
+    state = {}
+    for name, (tensor, key) in _read_state(ckpt, model, family).items():
+        if tensor.shape != expected[name].shape:
+            raise ModelLoadError(
+                f"{ckpt.location[key]}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                f"the config needs {tuple(expected[name].shape)}"
+            )
+        state[name] = tensor.to(device=device, dtype=dtype)
+    model.load_state_dict(state, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def _write_weights(state: dict[str, Tensor], folder: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    for stale in [folder / WEIGHTS_FILE, folder / INDEX_FILE, *folder.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def save_pretrained(
+    model: Transformer,
+    folder: str | Path,
+    hf_format: bool | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> str | None:
+    """Write ``model`` to ``folder``; returns the Hugging Face family written, or None for our own layout.
+
+    hf_format: None -> the Hugging Face layout when the config maps onto a family, else ours;
+    True -> the Hugging Face layout or a ModelLoadError saying why the config does not map; False -> ours.
+    """
+    cfg = model.cfg
+    family = hf_family(cfg) if hf_format is not False else None
+    if hf_format and family is None:
+        closest = min(HF_FAMILIES, key=lambda f: len(_family_problems(cfg, f)))
+        needs = "; ".join(_family_problems(cfg, closest))
+        raise ModelLoadError(
+            f"this config maps onto no Hugging Face family (closest, {closest}, needs: {needs})"
+        )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    convert: Callable[[Tensor], Tensor] = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+    if family is None:
+        state = _own_state(model)
+        config = {"model_type": "lmforge", "lmforge": dataclasses.asdict(cfg)}
+    else:
+        state = _to_hf_state(model, family)
+        config = config_to_hf(cfg, family)
+        torch_dtype = dtype or next(model.parameters()).dtype
+        config["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
+        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
+    _write_weights({name: convert(t).cpu() for name, t in state.items()}, folder, max_shard_bytes)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return family

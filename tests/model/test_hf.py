@@ -1,0 +1,211 @@
+"""Parity with transformers on tiny random models of each supported family, built offline in the test."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from lmforge.model import ContiguousKVCache, ModelConfig, Transformer
+from lmforge.model.hf import ModelLoadError, hf_family, load_pretrained, read_config, save_pretrained
+
+LLAMA_LIKE = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+FAMILIES = {
+    "gpt2": (
+        transformers.GPT2Config,
+        transformers.GPT2LMHeadModel,
+        dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=1),
+    ),
+    "llama": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(
+            LLAMA_LIKE,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 4.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+            rope_theta=500.0,
+        ),
+    ),
+    "mistral": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        dict(LLAMA_LIKE, sliding_window=4),
+    ),
+    "qwen2": (
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        dict(LLAMA_LIKE, tie_word_embeddings=True),
+    ),
+    "mixtral": (
+        transformers.MixtralConfig,
+        transformers.MixtralForCausalLM,
+        dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2),
+    ),
+}
+TOLERANCE = 1e-4
+
+
+def _hf_model(family: str, folder):
+    config_cls, model_cls, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**kwargs)).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def _max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_match_transformers_full_and_incremental(family, tmp_path):
+    hf = _hf_model(family, tmp_path)
+    ours = load_pretrained(tmp_path)
+    assert ours.cfg.extra["hf_model_type"] == family
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        want = hf(ids).logits
+        assert _max_diff(ours(ids).logits, want) <= TOLERANCE
+        cache = ContiguousKVCache.for_model(ours.cfg, batch=2, max_len=16)
+        pieces = [ours(ids[:, :6], cache=cache).logits]
+        pieces += [ours(ids[:, i : i + 1], cache=cache).logits for i in range(6, 10)]
+    assert _max_diff(torch.cat(pieces, dim=1), want) <= TOLERANCE
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_export_loads_in_transformers_with_identical_logits(family, tmp_path):
+    _hf_model(family, tmp_path / "hf")
+    ours = load_pretrained(tmp_path / "hf")
+    assert save_pretrained(ours, tmp_path / "out") == family
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == family and config["architectures"] == [FAMILIES[family][1].__name__]
+    assert (tmp_path / "out" / "generation_config.json").is_file()
+    reloaded = FAMILIES[family][1].from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert _max_diff(reloaded(ids).logits, ours(ids).logits) <= TOLERANCE
+    # the exported tensors are exactly what transformers itself writes
+    written, original = (
+        load_file(tmp_path / "out" / "model.safetensors"),
+        load_file(tmp_path / "hf" / "model.safetensors"),
+    )
+    assert written.keys() == original.keys()
+    for key in original:
+        assert torch.equal(written[key], original[key]), key
+
+
+def test_gpt2_generation_config_keeps_special_tokens(tmp_path):
+    _hf_model("gpt2", tmp_path / "hf")
+    save_pretrained(load_pretrained(tmp_path / "hf"), tmp_path / "out")
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 0, "eos_token_id": 1}
+
+
+def test_sharded_checkpoint_round_trip(tmp_path):
+    _hf_model("llama", tmp_path / "hf")
+    ours = load_pretrained(tmp_path / "hf")
+    save_pretrained(ours, tmp_path / "out", max_shard_bytes=20_000)
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) > 2
+    again = load_pretrained(tmp_path / "out")
+    ids = torch.randint(0, 128, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, ours(ids).logits)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert _max_diff(hf(ids).logits, ours(ids).logits) <= TOLERANCE
+
+
+def test_unmappable_config_is_refused_for_hf_and_round_trips_in_our_layout(tmp_path):
+    cfg = ModelConfig(
+        vocab_size=64, d_model=32, n_layers=2, n_heads=4, position="alibi", norm_position="sandwich"
+    )
+    model = Transformer(cfg).eval()
+    assert hf_family(cfg) is None
+    with pytest.raises(ModelLoadError, match=r"maps onto no Hugging Face family.*RoPE"):
+        save_pretrained(model, tmp_path / "hf", hf_format=True)
+    assert save_pretrained(model, tmp_path / "ours") is None
+    assert read_config(tmp_path / "ours") == cfg
+    again = load_pretrained(tmp_path / "ours")
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_tied_model_in_our_layout_stays_tied(tmp_path):
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, tie_embeddings=True, qk_norm=True)
+    save_pretrained(Transformer(cfg), tmp_path, hf_format=False)
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    again = load_pretrained(tmp_path)
+    assert again.lm_head.weight is again.embed_tokens.weight
+
+
+@pytest.fixture
+def llama_folder(tmp_path):
+    _hf_model("llama", tmp_path)
+    return tmp_path
+
+
+def test_missing_weights(llama_folder):
+    (llama_folder / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"no model\.safetensors"):
+        load_pretrained(llama_folder)
+
+
+def test_truncated_safetensors(llama_folder):
+    path = llama_folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors"):
+        load_pretrained(llama_folder)
+
+
+def test_missing_tensor_is_named(llama_folder):
+    path = llama_folder / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, path)
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_pretrained(llama_folder)
+
+
+def test_mismatched_shape_names_file_and_key(llama_folder):
+    config = json.loads((llama_folder / "config.json").read_text())
+    config["intermediate_size"] = 40
+    (llama_folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ModelLoadError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight'"
+    ):
+        load_pretrained(llama_folder)
+
+
+def test_missing_shard_is_named(tmp_path):
+    _hf_model("qwen2", tmp_path / "hf")
+    save_pretrained(load_pretrained(tmp_path / "hf"), tmp_path / "out", max_shard_bytes=20_000)
+    next((tmp_path / "out").glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(ModelLoadError, match=r"model-00002-of-.*missing"):
+        load_pretrained(tmp_path / "out")
+
+
+def test_unknown_model_type(llama_folder):
+    (llama_folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ModelLoadError, match=r"config\.json: unsupported model_type 'bert'"):
+        load_pretrained(llama_folder)
+
+
+def test_not_a_folder(tmp_path):
+    with pytest.raises(ModelLoadError, match="model folder not found"):
+        load_pretrained(tmp_path / "nowhere")
