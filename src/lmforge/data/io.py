@@ -343,17 +343,20 @@ def format_of(path: str) -> str:
     raise ValueError(f"cannot tell the format of {path!r}; say format: one of {', '.join(READERS)}")
 
 
+def detect_format(paths: str | Sequence[str], storage_options: dict[str, Any] | None = None) -> str:
+    """The one reader format of every file matching ``paths`` (from their extensions)."""
+    probe = JsonlReader(paths, storage_options=storage_options)
+    probe.extensions = tuple(ext for cls in READERS.values() for ext in cls.extensions)
+    kinds = {format_of(f) for f in probe.files()}
+    if len(kinds) != 1:
+        raise ValueError(f"{paths}: files of several formats ({', '.join(sorted(kinds))}); split the input")
+    return kinds.pop()
+
+
 def make_reader(paths: str | Sequence[str], format: str = "auto", **kwargs: Any) -> Reader:
-    """A reader for ``paths``; ``format="auto"`` decides from the extension of the first file."""
+    """A reader for ``paths``; ``format="auto"`` decides from the files' extensions."""
     if format == "auto":
-        probe = READERS["jsonl"](paths, **kwargs)
-        probe.extensions = tuple(ext for cls in READERS.values() for ext in cls.extensions)
-        kinds = {format_of(f) for f in probe.files()}
-        if len(kinds) != 1:
-            raise ValueError(
-                f"{paths}: files of several formats ({', '.join(sorted(kinds))}); split the input"
-            )
-        format = kinds.pop()
+        format = detect_format(paths, kwargs.get("storage_options"))
     if format not in READERS:
         raise ValueError(f"unknown input format {format!r}; one of {', '.join(READERS)}")
     return READERS[format](paths, **kwargs)
@@ -507,6 +510,7 @@ __all__ = [
     "TextReader",
     "WarcReader",
     "Writer",
+    "detect_format",
     "format_of",
     "make_reader",
     "read_documents",

@@ -20,6 +20,7 @@ Run folder layout (all of it is what a relaunch resumes from)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -285,15 +286,17 @@ class Pipeline:
         try:
             for doc in stream:
                 out.write(doc.to_record())
+            for planned in self.stages[stage]:
+                planned.step.close()
             out.commit()
             outputs.commit()
         except BaseException:
             out.abort()
             outputs.abort()
-            raise
-        finally:
             for planned in self.stages[stage]:
-                planned.step.close()
+                with contextlib.suppress(Exception):  # the task failed already; report that error
+                    planned.step.close()
+            raise
 
         marker = {
             "stage": stage,

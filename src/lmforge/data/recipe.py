@@ -33,7 +33,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from lmforge.config import ConfigError, check_choice, load_config, save_config
-from lmforge.data.io import DEFAULT_MAX_DOC_BYTES, READERS, Reader, Writer, make_reader
+from lmforge.data.io import DEFAULT_MAX_DOC_BYTES, READERS, Reader, Writer, detect_format, make_reader
 from lmforge.data.pipeline import EXECUTORS, Pipeline, claim_run_folder
 from lmforge.data.report import RunReport
 from lmforge.data.step import STEPS, Step
@@ -135,10 +135,12 @@ def build_pipeline(cfg: PipelineConfig) -> Pipeline:
             "files_per_task": inp.files_per_task or None,
             "max_doc_bytes": cfg.max_doc_bytes,
         }
-        if inp.format in ("auto", "jsonl", "parquet"):
-            kwargs.update(text_key=inp.text_key, id_key=inp.id_key)
         try:
-            reader = make_reader(inp.paths, inp.format, **kwargs)
+            fmt = detect_format(inp.paths) if inp.format == "auto" else inp.format
+            if fmt in ("jsonl", "parquet"):
+                kwargs.update(text_key=inp.text_key, id_key=inp.id_key)
+            reader = make_reader(inp.paths, fmt, **kwargs)
+            reader.files()  # a missing input is a recipe error, said now
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"inputs[{i}]: {err}") from err
         reader.source = inp.source or reader.format
