@@ -1,0 +1,130 @@
+"""Log-likelihoods from a model: continuations given contexts, and held-out text for perplexity.
+
+``continuation_logprobs`` follows lm-evaluation-harness's ``loglikelihood``: the context and the whole
+string ``context + continuation`` are tokenized, the continuation's tokens are those of the whole beyond the
+context's (trailing spaces of the context are moved to the continuation first, so ``"Answer:" + " 5"``
+splits as the model will see it), and the score is the sum of their log-probabilities under one forward
+pass. Requests are batched with right padding; a causal model's logits at real positions do not depend on
+the padding after them. Prompts are tokenized as the inference engine does it
+(``encode(text, add_special_tokens=True)``), so scores and generations see the same tokens.
+
+Held-out documents are scored like the training stream sees them: each document is preceded by the EOS
+token (which separates documents in the shards) so its first token is predicted too, and long documents
+are cut into windows of at most ``seq_len`` predictions, each token predicted exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.eval.metrics import ChoiceScore, LanguageModelingScore
+from lmforge.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class LoglikelihoodRequest:
+    context: str
+    continuation: str
+
+
+def split_request(tokenizer: Tokenizer, request: LoglikelihoodRequest) -> tuple[list[int], list[int], str]:
+    """Token ids of the context and of the continuation, and the continuation text as scored."""
+    context, continuation = request.context, request.continuation
+    stripped = context.rstrip(" ")
+    continuation = context[len(stripped) :] + continuation
+    context = stripped
+    whole = tokenizer.encode(context + continuation, add_special_tokens=True)
+    context_ids = tokenizer.encode(context, add_special_tokens=True)
+    if whole[: len(context_ids)] != context_ids:
+        # The boundary token merged across context and continuation: keep the context's tokens as the
+        # model would receive them and append the continuation tokenized on its own.
+        whole = context_ids + tokenizer.encode(continuation, add_special_tokens=False)
+    return context_ids, whole[len(context_ids) :], continuation
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int = 0, batch_size: int = 16
+) -> list[torch.Tensor]:
+    """For each sequence, the log-probability of tokens 1..n-1 given their prefix (length n-1)."""
+    results: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
+    # Longest first, so the padding within a batch stays small.
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(sequences[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        for row, i in enumerate(chunk):
+            ids[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
+        ids = ids.to(device)
+        logits = model(ids).logits.float()
+        logprobs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
+        for row, i in enumerate(chunk):
+            results[i] = logprobs[row, : len(sequences[i]) - 1]
+    return results
+
+
+def continuation_logprobs(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    requests: Sequence[LoglikelihoodRequest],
+    batch_size: int = 16,
+    max_len: int | None = None,
+) -> list[ChoiceScore]:
+    """Summed log-probability of each continuation given its context.
+
+    Contexts longer than ``max_len - len(continuation)`` tokens keep their end (the left is cut).
+    """
+    sequences, lengths, texts = [], [], []
+    for request in requests:
+        context_ids, continuation_ids, text = split_request(tokenizer, request)
+        if not continuation_ids:
+            raise ValueError(f"empty continuation for context {request.context[-40:]!r}")
+        sequence = context_ids + continuation_ids
+        if max_len is not None and len(sequence) > max_len:
+            sequence = sequence[-max_len:]
+        sequences.append(sequence)
+        lengths.append(len(continuation_ids))
+        texts.append(text)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    scores = sequence_logprobs(model, sequences, pad_id=pad, batch_size=batch_size)
+    return [
+        ChoiceScore(float(score[-n:].sum()), n, text)
+        for score, n, text in zip(scores, lengths, texts, strict=True)
+    ]
+
+
+def document_windows(tokens: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Windows of at most ``seq_len + 1`` tokens overlapping by one, so each token after the first is a
+    prediction target in exactly one window."""
+    return [list(tokens[start : start + seq_len + 1]) for start in range(0, max(len(tokens) - 1, 1), seq_len)]
+
+
+def language_modeling_score(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    texts: Iterable[str],
+    seq_len: int,
+    batch_size: int = 8,
+) -> LanguageModelingScore:
+    """Perplexity and bits per byte of held-out documents (every byte of every text is predicted)."""
+    separator = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
+    if separator is None:
+        raise ValueError("perplexity needs an EOS or BOS token to start each document")
+    windows: list[list[int]] = []
+    n_bytes = 0
+    for text in texts:
+        if not text:
+            continue
+        n_bytes += len(text.encode("utf-8"))
+        windows.extend(document_windows([separator, *tokenizer.encode(text)], seq_len))
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    scores = sequence_logprobs(model, windows, pad_id=pad, batch_size=batch_size)
+    nll = -sum(float(s.sum()) for s in scores)
+    return LanguageModelingScore(nll=nll, n_tokens=sum(len(s) for s in scores), n_bytes=n_bytes)
