@@ -1,0 +1,111 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.recipe import run_recipe
+
+HERE = Path(__file__).parent
+
+RECIPE = """
+inputs:
+  - {{paths: ["{raw}/*.jsonl"], source: web}}
+steps:
+  - {{step: toy_tag, delay_s: {delay}}}
+  - {{step: toy_min_words, min_words: 3}}
+  - {{step: toy_text_dedup}}
+  - {{step: toy_min_words, min_words: 4}}
+output: {{path: "{out}", format: jsonl.gz}}
+run_dir: "{run}"
+workers: {workers}
+imports: [toy_steps]
+"""
+
+
+def make_inputs(raw: Path, files: int = 12, docs: int = 6) -> None:
+    raw.mkdir(parents=True)
+    for f in range(files):
+        lines = []
+        for d in range(docs):
+            text = f"document {d} of file {f} with words" if d % 3 else f"shared boilerplate {d}"
+            lines.append(json.dumps({"id": f"{f}-{d}", "text": text}))
+        lines.append("{not json")
+        (raw / f"{f:03d}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def write_recipe(tmp_path: Path, name: str, delay: float, workers: int) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    text = RECIPE.format(raw=tmp_path / "raw", out=tmp_path / name / "out", run=tmp_path / name / "run",
+                         delay=delay, workers=workers)  # fmt: skip
+    path.write_text(text)
+    return path
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def comparable(stats: dict) -> dict:
+    steps = [{k: v for k, v in s.items() if k != "seconds"} for s in stats["steps"]]
+    return {"totals": stats["totals"], "steps": steps, "reader_rejects": stats["reader_rejects"]}
+
+
+@pytest.mark.multiprocess
+def test_killed_run_resumes_to_the_same_output_redoing_only_unfinished_tasks(tmp_path):
+    make_inputs(tmp_path / "raw")
+    reference = run_recipe(write_recipe(tmp_path, "reference", 0.0, 1), progress=False)
+    assert reference.balanced and reference.removed > 0 and reference.rejected == 12
+
+    recipe = write_recipe(tmp_path, "killed", 0.04, 2)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmforge.cli", "data", "run", str(recipe), "--quiet"],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    done = tmp_path / "killed" / "run" / "stages" / "0" / "done"
+    deadline = time.monotonic() + 60
+    while len(list(done.glob("*.json"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, as an OOM killer or a preemption would
+    proc.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in done.glob("*.json")}
+    assert 3 <= len(before) < 12, "the kill should land mid-run"
+    assert not (tmp_path / "killed" / "run" / "stats.json").exists()
+
+    resumed = run_recipe(recipe, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in done.glob("*.json") if p.name in before} == before
+    assert tree(tmp_path / "killed" / "out") == tree(tmp_path / "reference" / "out")
+    for sub in ("excluded", "rejects"):
+        assert tree(tmp_path / "killed" / "run" / sub) == tree(tmp_path / "reference" / "run" / sub)
+    assert comparable(resumed.to_dict()) == comparable(reference.to_dict())
+
+
+@pytest.mark.multiprocess
+def test_ray_executor_gives_the_local_output(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    make_inputs(tmp_path / "raw", files=4, docs=4)
+    local = run_recipe(write_recipe(tmp_path, "local", 0.0, 1), progress=False)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        on_ray = run_recipe(write_recipe(tmp_path, "ray", 0.0, 2), ["executor=ray"], progress=False)
+    finally:
+        ray.shutdown()
+    assert tree(tmp_path / "ray" / "out") == tree(tmp_path / "local" / "out")
+    assert comparable(on_ray.to_dict()) == comparable(local.to_dict())
+    assert on_ray.balanced and on_ray.stages == 2
+
+
+def test_missing_ray_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    make_inputs(tmp_path / "raw", files=1, docs=1)
+    with pytest.raises(ImportError, match=r"pip install 'lmforge\[ray\]'"):
+        run_recipe(write_recipe(tmp_path, "noray", 0.0, 1), ["executor=ray"], progress=False)
