@@ -1,0 +1,527 @@
+"""Near-duplicate detection with MinHash signatures and banded LSH (Broder 1997; Leskovec et al., MMDS ch. 3).
+
+Pipeline: a document becomes a set of word n-gram hashes (``uint32``); its signature is, for each of
+``num_perm`` universal hash functions ``h_k(x) = ((a_k x + b_k) mod (2^61 - 1)) & (2^32 - 1)``, the minimum
+over the set. The permutation parameters are drawn exactly as datasketch's ``scheme="legacy"`` MinHash
+draws them and the arithmetic wraps in ``uint64`` as datasketch's does, so for the same input hashes and
+seed the signatures are bit-identical to datasketch's. All permutations are applied in one array
+operation over a batch of documents; nothing loops over permutations in Python.
+
+Signatures are cut into ``bands`` bands of ``rows`` values; documents that agree on a whole band are
+candidates. (bands, rows) come from a Jaccard threshold by minimising the weighted false-positive and
+false-negative areas under the S-curve, as datasketch's ``_optimal_param`` does. Candidates are joined
+into clusters with a union-find whose root is always the smallest index, so "keep the first document of
+each cluster" is deterministic.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.data.dedup.common import dataset_ranks, load_drops, write_drops
+from lmforge.data.document import Document
+from lmforge.data.step import GlobalFilter, register_step
+
+MERSENNE_PRIME = np.uint64((1 << 61) - 1)
+MAX_HASH = np.uint64((1 << 32) - 1)
+_MIX_1 = np.uint64(0xFF51AFD7ED558CCD)
+_MIX_2 = np.uint64(0xC4CEB9FE1A85EC53)
+_NGRAM_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial combine stays order-sensitive
+# Rows of the (shingles x num_perm) work array per batch; bounds memory at ~8 bytes x this.
+_BATCH_ELEMENTS = 1 << 21
+
+
+# ----------------------------------------------------------------------------------------- LSH parameters
+
+
+def _s_curve_areas(threshold: float, bands: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Areas under P(candidate | s) = 1 - (1 - s^r)^b on [0, t] (false positives) and above it on [t, 1].
+
+    The integrand is a polynomial of degree b*r <= num_perm, so Gauss-Legendre quadrature with
+    ceil((num_perm + 1) / 2) nodes is exact up to rounding.
+    """
+    degree = int((bands * rows).max())
+    nodes, weights = np.polynomial.legendre.leggauss(degree // 2 + 2)
+
+    def integral(lo: float, hi: float, negate: bool) -> np.ndarray:
+        s = (hi - lo) / 2 * nodes + (hi + lo) / 2
+        p = 1.0 - (1.0 - s[None, :] ** rows[:, None]) ** bands[:, None]
+        if negate:
+            p = 1.0 - p
+        return (hi - lo) / 2 * (p * weights[None, :]).sum(axis=1)
+
+    return integral(0.0, threshold, False), integral(threshold, 1.0, True)
+
+
+@lru_cache(maxsize=64)
+def optimal_lsh_params(
+    threshold: float,
+    num_perm: int,
+    false_positive_weight: float = 0.5,
+    false_negative_weight: float = 0.5,
+) -> tuple[int, int]:
+    """(bands, rows) with bands * rows <= num_perm minimising fp_weight * FP area + fn_weight * FN area.
+
+    Candidates are scanned in datasketch's order (bands ascending, then rows ascending) and the first
+    minimum wins, so ties resolve the same way.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    pairs = [(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)]
+    bands = np.array([p[0] for p in pairs], dtype=np.float64)
+    rows = np.array([p[1] for p in pairs], dtype=np.float64)
+    fp, fn = _s_curve_areas(threshold, bands, rows)
+    error = fp * false_positive_weight + fn * false_negative_weight
+    return pairs[int(np.argmin(error))]
+
+
+# ------------------------------------------------------------------------------------------- signatures
+
+SCHEMES = ("mersenne", "affine32")
+
+
+def datasketch_permutations(
+    num_perm: int, seed: int = 1, scheme: str = "mersenne"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) drawn in the same order from the same generator as datasketch's MinHash of that scheme
+    ("mersenne" is datasketch's ``scheme="legacy"``, "affine32" its default since 2.0)."""
+    gen = np.random.RandomState(seed)
+    if scheme == "mersenne":
+        params = np.empty((num_perm, 2), dtype=np.uint64)
+        for k in range(num_perm):
+            params[k, 0] = gen.randint(1, MERSENNE_PRIME, dtype=np.uint64)
+            params[k, 1] = gen.randint(0, MERSENNE_PRIME, dtype=np.uint64)
+        return params[:, 0].copy(), params[:, 1].copy()
+    if scheme == "affine32":
+        a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(
+            1
+        )  # odd: a bijection
+        b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+        return a, b
+    raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+
+
+def _fmix64(x: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finalizer: an avalanching bijection (wrapping uint64 arithmetic)."""
+    x = x ^ (x >> np.uint64(33))
+    x = x * _MIX_1
+    x = x ^ (x >> np.uint64(33))
+    x = x * _MIX_2
+    return x ^ (x >> np.uint64(33))
+
+
+def _fmix32(x: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer, the pre-mix datasketch applies in its affine schemes."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x85EBCA6B)
+    x = x ^ (x >> np.uint32(13))
+    x = x * np.uint32(0xC2B2AE35)
+    return x ^ (x >> np.uint32(16))
+
+
+# Punctuation separates words like whitespace does (ASCII and the common Unicode marks and spaces).
+_SEPARATORS = str.maketrans(
+    dict.fromkeys(
+        string.punctuation + "“”‘’‚„«»‹›—–‐…¿¡·。、，．！？：；（）「」『』【】\u00a0\u2009\u200b\u3000", " "
+    )
+)
+_SPACE_BYTES = np.zeros(256, dtype=bool)
+_SPACE_BYTES[list(b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85")] = True
+_BYTE_BASE = 0x100000001B3  # odd, so it has an inverse modulo 2^64
+_POWERS: dict[str, np.ndarray] = {}
+
+
+def _byte_powers(length: int) -> tuple[np.ndarray, np.ndarray]:
+    """B^i and B^-i modulo 2^64 for i < length (cached, grown by doubling)."""
+    if len(_POWERS.get("up", ())) < length:
+        size = max(length, 2 * len(_POWERS.get("up", ())), 1 << 16)
+        one = np.ones(1, dtype=np.uint64)
+        inverse = pow(_BYTE_BASE, -1, 1 << 64)
+        _POWERS["up"] = np.concatenate((one, np.cumprod(np.full(size - 1, _BYTE_BASE, dtype=np.uint64))))
+        _POWERS["down"] = np.concatenate((one, np.cumprod(np.full(size - 1, inverse, dtype=np.uint64))))
+    return _POWERS["up"], _POWERS["down"]
+
+
+def word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of the words of many documents, and the number of words in each.
+
+    Text is lowercased and punctuation becomes space; a word is a maximal run of other characters. All
+    documents are hashed in one vectorized pass over their UTF-8 bytes: with prefix sums of
+    ``byte_i * B^i`` (mod 2^64), a word spanning ``[s, e)`` hashes to ``(S[e] - S[s]) * B^-s``, a
+    polynomial string hash independent of where the word sits, then avalanched by a bijective mixer.
+    """
+    encoded = [t.lower().translate(_SEPARATORS).encode("utf-8") for t in texts]
+    data = np.frombuffer(b" ".join(encoded), dtype=np.uint8)
+    in_word = np.concatenate(([False], ~_SPACE_BYTES[data], [False]))
+    edges = np.diff(in_word.view(np.int8))
+    word_starts = np.flatnonzero(edges == 1)
+    word_ends = np.flatnonzero(edges == -1)
+    up, down = _byte_powers(len(data))
+    prefix = np.zeros(len(data) + 1, dtype=np.uint64)
+    np.cumsum(data * up[: len(data)], out=prefix[1:])
+    hashes = _fmix64((prefix[word_ends] - prefix[word_starts]) * down[word_starts])
+    doc_starts = np.cumsum([0] + [len(e) + 1 for e in encoded[:-1]])
+    doc_of_word = np.searchsorted(doc_starts, word_starts, side="right") - 1
+    return hashes, np.bincount(doc_of_word, minlength=len(texts)).astype(np.int64)
+
+
+class MinHasher:
+    """Word n-gram MinHash signatures, computed for many documents at once.
+
+    ``signatures(texts)`` returns a ``(len(texts), num_perm)`` ``uint32`` array. Words are as
+    :func:`word_hashes` splits them; a document shorter than ``ngram`` words is one shingle of all its words, and
+    a document without words has the all-``2^32 - 1`` signature of the empty set (as datasketch).
+
+    ``scheme="mersenne"`` is the classic universal hash ``((a x + b) mod (2^61 - 1)) & (2^32 - 1)``
+    (datasketch's ``legacy``); ``scheme="affine32"`` pre-mixes each shingle hash with a bijection and
+    applies ``a x + b mod 2^32`` with odd ``a`` (datasketch's default since 2.0): a third of the
+    arithmetic on half the bytes, and no collisions introduced by the permutation step.
+    """
+
+    def __init__(
+        self,
+        num_perm: int = 128,
+        ngram: int = 5,
+        seed: int = 1,
+        scheme: str = "mersenne",
+    ):
+        if num_perm < 1 or ngram < 1:
+            raise ValueError("num_perm and ngram must be positive")
+        self.num_perm = num_perm
+        self.ngram = ngram
+        self.seed = seed
+        self.scheme = scheme
+        a, b = datasketch_permutations(num_perm, seed, scheme)
+        self.a, self.b = a[:, None], b[:, None]  # (num_perm, 1): broadcast against a row of shingles
+        # Shingles per chunk, so the (num_perm x chunk) work array stays in cache (~2 MB).
+        self._chunk = max(64, (1 << 21) // (8 * num_perm))
+
+    # -- shingles
+    def shingle_hash_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Shingle hashes of many documents at once: (``uint32`` hashes, ``len(texts) + 1`` offsets).
+
+        Document i owns ``hashes[offsets[i]:offsets[i + 1]]`` (repeats included; MinHash ignores them).
+        Words of all documents are hashed in one pass and the n-gram windows are combined over the
+        concatenation; windows that would cross a document boundary are dropped.
+        """
+        n = self.ngram
+        flat_hashes, lengths = word_hashes(texts)
+        total = len(flat_hashes)
+        word_hashes_padded = np.concatenate([flat_hashes, np.zeros(n - 1, dtype=np.uint64)])
+        combined = flat_hashes.copy()
+        for offset in range(1, n):
+            combined *= _NGRAM_MULTIPLIER
+            combined += word_hashes_padded[offset : offset + total]
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        doc_of_word = np.repeat(np.arange(len(texts)), lengths)
+        position = np.arange(total) - starts[doc_of_word]
+        hashes = combined[position <= lengths[doc_of_word] - n]  # windows that stay inside their document
+        counts = np.maximum(lengths - n + 1, 0)
+        short = np.flatnonzero((lengths > 0) & (lengths < n))
+        if len(short):  # a document shorter than one n-gram is one shingle of all its words
+            segments = np.split(hashes, np.cumsum(counts)[:-1])
+            for i in short:
+                value = np.zeros(1, dtype=np.uint64)
+                for h in flat_hashes[starts[i] : starts[i] + lengths[i]]:
+                    value = value * _NGRAM_MULTIPLIER + h
+                segments[i] = value
+            counts[short] = 1
+            hashes = np.concatenate(segments)
+        offsets = np.concatenate(([0], np.cumsum(counts)))
+        return (_fmix64(hashes) >> np.uint64(32)).astype(np.uint32), offsets
+
+    def shingle_hashes(self, text: str) -> np.ndarray:
+        """``uint32`` hashes of one document's word n-grams."""
+        return self.shingle_hash_batch([text])[0]
+
+    # -- signatures
+    def _chunk_minima(self, hashes: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """(num_perm, len(starts)) minima of the permuted hashes over each segment (segments non-empty)."""
+        if self.scheme == "affine32":
+            values = self.a * _fmix32(hashes)[None, :]  # wraps mod 2^32: the affine map is the permutation
+            values += self.b
+            return np.minimum.reduceat(values, starts, axis=1)
+        values = self.a * hashes.astype(np.uint64)[None, :]  # wraps mod 2^64, exactly as datasketch's legacy
+        values += self.b
+        # x mod (2^61 - 1) for any uint64 x: fold the high bits onto the low ones, then one subtraction.
+        high = values >> np.uint64(61)
+        values &= MERSENNE_PRIME
+        values += high
+        np.subtract(values, MERSENNE_PRIME, out=values, where=values >= MERSENNE_PRIME)
+        values &= MAX_HASH
+        return np.minimum.reduceat(values, starts, axis=1)
+
+    def signatures_from_hashes(self, hashes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Signatures ``(len(offsets) - 1, num_perm)`` ``uint32`` of the segments ``hashes[offsets[i]:offsets[i+1]]``."""
+        n_docs = len(offsets) - 1
+        out = np.full((self.num_perm, n_docs), MAX_HASH, dtype=np.uint64)
+        nonempty = np.flatnonzero(offsets[1:] > offsets[:-1])
+        doc = 0
+        while doc < len(nonempty):
+            # Take whole documents until the chunk is full; a giant document is cut into slices.
+            first = nonempty[doc]
+            lo = offsets[first]
+            last = doc
+            while last + 1 < len(nonempty) and offsets[nonempty[last + 1] + 1] - lo <= self._chunk:
+                last += 1
+            docs = nonempty[doc : last + 1]
+            hi = offsets[docs[-1] + 1]
+            if len(docs) == 1 and hi - lo > self._chunk:
+                for start in range(lo, hi, self._chunk):
+                    part = self._chunk_minima(hashes[start : min(start + self._chunk, hi)], np.array([0]))
+                    np.minimum(out[:, first], part[:, 0], out=out[:, first])
+            else:
+                out[:, docs] = self._chunk_minima(hashes[lo:hi], offsets[docs] - lo)
+            doc = last + 1
+        return np.ascontiguousarray(out.T, dtype=np.uint32)
+
+    def signatures(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        parts = []
+        for lo in range(0, len(texts), batch_size):
+            hashes, offsets = self.shingle_hash_batch(texts[lo : lo + batch_size])
+            parts.append(self.signatures_from_hashes(hashes, offsets))
+        return np.concatenate(parts) if parts else np.empty((0, self.num_perm), dtype=np.uint32)
+
+
+def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
+    """Fraction of agreeing signature positions: an unbiased estimate of the Jaccard similarity."""
+    return float(np.mean(sig_a == sig_b))
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard similarity of two hash sets (two empty sets are identical: 1.0)."""
+    a, b = np.unique(a), np.unique(b)
+    union = len(a) + len(b)
+    if union == 0:
+        return 1.0
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / (union - inter)
+
+
+# ------------------------------------------------------------------------------------------ LSH + clusters
+
+
+def _band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(bands, N) uint64 bucket keys; a band of <= 2 rows is packed exactly, longer bands are hashed."""
+    sig = signatures.astype(np.uint64)
+    keys = np.empty((bands, len(sig)), dtype=np.uint64)
+    for band in range(bands):
+        block = sig[:, band * rows : (band + 1) * rows]
+        if rows == 1:
+            keys[band] = block[:, 0]
+        elif rows == 2:
+            keys[band] = (block[:, 0] << np.uint64(32)) | block[:, 1]
+        else:
+            key = np.zeros(len(sig), dtype=np.uint64)
+            for col in range(rows):
+                key = _fmix64(key ^ block[:, col]) + np.uint64(col)
+            keys[band] = key
+    return keys
+
+
+def lsh_candidate_pairs(signatures: np.ndarray, bands: int, rows: int, all_pairs: bool = False) -> np.ndarray:
+    """Distinct (i, j), i < j, index pairs that share a bucket in at least one band, shape (M, 2).
+
+    By default each bucket yields the pairs (first member, other member): enough for connected
+    components with far fewer pairs. ``all_pairs`` yields every pair in a bucket (needed when each pair
+    is verified on its own).
+    """
+    if bands * rows > signatures.shape[1]:
+        raise ValueError(f"bands * rows = {bands * rows} exceeds num_perm = {signatures.shape[1]}")
+    n = len(signatures)
+    found: list[np.ndarray] = []
+    for keys in _band_keys(signatures, bands, rows):
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        run_start = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
+        run_id = np.cumsum(run_start) - 1
+        first = order[run_start][run_id]
+        members = ~run_start
+        if not all_pairs:
+            found.append(np.stack([first[members], order[members]], axis=1))
+            continue
+        starts = np.flatnonzero(run_start)
+        ends = np.append(starts[1:], n)
+        for lo, hi in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+            group = np.sort(order[lo:hi])
+            i, j = np.triu_indices(len(group), k=1)
+            found.append(np.stack([group[i], group[j]], axis=1))
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    pairs = np.concatenate(found).astype(np.int64)
+    pairs.sort(axis=1)
+    return np.unique(pairs, axis=0) if len(pairs) else pairs.reshape(0, 2)
+
+
+class UnionFind:
+    """Disjoint sets over 0..n-1 whose representative is always the smallest member."""
+
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]  # path halving
+            x = parent[x]
+        return x
+
+    def union(self, x: int, y: int) -> int:
+        rx, ry = self.find(x), self.find(y)
+        if rx == ry:
+            return rx
+        low, high = (rx, ry) if rx < ry else (ry, rx)
+        self.parent[high] = low
+        return low
+
+    def roots(self) -> np.ndarray:
+        return np.array([self.find(x) for x in range(len(self.parent))], dtype=np.int64)
+
+
+def cluster_near_duplicates(
+    signatures: np.ndarray,
+    threshold: float = 0.8,
+    bands: int | None = None,
+    rows: int | None = None,
+    shingle_sets: Sequence[np.ndarray] | None = None,
+) -> np.ndarray:
+    """Cluster root (smallest member index) of every document; a document is kept iff it is its own root.
+
+    With ``shingle_sets`` every candidate pair is checked with the exact Jaccard similarity and only
+    pairs at or above ``threshold`` are joined.
+    """
+    if bands is None or rows is None:
+        bands, rows = optimal_lsh_params(threshold, signatures.shape[1])
+    verify = shingle_sets is not None
+    pairs = lsh_candidate_pairs(signatures, bands, rows, all_pairs=verify)
+    uf = UnionFind(len(signatures))
+    unique_sets = [np.unique(s) for s in shingle_sets] if verify else None
+    for i, j in pairs.tolist():
+        if unique_sets is not None and jaccard(unique_sets[i], unique_sets[j]) < threshold:
+            continue
+        uf.union(i, j)
+    return uf.roots()
+
+
+# ------------------------------------------------------------------------------------------ pipeline step
+
+
+@register_step("minhash_dedup")
+class MinHashDedup(GlobalFilter):
+    """Near-duplicate removal: MinHash-LSH clusters over the whole dataset, one document kept per cluster.
+
+    The kept document is the one with the smallest id (ties: first in dataset order). ``verify`` checks
+    every candidate pair with the exact Jaccard similarity of the shingle sets (they are then stored in
+    the pass-1 artifacts). ``bands``/``rows`` override the values derived from ``threshold``.
+    """
+
+    def __init__(
+        self,
+        threshold: float = 0.8,
+        num_perm: int = 128,
+        ngram: int = 5,
+        seed: int = 1,
+        scheme: str = "mersenne",
+        bands: int | None = None,
+        rows: int | None = None,
+        false_positive_weight: float = 0.5,
+        false_negative_weight: float = 0.5,
+        verify: bool = False,
+        batch_size: int = 256,
+    ) -> None:
+        super().__init__()
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+        if (bands is None) != (rows is None):
+            raise ValueError("give both bands and rows, or neither")
+        if bands is None or rows is None:
+            bands, rows = optimal_lsh_params(
+                threshold, num_perm, false_positive_weight, false_negative_weight
+            )
+        if bands * rows > num_perm:
+            raise ValueError(f"bands * rows = {bands * rows} exceeds num_perm = {num_perm}")
+        self.threshold = threshold
+        self.num_perm, self.ngram, self.seed, self.scheme = num_perm, ngram, seed, scheme
+        self.bands, self.rows = bands, rows
+        self.verify = verify
+        self.batch_size = batch_size
+        self._hasher: MinHasher | None = None
+        self._reset_collection()
+        self._drops: frozenset[int] = frozenset()
+
+    def _reset_collection(self) -> None:
+        self._ids: list[str] = []
+        self._pending: list[str] = []
+        self._signatures: list[np.ndarray] = []
+        self._shingles: list[np.ndarray] = []
+        self._shingle_counts: list[np.ndarray] = []
+
+    @property
+    def hasher(self) -> MinHasher:
+        if self._hasher is None:  # built lazily: steps are pickled to workers with configuration only
+            self._hasher = MinHasher(self.num_perm, self.ngram, self.seed, self.scheme)
+        return self._hasher
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        hashes, offsets = self.hasher.shingle_hash_batch(self._pending)
+        self._signatures.append(self.hasher.signatures_from_hashes(hashes, offsets))
+        if self.verify:
+            sets = [np.unique(hashes[offsets[i] : offsets[i + 1]]) for i in range(len(self._pending))]
+            self._shingles.extend(sets)
+            self._shingle_counts.append(np.array([len(s) for s in sets], dtype=np.int64))
+        self._pending = []
+
+    def start_collect(self, task: int) -> None:
+        self._reset_collection()
+
+    def collect(self, doc: Document, position: int) -> None:
+        self._ids.append(doc.id)
+        self._pending.append(doc.text)
+        if len(self._pending) >= self.batch_size:
+            self._flush()
+
+    def write_artifact(self, path: Path) -> None:
+        self._flush()
+        arrays = {
+            "ids": np.array(self._ids, dtype=str),
+            "signatures": np.concatenate(self._signatures or [np.empty((0, self.num_perm), np.uint32)]),
+        }
+        if self.verify:
+            arrays["shingles"] = np.concatenate(self._shingles or [np.empty(0, np.uint32)])
+            arrays["shingle_counts"] = np.concatenate(self._shingle_counts or [np.empty(0, np.int64)])
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)
+        self._reset_collection()
+
+    def reduce(self, artifacts: list[Path], decision_dir: Path) -> None:
+        loaded = [np.load(p) for p in artifacts]
+        rank, task, position = dataset_ranks([a["ids"] for a in loaded])
+        signatures = np.concatenate(
+            [a["signatures"] for a in loaded] or [np.empty((0, self.num_perm), np.uint32)]
+        )
+        # Cluster in rank order, so the union-find root (smallest index) is the document to keep.
+        order = np.argsort(rank)
+        shingle_sets = None
+        if self.verify:
+            flat = np.concatenate([a["shingles"] for a in loaded] or [np.empty(0, np.uint32)])
+            counts = np.concatenate([a["shingle_counts"] for a in loaded] or [np.empty(0, np.int64)])
+            sets = np.split(flat, np.cumsum(counts)[:-1]) if len(counts) else []
+            shingle_sets = [sets[k] for k in order]
+        roots = cluster_near_duplicates(
+            signatures[order], self.threshold, self.bands, self.rows, shingle_sets=shingle_sets
+        )
+        drop = order[roots != np.arange(len(order))]
+        write_drops(decision_dir, len(artifacts), task[drop], position[drop])
+
+    def load_decision(self, decision_dir: Path, task: int) -> None:
+        self._drops = load_drops(decision_dir, task)
+
+    def decide(self, doc: Document) -> str | None:
+        return "minhash_near_duplicate" if self.position in self._drops else None

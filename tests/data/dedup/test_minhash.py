@@ -1,0 +1,204 @@
+import numpy as np
+import pytest
+from datasketch import MinHash, MinHashLSH
+from datasketch.lsh import _optimal_param
+
+from lmforge.data.dedup.minhash import (
+    MinHasher,
+    UnionFind,
+    cluster_near_duplicates,
+    estimated_jaccard,
+    jaccard,
+    lsh_candidate_pairs,
+    optimal_lsh_params,
+    word_hashes,
+)
+
+DATASKETCH_SCHEME = {"mersenne": "legacy", "affine32": "affine32"}
+
+
+def random_text(rng: np.random.Generator, n_words: int, vocab: int = 3000) -> str:
+    return " ".join(f"w{rng.integers(vocab)}" for _ in range(n_words))
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.7, 0.8, 0.9, 0.95])
+@pytest.mark.parametrize("num_perm", [64, 112, 128, 256])
+def test_lsh_params_match_datasketch(threshold, num_perm):
+    assert optimal_lsh_params(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.5, 0.5)
+
+
+def test_lsh_params_weighted_match_datasketch():
+    assert optimal_lsh_params(0.8, 128, 0.9, 0.1) == _optimal_param(0.8, 128, 0.9, 0.1)
+    assert optimal_lsh_params(0.6, 128, 0.2, 0.8) == _optimal_param(0.6, 128, 0.2, 0.8)
+
+
+@pytest.mark.parametrize("scheme", ["mersenne", "affine32"])
+def test_signatures_bit_identical_to_datasketch(scheme):
+    """Same shingle hashes + same seed -> exactly datasketch's hash values, for both permutation schemes."""
+    rng = np.random.default_rng(0)
+    hasher = MinHasher(num_perm=128, scheme=scheme, seed=3)
+    texts = [random_text(rng, int(rng.integers(0, 300))) for _ in range(20)] + ["two words", ""]
+    signatures = hasher.signatures(texts, batch_size=7)
+    for text, signature in zip(texts, signatures):
+        reference = MinHash(num_perm=128, seed=3, scheme=DATASKETCH_SCHEME[scheme], hashfunc=int)
+        hashes = hasher.shingle_hashes(text)
+        if len(hashes):
+            reference.update_batch(hashes.tolist())
+        np.testing.assert_array_equal(signature, reference.hashvalues)
+
+
+def test_giant_document_is_sliced_without_changing_the_signature():
+    rng = np.random.default_rng(1)
+    hasher = MinHasher(num_perm=64)
+    text = random_text(rng, 5 * hasher._chunk)
+    reference = MinHash(num_perm=64, seed=1, scheme="legacy", hashfunc=int)
+    reference.update_batch(hasher.shingle_hashes(text).tolist())
+    np.testing.assert_array_equal(hasher.signatures([text, "a short one"])[0], reference.hashvalues)
+
+
+def test_words_ignore_case_and_punctuation_and_batches_agree():
+    hashes, counts = word_hashes(["Hello, world! hello WORLD", "", "x", "world—hello"])
+    assert counts.tolist() == [4, 0, 1, 2]
+    hello, world = hashes[0], hashes[1]
+    assert hello != world
+    assert hashes.tolist() == [hello, world, hello, world, hashes[4], world, hello]
+    hasher = MinHasher(ngram=3)
+    texts = ["one two three four five", "six seven", "", "one two three four"]
+    batch, offsets = hasher.shingle_hash_batch(texts)
+    assert offsets.tolist() == [0, 3, 4, 4, 6]  # 3 trigrams, 1 whole-doc shingle, none, 2 trigrams
+    for i, text in enumerate(texts):
+        np.testing.assert_array_equal(batch[offsets[i] : offsets[i + 1]], hasher.shingle_hashes(text))
+    # Shared trigrams hash the same across documents; order matters.
+    assert batch[0] == batch[4] and batch[1] == batch[5]
+    assert hasher.shingle_hashes("c b a")[0] != hasher.shingle_hashes("a b c")[0]
+
+
+def test_estimated_jaccard_tracks_exact_jaccard():
+    rng = np.random.default_rng(2)
+    hasher = MinHasher(num_perm=256, ngram=1)
+    errors = []
+    for overlap in (50, 150, 250, 350):
+        a = [f"x{i}" for i in range(400)]
+        b = a[:overlap] + [f"y{i}" for i in range(400 - overlap)]
+        rng.shuffle(b)
+        ha, hb = hasher.shingle_hashes(" ".join(a)), hasher.shingle_hashes(" ".join(b))
+        sa, sb = hasher.signatures([" ".join(a), " ".join(b)])
+        exact = jaccard(ha, hb)
+        assert exact == pytest.approx(overlap / (800 - overlap))
+        errors.append(abs(estimated_jaccard(sa, sb) - exact))
+    # Standard error of the estimate is sqrt(J(1-J)/256) <= 0.031; allow 3 sigma.
+    assert max(errors) < 0.095
+
+
+def test_agreement_statistics_comparable_to_datasketch():
+    """Mean |estimate - exact| over many pairs is the same order for ours and datasketch's default MinHash."""
+    rng = np.random.default_rng(3)
+    hasher = MinHasher(num_perm=128, ngram=1)
+    ours, theirs = [], []
+    for _ in range(40):
+        base = [f"t{j}" for j in rng.choice(5000, 200, replace=False)]
+        other = base[: int(rng.integers(20, 200))] + [f"u{j}" for j in range(int(rng.integers(0, 150)))]
+        exact = len(set(base) & set(other)) / len(set(base) | set(other))
+        sa, sb = hasher.signatures([" ".join(base), " ".join(other)])
+        ours.append(abs(estimated_jaccard(sa, sb) - exact))
+        ma, mb = MinHash(num_perm=128), MinHash(num_perm=128)
+        ma.update_batch([w.encode() for w in base])
+        mb.update_batch([w.encode() for w in other])
+        theirs.append(abs(ma.jaccard(mb) - exact))
+    assert np.mean(ours) < 0.05 and np.mean(theirs) < 0.05
+    assert np.mean(ours) < 2 * np.mean(theirs) + 0.01
+
+
+def test_union_find_roots_are_smallest_members():
+    uf = UnionFind(6)
+    uf.union(4, 2)
+    uf.union(5, 4)
+    uf.union(3, 1)
+    assert uf.roots().tolist() == [0, 1, 2, 1, 2, 2]
+    uf.union(5, 3)
+    assert uf.roots().tolist() == [0, 1, 1, 1, 1, 1]
+
+
+def planted_corpus(rng: np.random.Generator, n_base: int = 40):
+    """Distinct base documents, each with 0-2 light edits of itself (a few words replaced)."""
+    texts, cluster = [], []
+    for c in range(n_base):
+        words = random_text(rng, 200, vocab=100_000).split()
+        texts.append(" ".join(words))
+        cluster.append(c)
+        for _ in range(int(rng.integers(0, 3))):
+            edited = list(words)
+            for pos in rng.choice(len(edited), 2, replace=False):
+                edited[pos] = f"edit{rng.integers(10**6)}"
+            texts.append(" ".join(edited))
+            cluster.append(c)
+    order = rng.permutation(len(texts))
+    return [texts[i] for i in order], np.array(cluster)[order]
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_planted_near_duplicates_are_found(verify):
+    rng = np.random.default_rng(4)
+    texts, truth = planted_corpus(rng)
+    hasher = MinHasher(num_perm=128, ngram=5)
+    signatures = hasher.signatures(texts)
+    shingles = [hasher.shingle_hashes(t) for t in texts] if verify else None
+    roots = cluster_near_duplicates(signatures, threshold=0.7, shingle_sets=shingles)
+    # Clusters found == planted clusters, and each is represented by its smallest index.
+    for c in np.unique(truth):
+        members = np.flatnonzero(truth == c)
+        assert set(roots[members].tolist()) == {members.min()}
+    kept = roots == np.arange(len(texts))
+    assert kept.sum() == len(np.unique(truth))
+
+
+def test_verification_rejects_band_collisions_below_threshold():
+    hasher = MinHasher(num_perm=128, ngram=1)
+    a = " ".join(f"a{i}" for i in range(100))
+    b = " ".join(f"a{i}" for i in range(60)) + " " + " ".join(f"b{i}" for i in range(40))  # J = 60/140
+    signatures = hasher.signatures([a, b])
+    # One band of one row: almost surely a candidate pair, but far below 0.9 exact similarity.
+    pairs = lsh_candidate_pairs(signatures, bands=128, rows=1)
+    assert pairs.tolist() == [[0, 1]]
+    shingles = [hasher.shingle_hashes(a), hasher.shingle_hashes(b)]
+    roots = cluster_near_duplicates(signatures, threshold=0.9, bands=128, rows=1, shingle_sets=shingles)
+    assert roots.tolist() == [0, 1]
+    assert cluster_near_duplicates(signatures, threshold=0.9, bands=128, rows=1).tolist() == [0, 0]
+
+
+def test_candidate_pairs_agree_with_datasketch_lsh():
+    """Same signatures, same (b, r): our bucket pairs are exactly datasketch MinHashLSH's query results."""
+    rng = np.random.default_rng(5)
+    texts, _ = planted_corpus(rng, n_base=15)
+    hasher = MinHasher(num_perm=128, scheme="affine32")
+    signatures = hasher.signatures(texts)
+    bands, rows = optimal_lsh_params(0.5, 128)
+    ours = {tuple(p) for p in lsh_candidate_pairs(signatures, bands, rows, all_pairs=True).tolist()}
+    lsh = MinHashLSH(threshold=0.5, num_perm=128)
+    assert (lsh.b, lsh.r) == (bands, rows)
+    sketches = [MinHash(num_perm=128, hashvalues=s, scheme="affine32") for s in signatures]
+    for i, m in enumerate(sketches):
+        lsh.insert(i, m)
+    theirs = {(min(i, j), max(i, j)) for i, m in enumerate(sketches) for j in lsh.query(m) if i != j}
+    assert ours == theirs and ours
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_minhash_dedup_step_across_tasks(two_passes, verify):
+    from lmforge.data.dedup.minhash import MinHashDedup
+    from lmforge.data.document import Document
+    from lmforge.data.step import STEPS
+
+    assert STEPS["minhash_dedup"] is MinHashDedup
+    rng = np.random.default_rng(6)
+    base = [random_text(rng, 150, vocab=100_000) for _ in range(4)]
+    near = base[0].replace(base[0].split()[10], "changed", 1)
+    tasks = [
+        [Document("d3", base[0]), Document("d1", base[1])],
+        [Document("d0", near), Document("d2", base[2]), Document("d9", base[1] + " tail")],
+        [Document("d5", base[3])],
+    ]
+    step = MinHashDedup(threshold=0.7, verify=verify, batch_size=2)
+    kept = two_passes(step, tasks)
+    assert [[d.id for d in task] for task in kept] == [["d1"], ["d0", "d2"], ["d5"]]
+    assert step.stats.removed == {"minhash_near_duplicate": 2}
