@@ -23,6 +23,9 @@ T = TypeVar("T")
 # One line per layer that contributes commands, in the order they appear in ``lmforge --help``.
 COMMAND_MODULES: list[str] = [
     "lmforge.data.commands",
+    "lmforge.tokenizer_commands",
+    "lmforge.model.commands",
+    "lmforge.serve.commands",
 ]
 
 

@@ -1,0 +1,185 @@
+"""The FastAPI application: OpenAI-compatible endpoints, tokenizer utilities, health, metrics, chat page.
+
+The model loads in a background thread once the server starts, so ``/health`` answers 503 (and the
+model endpoints refuse with 503) until it is ready, which lets orchestrators and tests wait on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from importlib.resources import files
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from lmforge.infer import EngineStats, LLMEngine
+from lmforge.serve.async_engine import AsyncEngine
+from lmforge.serve.completions import OpenAIServing
+from lmforge.serve.errors import APIError, install_error_handlers
+from lmforge.serve.metrics import ServerMetrics
+from lmforge.serve.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    now,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ServerState:
+    """The engine once loaded (or why it failed), shared by all requests of one app."""
+
+    def __init__(self, load_engine: Callable[[], LLMEngine], model_id: str, max_active_requests: int) -> None:
+        self.load_engine = load_engine
+        self.model_id = model_id
+        self.max_active_requests = max_active_requests
+        self.created = now()
+        self.engine: AsyncEngine | None = None
+        self.serving: OpenAIServing | None = None
+        self.load_error: str | None = None
+        self.metrics = ServerMetrics(self.engine_stats)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def engine_stats(self) -> EngineStats | None:
+        return self.engine.stats() if self.engine is not None else None
+
+    def start_loading(self) -> None:
+        threading.Thread(target=self._load, name="lmforge-model-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            engine = AsyncEngine(self.load_engine(), self.metrics)
+        except Exception as err:
+            logger.exception("loading the model failed")
+            self.load_error = f"{type(err).__name__}: {err}"
+            return
+        with self._lock:
+            if self._closed:  # the server stopped while the model was loading
+                engine.shutdown()
+                return
+            self.serving = OpenAIServing(engine, self.model_id, self.max_active_requests)
+            self.engine = engine
+        logger.info("model %s loaded; serving", self.model_id)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+            engine = self.engine
+        if engine is not None:
+            engine.shutdown()
+
+    def ready(self) -> OpenAIServing:
+        if self.serving is None:
+            if self.load_error is not None:
+                raise APIError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
+            raise APIError(503, "the model is still loading", code="model_loading")
+        return self.serving
+
+
+def api_key_checker(api_key: str | None) -> Callable[[Request], None]:
+    def check(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if not secrets.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError(401, "incorrect API key", code="invalid_api_key")
+
+    return check
+
+
+def chat_page() -> str:
+    return files("lmforge.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
+
+
+def create_app(
+    load_engine: Callable[[], LLMEngine],
+    model_id: str,
+    api_key: str | None = None,
+    max_active_requests: int = 256,
+) -> FastAPI:
+    """The server app. ``load_engine`` runs in a background thread at start-up; ``model_id`` is the name
+    clients use in ``model``; requests beyond ``max_active_requests`` in flight get a 429."""
+    state = ServerState(load_engine, model_id, max_active_requests)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.start_loading()
+        yield
+        state.shutdown()
+
+    app = FastAPI(title="lmforge", lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+    page = chat_page()
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        state.ready()
+        return JSONResponse({"status": "ok", "model": model_id})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    api = APIRouter(dependencies=[Depends(api_key_checker(api_key))])
+
+    @api.get("/v1/models")
+    async def list_models() -> ModelList:
+        serving = state.ready()
+        card = ModelCard(id=model_id, created=state.created, max_model_len=serving.engine.max_model_len)
+        return ModelList(data=[card])
+
+    @api.get("/v1/models/{name}")
+    async def get_model(name: str) -> ModelCard:
+        serving = state.ready()
+        serving.check_model(name)
+        return ModelCard(id=model_id, created=state.created, max_model_len=serving.engine.max_model_len)
+
+    @api.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        return await state.ready().completions(req, request)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        return await state.ready().chat(req, request)
+
+    @api.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+        serving = state.ready()
+        serving.check_model(req.model)
+        if req.messages is not None:
+            chat = ChatCompletionRequest(
+                messages=req.messages, add_generation_prompt=req.add_generation_prompt
+            )
+            tokens = serving.encode_chat(chat).token_ids
+        else:
+            tokens = serving.tokenizer.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
+        return TokenizeResponse(count=len(tokens), max_model_len=serving.engine.max_model_len, tokens=tokens)
+
+    @api.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+        serving = state.ready()
+        serving.check_model(req.model)
+        serving.check_token_ids(req.tokens, "tokens")
+        return DetokenizeResponse(prompt=serving.tokenizer.decode(req.tokens))
+
+    app.include_router(api)
+    return app

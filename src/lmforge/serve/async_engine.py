@@ -1,0 +1,264 @@
+"""Drive the synchronous ``LLMEngine`` from asyncio: one engine thread, one output queue per request.
+
+The engine is not thread-safe, so only the engine thread touches it. Request handlers post commands
+(add, abort) to that thread and read ``RequestOutput``s from their own asyncio queue. The thread runs
+``engine.step()`` while any request is unfinished and sleeps on an event otherwise, so an idle server
+costs nothing.
+
+``add_request`` waits until the engine accepted the request, so that a refusal (bad parameters, a full
+queue) still becomes an HTTP error before a streaming response has sent its headers. A
+:class:`RequestStream` that is closed, cancelled or simply dropped before its request finished aborts the
+request in the engine, which frees its KV blocks at once: a client that disconnects costs nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from lmforge.infer import EngineStats, LLMEngine, SamplingParams
+from lmforge.infer.outputs import RequestOutput
+from lmforge.infer.sequence import SequenceGroup
+from lmforge.serve.metrics import ServerMetrics
+from lmforge.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class EngineFailure(RuntimeError):
+    """The engine raised while stepping; the requests it was serving cannot continue."""
+
+
+@dataclass
+class _Add:
+    group: SequenceGroup
+    accepted: asyncio.Future[None]
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Delivery:
+    """Where the engine thread puts one request's outputs (on the event loop's thread)."""
+
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue[RequestOutput | BaseException]
+
+
+class RequestStream:
+    """The outputs of one engine request, step by step (``async for``), until it finishes."""
+
+    def __init__(
+        self, owner: AsyncEngine, request_id: str, outputs: asyncio.Queue, num_prompt_tokens: int
+    ) -> None:
+        self.request_id = request_id
+        self.finished = False
+        self._outputs = outputs
+        self._metrics = owner.metrics
+        self._arrival = time.perf_counter()
+        self._first_token_seen = False
+        # Runs once: on abort(), or when the stream is garbage-collected unfinished (a response body that
+        # was never iterated because the client left first). It must not reference ``self``.
+        self._abort = weakref.finalize(self, owner._abort, request_id)
+        if self._metrics is not None:
+            self._metrics.prompt_tokens.inc(num_prompt_tokens)
+
+    def abort(self) -> None:
+        """Stop the request if it is still running (idempotent)."""
+        if self._abort.alive and self._metrics is not None:
+            self._metrics.requests_finished.labels("abort").inc()
+        self._abort()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._outputs.get()
+        except BaseException:
+            self.abort()  # cancelled while waiting: nobody will read the rest
+            raise
+        if isinstance(item, BaseException):
+            self.finished = True
+            self._abort.detach()  # the engine already dropped it
+            raise item
+        if item.finished:
+            self.finished = True
+            self._abort.detach()
+        self._observe(item)
+        return item
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.abort()
+
+    def _observe(self, output: RequestOutput) -> None:
+        metrics = self._metrics
+        if metrics is None:
+            return
+        new_tokens = sum(len(o.new_token_ids) for o in output.outputs)
+        metrics.observe_tokens(new_tokens)
+        now = time.perf_counter()
+        if new_tokens and not self._first_token_seen:
+            self._first_token_seen = True
+            metrics.time_to_first_token.observe(now - self._arrival)
+        if output.finished:
+            metrics.e2e_latency.observe(now - self._arrival)
+            for completion in output.outputs:
+                metrics.requests_finished.labels(completion.finish_reason or "unknown").inc()
+
+
+class AsyncEngine:
+    def __init__(
+        self, engine: LLMEngine, metrics: ServerMetrics | None = None, idle_wait_s: float = 1.0
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.idle_wait_s = idle_wait_s
+        self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._deliveries: dict[str, _Delivery] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._stats = self._read_stats()
+        self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def num_active(self) -> int:
+        """Requests accepted and neither finished nor aborted (what admission control counts)."""
+        with self._lock:
+            return len(self._deliveries)
+
+    def stats(self) -> EngineStats:
+        """The engine's counters after its latest step (or idle check)."""
+        return self._stats
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    async def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> RequestStream:
+        """Hand a request to the engine; returns once the engine accepted it. Raises ``ValueError`` for
+        parameters the engine refuses and ``QueueFullError`` when its waiting queue is full."""
+        # make_request validates without touching scheduler state, so it may run on this thread.
+        group = self.engine.make_request(request_id, prompt_token_ids, params)
+        loop = asyncio.get_running_loop()
+        delivery = _Delivery(loop, asyncio.Queue())
+        with self._lock:
+            if request_id in self._deliveries:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._deliveries[request_id] = delivery
+        accepted: asyncio.Future[None] = loop.create_future()
+        self._post(_Add(group, accepted))
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            self._abort(request_id)
+            raise
+        return RequestStream(self, request_id, delivery.outputs, len(prompt_token_ids))
+
+    # -- engine thread ---------------------------------------------------------------------------------
+
+    def _post(self, command: _Add | _Abort) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _abort(self, request_id: str) -> None:
+        with self._lock:
+            active = self._deliveries.pop(request_id, None) is not None
+        if active:
+            self._post(_Abort(request_id))
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException, last: bool) -> None:
+        with self._lock:
+            delivery = self._deliveries.pop(request_id, None) if last else self._deliveries.get(request_id)
+        if delivery is not None:  # None: the consumer left and its abort is queued
+            delivery.loop.call_soon_threadsafe(delivery.outputs.put_nowait, item)
+
+    @staticmethod
+    def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+        def settle() -> None:
+            if future.done():  # the waiting handler was cancelled
+                return
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+        future.get_loop().call_soon_threadsafe(settle)
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Abort):
+                self.engine.abort(command.request_id)
+                continue
+            request_id = command.group.request_id
+            with self._lock:
+                wanted = request_id in self._deliveries
+            if not wanted:  # cancelled before the engine saw it
+                continue
+            try:
+                self.engine.add_request(command.group)
+            except Exception as err:  # refused (QueueFullError): the handler turns it into a 429
+                with self._lock:
+                    self._deliveries.pop(request_id, None)
+                self._settle(command.accepted, err)
+            else:
+                self._settle(command.accepted, None)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self._wake.clear()
+            self._apply_commands()
+            if not self.engine.has_unfinished():
+                self._stats = self._read_stats()
+                self._wake.wait(self.idle_wait_s)
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as err:  # a bug in the engine: fail its requests, keep serving new ones
+                logger.exception("engine step failed")
+                self._fail_all(EngineFailure(f"engine step failed: {type(err).__name__}: {err}"))
+                continue
+            self._stats = self._read_stats()
+            for output in outputs:
+                self._deliver(output.request_id, output, last=output.finished)
+
+    def _fail_all(self, error: EngineFailure) -> None:
+        with self._lock:
+            request_ids = list(self._deliveries)
+        for request_id in request_ids:
+            self.engine.abort(request_id)
+            self._deliver(request_id, error, last=True)
+
+    def _read_stats(self) -> EngineStats:
+        return self.engine.stats()
