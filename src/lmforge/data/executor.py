@@ -24,6 +24,20 @@ from tqdm.auto import tqdm
 from lmforge.data.pipeline import Pipeline, PipelineError, RunPaths, claim_run_folder
 from lmforge.data.report import RunReport
 
+TaskDone = Callable[[dict[str, Any] | None], None]  # called with a finished task's marker (None: failed)
+
+
+def _progress(bar: tqdm) -> TaskDone:
+    docs = 0
+
+    def finished(marker: dict[str, Any] | None) -> None:
+        nonlocal docs
+        docs += marker["read"] if marker else 0
+        bar.set_postfix(docs=docs, refresh=False)
+        bar.update(1)
+
+    return finished
+
 
 class Executor:
     """The driver loop; subclasses say how a list of tasks and a barrier are run."""
@@ -46,7 +60,7 @@ class Executor:
                 desc = f"stage {stage + 1}/{n_stages}" if n_stages > 1 else "tasks"
                 with tqdm(total=n_tasks, initial=n_tasks - len(pending), desc=desc, unit="task",
                           disable=not progress) as bar:  # fmt: skip
-                    failures = self.run_tasks(pipeline, str(paths.root), stage, pending, bar.update)
+                    failures = self.run_tasks(pipeline, str(paths.root), stage, pending, _progress(bar))
                 if failures:
                     lines = "\n".join(f"  task {t}: {err}" for t, err in sorted(failures.items()))
                     raise PipelineError(
@@ -67,9 +81,10 @@ class Executor:
         return report
 
     def run_tasks(
-        self, pipeline: Pipeline, run_dir: str, stage: int, tasks: list[int], advance: Callable[[int], Any]
+        self, pipeline: Pipeline, run_dir: str, stage: int, tasks: list[int], finished: TaskDone
     ) -> dict[int, str]:
-        """Run ``tasks`` of ``stage``; return the failures as ``{task: error}``."""
+        """Run ``tasks`` of ``stage``, calling ``finished(marker or None)`` as each ends; return the
+        failures as ``{task: error}``."""
         raise NotImplementedError
 
     def reduce(self, pipeline: Pipeline, run_dir: str, stage: int) -> None:
@@ -98,26 +113,25 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def _run_in_worker(run_dir: str, stage: int, task: int) -> int:
+def _run_in_worker(run_dir: str, stage: int, task: int) -> dict[str, Any]:
     assert _WORKER_PIPELINE is not None
-    _WORKER_PIPELINE.run_task(run_dir, stage, task)
-    return task
+    return _WORKER_PIPELINE.run_task(run_dir, stage, task)
 
 
 class LocalExecutor(Executor):
     """``workers`` processes on this machine (``workers=1`` runs in the calling process)."""
 
     def run_tasks(
-        self, pipeline: Pipeline, run_dir: str, stage: int, tasks: list[int], advance: Callable[[int], Any]
+        self, pipeline: Pipeline, run_dir: str, stage: int, tasks: list[int], finished: TaskDone
     ) -> dict[int, str]:
         failures: dict[int, str] = {}
         if self.workers == 1:
             for task in tasks:
                 try:
-                    pipeline.run_task(run_dir, stage, task)
+                    marker = pipeline.run_task(run_dir, stage, task)
                 except Exception as err:
-                    failures[task] = f"{type(err).__name__}: {err}"
-                advance(1)
+                    failures[task], marker = f"{type(err).__name__}: {err}", None
+                finished(marker)
             return failures
         # spawn, not fork: the driver may hold threads (progress bar, Ray, torch) that fork would copy
         # mid-state; the pipeline is pickled once per worker.
@@ -130,10 +144,10 @@ class LocalExecutor(Executor):
             futures = {pool.submit(_run_in_worker, run_dir, stage, task): task for task in tasks}
             for future in as_completed(futures):
                 try:
-                    future.result()
+                    marker = future.result()
                 except Exception as err:
-                    failures[futures[future]] = f"{type(err).__name__}: {err}"
-                advance(1)
+                    failures[futures[future]], marker = f"{type(err).__name__}: {err}", None
+                finished(marker)
         return failures
 
 
@@ -154,9 +168,8 @@ class _RayWorker:
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
 
-    def run(self, run_dir: str, stage: int, task: int) -> int:
-        self.pipeline.run_task(run_dir, stage, task)
-        return task
+    def run(self, run_dir: str, stage: int, task: int) -> dict[str, Any]:
+        return self.pipeline.run_task(run_dir, stage, task)
 
 
 def _ray_reduce(pipeline: Pipeline, run_dir: str, stage: int) -> None:
@@ -192,7 +205,7 @@ class RayExecutor(Executor):
                 ray.shutdown()
 
     def run_tasks(
-        self, pipeline: Pipeline, run_dir: str, stage: int, tasks: list[int], advance: Callable[[int], Any]
+        self, pipeline: Pipeline, run_dir: str, stage: int, tasks: list[int], finished: TaskDone
     ) -> dict[int, str]:
         ray = _import_ray()
         from ray.exceptions import RayError
@@ -211,10 +224,11 @@ class RayExecutor(Executor):
                 [ready], _ = ray.wait(list(running), num_returns=1)
                 actor, task = running.pop(ready)
                 try:
-                    ray.get(ready)
+                    marker = ray.get(ready)
                 except RayError as err:
                     failures[task] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}"
-                advance(1)
+                    marker = None
+                finished(marker)
                 if queue:
                     next_task = queue.pop()
                     running[actor.run.remote(run_dir, stage, next_task)] = (actor, next_task)
