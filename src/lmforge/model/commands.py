@@ -1,0 +1,120 @@
+"""``lmforge info``: parameters, FLOPs per token and the training memory plan of a model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "info",
+        help="parameters, FLOPs per token and training memory of a preset or model folder",
+        description="Report parameters, FLOPs per token and the per-GPU training memory plan "
+        "(2 B weights + 2 B grads + 12 B fp32 copy/momentum/variance per parameter, plus activations).",
+    )
+    parser.add_argument(
+        "model", help="preset name (see --list), model folder with config.json, or a YAML ModelConfig"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="ModelConfig overrides, e.g. n_layers=4"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="context length (default: the model's max_seq_len)"
+    )
+    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step")
+    parser.add_argument("--dp", type=int, default=1, help="data-parallel size")
+    parser.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    parser.add_argument("--no-flash", action="store_true", help="count materialised attention scores")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(handler=run_info)
+
+
+def resolve_model_config(spec: str, overrides: list[str] | None = None):
+    """A ModelConfig from a preset name, a model folder (config.json) or a YAML file, plus overrides."""
+    from lmforge.config import load_config, to_dict
+    from lmforge.model.config import ModelConfig
+
+    path = Path(spec)
+    if path.is_dir():
+        from lmforge.model.hf import read_config
+
+        base = read_config(path)
+    elif path.suffix in (".yaml", ".yml") and path.is_file():
+        return load_config(ModelConfig, path, overrides or [])
+    else:
+        from lmforge.model.presets import get_preset
+
+        base = get_preset(spec)
+    return load_config(ModelConfig, data=to_dict(base), overrides=overrides or [])
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from lmforge.model.flops import count_parameters, flops_per_token, memory_plan
+
+    cfg = resolve_model_config(args.model, args.overrides)
+    context = args.seq_len or cfg.max_seq_len
+    params = count_parameters(cfg)
+    flops = flops_per_token(cfg, context, params)
+    plan = memory_plan(
+        cfg,
+        micro_batch=args.micro_batch,
+        context=context,
+        dp=args.dp,
+        zero_stage=args.zero,
+        activation_checkpointing=args.checkpointing,
+        flash=not args.no_flash,
+        params=params,
+    )
+    report = {
+        "model": args.model,
+        "parameters": {
+            "total": params.total,
+            "embedding": params.embedding,
+            "active_per_token": params.active,
+        },
+        "flops_per_token": {"context": context, **flops},
+        "memory_per_gpu_gib": {
+            "dp": args.dp,
+            "zero_stage": args.zero,
+            "micro_batch": args.micro_batch,
+            "activation_checkpointing": args.checkpointing,
+            **{k: round(v, 3) for k, v in plan.as_gib().items()},
+        },
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"lmforge info: {args.model}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    arch = f"{cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads ({cfg.n_kv_heads} kv), d_ff {cfg.d_ff}"
+    table.add_row("architecture", arch)
+    if cfg.n_experts:
+        table.add_row("experts", f"{cfg.n_experts} (top-{cfg.moe_top_k}, every {cfg.moe_every} layer(s))")
+    table.add_row("parameters", f"{_human(params.total)} ({params.total:,})")
+    table.add_row("  embedding", _human(params.embedding))
+    table.add_row("  active per token", _human(params.active))
+    table.add_row(f"FLOPs/token forward @ {context}", _human(flops["forward"], "FLOP"))
+    table.add_row(f"FLOPs/token training @ {context}", _human(flops["train"], "FLOP"))
+    gib = plan.as_gib()
+    label = f"dp={args.dp}, ZeRO-{args.zero}, micro-batch {args.micro_batch}"
+    table.add_row(f"memory per GPU ({label})", "")
+    for key in ("weights", "gradients", "optimizer", "activations", "total"):
+        table.add_row(f"  {key}", f"{gib[key]:.2f} GiB")
+    Console().print(table)
+    return 0
