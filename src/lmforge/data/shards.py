@@ -98,6 +98,45 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+class ShardWriter:
+    """Streams documents into one shard: tokens go to ``NAME.bin.tmp`` as they come; :meth:`close` renames
+    it, writes the index, then the ``.json`` record that marks the shard complete. An unfinished shard
+    (killed writer) leaves only ``.tmp`` files, which the next attempt overwrites."""
+
+    def __init__(self, folder: str | Path, name: str, dtype: np.dtype) -> None:
+        self.folder = Path(folder)
+        self.name = name
+        self.dtype = np.dtype(dtype)
+        self._bin_tmp = self.folder / f"{name}.bin.tmp"
+        self._file = open(self._bin_tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._lengths: list[int] = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        """Append one document's tokens (EOS included)."""
+        self._file.write(np.asarray(tokens).astype(self.dtype, copy=False).tobytes())
+        self._lengths.append(len(tokens))
+
+    def close(self, stats: ShardStats, info: dict[str, Any] | None = None) -> dict[str, Any]:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._bin_tmp, self.folder / f"{self.name}.bin")
+        offsets = np.zeros(len(self._lengths) + 1, dtype=np.int64)
+        np.cumsum(self._lengths, out=offsets[1:])
+        tmp_idx = self.folder / f"{self.name}.idx.npy.tmp"
+        with open(tmp_idx, "wb") as f:
+            np.save(f, offsets)
+        os.replace(tmp_idx, self.folder / f"{self.name}.idx.npy")
+        record = {"name": self.name, **(info or {}), **stats.to_dict()}
+        data = (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        _atomic_write_bytes(self.folder / f"{self.name}.json", data)
+        return record
+
+    def abort(self) -> None:
+        self._file.close()
+        self._bin_tmp.unlink(missing_ok=True)
+
+
 def write_shard(
     folder: str | Path,
     name: str,
@@ -106,21 +145,11 @@ def write_shard(
     stats: ShardStats,
     info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write one shard from per-document token arrays (EOS already appended). The ``.json`` goes last, so a
-    shard is complete exactly when its ``.json`` exists."""
-    folder = Path(folder)
-    lengths = np.fromiter((len(d) for d in documents), dtype=np.int64, count=len(documents))
-    offsets = np.zeros(len(documents) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    tokens = np.concatenate(documents).astype(dtype, copy=False) if documents else np.zeros(0, dtype=dtype)
-    _atomic_write_bytes(folder / f"{name}.bin", tokens.tobytes())
-    tmp_idx = folder / f"{name}.idx.npy.tmp"
-    with open(tmp_idx, "wb") as f:
-        np.save(f, offsets)
-    os.replace(tmp_idx, folder / f"{name}.idx.npy")
-    record = {"name": name, **(info or {}), **stats.to_dict()}
-    _atomic_write_bytes(folder / f"{name}.json", (json.dumps(record, indent=2) + "\n").encode("utf-8"))
-    return record
+    """Write a whole shard from per-document token arrays (EOS already appended)."""
+    writer = ShardWriter(folder, name, dtype)
+    for doc in documents:
+        writer.add(doc)
+    return writer.close(stats, info)
 
 
 def read_shard_record(folder: str | Path, name: str) -> dict[str, Any] | None:

@@ -1,0 +1,257 @@
+"""``lmforge data tokenize``: documents (JSONL/Parquet, the pipeline's output) -> token shards.
+
+One task per input file, one shard per task, run by a pool of worker processes; each worker loads the
+tokenizer once and encodes documents in batches through the ``tokenizers`` batch path. Shard ``i`` holds
+the documents of the ``i``-th input file (inputs sorted), each followed by EOS, so the output depends only
+on the inputs and the tokenizer: a rerun, with any number of workers, writes the same bytes.
+
+Resuming: ``job.json`` records the input files, tokenizer hash and dtype at the start; a relaunch into the
+same output folder checks them and skips every shard whose completion record (``NAME.json``) exists. A
+killed worker leaves only ``.tmp`` files, which are rewritten.
+
+A domain names each input: ``NAME=PATH`` on the command line, else the first folder of the file's path
+below the inputs' common root (``clean/web/0.jsonl.gz`` and ``clean/code/0.jsonl.gz`` -> ``web`` and
+``code``), else ``default_domain``. The loader's mixtures sample these domains.
+
+Bad input is counted per shard and in the manifest, never silently dropped: unreadable records
+(``bad_records``, reasons in ``rejects/NAME.jsonl``), empty documents (skipped), and documents whose
+decoded tokens differ from the text (``non_round_trip_docs``: kept, as the model sees the normalized text).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmforge.data.shards import (
+    ShardsError,
+    ShardStats,
+    ShardWriter,
+    build_manifest,
+    choose_dtype,
+    read_shard_record,
+    write_manifest,
+)
+
+JOB_NAME = "job.json"
+
+
+@dataclass
+class TokenizeConfig:
+    inputs: list[str] = field(default_factory=list)  # files, folders, globs; "domain=path" names the domain
+    tokenizer: str = ""  # tokenizer folder
+    output: str = ""  # shards folder
+    workers: int = 1
+    dtype: str = "auto"  # auto | uint16 | uint32
+    default_domain: str = "default"
+    text_key: str = "text"
+    format: str = "auto"  # reader format (jsonl, parquet, ...), auto from the extension
+    batch_docs: int = 256  # documents per encode_batch call
+    check_round_trip: bool = True
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.batch_docs < 1:
+            raise ValueError("workers and batch_docs must be >= 1")
+
+
+@dataclass(frozen=True)
+class _Task:
+    name: str
+    path: str
+    domain: str
+
+
+def _split_domain(spec: str) -> tuple[str | None, str]:
+    # "web=/data/web" names the domain; a bare path (even one containing "=" after a slash) does not.
+    head, sep, tail = spec.partition("=")
+    if sep and head and "/" not in head and ":" not in head:
+        return head, tail
+    return None, spec
+
+
+def plan_tasks(cfg: TokenizeConfig) -> list[_Task]:
+    """Every input file with its domain and shard name, in a fixed order."""
+    from lmforge.data.io import make_reader
+
+    found: list[tuple[str, str]] = []
+    for spec in cfg.inputs:
+        domain, path = _split_domain(spec)
+        reader = make_reader(path, cfg.format, text_key=cfg.text_key)
+        for file in reader.files():
+            if domain is not None:
+                found.append((domain, file))
+                continue
+            parts = reader.relative(file).split(posixpath.sep)
+            found.append((parts[0] if len(parts) > 1 else cfg.default_domain, file))
+    found.sort(key=lambda item: (item[0], item[1]))
+    files = [f for _, f in found]
+    if len(set(files)) != len(files):
+        raise ShardsError("an input file is listed twice (check overlapping inputs)")
+    return [_Task(f"{i:05d}", path, domain) for i, (domain, path) in enumerate(found)]
+
+
+# -- worker side --------------------------------------------------------------------------------------------
+
+_worker_state: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_dir: str, cfg_dict: dict[str, Any]) -> None:
+    # One thread per worker: parallelism comes from the processes (and the tokenizers thread pool must not
+    # oversubscribe the cores the other workers use).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from lmforge.tokenizer import load_tokenizer
+
+    _worker_state["tokenizer"] = load_tokenizer(tokenizer_dir)
+    _worker_state["cfg"] = TokenizeConfig(**cfg_dict)
+
+
+def _tokenize_task(task: _Task, out_dir: str, dtype_name: str) -> dict[str, Any]:
+    from lmforge.data.io import Reject, make_reader
+
+    tok = _worker_state["tokenizer"]
+    cfg: TokenizeConfig = _worker_state["cfg"]
+    eos = np.array([tok.eos_id], dtype=np.int64)
+    reader = make_reader(task.path, cfg.format, text_key=cfg.text_key)
+    stats = ShardStats()
+    rejects: list[dict[str, Any]] = []
+    writer = ShardWriter(out_dir, task.name, np.dtype(dtype_name))
+    batch: list[tuple[str, str | None]] = []
+
+    def flush() -> None:
+        texts = [text for text, _ in batch]
+        encodings = tok.backend.encode_batch_fast(texts, add_special_tokens=False)
+        ids_list = [e.ids for e in encodings]
+        decoded = (
+            tok.backend.decode_batch(ids_list, skip_special_tokens=False) if cfg.check_round_trip else None
+        )
+        for k, ((text, source), ids) in enumerate(zip(batch, ids_list)):
+            if not ids:
+                stats.empty_docs += 1
+                continue
+            if decoded is not None and decoded[k] != text:
+                stats.non_round_trip_docs += 1
+            writer.add(np.concatenate([np.asarray(ids, dtype=np.int64), eos]))
+            stats.docs += 1
+            stats.tokens += len(ids) + 1
+            if source is not None:
+                stats.sources[source] += len(ids) + 1
+        batch.clear()
+
+    try:
+        for item in reader.read([task.path]):
+            if isinstance(item, Reject):
+                if item.reason.startswith("empty"):
+                    stats.empty_docs += 1
+                else:
+                    stats.bad_records += 1
+                    rejects.append(item.to_record())
+                continue
+            source = item.meta.get("source")
+            batch.append((item.text, str(source) if source is not None else None))
+            if len(batch) >= cfg.batch_docs:
+                flush()
+        if batch:
+            flush()
+    except BaseException:
+        writer.abort()
+        raise
+    if rejects:
+        reject_dir = Path(out_dir) / "rejects"
+        reject_dir.mkdir(exist_ok=True)
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+        (reject_dir / f"{task.name}.jsonl").write_text(lines, encoding="utf-8")
+    return writer.close(stats, {"domain": task.domain, "input": task.path})
+
+
+# -- driver ---------------------------------------------------------------------------------------------------
+
+
+def _check_or_write_job(out_dir: Path, job: dict[str, Any]) -> None:
+    path = out_dir / JOB_NAME
+    if path.is_file():
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("tokenizer_sha256", "dtype", "inputs"):
+            if previous.get(key) != job[key]:
+                what = "tokenizer sha256" if key == "tokenizer_sha256" else key
+                raise ShardsError(
+                    f"{out_dir} holds shards of another job ({what} differs: {previous.get(key)!r} != "
+                    f"{job[key]!r}); use a new output folder"
+                )
+        return
+    path.write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
+
+
+def tokenize_to_shards(cfg: TokenizeConfig, progress: bool = True) -> dict[str, Any]:
+    """Tokenize ``cfg.inputs`` into ``cfg.output``; returns the manifest (also written to disk)."""
+    from lmforge.tokenizer import load_tokenizer
+
+    if not cfg.inputs or not cfg.tokenizer or not cfg.output:
+        raise ShardsError("inputs, tokenizer and output are required")
+    tok = load_tokenizer(cfg.tokenizer)
+    if tok.eos_id is None:
+        raise ShardsError(f"{cfg.tokenizer}: the tokenizer has no EOS token to separate documents")
+    dtype = choose_dtype(tok.vocab_size, cfg.dtype)
+    tasks = plan_tasks(cfg)
+    out_dir = Path(cfg.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    job = {
+        "tokenizer_sha256": tok.sha256,
+        "dtype": dtype.name,
+        "inputs": [[t.name, t.domain, t.path] for t in tasks],
+    }
+    _check_or_write_job(out_dir, job)
+
+    records: dict[str, dict[str, Any]] = {}
+    todo = []
+    for task in tasks:
+        record = read_shard_record(out_dir, task.name)
+        if record is not None:
+            records[task.name] = record
+        else:
+            todo.append(task)
+    from tqdm import tqdm
+
+    if records and progress:
+        print(f"resuming: {len(records)} of {len(tasks)} shards already complete in {out_dir}")
+    bar = tqdm(total=len(tasks), initial=len(records), desc="tokenize", unit="file", disable=not progress)
+    bar.set_postfix(tokens=sum(r["tokens"] for r in records.values()))
+    cfg_dict = dict(cfg.__dict__)
+    if todo:
+        if cfg.workers == 1:
+            _init_worker(cfg.tokenizer, cfg_dict)
+            for task in todo:
+                records[task.name] = _tokenize_task(task, str(out_dir), dtype.name)
+                bar.update(1)
+                bar.set_postfix(tokens=sum(r["tokens"] for r in records.values()))
+        else:
+            # spawn: the workers must not inherit the parent's tokenizers thread pool through fork
+            with ProcessPoolExecutor(
+                max_workers=min(cfg.workers, len(todo)),
+                mp_context=get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(cfg.tokenizer, cfg_dict),
+            ) as pool:
+                futures = [pool.submit(_tokenize_task, t, str(out_dir), dtype.name) for t in todo]
+                for task, future in zip(todo, futures):
+                    records[task.name] = future.result()
+                    bar.update(1)
+                    bar.set_postfix(tokens=sum(r["tokens"] for r in records.values()))
+    bar.close()
+    manifest = build_manifest(
+        [records[t.name] for t in tasks],
+        dtype,
+        tok.vocab_size,
+        tok.eos_id,
+        tok.sha256,
+        tokenizer=str(cfg.tokenizer),
+    )
+    write_manifest(out_dir, manifest)
+    return manifest
