@@ -1,0 +1,176 @@
+"""``lmforge generate MODEL_DIR --prompt ...`` and ``lmforge chat MODEL_DIR``: the engine from the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument(
+        "--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)"
+    )
+    group.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
+    group.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
+    group.add_argument(
+        "--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability"
+    )
+    group.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="HF repetition penalty (1 = off)"
+    )
+    group.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty")
+    group.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty")
+    group.add_argument(
+        "--no-repeat-ngram-size", type=int, default=0, help="forbid repeating n-grams of this size"
+    )
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    group.add_argument("--seed", type=int, default=None, help="per-request seed: same seed, same output")
+
+
+def sampling_params_from_args(args: argparse.Namespace, **extra: Any):
+    from lmforge.infer import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        stop=list(args.stop),
+        seed=args.seed,
+        **extra,
+    )
+
+
+def register(subparsers: Any) -> None:
+    gen = subparsers.add_parser(
+        "generate",
+        help="complete prompts with a model folder",
+        description="Complete one or more prompts with the inference engine (continuous batching, paged KV "
+        "cache). With one prompt and one completion the text streams as it is generated.",
+    )
+    gen.add_argument("model_dir", metavar="MODEL_DIR", help="model folder (config.json, weights, tokenizer)")
+    gen.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    gen.add_argument("--prompt-file", help="a file with one prompt per line")
+    gen.add_argument(
+        "--chat", action="store_true", help="wrap each prompt as a user turn in the chat template"
+    )
+    gen.add_argument("--n", type=int, default=1, help="completions per prompt")
+    gen.add_argument("--beams", type=int, default=0, help="beam search with this many beams (0 = sampling)")
+    gen.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / len**penalty")
+    add_sampling_arguments(gen)
+    gen.set_defaults(handler=run_generate)
+
+    chat = subparsers.add_parser(
+        "chat",
+        help="chat with a model folder in the terminal",
+        description="A terminal chat loop using the tokenizer's chat template; replies stream as they are "
+        "generated. Commands: /reset (forget the conversation), /exit (or Ctrl-D).",
+    )
+    chat.add_argument("model_dir", metavar="MODEL_DIR", help="model folder (config.json, weights, tokenizer)")
+    chat.add_argument("--system", help="system prompt")
+    add_sampling_arguments(chat)
+    chat.set_defaults(handler=run_chat)
+
+
+def _load_engine(model_dir: str):
+    from lmforge.infer import LLMEngine
+
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"lmforge: {folder} is not a model folder (no config.json)")
+    return LLMEngine.from_pretrained(folder)
+
+
+def _stream(engine, prompt: str | list[int], params, out: TextIO, add_special_tokens: bool = True) -> str:
+    """Run one request, writing its text as it comes; returns the whole completion."""
+    engine.add_request(None, prompt, params, add_special_tokens)
+    text = ""
+    while engine.has_unfinished():
+        for result in engine.step():
+            delta = result.outputs[0].new_text
+            text += delta
+            out.write(delta)
+            out.flush()
+    return text
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        prompts += [
+            line.rstrip("\n") for line in Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+        ]
+    if not prompts:
+        print("lmforge generate: give --prompt or --prompt-file", file=sys.stderr)
+        return 2
+    try:
+        beam = {"use_beam_search": True, "best_of": args.beams, "length_penalty": args.length_penalty}
+        params = sampling_params_from_args(args, n=args.n, **(beam if args.beams else {}))
+    except ValueError as err:
+        print(f"lmforge generate: {err}", file=sys.stderr)
+        return 2
+    engine = _load_engine(args.model_dir)
+    special = not args.chat  # a chat template writes its own special tokens
+    if args.chat:
+        prompts = [
+            engine.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+            for p in prompts
+        ]
+    if len(prompts) == 1 and args.n == 1 and not args.beams:
+        _stream(engine, prompts[0], params, sys.stdout, special)
+        print()
+        return 0
+    ids = [engine.add_request(None, p, params, special).request_id for p in prompts]
+    finals = {}
+    while engine.has_unfinished():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    for number, request_id in enumerate(ids):
+        for completion in finals[request_id].outputs:
+            tag = f"[{number}]" if len(finals[request_id].outputs) == 1 else f"[{number}.{completion.index}]"
+            print(f"{tag} {completion.text}")
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    try:
+        params = sampling_params_from_args(args)
+    except ValueError as err:
+        print(f"lmforge chat: {err}", file=sys.stderr)
+        return 2
+    engine = _load_engine(args.model_dir)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    print("lmforge chat: /reset forgets the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            messages = list(system)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        sys.stdout.write("assistant> ")
+        try:
+            reply = _stream(engine, prompt, params, sys.stdout, add_special_tokens=False)
+        except ValueError as err:  # e.g. the conversation outgrew the context
+            print(f"\nlmforge chat: {err}; /reset to start over", file=sys.stderr)
+            messages.pop()
+            continue
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply})
