@@ -1,0 +1,219 @@
+"""PII redaction: e-mail addresses, phone numbers, IP addresses, card numbers, Korean resident
+registration numbers and secrets are replaced by type tokens (``<EMAIL>``, ``<PHONE>``...).
+
+Every detector is a candidate regular expression followed by a validation that removes look-alikes:
+IP addresses must parse (``ipaddress``) and, by default, be public; card numbers must pass the Luhn check
+and be written contiguously or in card-style groups; resident registration numbers must carry a real
+birth date; phone numbers must have a plausible number of digits and phone-like grouping. All detectors
+run on the original text; overlapping matches are resolved by detector priority, then position.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+from lmforge.data.document import Document
+from lmforge.data.step import Step, register_step
+
+PII_TYPES: tuple[str, ...] = ("secret", "email", "kr_rrn", "credit_card", "ip", "phone")  # priority order
+DEFAULT_REPLACEMENTS: dict[str, str] = {
+    "secret": "<SECRET>",
+    "email": "<EMAIL>",
+    "kr_rrn": "<KR_RRN>",
+    "credit_card": "<CREDIT_CARD>",
+    "ip": "<IP>",
+    "phone": "<PHONE>",
+}
+
+Span = tuple[int, int]
+
+# --------------------------------------------------------------------------------------------- e-mail
+
+_EMAIL_RE = re.compile(
+    r"(?<![\w.+%-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])"
+)
+
+
+def find_emails(text: str) -> Iterator[Span]:
+    for m in _EMAIL_RE.finditer(text):
+        yield m.span()
+
+
+# ------------------------------------------------------------------------------------------- phones
+
+# International: +CC then groups (an optional parenthesised area code), separated by space, dot or dash.
+_INTL_PHONE_RE = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{1,5}){2,5}(?![\w-])")
+# National: (415) 555-0132 / 415-555-0132 / 415.555.0132, and trunk-prefixed 010-1234-5678, 020 7946 0958.
+_NATIONAL_PHONE_RE = re.compile(
+    r"(?<![\w.+-])(?:\(\d{3}\) ?\d{3}[ .-]\d{4}|\d{3}([.-])\d{3}\1\d{4}|0\d{1,2}([ -])\d{3,4}\2\d{4})(?![\w-]|\.\d)"
+)
+
+
+def find_phones(text: str) -> Iterator[Span]:
+    for m in _INTL_PHONE_RE.finditer(text):
+        digits = sum(ch.isdigit() for ch in m.group())
+        if 8 <= digits <= 15:  # E.164 allows at most 15 digits
+            yield m.span()
+    for m in _NATIONAL_PHONE_RE.finditer(text):
+        yield m.span()
+
+
+# ---------------------------------------------------------------------------------------------- IPs
+
+_IPV4_RE = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
+_IPV6_RE = re.compile(
+    r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])"
+)
+
+
+def find_ips(text: str, public_only: bool = True) -> Iterator[Span]:
+    for pattern in (_IPV4_RE, _IPV6_RE):
+        for m in pattern.finditer(text):
+            try:
+                address = ipaddress.ip_address(m.group())
+            except ValueError:  # 999.1.1.1, a clock time 12:30:45, ...
+                continue
+            if public_only and not address.is_global:
+                continue
+            yield m.span()
+
+
+# ------------------------------------------------------------------------------------- card numbers
+
+_CARD_RE = re.compile(
+    r"(?<![\d-])(?:\d{13,19}|\d{4}(?:[ -]\d{4}){2}[ -]\d{1,7}|\d{4}[ -]\d{6}[ -]\d{5})(?![\d-])"
+)
+
+
+def luhn_valid(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def find_credit_cards(text: str) -> Iterator[Span]:
+    for m in _CARD_RE.finditer(text):
+        digits = re.sub(r"\D", "", m.group())
+        if not 13 <= len(digits) <= 19 or not luhn_valid(digits):
+            continue
+        if len(digits) == 13 and digits.startswith(("978", "979")):  # an ISBN-13 / EAN, not a card
+            continue
+        yield m.span()
+
+
+# ----------------------------------------------------------------- Korean resident registration numbers
+
+_KR_RRN_RE = re.compile(r"(?<![\d-])(\d{2})(\d{2})(\d{2})-([1-8])\d{6}(?![\d-])")
+_RRN_CENTURY = {"1": 1900, "2": 1900, "5": 1900, "6": 1900, "3": 2000, "4": 2000, "7": 2000, "8": 2000}
+
+
+def find_kr_rrns(text: str) -> Iterator[Span]:
+    """YYMMDD-GXXXXXX where G (sex/century/nationality digit) and YYMMDD form a real birth date."""
+    for m in _KR_RRN_RE.finditer(text):
+        yy, mm, dd, g = m.groups()
+        try:
+            datetime.date(_RRN_CENTURY[g] + int(yy), int(mm), int(dd))
+        except ValueError:
+            continue
+        yield m.span()
+
+
+# ------------------------------------------------------------------------------------------- secrets
+
+_SECRET_KEYS = (
+    r"api[_-]?key|apikey|api[_-]?secret|secret[_-]?key|client[_-]?secret|secret|access[_-]?token|"
+    r"auth[_-]?token|refresh[_-]?token|bearer[_-]?token|token|password|passwd|pwd|private[_-]?key|"
+    r"aws[_-]?secret[_-]?access[_-]?key|aws[_-]?access[_-]?key[_-]?id"
+)
+# key = value / key: value / "key": "value"; only the value is redacted.
+_KEY_VALUE_RE = re.compile(
+    rf"(?i)(?<![\w-])[\"']?(?:[\w-]*[_-])?(?:{_SECRET_KEYS})[\"']?\s*[:=]\s*[\"']?(?P<value>[^\s\"',;]{{8,}})"
+)
+_TOKEN_RES = (
+    re.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[0-9A-Z]{16}(?![A-Za-z0-9])"),  # AWS access key id
+    re.compile(r"(?<![A-Za-z0-9_])gh[pousr]_[A-Za-z0-9]{36,255}(?![A-Za-z0-9_])"),  # GitHub tokens
+    re.compile(r"(?<![A-Za-z0-9_-])xox[baprs]-[A-Za-z0-9-]{10,}(?![A-Za-z0-9-])"),  # Slack tokens
+)
+
+
+def find_secrets(text: str) -> Iterator[Span]:
+    for m in _KEY_VALUE_RE.finditer(text):
+        value = m.group("value")
+        if value.startswith("<") and value.endswith(">"):  # already a placeholder
+            continue
+        yield m.span("value")
+    for pattern in _TOKEN_RES:
+        for m in pattern.finditer(text):
+            yield m.span()
+
+
+# ---------------------------------------------------------------------------------------------- step
+
+
+def find_pii(
+    text: str, types: Sequence[str] = PII_TYPES, public_ips_only: bool = True
+) -> list[tuple[int, int, str]]:
+    """Non-overlapping (start, end, type) matches sorted by position; on overlap the earlier type in
+    ``PII_TYPES`` wins (a secret value that looks like a phone number is a secret)."""
+    finders: dict[str, Callable[[str], Iterator[Span]]] = {
+        "secret": find_secrets,
+        "email": find_emails,
+        "kr_rrn": find_kr_rrns,
+        "credit_card": find_credit_cards,
+        "ip": lambda t: find_ips(t, public_only=public_ips_only),
+        "phone": find_phones,
+    }
+    taken: list[tuple[int, int, str]] = []
+    for kind in PII_TYPES:
+        if kind not in types:
+            continue
+        for start, end in finders[kind](text):
+            if all(end <= s or start >= e for s, e, _ in taken):
+                taken.append((start, end, kind))
+    return sorted(taken)
+
+
+@register_step("pii")
+class PiiRedactor(Step):
+    """Replaces PII by type tokens and counts matches per type in ``stats.counters`` (``pii_<type>``)."""
+
+    def __init__(
+        self,
+        types: Sequence[str] = PII_TYPES,
+        replacements: Mapping[str, str] | None = None,
+        public_ips_only: bool = True,
+    ) -> None:
+        super().__init__()
+        unknown = set(types) - set(PII_TYPES)
+        if unknown:
+            raise ValueError(f"unknown PII types {sorted(unknown)}; choose from {PII_TYPES}")
+        self.types = tuple(types)
+        self.replacements = {**DEFAULT_REPLACEMENTS, **(replacements or {})}
+        self.public_ips_only = public_ips_only
+
+    def redact(self, text: str) -> str:
+        pieces: list[str] = []
+        cursor = 0
+        for start, end, kind in find_pii(text, self.types, self.public_ips_only):
+            pieces.append(text[cursor:start])
+            pieces.append(self.replacements[kind])
+            cursor = end
+            self.stats.counters[f"pii_{kind}"] += 1
+        if not pieces:
+            return text
+        pieces.append(text[cursor:])
+        return "".join(pieces)
+
+    def process(self, doc: Document) -> Document | None:
+        redacted = self.redact(doc.text)
+        if redacted is not doc.text:
+            self.stats.counters["pii_docs_changed"] += 1
+            doc.text = redacted
+        return doc
