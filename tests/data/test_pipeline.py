@@ -4,7 +4,6 @@ import sys
 import textwrap
 
 import pytest
-import toy_steps  # registers the toy_* steps
 
 from lmforge.cli import main
 from lmforge.config import ConfigError
@@ -12,6 +11,7 @@ from lmforge.data.document import Document
 from lmforge.data.io import HtmlReader, JsonlReader, TextReader, Writer, read_documents
 from lmforge.data.pipeline import Pipeline, PipelineError
 from lmforge.data.recipe import build_step, import_step_modules, run_recipe
+from tests.data import toy_steps  # registers the toy_* steps
 
 
 def read_gz_jsonl(path):
@@ -79,6 +79,7 @@ def test_mixed_corpus_end_to_end_counts_routes_and_balances(tmp_path):
     assert dict(dedup.removed) == {"duplicate": 1}
 
     run = tmp_path / "run"
+    assert not (run / "stages" / "0" / "docs").exists() and (run / "stages" / "0" / "decision").is_dir()
     stats = json.loads((run / "stats.json").read_text())
     assert stats["totals"] == totals and [s["name"] for s in stats["steps"]] == [
         "toy_tag",
@@ -113,16 +114,17 @@ def test_local_workers_give_the_same_bytes_as_one_worker(tmp_path):
     assert s1["totals"] == s2["totals"]
 
 
-def test_exclusions_can_be_switched_off_and_parquet_output(tmp_path):
+def test_exclusions_off_intermediate_kept_and_parquet_output(tmp_path):
     root = make_corpus(tmp_path / "raw")
     readers = [JsonlReader(str(root / "web" / "*.jsonl"))]
-    pipeline = Pipeline(
-        readers, [toy_steps.MinWords()], Writer(str(tmp_path / "out"), "parquet"), exclusions=False
-    )
+    steps = [toy_steps.MinWords(), toy_steps.TextDedup()]
+    writer = Writer(str(tmp_path / "out"), "parquet")
+    pipeline = Pipeline(readers, steps, writer, exclusions=False, keep_intermediate=True)
     report = pipeline.run(tmp_path / "run", progress=False)
-    assert report.balanced and report.removed == 1
+    assert report.balanced and report.removed == 2
     assert not (tmp_path / "run" / "excluded").exists()
-    assert [d.id for d in read_documents(tmp_path / "out")] == ["w1", "w3", "w4", "w6"]
+    assert len(list((tmp_path / "run" / "stages" / "0" / "docs").iterdir())) == 2
+    assert [d.id for d in read_documents(tmp_path / "out")] == ["w1", "w3", "w4"]
 
 
 def test_a_run_folder_refuses_a_different_pipeline(tmp_path):
@@ -170,7 +172,7 @@ steps:
   - {step: toy_text_dedup}
 output: {path: OUT, format: jsonl.gz}
 run_dir: RUN
-imports: [toy_steps]
+imports: [tests.data.toy_steps]
 """
 
 
@@ -200,6 +202,11 @@ def test_recipe_errors_name_the_step_and_key(tmp_path):
         ConfigError, match=r"steps\[1\] \(toy_min_words\): unknown argument 'min_wrds'; accepted: min_words"
     ):
         build_step({"step": "toy_min_words", "min_wrds": 3}, 1)
+    with pytest.raises(
+        ConfigError, match=r"^steps\[2\] \(toy_min_words\): min_words: Value 'many' .* Integer$"
+    ):
+        build_step({"step": "toy_min_words", "min_words": "many"}, 2)
+    assert build_step({"step": "toy_min_words", "min_words": "7"}, 0).min_words == 7  # as from an override
     with pytest.raises(ConfigError, match=r"steps\[0\]: unknown step 'no_such_step'; known steps: .*toy_tag"):
         build_step({"step": "no_such_step"}, 0)
     with pytest.raises(ConfigError, match="executor: 'spark' is not one of"):
