@@ -201,6 +201,15 @@ def test_realised_proportions_converge_to_the_weights(shards: Path) -> None:
     assert realised["code"] == pytest.approx(0.2, abs=0.02)
 
 
+def test_domain_ids_name_the_domain_of_each_row(shards: Path) -> None:
+    loader = PackedLoader(shards, 8, 16, return_domain_ids=True)
+    batch = next(loader)
+    assert loader.domains == ["code", "web"]
+    for row, domain in zip(batch["input_ids"], batch["domain_ids"]):
+        first_doc = doc_of(int(row[row != EOS][0]))
+        assert (first_doc >= 40) == (loader.domains[domain] == "code")  # code documents are 40..64
+
+
 def test_zero_weight_domain_is_never_drawn(shards: Path) -> None:
     docs_code = set(range(40, 65))  # code documents are 40..64 (web comes first)
     loader = PackedLoader(shards, 8, 8, mixture=MixtureConfig(strategy="fixed", weights={"web": 1.0}))

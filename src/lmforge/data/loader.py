@@ -17,7 +17,8 @@ How batches are made (all of it deterministic from the seed):
   ``split_seed``, independent of the training seed); train and val never share a document.
 
 Batches are dicts of ``torch.long`` tensors ``[batch_size, seq_len]``: ``input_ids``, ``labels``, and with
-document masking ``position_ids`` and ``segment_ids``.
+document masking ``position_ids`` and ``segment_ids``; with ``return_domain_ids`` also ``domain_ids``
+``[batch_size]`` (index into ``loader.domains``, for per-domain losses such as DoReMi's).
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class PackedLoader:
         shuffle: bool = True,
         num_epochs: int | None = None,
         tokenizer_sha256: str | None = None,
+        return_domain_ids: bool = False,
     ) -> None:
         check_choice("split", split, SPLITS)
         if not 0 <= rank < world_size:
@@ -165,6 +167,7 @@ class PackedLoader:
         self.rank = rank
         self.world_size = world_size
         self.document_masking = document_masking
+        self.return_domain_ids = return_domain_ids
         self.split = split
         self.num_epochs = num_epochs
         self.curriculum = curriculum
@@ -308,6 +311,8 @@ class PackedLoader:
             "input_ids": torch.from_numpy(tokens[:, :-1].copy()),
             "labels": torch.from_numpy(tokens[:, 1:].copy()),
         }
+        if self.return_domain_ids:
+            batch["domain_ids"] = torch.tensor([self.domains.index(d) for d, _ in rows], dtype=torch.long)
         if self.document_masking:
             batch["position_ids"] = torch.from_numpy(positions[:, :-1].copy())
             batch["segment_ids"] = torch.from_numpy(segments[:, :-1].copy())
