@@ -6,7 +6,8 @@ context's (trailing spaces of the context are moved to the continuation first, s
 splits as the model will see it), and the score is the sum of their log-probabilities under one forward
 pass. Requests are batched with right padding; a causal model's logits at real positions do not depend on
 the padding after them. Prompts are tokenized as the inference engine does it
-(``encode(text, add_special_tokens=True)``), so scores and generations see the same tokens.
+(``encode(text, add_special_tokens=True)``; chat renderings, which write their special tokens themselves,
+with ``add_special_tokens=False`` as the server does), so scores and generations see the same tokens.
 
 Held-out documents are scored like the training stream sees them: each document is preceded by the EOS
 token (which separates documents in the shards) so its first token is predicted too, and long documents
@@ -32,14 +33,16 @@ class LoglikelihoodRequest:
     continuation: str
 
 
-def split_request(tokenizer: Tokenizer, request: LoglikelihoodRequest) -> tuple[list[int], list[int], str]:
+def split_request(
+    tokenizer: Tokenizer, request: LoglikelihoodRequest, add_special_tokens: bool = True
+) -> tuple[list[int], list[int], str]:
     """Token ids of the context and of the continuation, and the continuation text as scored."""
     context, continuation = request.context, request.continuation
     stripped = context.rstrip(" ")
     continuation = context[len(stripped) :] + continuation
     context = stripped
-    whole = tokenizer.encode(context + continuation, add_special_tokens=True)
-    context_ids = tokenizer.encode(context, add_special_tokens=True)
+    whole = tokenizer.encode(context + continuation, add_special_tokens=add_special_tokens)
+    context_ids = tokenizer.encode(context, add_special_tokens=add_special_tokens)
     if whole[: len(context_ids)] != context_ids:
         # The boundary token merged across context and continuation: keep the context's tokens as the
         # model would receive them and append the continuation tokenized on its own.
@@ -76,6 +79,7 @@ def continuation_logprobs(
     requests: Sequence[LoglikelihoodRequest],
     batch_size: int = 16,
     max_len: int | None = None,
+    add_special_tokens: bool = True,
 ) -> list[ChoiceScore]:
     """Summed log-probability of each continuation given its context.
 
@@ -83,7 +87,7 @@ def continuation_logprobs(
     """
     sequences, lengths, texts = [], [], []
     for request in requests:
-        context_ids, continuation_ids, text = split_request(tokenizer, request)
+        context_ids, continuation_ids, text = split_request(tokenizer, request, add_special_tokens)
         if not continuation_ids:
             raise ValueError(f"empty continuation for context {request.context[-40:]!r}")
         sequence = context_ids + continuation_ids

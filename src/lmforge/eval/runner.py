@@ -1,0 +1,290 @@
+"""``lmforge eval``: score a model folder on tasks and held-out text; write a table and JSON.
+
+.. code-block:: yaml
+
+    model: runs/demo/sft/model          # HF-layout folder (ours or a supported HF family)
+    run_dir: runs/demo/eval-sft
+    tasks:
+      - {name: addition, path: heldout.jsonl, where: {task: addition}, chat: true}
+      - {name: addition-3shot, path: heldout.jsonl, where: {task: addition}, num_fewshot: 3}
+      - {name: colors, path: colors_mc.jsonl}            # records with choices -> multiple choice
+    perplexity:
+      documents: [heldout_docs.jsonl]                    # JSONL/Parquet documents ("text" field)
+
+Generation tasks run through the inference engine with greedy decoding; a reply ends at a special token
+(EOS, end of turn) or, for plain prompts, at the end of the line. Multiple-choice tasks are scored by
+log-likelihood (see :mod:`lmforge.eval.scoring`). ``run_dir`` receives ``results.json``, ``results.md`` and
+``samples/<task>.jsonl`` (every prompt, prediction and verdict, for reading the model's mistakes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING
+
+from lmforge.eval.fewshot import PromptFormat, chat_messages, plain_prompt, sample_demonstrations
+from lmforge.eval.metrics import (
+    exact_match,
+    mean,
+    multiple_choice_predictions,
+    stderr_of_mean,
+)
+from lmforge.eval.tasks import TaskExample, TaskFile, load_task
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    path: str = MISSING  # JSONL task file (see lmforge.eval.tasks)
+    where: dict[str, str] = field(default_factory=dict)  # keep records whose fields equal these values
+    num_fewshot: int = 0
+    fewshot_path: str = ""  # demonstrations pool; default: the task's own examples (never the question)
+    chat: bool = False  # render prompts with the tokenizer's chat template
+    template: str = "{prompt}\nAnswer:"  # plain prompts only
+    target_delimiter: str = " "
+    fewshot_delimiter: str = "\n\n"
+    description: str = ""
+    max_tokens: int = 32
+    limit: int = 0  # 0: every example
+    ignore_case: bool = True
+    ignore_punctuation: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_fewshot < 0 or self.limit < 0 or self.max_tokens < 1:
+            raise ValueError(f"task {self.name}: num_fewshot and limit must be >= 0, max_tokens >= 1")
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        return PromptFormat(self.template, self.target_delimiter, self.fewshot_delimiter, self.description)
+
+
+@dataclass
+class PerplexityConfig:
+    documents: list[str] = field(default_factory=list)  # held-out document files (JSONL/Parquet, "text")
+    max_documents: int = 0  # 0: all
+    seq_len: int = 0  # 0: the model's max_seq_len
+
+
+@dataclass
+class EvalConfig:
+    model: str = MISSING
+    run_dir: str = MISSING
+    tasks: list[TaskConfig] = field(default_factory=list)
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    batch_size: int = 16
+    seed: int = 1234
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+
+def build_prompt(task: TaskConfig, tokenizer: Any, example: TaskExample, shots: list[TaskExample]) -> str:
+    """The text the model continues: a chat rendering with the generation prompt, or a plain prompt."""
+    if task.chat:
+        return tokenizer.apply_chat_template(
+            chat_messages(example, shots, task.prompt_format), add_generation_prompt=True
+        )
+    return plain_prompt(example, shots, task.prompt_format)
+
+
+def _prompts(
+    task: TaskConfig, tokenizer: Any, data: TaskFile, pool: list[TaskExample], seed: int
+) -> list[str]:
+    return [
+        build_prompt(task, tokenizer, ex, sample_demonstrations(pool, task.num_fewshot, ex, seed, i))
+        for i, ex in enumerate(data.examples)
+    ]
+
+
+def run_generation_task(
+    task: TaskConfig, engine: Any, tokenizer: Any, data: TaskFile, prompts: list[str]
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    from lmforge.infer import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=task.max_tokens,
+        temperature=0.0,
+        stop=[] if task.chat else ["\n"],
+        stop_token_ids=sorted(tokenizer.special_ids),
+    )
+    # Chat renderings carry their special tokens; plain prompts get the tokenizer's (as the server does).
+    token_ids = [tokenizer.encode(p, add_special_tokens=not task.chat) for p in prompts]
+    outputs = engine.generate(token_ids, params)
+    samples, correct = [], []
+    for example, prompt, output in zip(data.examples, prompts, outputs, strict=True):
+        prediction = output.outputs[0].text
+        ok = exact_match(prediction, example.answers, task.ignore_case, task.ignore_punctuation)
+        correct.append(float(ok))
+        samples.append(
+            {"prompt": prompt, "prediction": prediction, "answers": list(example.answers), "correct": ok}
+        )
+    return {"exact_match": mean(correct), "exact_match_stderr": stderr_of_mean(correct)}, samples
+
+
+def run_multiple_choice_task(
+    task: TaskConfig, model: Any, tokenizer: Any, data: TaskFile, prompts: list[str], batch_size: int
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    from lmforge.eval.scoring import LoglikelihoodRequest, continuation_logprobs
+
+    delimiter = "" if task.chat else task.target_delimiter
+    requests = [
+        LoglikelihoodRequest(prompt, delimiter + choice)
+        for example, prompt in zip(data.examples, prompts, strict=True)
+        for choice in example.choices
+    ]
+    scores = continuation_logprobs(
+        model,
+        tokenizer,
+        requests,
+        batch_size=batch_size,
+        max_len=model.cfg.max_seq_len,
+        add_special_tokens=not task.chat,
+    )
+    hits: dict[str, list[float]] = {}
+    samples = []
+    offset = 0
+    for example, prompt in zip(data.examples, prompts, strict=True):
+        choice_scores = scores[offset : offset + len(example.choices)]
+        offset += len(example.choices)
+        picks = multiple_choice_predictions(choice_scores)
+        for rule, pick in picks.items():
+            hits.setdefault(rule, []).append(float(pick == example.label))
+        samples.append(
+            {
+                "prompt": prompt,
+                "choices": list(example.choices),
+                "label": example.label,
+                "logprobs": [c.logprob for c in choice_scores],
+                "picks": picks,
+            }
+        )
+    metrics = {}
+    for rule, values in hits.items():
+        metrics[rule] = mean(values)
+        metrics[f"{rule}_stderr"] = stderr_of_mean(values)
+    return metrics, samples
+
+
+def _read_documents(paths: list[str], limit: int) -> list[str]:
+    from lmforge.data.document import Document
+    from lmforge.data.io import make_reader
+
+    texts: list[str] = []
+    reader = make_reader(paths)
+    for group in reader.tasks():
+        for item in reader.read(group):
+            if isinstance(item, Document) and item.text:
+                texts.append(item.text)
+                if limit and len(texts) >= limit:
+                    return texts
+    return texts
+
+
+def evaluate(
+    cfg: EvalConfig, model: Any = None, tokenizer: Any = None, progress: bool = True
+) -> dict[str, Any]:
+    """Run every task and the perplexity measurement; write results into ``cfg.run_dir``."""
+    import torch
+
+    from lmforge.infer import LLMEngine
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if model is None or tokenizer is None:
+        from lmforge.model.hf import load_pretrained
+        from lmforge.tokenizer import load_tokenizer
+
+        model = load_pretrained(cfg.model)
+        tokenizer = load_tokenizer(cfg.model)
+    model.eval()
+    run_dir = Path(cfg.run_dir)
+    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"model": cfg.model, "tasks": {}}
+    engine = None
+    started = time.perf_counter()
+    for task in _progress(cfg.tasks, progress, "eval tasks"):
+        data = load_task(task.path, task.where or None)
+        if task.limit:
+            data.examples = data.examples[: task.limit]
+        pool = load_task(task.fewshot_path).examples if task.fewshot_path else data.examples
+        prompts = _prompts(task, tokenizer, data, pool, cfg.seed)
+        if data.kind == "generate":
+            engine = engine or LLMEngine(model, tokenizer)
+            metrics, samples = run_generation_task(task, engine, tokenizer, data, prompts)
+        else:
+            metrics, samples = run_multiple_choice_task(task, model, tokenizer, data, prompts, cfg.batch_size)
+        results["tasks"][task.name] = {
+            "kind": data.kind,
+            "num_fewshot": task.num_fewshot,
+            "chat": task.chat,
+            "n": len(data.examples),
+            "rejected": data.rejected,
+            "metrics": metrics,
+        }
+        with (run_dir / "samples" / f"{task.name}.jsonl").open("w", encoding="utf-8") as f:
+            for sample in samples:
+                f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    if cfg.perplexity.documents:
+        from lmforge.eval.scoring import language_modeling_score
+
+        texts = _read_documents(cfg.perplexity.documents, cfg.perplexity.max_documents)
+        seq_len = cfg.perplexity.seq_len or model.cfg.max_seq_len
+        score = language_modeling_score(model, tokenizer, texts, seq_len, batch_size=cfg.batch_size)
+        results["perplexity"] = {"documents": len(texts), **score.to_dict()}
+    results["seconds"] = round(time.perf_counter() - started, 3)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (run_dir / "results.md").write_text(results_markdown(results), encoding="utf-8")
+    return results
+
+
+def _progress(items: list[Any], enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="task")
+
+
+def headline_metric(task_result: dict[str, Any]) -> tuple[str, float]:
+    """The one number a table shows per task: exact match, or length-normalised MC accuracy."""
+    metrics = task_result["metrics"]
+    name = "exact_match" if task_result["kind"] == "generate" else "acc_norm"
+    return name, metrics[name]
+
+
+def results_table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    columns = ["task", "kind", "shots", "chat", "n", "metric", "value", "stderr"]
+    rows = []
+    for name, result in results["tasks"].items():
+        metric, value = headline_metric(result)
+        rows.append(
+            [
+                name,
+                result["kind"],
+                result["num_fewshot"],
+                result["chat"],
+                result["n"],
+                metric,
+                round(value, 4),
+                round(result["metrics"][f"{metric}_stderr"], 4),
+            ]
+        )
+    return columns, rows
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    columns, rows = results_table(results)
+    lines = [f"# Evaluation of {results['model']}", ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    if "perplexity" in results:
+        ppl = results["perplexity"]
+        lines += [
+            "",
+            f"Held-out text: {ppl['documents']} documents, {ppl['tokens']} tokens, {ppl['bytes']} bytes: "
+            f"perplexity {ppl['perplexity']:.3f}, bits per byte {ppl['bits_per_byte']:.4f}.",
+        ]
+    return "\n".join(lines) + "\n"
