@@ -1,0 +1,83 @@
+"""Text extraction from HTML (trafilatura) and Unicode repair/normalization (ftfy + ``unicodedata``)."""
+
+from __future__ import annotations
+
+import unicodedata
+
+from lmforge.data.document import Document
+from lmforge.data.step import Step, register_step
+
+NORMALIZATION_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
+
+
+@register_step("html_extract")
+class HtmlExtractor(Step):
+    """Main text of HTML pages: boilerplate (navigation, ads, footers, scripts) is left out.
+
+    Documents whose ``meta.format`` is ``"html"`` are extracted (all documents with ``all_documents``);
+    the result gets ``meta.format = "text"``. A page without extractable text is removed with reason
+    ``"html_no_text"``. The keyword arguments are trafilatura's.
+    """
+
+    def __init__(
+        self,
+        all_documents: bool = False,
+        include_comments: bool = False,
+        include_tables: bool = True,
+        favor_precision: bool = False,
+        favor_recall: bool = False,
+        deduplicate: bool = False,
+    ) -> None:
+        super().__init__()
+        self.all_documents = all_documents
+        self.options = dict(
+            include_comments=include_comments,
+            include_tables=include_tables,
+            favor_precision=favor_precision,
+            favor_recall=favor_recall,
+            deduplicate=deduplicate,
+        )
+
+    def process(self, doc: Document) -> Document | None:
+        if not self.all_documents and doc.meta.get("format") != "html":
+            return doc
+        import trafilatura  # heavy import, deferred to the worker that needs it
+
+        text = trafilatura.extract(doc.text, output_format="txt", with_metadata=False, **self.options)
+        if not text or not text.strip():
+            self.remove(doc, "html_no_text")
+            return None
+        doc.text = text.strip()
+        doc.meta["format"] = "text"
+        self.stats.counters["html_extracted"] += 1
+        return doc
+
+
+@register_step("unicode_fix")
+class UnicodeFixer(Step):
+    """Repairs mojibake and other Unicode damage with ftfy, then normalizes (NFC by default, or NFKC...)."""
+
+    def __init__(
+        self, normalization: str | None = "NFC", fix_text: bool = True, uncurl_quotes: bool = False
+    ) -> None:
+        super().__init__()
+        if normalization is not None and normalization not in NORMALIZATION_FORMS:
+            raise ValueError(
+                f"normalization must be one of {NORMALIZATION_FORMS} or None, got {normalization!r}"
+            )
+        self.normalization = normalization
+        self.fix_text = fix_text
+        self.uncurl_quotes = uncurl_quotes
+
+    def process(self, doc: Document) -> Document | None:
+        text = doc.text
+        if self.fix_text:
+            import ftfy
+
+            text = ftfy.fix_text(text, normalization=None, uncurl_quotes=self.uncurl_quotes)
+        if self.normalization is not None:
+            text = unicodedata.normalize(self.normalization, text)
+        if text != doc.text:
+            self.stats.counters["unicode_docs_changed"] += 1
+            doc.text = text
+        return doc

@@ -1,0 +1,48 @@
+import pytest
+
+from lmforge.data.document import Document
+from lmforge.data.extract import HtmlExtractor, UnicodeFixer
+from lmforge.data.step import STEPS
+
+ARTICLE = (
+    "The city council approved a new plan for the river park on Monday evening. The plan adds walking "
+    "paths, native plants and a small boat launch near the old mill, and it will be paid for by a state "
+    "grant awarded last spring. Residents who spoke at the meeting mostly supported the design, although "
+    "several asked for more lighting along the northern trail."
+)
+PAGE = f"""<html><head><title>River park</title><script>var tracking = "javascript junk";</script></head>
+<body><nav><ul><li><a href="/">Home</a></li><li><a href="/news">News</a></li><li><a href="/about">About</a></li></ul></nav>
+<article><h1>Council approves river park plan</h1><p>{ARTICLE}</p><p>{ARTICLE.replace("Monday", "Tuesday")}</p></article>
+<footer>Copyright 2024 Example Gazette. All rights reserved.</footer></body></html>"""
+
+
+def test_extracts_main_text_without_boilerplate():
+    step = HtmlExtractor()
+    assert STEPS["html_extract"] is HtmlExtractor
+    doc = step.process(Document("p", PAGE, {"format": "html"}))
+    assert ARTICLE in doc.text
+    assert "tracking" not in doc.text and "Copyright" not in doc.text and "About" not in doc.text
+    assert doc.meta["format"] == "text"
+    assert step.stats.counters["html_extracted"] == 1
+
+
+def test_page_without_text_is_removed_with_reason_and_plain_text_passes():
+    step = HtmlExtractor()
+    empty = Document("e", "<html><body><script>x()</script></body></html>", {"format": "html"})
+    assert list(step([empty])) == []
+    assert step.stats.removed == {"html_no_text": 1}
+    plain = Document("t", "Already plain text.")
+    assert step.process(plain).text == "Already plain text."
+
+
+def test_unicode_fix_and_normalization():
+    step = UnicodeFixer()
+    assert STEPS["unicode_fix"] is UnicodeFixer
+    doc = step.process(Document("m", "The Mona Lisa doesnâ€™t have eyebrows. Cafe\u0301 x²"))
+    assert doc.text == "The Mona Lisa doesn’t have eyebrows. Café x²"  # mojibake fixed, composed, NFC
+    assert doc.text.count("é") == 1
+    nfkc = UnicodeFixer(normalization="NFKC").process(Document("k", "x² ⅓"))
+    assert nfkc.text == "x2 1⁄3"
+    assert step.stats.counters["unicode_docs_changed"] == 1
+    with pytest.raises(ValueError):
+        UnicodeFixer(normalization="NFX")
