@@ -10,7 +10,7 @@ import pytest
 
 from lmforge.data.recipe import run_recipe
 
-HERE = Path(__file__).parent
+REPO = Path(__file__).parents[2]  # so worker processes import tests.data.toy_steps
 
 RECIPE = """
 inputs:
@@ -23,7 +23,7 @@ steps:
 output: {{path: "{out}", format: jsonl.gz}}
 run_dir: "{run}"
 workers: {workers}
-imports: [toy_steps]
+imports: [tests.data.toy_steps]
 """
 
 
@@ -62,7 +62,7 @@ def test_killed_run_resumes_to_the_same_output_redoing_only_unfinished_tasks(tmp
     assert reference.balanced and reference.removed > 0 and reference.rejected == 12
 
     recipe = write_recipe(tmp_path, "killed", 0.04, 2)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmforge.cli", "data", "run", str(recipe), "--quiet"],
         env=env,
@@ -93,7 +93,7 @@ def test_ray_executor_gives_the_local_output(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     make_inputs(tmp_path / "raw", files=4, docs=4)
     local = run_recipe(write_recipe(tmp_path, "local", 0.0, 1), progress=False)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         on_ray = run_recipe(write_recipe(tmp_path, "ray", 0.0, 2), ["executor=ray"], progress=False)

@@ -74,6 +74,8 @@ class Executor:
             for t in range(n_tasks)
         ]
         report = RunReport.from_markers([s.name for s in pipeline.steps], n_stages, n_tasks, markers)
+        if not pipeline.keep_intermediate:
+            pipeline.remove_intermediate(paths.root)
         report.wall_seconds = time.perf_counter() - start
         report.write(paths.stats)
         if progress:

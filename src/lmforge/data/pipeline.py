@@ -10,8 +10,8 @@ Run folder layout (all of it is what a relaunch resumes from)::
 
     pipeline.json                        what ran (checked on relaunch: a different pipeline is refused)
     stages/<s>/done/<task>.json          completion marker of a task, with its stats
-    stages/<s>/docs/<task>.jsonl.zst     documents between stages
-    stages/<s>/artifacts/<task>          pass-1 artifacts of the global step ending stage s
+    stages/<s>/docs/<task>.jsonl.zst     documents between stages      (deleted at the end unless
+    stages/<s>/artifacts/<task>          pass-1 artifacts of the global step ending stage s   keep_intermediate)
     stages/<s>/decision/                 what its reduce decided (complete once it exists)
     excluded/<step#>_<step>/<task>.jsonl.gz  removed documents with step and reason (``exclusions``)
     rejects/<s>/<task>.jsonl.gz          records that were rejected, with the reason
@@ -194,6 +194,7 @@ class Pipeline:
         writer: Writer,
         *,
         exclusions: bool = True,
+        keep_intermediate: bool = False,
     ) -> None:
         self.readers = [readers] if isinstance(readers, Reader) else list(readers)
         if not self.readers:
@@ -201,6 +202,7 @@ class Pipeline:
         self.steps = list(steps)
         self.writer = writer
         self.exclusions = exclusions
+        self.keep_intermediate = keep_intermediate  # documents between stages; deleted when the run is done
         self.stages = plan_stages(self.steps)
         self._tasks: list[tuple[int, list[str]]] | None = None
 
@@ -221,6 +223,13 @@ class Pipeline:
             "output": {"folder": self.writer.folder, "format": self.writer.format},
             "exclusions": self.exclusions,
         }
+
+    def remove_intermediate(self, run_dir: str | os.PathLike[str]) -> None:
+        """Delete the documents and artifacts between stages (a finished run no longer needs them)."""
+        paths = RunPaths(run_dir)
+        for stage in range(len(self.stages) - 1):
+            shutil.rmtree(paths.docs(stage), ignore_errors=True)
+            shutil.rmtree(paths.artifact(stage, 0).parent, ignore_errors=True)
 
     def run(
         self,

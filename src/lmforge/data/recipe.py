@@ -22,15 +22,17 @@ step's keys are checked against its class's constructor, so a typo names the ste
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import inspect
 import pkgutil
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from lmforge.config import ConfigError, check_choice, load_config, save_config
 from lmforge.data.io import DEFAULT_MAX_DOC_BYTES, READERS, Reader, Writer, detect_format, make_reader
@@ -71,6 +73,7 @@ class PipelineConfig:
     executor: str = "local"
     ray_address: str | None = None
     exclusions: bool = True
+    keep_intermediate: bool = False  # documents between dataset-level stages (run_dir/stages/*/docs)
     max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES
     imports: list[str] = field(default_factory=list)  # modules defining your own steps (@register_step)
 
@@ -121,9 +124,34 @@ def build_step(spec: dict[str, Any], index: int) -> Step:
                     f"{where} ({name}): unknown argument {key!r}; accepted: {', '.join(accepted) or 'none'}"
                 )
     try:
-        return cls(**spec)
+        return cls(**typed_arguments(cls, spec))
+    except ConfigError as err:
+        raise ConfigError(f"{where} ({name}): {str(err).splitlines()[0]}") from None
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where} ({name}): {err}") from err
+
+
+def typed_arguments(cls: type[Step], spec: dict[str, Any]) -> dict[str, Any]:
+    """Check and convert recipe values against the constructor's type hints, the way every config is
+    (``min_words: "50"`` becomes 50; ``min_words: many`` is an error naming the key). Hints OmegaConf
+    cannot express (unions, tuples, callables) are taken as they come."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # hints naming types only imported for type checking: no conversion
+        hints = {}
+    fields = []
+    for key in spec:
+        hint = hints.get(key, Any)
+        try:
+            OmegaConf.structured(
+                dataclasses.make_dataclass("Probe", [(key, hint, dataclasses.field(default=MISSING))])
+            )
+        except Exception:
+            hint = Any
+        fields.append((key, hint, dataclasses.field(default=MISSING)))
+    schema = dataclasses.make_dataclass(f"{cls.__name__}Arguments", fields)
+    checked = load_config(schema, data=spec)
+    return {key: getattr(checked, key) for key in spec}
 
 
 def build_pipeline(cfg: PipelineConfig) -> Pipeline:
@@ -147,7 +175,9 @@ def build_pipeline(cfg: PipelineConfig) -> Pipeline:
         readers.append(reader)
     steps = [build_step(spec, i) for i, spec in enumerate(cfg.steps)]
     writer = Writer(cfg.output.path, cfg.output.format)
-    return Pipeline(readers, steps, writer, exclusions=cfg.exclusions)
+    return Pipeline(
+        readers, steps, writer, exclusions=cfg.exclusions, keep_intermediate=cfg.keep_intermediate
+    )
 
 
 def run_recipe(

@@ -15,7 +15,9 @@ A step is a callable ``step(docs: Iterable[Document]) -> Iterator[Document]``.
   error naming the step and the key). Call ``super().__init__()`` first.
 * Steps travel to worker processes and Ray tasks by pickling, and one instance serves every task of a
   worker: ``__init__`` stores configuration only; load heavy resources (models, word lists) lazily on
-  first use and keep no per-task state except in the hooks below. The executor gives each task fresh
+  first use and keep no per-task state except in the hooks below. Public attributes are the step's
+  configuration (recorded in the run folder's ``pipeline.json``, which a relaunch must match); keep
+  lazily loaded resources and per-task state in attributes whose names start with ``_``. The executor gives each task fresh
   :class:`StepStats` and sets the ``exclude``/``reject`` callbacks; a step never opens output files.
 * Built-in step modules are found by the pipeline loader: every module under ``lmforge.data`` whose
   source contains ``@register_step(`` is imported when a recipe names a step not yet registered.
@@ -118,7 +120,8 @@ Excluder = DocumentSink  # the original name, kept for steps written against it
 
 
 def error_reason(step_name: str, err: BaseException) -> str:
-    return f"{step_name}: {type(err).__name__}: {err}"
+    message = " ".join(str(err).split())  # one line, bounded: it goes into the rejects file and report
+    return f"{step_name}: {type(err).__name__}: {message[:300]}"
 
 
 class Step:
