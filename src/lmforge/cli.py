@@ -27,6 +27,7 @@ COMMAND_MODULES: list[str] = [
     "lmforge.model.commands",
     "lmforge.infer.commands",
     "lmforge.serve.commands",
+    "lmforge.eval.commands",
 ]
 
 
