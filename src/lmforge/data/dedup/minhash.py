@@ -16,7 +16,6 @@ each cluster" is deterministic.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -26,11 +25,10 @@ import numpy as np
 from lmforge.data.dedup.common import dataset_ranks, load_drops, write_drops
 from lmforge.data.document import Document
 from lmforge.data.step import GlobalFilter, register_step
+from lmforge.data.text import fmix64, word_hashes
 
 MERSENNE_PRIME = np.uint64((1 << 61) - 1)
 MAX_HASH = np.uint64((1 << 32) - 1)
-_MIX_1 = np.uint64(0xFF51AFD7ED558CCD)
-_MIX_2 = np.uint64(0xC4CEB9FE1A85EC53)
 _NGRAM_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial combine stays order-sensitive
 # Rows of the (shingles x num_perm) work array per batch; bounds memory at ~8 bytes x this.
 _BATCH_ELEMENTS = 1 << 21
@@ -98,21 +96,11 @@ def datasketch_permutations(
             params[k, 1] = gen.randint(0, MERSENNE_PRIME, dtype=np.uint64)
         return params[:, 0].copy(), params[:, 1].copy()
     if scheme == "affine32":
-        a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(
-            1
-        )  # odd: a bijection
+        # Odd multipliers, so each map is a bijection.
+        a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
         b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
         return a, b
     raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-
-
-def _fmix64(x: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 64-bit finalizer: an avalanching bijection (wrapping uint64 arithmetic)."""
-    x = x ^ (x >> np.uint64(33))
-    x = x * _MIX_1
-    x = x ^ (x >> np.uint64(33))
-    x = x * _MIX_2
-    return x ^ (x >> np.uint64(33))
 
 
 def _fmix32(x: np.ndarray) -> np.ndarray:
@@ -124,57 +112,11 @@ def _fmix32(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint32(16))
 
 
-# Punctuation separates words like whitespace does (ASCII and the common Unicode marks and spaces).
-_SEPARATORS = str.maketrans(
-    dict.fromkeys(
-        string.punctuation + "“”‘’‚„«»‹›—–‐…¿¡·。、，．！？：；（）「」『』【】\u00a0\u2009\u200b\u3000", " "
-    )
-)
-_SPACE_BYTES = np.zeros(256, dtype=bool)
-_SPACE_BYTES[list(b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85")] = True
-_BYTE_BASE = 0x100000001B3  # odd, so it has an inverse modulo 2^64
-_POWERS: dict[str, np.ndarray] = {}
-
-
-def _byte_powers(length: int) -> tuple[np.ndarray, np.ndarray]:
-    """B^i and B^-i modulo 2^64 for i < length (cached, grown by doubling)."""
-    if len(_POWERS.get("up", ())) < length:
-        size = max(length, 2 * len(_POWERS.get("up", ())), 1 << 16)
-        one = np.ones(1, dtype=np.uint64)
-        inverse = pow(_BYTE_BASE, -1, 1 << 64)
-        _POWERS["up"] = np.concatenate((one, np.cumprod(np.full(size - 1, _BYTE_BASE, dtype=np.uint64))))
-        _POWERS["down"] = np.concatenate((one, np.cumprod(np.full(size - 1, inverse, dtype=np.uint64))))
-    return _POWERS["up"], _POWERS["down"]
-
-
-def word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """64-bit hashes of the words of many documents, and the number of words in each.
-
-    Text is lowercased and punctuation becomes space; a word is a maximal run of other characters. All
-    documents are hashed in one vectorized pass over their UTF-8 bytes: with prefix sums of
-    ``byte_i * B^i`` (mod 2^64), a word spanning ``[s, e)`` hashes to ``(S[e] - S[s]) * B^-s``, a
-    polynomial string hash independent of where the word sits, then avalanched by a bijective mixer.
-    """
-    encoded = [t.lower().translate(_SEPARATORS).encode("utf-8") for t in texts]
-    data = np.frombuffer(b" ".join(encoded), dtype=np.uint8)
-    in_word = np.concatenate(([False], ~_SPACE_BYTES[data], [False]))
-    edges = np.diff(in_word.view(np.int8))
-    word_starts = np.flatnonzero(edges == 1)
-    word_ends = np.flatnonzero(edges == -1)
-    up, down = _byte_powers(len(data))
-    prefix = np.zeros(len(data) + 1, dtype=np.uint64)
-    np.cumsum(data * up[: len(data)], out=prefix[1:])
-    hashes = _fmix64((prefix[word_ends] - prefix[word_starts]) * down[word_starts])
-    doc_starts = np.cumsum([0] + [len(e) + 1 for e in encoded[:-1]])
-    doc_of_word = np.searchsorted(doc_starts, word_starts, side="right") - 1
-    return hashes, np.bincount(doc_of_word, minlength=len(texts)).astype(np.int64)
-
-
 class MinHasher:
     """Word n-gram MinHash signatures, computed for many documents at once.
 
     ``signatures(texts)`` returns a ``(len(texts), num_perm)`` ``uint32`` array. Words are as
-    :func:`word_hashes` splits them; a document shorter than ``ngram`` words is one shingle of all its words, and
+    :func:`lmforge.data.text.word_hashes` splits them; a document shorter than ``ngram`` words is one shingle of all its words, and
     a document without words has the all-``2^32 - 1`` signature of the empty set (as datasketch).
 
     ``scheme="mersenne"`` is the classic universal hash ``((a x + b) mod (2^61 - 1)) & (2^32 - 1)``
@@ -233,7 +175,7 @@ class MinHasher:
             counts[short] = 1
             hashes = np.concatenate(segments)
         offsets = np.concatenate(([0], np.cumsum(counts)))
-        return (_fmix64(hashes) >> np.uint64(32)).astype(np.uint32), offsets
+        return (fmix64(hashes) >> np.uint64(32)).astype(np.uint32), offsets
 
     def shingle_hashes(self, text: str) -> np.ndarray:
         """``uint32`` hashes of one document's word n-grams."""
@@ -319,7 +261,7 @@ def _band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
         else:
             key = np.zeros(len(sig), dtype=np.uint64)
             for col in range(rows):
-                key = _fmix64(key ^ block[:, col]) + np.uint64(col)
+                key = fmix64(key ^ block[:, col]) + np.uint64(col)
             keys[band] = key
     return keys
 

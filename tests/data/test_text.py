@@ -1,0 +1,27 @@
+from lmforge.data.text import duplicate_stats, is_symbol_token, normalize_for_hash, split_words, word_hashes
+
+
+def test_split_words_separates_punctuation():
+    assert split_words("Don't stop... now, ok?") == ["Don't", "stop", "...", "now", ",", "ok", "?"]
+    assert [is_symbol_token(t) for t in ["...", "#", "ok", "3"]] == [True, True, False, False]
+
+
+def test_duplicate_stats_counts_repeats_after_first():
+    assert duplicate_stats(["ab", "c", "ab", "ab", "c"]) == (3, 5)
+    assert duplicate_stats([]) == (0, 0)
+
+
+def test_normalize_for_hash():
+    assert normalize_for_hash("  Hello,\tWORLD — it’s   “fine”! ") == "hello world its fine"
+    assert normalize_for_hash("Ｆｕｌｌ width") == "full width"
+
+
+def test_word_hashes_ignore_case_and_punctuation():
+    hashes, counts = word_hashes(["Hello, world! hello WORLD", "", "x", "world—hello", "héllo"])
+    assert counts.tolist() == [4, 0, 1, 2, 1]
+    hello, world, x = hashes[0], hashes[1], hashes[4]
+    assert len({hello, world, x, hashes[7]}) == 4  # "héllo" differs from "hello"
+    assert hashes[:7].tolist() == [hello, world, hello, world, x, world, hello]
+    # A word hashes the same wherever it sits in the batch.
+    alone, _ = word_hashes(["world"])
+    assert alone[0] == world
