@@ -64,9 +64,12 @@ class AttentionContext:
     _memo: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     def base_mask(self, k_pos: Tensor) -> Tensor:
-        """Bool visibility mask, or a float additive mask when ALiBi is on (memoised on ``k_pos``)."""
-        if self._memo is not None and self._memo[0] is k_pos:
-            return self._memo[1]
+        """Bool visibility mask, or a float additive mask when ALiBi is on, memoised on the key positions
+        (layers of a cache usually hold the same positions, so one mask serves them all)."""
+        if self._memo is not None:
+            seen = self._memo[0]
+            if seen is k_pos or (seen.shape == k_pos.shape and torch.equal(seen, k_pos)):
+                return self._memo[1]
         k_segments = None
         if self.segment_ids is not None:
             if self.cache is not None:

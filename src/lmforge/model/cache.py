@@ -62,6 +62,7 @@ class ContiguousKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.pos = torch.full((n_layers, batch, max_len + 1), -1, dtype=torch.long, device=device)
         self.max_len = max_len
+        self.used = [0] * n_layers  # per layer, one past the highest stored position
 
     @classmethod
     def for_model(
@@ -71,15 +72,15 @@ class ContiguousKVCache:
         return cls(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, max_len, dtype=dtype, device=device)
 
     def update(self, layer: int, keys: Tensor, values: Tensor, positions: Tensor) -> KVView:
-        if int(positions.max()) >= self.max_len:
-            raise ValueError(f"position {int(positions.max())} exceeds the cache length {self.max_len}")
+        top = int(positions.max())
+        if top >= self.max_len:
+            raise ValueError(f"position {top} exceeds the cache length {self.max_len}")
         slots = torch.where(positions < 0, self.max_len, positions)
         index = slots[:, None, :, None].expand_as(keys)
         self.k[layer].scatter_(2, index, keys.to(self.k.dtype))
         self.v[layer].scatter_(2, index, values.to(self.v.dtype))
-        self.pos[layer].scatter_(1, slots, positions)
-        self.pos[layer, :, self.max_len] = -1
-        used = int(self.pos[layer].amax()) + 1
+        self.pos[layer].scatter_(1, slots, positions)  # the spare slot only ever receives -1
+        self.used[layer] = used = max(self.used[layer], top + 1)
         return KVView(self.k[layer, :, :, :used], self.v[layer, :, :, :used], self.pos[layer, :, :used])
 
     def lengths(self) -> Tensor:
@@ -88,4 +89,4 @@ class ContiguousKVCache:
 
     def length(self) -> int:
         """Number of positions stored for layer 0 (the longest sequence)."""
-        return int(self.pos[0].amax()) + 1
+        return self.used[0]
