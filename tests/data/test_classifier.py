@@ -72,3 +72,25 @@ def test_load_rejects_other_files(tmp_path):
     np.savez(path, header=np.frombuffer(b'{"format": "x"}', dtype=np.uint8), weights=np.zeros(2))
     with pytest.raises(ValueError, match="not an lmforge quality classifier"):
         QualityClassifier.load(path)
+
+
+def test_train_classifier_command(tmp_path, capsys):
+    import json
+
+    from lmforge.cli import main
+
+    rng = np.random.default_rng(2)
+    for name, vocabulary in (("pos", PROSE), ("neg", SPAM)):
+        with open(tmp_path / f"{name}.jsonl", "w") as handle:
+            for i, text in enumerate(synthetic(rng, vocabulary, 60)):
+                handle.write(json.dumps({"id": f"{name}{i}", "text": text}) + "\n")
+            handle.write("{not json\n")
+    out = tmp_path / "model.npz"
+    args = ["data", "train-classifier", "--positive", str(tmp_path / "pos.jsonl"), "--negative"]
+    args += [str(tmp_path / "neg.jsonl"), "--out", str(out), "--hash-bits", "12", "--holdout", "0.2"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "1 unreadable records skipped" in printed and "held-out accuracy" in printed
+    model = QualityClassifier.load(out)
+    assert model.dim == 1 << 12 and model.info["holdout_accuracy"] >= 0.95
+    assert model.info["positive_docs"] == 48  # 60 minus 12 held out

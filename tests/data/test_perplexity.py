@@ -81,3 +81,19 @@ def test_tokenize_units():
     assert tokenize("ab  c\n", "char") == ["a", "b", " ", "c"]
     with pytest.raises(ValueError):
         tokenize("x", "byte")
+
+
+def test_train_ngram_command(tmp_path, capsys):
+    from lmforge.cli import main
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "ref").mkdir()
+    for i, text in enumerate(sentences(rng, 20)):
+        (tmp_path / "ref" / f"{i}.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "lm.json.gz"
+    assert (
+        main(["data", "train-ngram", "--text", str(tmp_path / "ref"), "--out", str(out), "--order", "2"]) == 0
+    )
+    assert "20 documents" in capsys.readouterr().out
+    lm = KneserNeyLM.load(out)
+    assert lm.order == 2 and lm.perplexity(sentences(rng, 1)[0]) < lm.perplexity("zq xv jk wq pz")

@@ -164,6 +164,22 @@ def train_classifier(
     return QualityClassifier(weights, bias, dim, ngrams, info)
 
 
+def accuracy(model: QualityClassifier, positive: Sequence[str], negative: Sequence[str]) -> float:
+    """Fraction of documents on the right side of 0.5."""
+    if not positive and not negative:
+        return float("nan")
+    right = int(np.sum(model.score(positive) >= 0.5)) if positive else 0
+    right += int(np.sum(model.score(negative) < 0.5)) if negative else 0
+    return right / (len(positive) + len(negative))
+
+
+def split_holdout(texts: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, held out) after a seeded shuffle; at least one document stays in training."""
+    order = np.random.default_rng(seed).permutation(len(texts))
+    n_held = min(round(len(texts) * fraction), max(len(texts) - 1, 0))
+    return [texts[i] for i in order[n_held:]], [texts[i] for i in order[:n_held]]
+
+
 @register_step("quality_classifier")
 class ClassifierFilter(Filter):
     """Scores documents with a trained classifier (``meta.quality_score``) and keeps those >= ``threshold``."""
