@@ -25,6 +25,7 @@ COMMAND_MODULES: list[str] = [
     "lmforge.data.commands",
     "lmforge.tokenizer_commands",
     "lmforge.model.commands",
+    "lmforge.train.commands",
     "lmforge.infer.commands",
     "lmforge.serve.commands",
     "lmforge.eval.commands",

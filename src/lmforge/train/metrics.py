@@ -1,0 +1,146 @@
+"""Run-folder observability: metrics.jsonl, events.jsonl, optional TensorBoard / W&B, MFU, plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity), matched against the device name.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
+
+
+def peak_flops(device: torch.device, configured: float | None = None) -> float | None:
+    """Peak FLOP/s of one device: the configured value, else the table for known GPUs, else None."""
+    if configured:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in PEAK_FLOPS.items():
+            if key in name:
+                return flops
+    return None
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or peak resident memory of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024**3 if sys.platform == "darwin" else rss / 1024**2
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class MetricsLogger:
+    """Writes one JSON line per logged step (rank 0 only) and mirrors it to TensorBoard / W&B if asked.
+
+    On resume and rollback, records of steps after the checkpoint are dropped (``truncate``), so
+    metrics.jsonl always describes one unbroken run.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False, wandb: bool = False) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.events_path = run_dir / "events.jsonl"
+        self._tb = self._wandb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                log.warning("log.tensorboard: the tensorboard package is not installed; skipping")
+        if wandb:
+            try:
+                import wandb as wandb_module
+
+                self._wandb = wandb_module.init(mode="offline", dir=str(run_dir), project="lmforge")
+            except ImportError:
+                log.warning("log.wandb: the wandb package is not installed; skipping")
+
+    def truncate(self, step: int) -> None:
+        """Forget records of steps after ``step`` (they are about to be redone after a resume or rollback)."""
+        if not self.enabled:
+            return
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        scalars = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"}
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def event(self, record: dict[str, Any]) -> None:
+        """A stability or checkpoint event (spike, rollback, skipped step); also sent to the console log."""
+        if not self.enabled:
+            return
+        log.warning("event: %s", record)
+        with self.events_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def write_plots(run_dir: Path) -> list[Path]:
+    """PNG plots of training/validation loss, learning rate and throughput from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    if not train:
+        return []
+    plots_dir = run_dir / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    written = []
+    panels = {
+        "loss": [("loss", "train"), ("val_loss", "validation")],
+        "lr": [("lr", "learning rate")],
+        "throughput": [("tokens_per_s", "tokens/s")],
+    }
+    for name, series in panels.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in series:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                ax.plot(*zip(*points), label=label, marker="." if len(points) < 50 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = plots_dir / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,232 @@
+"""Parallelism applied to a built ``Transformer`` from outside: DDP, FSDP2, tensor and pipeline parallel.
+
+The world is a ``DeviceMesh`` of shape ``(pp, dp, tp)`` (tensor parallel innermost, so its heavy
+collectives stay on the fastest links). Processes are launched by ``torchrun`` (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK`` and the rendezvous come from its environment); NCCL on GPUs, gloo on CPU.
+
+- data parallel: ``DistributedDataParallel``, or FSDP2 ``fully_shard`` per block and at the root, with
+  ``reshard_after_forward=True`` (ZeRO-3: parameters gathered again in backward) or ``False`` (ZeRO-2-like:
+  parameters stay gathered between forward and backward; gradients and optimizer states sharded);
+- tensor parallel (Megatron-LM style): column-parallel q/k/v and gate/up projections, row-parallel o/down
+  projections, so each rank holds ``n_heads / tp`` query heads and ``n_kv_heads / tp`` key/value heads and a
+  block needs one all-reduce after attention and one after the MLP; embeddings, norms and the head stay
+  replicated;
+- pipeline parallel: each stage is the model with the other stages' blocks deleted (block keys, hence
+  parameter names, are kept), driven by a GPipe or 1F1B schedule from ``torch.distributed.pipelining``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from lmforge.model.transformer import Transformer
+from lmforge.train.config import ParallelConfig
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    mesh: DeviceMesh | None = None
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    dp_rank: int = 0
+    pp_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def group(self, dim: str) -> dist.ProcessGroup | None:
+        """The process group along mesh dimension ``dim`` (None when that dimension has one rank)."""
+        if self.mesh is None or getattr(self, dim) == 1:
+            return None
+        return self.mesh[dim].get_group()
+
+
+def init_distributed(cfg: ParallelConfig) -> DistEnv:
+    """Join the torchrun world if there is one and lay out the (pp, dp, tp) mesh."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world % (cfg.tp * cfg.pp):
+        raise ValueError(
+            f"world size {world} is not divisible by parallel.tp * parallel.pp = {cfg.tp * cfg.pp}"
+        )
+    dp = world // (cfg.tp * cfg.pp)
+    if world == 1:
+        return DistEnv(device=device)
+    mesh = init_device_mesh(device.type, (cfg.pp, dp, cfg.tp), mesh_dim_names=("pp", "dp", "tp"))
+    return DistEnv(
+        rank=dist.get_rank(),
+        world_size=world,
+        device=device,
+        mesh=mesh,
+        dp=dp,
+        tp=cfg.tp,
+        pp=cfg.pp,
+        dp_rank=mesh["dp"].get_local_rank(),
+        pp_rank=mesh["pp"].get_local_rank(),
+    )
+
+
+def all_reduce_sum(value: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    if group is not None:
+        dist.all_reduce(value, group=group)
+    return value
+
+
+def apply_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each block in backward instead of storing its activations (names unchanged)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks.values():
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+
+
+def apply_compile(model: Transformer) -> None:
+    """``torch.compile`` each block in place (the blocks are identical, so one graph is reused)."""
+    for block in model.blocks.values():
+        block.compile()
+
+
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    cfg, tp = model.cfg, tp_mesh.size()
+    if cfg.n_heads % tp or cfg.n_kv_heads % tp:
+        raise ValueError(
+            f"parallel.tp={tp} must divide n_heads={cfg.n_heads} and n_kv_heads={cfg.n_kv_heads}"
+        )
+    if cfg.n_experts:
+        raise ValueError("tensor parallelism of MoE layers is not supported")
+    if cfg.position in ("alibi", "relative"):
+        raise ValueError(
+            f"tensor parallelism with position={cfg.position} (per-head biases) is not supported"
+        )
+    for block in model.blocks.values():
+        plan = {
+            "attn.q_proj": ColwiseParallel(),
+            "attn.k_proj": ColwiseParallel(),
+            "attn.v_proj": ColwiseParallel(),
+            "attn.o_proj": RowwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(),
+        }
+        if getattr(block.mlp, "gate_proj", None) is not None:
+            plan["mlp.gate_proj"] = ColwiseParallel()
+        parallelize_module(block, tp_mesh, plan)
+        # The projections now produce this rank's heads only; attention reshapes by these counts.
+        block.attn.n_heads //= tp
+        block.attn.n_kv_heads //= tp
+
+
+def apply_fsdp(
+    root: nn.Module, blocks: nn.ModuleDict, dp_mesh: DeviceMesh, reshard_after_forward: bool
+) -> None:
+    """Shard each block as its own unit (gathered just in time), then what remains at ``root``."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks.values():
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(root, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+
+
+def stage_layers(n_layers: int, pp: int, stage: int) -> range:
+    """Blocks of pipeline stage ``stage``: contiguous, sizes differing by at most one."""
+    if n_layers < pp:
+        raise ValueError(f"parallel.pp={pp} needs at least as many layers, the model has {n_layers}")
+    base, extra = divmod(n_layers, pp)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (1 if stage < extra else 0))
+
+
+def split_pipeline_stage(model: Transformer, pp: int, stage: int) -> Transformer:
+    """Turn ``model`` into pipeline stage ``stage`` in place by deleting what other stages hold."""
+    cfg = model.cfg
+    if cfg.tie_embeddings:
+        raise ValueError("pipeline parallelism with tied embeddings (first and last stage share a weight)")
+    keep = {str(i) for i in stage_layers(cfg.n_layers, pp, stage)}
+    for key in list(model.blocks.keys()):
+        if key not in keep:
+            del model.blocks[key]
+    if stage > 0:
+        model.embed_tokens = model.pos_embed = model.embed_norm = None
+    if stage < pp - 1:
+        model.norm = model.lm_head = None
+    return model
+
+
+class StageForward(nn.Module):
+    """A pipeline stage's module: tensors in, tensors out (hidden states, or logits on the last stage)."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x).logits
+
+
+def grad_norm(parameters: list[nn.Parameter], pp_group: dist.ProcessGroup | None = None) -> Tensor:
+    """Global L2 norm of the gradients over all ranks, counting every element once.
+
+    Plain tensors are replicated (DDP, or TP-replicated layers) and count as they are; DTensor gradients
+    are summed over the mesh dimensions where they are sharded; pipeline stages add up their squares.
+    """
+    plain = torch.zeros((), dtype=torch.float32)
+    sharded: dict[tuple, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float32))
+    meshes: dict[tuple, tuple[DeviceMesh, list[int]]] = {}
+    for p in parameters:
+        g = p.grad
+        if g is None:
+            continue
+        if isinstance(g, DTensor):
+            shard_dims = [i for i, placement in enumerate(g.placements) if placement.is_shard()]
+            key = (id(g.device_mesh), tuple(shard_dims))
+            meshes[key] = (g.device_mesh, shard_dims)
+            local = g.to_local().detach().float().pow(2).sum()
+            sharded[key] = sharded[key].to(local.device) + local
+        else:
+            local = g.detach().float().pow(2).sum()
+            plain = plain.to(local.device) + local
+    total = plain
+    for key, value in sharded.items():
+        mesh, shard_dims = meshes[key]
+        for dim in shard_dims:
+            dist.all_reduce(value, group=mesh.get_group(dim))
+        total = total.to(value.device) + value
+    if pp_group is not None:
+        dist.all_reduce(total, group=pp_group)
+    return total.sqrt()
+
+
+def scale_grads_(parameters: list[nn.Parameter], factor: float) -> None:
+    for p in parameters:
+        if p.grad is not None:
+            p.grad.mul_(factor)

@@ -1,0 +1,521 @@
+"""The one training loop: pretraining, and every post-training objective plugged into it.
+
+One optimizer step (``Trainer.train_step``):
+
+1. take ``accum`` micro-batches (the batch-size ramp decides how many), count their loss units (tokens) and
+   all-reduce the count over data-parallel ranks;
+2. forward/backward each micro-batch with its *summed* loss scaled by ``dp / units``, so the gradient is
+   the per-unit mean of the whole step however it is split over micro-batches and ranks (DDP/FSDP average
+   over ranks, hence the ``dp``);
+3. global gradient norm; a non-finite value or a loss spike is handled (skip / roll back) before any
+   update is applied; then clipping, the learning rate of this step, and the optimizer update.
+
+Checkpoints every ``checkpoint.every_steps`` and at the end; a run resumes from its newest intact
+checkpoint, and the final model is exported in Hugging Face layout to ``RUN/model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import platform
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lmforge.config import save_config
+from lmforge.model import Transformer, get_preset, load_pretrained, save_pretrained
+from lmforge.model.flops import flops_per_token
+from lmforge.train import checkpoint as ckpt
+from lmforge.train import parallel
+from lmforge.train.config import TrainConfig
+from lmforge.train.metrics import MetricsLogger, memory_gib, peak_flops, write_plots
+from lmforge.train.objective import Batch, LMObjective, Objective, lm_loss_sum
+from lmforge.train.optim import build_optimizer
+from lmforge.train.precision import autocast_factory, grad_scaler, resolve_precision
+from lmforge.train.schedule import LRSchedule, accumulation_steps
+from lmforge.train.stability import SpikeDetector
+
+log = logging.getLogger(__name__)
+
+BatchHook = Callable[[int, Batch], Batch]  # (0-based step, micro-batch) -> micro-batch; tests inject faults
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (rollback cap reached, non-finite state with nothing to roll back to)."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    metrics: dict[str, Any]  # the last logged record (loss, lr, grad_norm, tokens_per_s, ...)
+    val_loss: float | None
+    checkpoint: Path | None
+    model_dir: Path | None  # the exported model (None when checkpoint.export is off)
+    rollbacks: int
+
+
+def build_model(cfg: TrainConfig) -> Transformer:
+    """The model a recipe asks for: a model folder (weights loaded), a preset name, or ``cfg.model``."""
+    if cfg.init_from:
+        if Path(cfg.init_from).is_dir():
+            return load_pretrained(cfg.init_from).train()
+        return Transformer(get_preset(cfg.init_from))
+    return Transformer(cfg.model)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: Transformer | None = None,
+        objective: Objective | None = None,
+        train_data: Iterator[Batch] | None = None,
+        val_data: Callable[[], Iterator[Batch]] | None = None,
+        batch_hook: BatchHook | None = None,
+    ) -> None:
+        """``train_data`` must have ``state_dict``/``load_state_dict`` for resume and rollback (PackedLoader
+        has); by default a PackedLoader over ``cfg.data`` is built. ``val_data`` makes a fresh iterator of
+        held-out batches; by default the loader's val split when ``data.val_fraction > 0``."""
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.env = env = parallel.init_distributed(cfg.parallel)
+        self.device = env.device
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = model if model is not None else build_model(cfg)
+        cfg.model = model.cfg
+        self.model_cfg = model.cfg
+        self.objective: Objective = objective or LMObjective()
+        self.precision = resolve_precision(cfg.precision.dtype, self.device)
+        self.autocast = autocast_factory(self.precision, self.device)
+        self.scaler = grad_scaler(self.precision, self.device)
+        self.batch_hook = batch_hook
+        self._setup_model(model.to(self.device).train())
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, cfg.max_steps)
+        self.detector = SpikeDetector(
+            cfg.stability.window, cfg.stability.min_history, cfg.stability.z_threshold
+        )
+        self.train_data, self.val_data = self._data(train_data, val_data)
+        self.step = 0
+        self.tokens = 0
+        self.rollbacks = 0
+        self.micro_tokens = cfg.batch.micro_batch_size * cfg.data.seq_len * env.dp
+        peak = peak_flops(self.device, cfg.log.peak_flops)
+        self.flops_per_s_peak = peak * env.world_size if peak else None
+        self.train_flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)["train"]
+        self.metrics = MetricsLogger(self.run_dir, env.is_main, cfg.log.tensorboard, cfg.log.wandb)
+
+    # -- set-up ----------------------------------------------------------------------------------------------------
+    def _setup_model(self, model: Transformer) -> None:
+        env, pcfg = self.env, self.cfg.parallel
+        self.schedule_pp = None
+        if env.pp > 1:
+            if self.cfg.data.document_masking:
+                raise ValueError("pipeline parallelism passes one tensor between stages: no document_masking")
+            if self.cfg.batch.micro_batch_size % pcfg.pp_microbatches:
+                raise ValueError("batch.micro_batch_size must be divisible by parallel.pp_microbatches")
+            parallel.split_pipeline_stage(model, env.pp, env.pp_rank)
+        if env.tp > 1:
+            parallel.apply_tensor_parallel(model, env.mesh["tp"])
+        if self.cfg.precision.activation_checkpointing:
+            parallel.apply_activation_checkpointing(model)
+        if self.cfg.precision.compile:
+            parallel.apply_compile(model)
+        self.model = model  # owns the parameters: optimizer, checkpoints and export use it
+        root: torch.nn.Module = parallel.StageForward(model) if env.pp > 1 else model
+        self.fsdp_root = None
+        if env.dp > 1 and pcfg.dp_mode == "fsdp":
+            parallel.apply_fsdp(root, model.blocks, env.mesh["dp"], pcfg.fsdp_reshard_after_forward)
+            self.fsdp_root = root
+        elif env.dp > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            root = DistributedDataParallel(root, process_group=env.group("dp"))
+        self.forward_model = root
+        if env.pp > 1:
+            from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+            stage = PipelineStage(root, env.pp_rank, env.pp, self.device, group=env.group("pp"))
+            schedule_cls = ScheduleGPipe if pcfg.pp_schedule == "gpipe" else Schedule1F1B
+            self.schedule_pp = schedule_cls(
+                stage, n_microbatches=pcfg.pp_microbatches, loss_fn=self._pipeline_loss, scale_grads=False
+            )
+            self._pp_loss_scale = 1.0
+            self._pp_loss_sums: list[Tensor] = []
+
+    def _data(
+        self, train_data: Iterator[Batch] | None, val_data: Callable[[], Iterator[Batch]] | None
+    ) -> tuple[Iterator[Batch], Callable[[], Iterator[Batch]] | None]:
+        if train_data is not None:
+            return train_data, val_data
+        from lmforge.data.loader import PackedLoader
+
+        cfg, env = self.cfg, self.env
+        tokenizer_sha = None
+        if cfg.tokenizer:
+            from lmforge.tokenizer import load_tokenizer
+
+            tokenizer_sha = load_tokenizer(cfg.tokenizer).sha256()
+
+        def loader(split: str) -> PackedLoader:
+            return PackedLoader.from_config(
+                cfg.data, cfg.batch.micro_batch_size, env.dp_rank, env.dp, split, tokenizer_sha
+            )
+
+        if val_data is None and cfg.data.val_fraction > 0:
+            val_data = lambda: loader("val")  # noqa: E731
+        return loader("train"), val_data
+
+    # -- state -----------------------------------------------------------------------------------------------------
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "rollbacks": self.rollbacks,
+            "loader": self.train_data.state_dict(),
+            "detector": self.detector.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+        }
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.ckpt_root,
+            self.step,
+            self.model,
+            self.optimizer,
+            self._trainer_state(),
+            _rng_state(),
+            self.cfg.checkpoint.keep_last,
+        )
+
+    def _latest(self) -> Path | None:
+        """The newest intact checkpoint, as rank 0 verified it (one verification, same answer everywhere)."""
+        found = [str(ckpt.latest_checkpoint(self.ckpt_root) or "") if self.env.is_main else ""]
+        if self.env.world_size > 1:
+            dist.broadcast_object_list(found, src=0)
+        return Path(found[0]) if found[0] else None
+
+    def restore(self, folder: Path) -> None:
+        state, rank_state = ckpt.load_checkpoint(folder, self.model, self.optimizer)
+        self.step, self.tokens, self.rollbacks = state["step"], state["tokens"], state["rollbacks"]
+        self.train_data.load_state_dict(state["loader"])
+        self.detector.load_state_dict(state["detector"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        if rank_state is not None:
+            _set_rng_state(rank_state)
+        else:  # resumed on more ranks than wrote the checkpoint: fresh, distinct, reproducible streams
+            torch.manual_seed(self.cfg.seed + 1000 * self.env.rank + self.step)
+
+    # -- one optimizer step ----------------------------------------------------------------------------------------
+    def _pipeline_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        loss_sum = lm_loss_sum(logits, labels)
+        self._pp_loss_sums.append(loss_sum.detach())
+        return loss_sum * self._pp_loss_scale
+
+    def _grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Reduce gradients over data-parallel ranks only on the step's last micro-batch."""
+        if self.fsdp_root is not None:
+            self.fsdp_root.set_requires_gradient_sync(enabled)
+        elif not enabled and hasattr(self.forward_model, "no_sync") and self.schedule_pp is None:
+            return self.forward_model.no_sync()
+        return contextlib.nullcontext()
+
+    def _forward_backward(self, batch: Batch, scale: float) -> Tensor:
+        """Backward of one micro-batch; returns its summed loss (zero on pipeline stages but the last)."""
+        if self.schedule_pp is None:
+            with self.autocast():
+                out = self.objective(self.forward_model, batch)
+            loss = out.loss_sum * scale
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            return out.loss_sum.detach().float()
+        if not isinstance(self.objective, LMObjective):
+            raise ValueError("pipeline parallelism supports the LM objective only")
+        self._pp_loss_scale, self._pp_loss_sums = scale, []
+        with self.autocast():
+            if self.env.pp_rank == 0:
+                self.schedule_pp.step(batch["input_ids"])
+            elif self.env.is_last_stage:
+                self.schedule_pp.step(target=batch["labels"])
+            else:
+                self.schedule_pp.step()
+        return (
+            torch.stack(self._pp_loss_sums).sum()
+            if self._pp_loss_sums
+            else torch.zeros((), device=self.device)
+        )
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step (or a skipped / rolled-back one); returns what happened, for the log."""
+        env, cfg = self.env, self.cfg
+        accum = accumulation_steps(cfg.batch, self.tokens, self.micro_tokens)
+        batches = []
+        for _ in range(accum):
+            batch = next(self.train_data)
+            if self.batch_hook is not None:
+                batch = self.batch_hook(self.step, batch)
+            batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+        units = torch.tensor(float(sum(self.objective.count(b) for b in batches)), device=self.device)
+        units = float(parallel.all_reduce_sum(units, env.group("dp")))
+        scale = env.dp / max(units, 1.0)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            with self._grad_sync(i == accum - 1):
+                loss_sum = loss_sum + self._forward_backward(batch, scale)
+        parallel.all_reduce_sum(loss_sum, env.group("dp"))
+        parallel.all_reduce_sum(loss_sum, env.group("pp"))
+        loss = float(loss_sum) / max(units, 1.0)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = float(parallel.grad_norm(self.params, env.group("pp")))
+        step_tokens = accum * self.micro_tokens
+        record: dict[str, Any] = {
+            "loss": loss,
+            "grad_norm": norm,
+            "accum": accum,
+            "batch_tokens": step_tokens,
+        }
+
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            if self.scaler is not None:  # fp16 overflow: the scaler skips the update and lowers the scale
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.metrics.event(
+                    {"event": "overflow_skip", "step": self.step, "scale": self.scaler.get_scale()}
+                )
+                return {**record, "skipped": True}
+            if cfg.stability.nonfinite == "skip":
+                self.optimizer.zero_grad(set_to_none=True)
+                self.metrics.event(
+                    {"event": "nonfinite_skip", "step": self.step, "loss": loss, "grad_norm": norm}
+                )
+                return {**record, "skipped": True}
+            return self._rollback("nonfinite", loss, math.inf, record)
+        if cfg.stability.spike_detection:
+            verdict = self.detector.check(loss)
+            if verdict.spike:
+                return self._rollback("loss_spike", loss, verdict.z, record)
+
+        if cfg.optim.grad_clip > 0 and norm > cfg.optim.grad_clip:
+            parallel.scale_grads_(self.params, cfg.optim.grad_clip / (norm + 1e-6))
+        lr = self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.detector.accept(loss)
+        self.step += 1
+        self.tokens += step_tokens
+        return {**record, "lr": lr}
+
+    def _rollback(self, reason: str, loss: float, z: float, record: dict[str, Any]) -> dict[str, Any]:
+        """Back to the last good checkpoint, skipping the batches between it and this one (PaLM)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.rollbacks += 1
+        event = {"event": reason, "step": self.step, "loss": loss, "z": z, "rollbacks": self.rollbacks}
+        if self.rollbacks > self.cfg.stability.max_rollbacks:
+            self.metrics.event({**event, "action": "stop"})
+            raise TrainingError(
+                f"step {self.step}: {reason} after {self.cfg.stability.max_rollbacks} rollbacks"
+            )
+        folder = self._latest()
+        if folder is None:
+            self.metrics.event({**event, "action": "skip_step", "note": "no checkpoint yet"})
+            return {**record, "skipped": True}
+        resume_data_at = self.train_data.state_dict()  # just after the offending batch
+        spike_step, rollbacks = self.step, self.rollbacks
+        self.restore(folder)
+        self.rollbacks = rollbacks
+        self.train_data.load_state_dict(resume_data_at)
+        self.metrics.event(
+            {**event, "action": "rollback", "to_step": self.step, "skipped_steps": spike_step - self.step + 1}
+        )
+        self.metrics.truncate(self.step)
+        return {**record, "skipped": True, "rolled_back_to": self.step}
+
+    # -- validation ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean per-token loss on up to ``log.val_batches`` held-out batches (None without val data or
+        under pipeline parallelism)."""
+        if self.val_data is None or self.schedule_pp is not None:
+            return None
+        self.forward_model.eval()
+        data = self.val_data()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for _ in range(self.cfg.log.val_batches):
+            batch = next(data, None)
+            # every rank must run the same number of forwards (FSDP gathers inside them)
+            more = torch.tensor([0.0 if batch is None else 1.0], device=self.device)
+            if float(parallel.all_reduce_sum(more, self.env.group("dp"))) < self.env.dp:
+                break
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self.autocast():
+                out = self.objective(self.forward_model, batch)
+            totals += torch.stack([out.loss_sum.detach().double(), torch.tensor(float(out.count)).double()])
+        self.forward_model.train()
+        parallel.all_reduce_sum(totals, self.env.group("dp"))
+        return float(totals[0] / totals[1]) if totals[1] > 0 else None
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+    def _write_run_info(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        import lmforge
+
+        versions = {
+            "lmforge": lmforge.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "world_size": self.env.world_size,
+            "device": str(self.device),
+            "precision": self.precision,
+        }
+        (self.run_dir / "versions.json").write_text(json.dumps(versions, indent=2), encoding="utf-8")
+
+    def fit(self) -> TrainResult:
+        cfg, env = self.cfg, self.env
+        if env.is_main:
+            self._write_run_info()
+        folder = self._latest() if cfg.checkpoint.resume else None
+        if folder is not None:
+            self.restore(folder)
+            log.info("resumed from %s at step %d", folder, self.step)
+        self.metrics.truncate(self.step)
+        progress = None
+        if env.is_main and cfg.log.progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        last_record: dict[str, Any] = {}
+        val_loss = None
+        last_saved = self.step if folder is not None else None
+        window_start, window_tokens = time.perf_counter(), 0
+        while self.step < cfg.max_steps:
+            before = self.step
+            result = self.train_step()
+            if self.step == before:  # skipped or rolled back
+                if progress is not None:
+                    progress.n = self.step
+                    progress.refresh()
+                continue
+            window_tokens += result["batch_tokens"]
+            if progress is not None:
+                progress.update(1)
+            if self.step % cfg.log.every_steps == 0 or self.step == cfg.max_steps:
+                elapsed = time.perf_counter() - window_start
+                last_record = self._log_record(result, window_tokens / max(elapsed, 1e-9))
+                window_start, window_tokens = time.perf_counter(), 0
+                if cfg.log.val_every_steps and self.step % cfg.log.val_every_steps == 0:
+                    val_loss = self.validate()
+                    if val_loss is not None:
+                        last_record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+                self.metrics.log(last_record)
+                if progress is not None:
+                    progress.set_postfix(self._postfix(last_record), refresh=False)
+            every = cfg.checkpoint.every_steps
+            if every and self.step % every == 0 and self.step < cfg.max_steps:
+                self.save()
+                last_saved = self.step
+        if progress is not None:
+            progress.close()
+        if cfg.log.val_every_steps and "val_loss" not in last_record:
+            val_loss = self.validate()
+            if val_loss is not None:
+                self.metrics.log(
+                    {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+                )
+        final = self.save() if last_saved != self.step else self._latest()
+        model_dir = self.export(final) if cfg.checkpoint.export else None
+        if env.is_main and cfg.log.plots:
+            write_plots(self.run_dir)
+        self.metrics.close()
+        return TrainResult(self.run_dir, self.step, last_record, val_loss, final, model_dir, self.rollbacks)
+
+    def _log_record(self, result: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:
+        record = {
+            "step": self.step,
+            "tokens": self.tokens,
+            **{k: result[k] for k in ("loss", "lr", "grad_norm", "accum", "batch_tokens")},
+            "tokens_per_s": tokens_per_s,
+            "memory_gib": memory_gib(self.device),
+        }
+        if self.flops_per_s_peak:
+            record["mfu"] = tokens_per_s * self.train_flops_per_token / self.flops_per_s_peak
+        return record
+
+    @staticmethod
+    def _postfix(record: dict[str, Any]) -> dict[str, str]:
+        postfix = {
+            "loss": f"{record['loss']:.4f}",
+            "lr": f"{record['lr']:.2e}",
+            "gnorm": f"{record['grad_norm']:.2f}",
+            "tok/s": f"{record['tokens_per_s']:.0f}",
+            "mem": f"{record['memory_gib']:.1f}G",
+        }
+        if "mfu" in record:
+            postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+        return postfix
+
+    def export(self, folder: Path | None) -> Path | None:
+        """Write the model of checkpoint ``folder`` in Hugging Face layout (rank 0; others wait)."""
+        out = self.run_dir / "model"
+        if self.env.is_main and folder is not None:
+            model = Transformer(self.model_cfg)
+            ckpt.load_model_weights(folder, model)
+            save_pretrained(model, out)
+            if self.cfg.tokenizer:
+                from lmforge.tokenizer import load_tokenizer
+
+                load_tokenizer(self.cfg.tokenizer).save(out)
+        if self.env.world_size > 1:
+            dist.barrier()
+        return out if folder is not None else None
+
+
+def train(
+    cfg: TrainConfig,
+    model: Transformer | None = None,
+    objective: Objective | None = None,
+    train_data: Iterator[Batch] | None = None,
+    val_data: Callable[[], Iterator[Batch]] | None = None,
+    batch_hook: BatchHook | None = None,
+) -> TrainResult:
+    """Train as ``cfg`` says; resumes from the run folder's newest checkpoint when there is one."""
+    return Trainer(cfg, model, objective, train_data, val_data, batch_hook).fit()
