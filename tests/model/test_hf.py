@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.model import ContiguousKVCache, ModelConfig, Transformer
 from lmforge.model.hf import ModelLoadError, hf_family, load_pretrained, read_config, save_pretrained
+from lmforge.model.presets import get_preset
 
 LLAMA_LIKE = dict(
     vocab_size=128,
@@ -209,3 +210,29 @@ def test_unknown_model_type(llama_folder):
 def test_not_a_folder(tmp_path):
     with pytest.raises(ModelLoadError, match="model folder not found"):
         load_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    ("preset", "family"),
+    [
+        ("tiny-gpt2", "gpt2"),
+        ("tiny-llama", "llama"),
+        ("tiny-mistral", "mistral"),
+        ("tiny-qwen2", "qwen2"),
+        ("tiny-mixtral", "mixtral"),
+    ],
+)
+def test_our_presets_export_to_their_family_and_load_in_transformers(preset, family, tmp_path):
+    model = Transformer(get_preset(preset)).eval()
+    assert save_pretrained(model, tmp_path) == family
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 40))  # longer than tiny-mistral's window
+    with torch.no_grad():
+        assert _max_diff(hf(ids).logits, model(ids).logits) <= TOLERANCE
+
+
+def test_big_presets_map_onto_their_families():
+    assert hf_family(get_preset("llama3-8b")) == "llama"
+    assert hf_family(get_preset("mixtral-8x7b")) == "mixtral"
+    assert hf_family(get_preset("qwen2-7b")) == "qwen2"
+    assert hf_family(get_preset("gpt2-medium")) == "gpt2"

@@ -219,3 +219,36 @@ def test_backward_reaches_every_parameter():
     (out.logits.square().mean() + out.aux_loss).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
+
+
+def test_bfloat16_model_decodes_close_to_its_full_forward():
+    model = build(n_kv_heads=2).to(torch.bfloat16)
+    ids = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = ContiguousKVCache.for_model(model.cfg, batch=1, max_len=8, dtype=torch.bfloat16)
+        steps = torch.cat(
+            [model(ids[:, :4], cache=cache).logits]
+            + [model(ids[:, i : i + 1], cache=cache).logits for i in range(4, 8)],
+            1,
+        )
+    assert full.dtype == steps.dtype == torch.bfloat16
+    torch.testing.assert_close(steps.float(), full.float(), atol=5e-2, rtol=0)
+
+
+def test_a_cache_without_lengths_needs_explicit_positions():
+    class BareCache:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def update(self, layer, keys, values, positions):
+            return self.inner.update(layer, keys, values, positions)
+
+    model = build()
+    cache = BareCache(ContiguousKVCache.for_model(model.cfg, batch=1, max_len=8))
+    ids = torch.randint(0, 97, (1, 4))
+    with pytest.raises(ValueError, match="position_ids"):
+        model(ids, cache=cache)
+    with torch.no_grad():
+        got = model(ids, position_ids=torch.arange(4)[None], cache=cache).logits
+    torch.testing.assert_close(got, model(ids).logits, atol=1e-5, rtol=0)

@@ -103,9 +103,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # head counts are inferred (-1) so a tensor-parallel plan may shard the projections by heads
+        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if ctx.rope is not None:
@@ -124,7 +125,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
 
     def _mask(self, ctx: AttentionContext, k_pos: Tensor, dtype: torch.dtype) -> Tensor:
         mask = ctx.base_mask(k_pos)

@@ -33,6 +33,9 @@ class KVView:
 
 
 class KVCache(Protocol):
+    """What attention layers call. A cache that also has ``lengths() -> (batch,) LongTensor`` (where each
+    sequence continues) lets ``Transformer.forward`` default ``position_ids``; otherwise callers pass them."""
+
     def update(self, layer: int, keys: Tensor, values: Tensor, positions: Tensor) -> KVView:
         """Store new keys/values (batch, n_kv_heads, n_new, head_dim) at ``positions`` (batch, n_new)
         and return what the new queries of this layer may attend to."""

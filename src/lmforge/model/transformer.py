@@ -158,6 +158,8 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(seq, device=device).expand(batch, seq)
             if cache is not None:
+                if not hasattr(cache, "lengths"):
+                    raise ValueError("position_ids: required with a cache that has no lengths()")
                 position_ids = position_ids + cache.lengths().to(device)[:, None]
 
         if self.embed_tokens is not None:
