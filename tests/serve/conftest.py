@@ -41,7 +41,9 @@ def tokenizer() -> Tokenizer:
     return train_tokenizer(SENTENCES * 4, cfg)
 
 
-def build_engine(tokenizer: Tokenizer, **engine_overrides: int) -> LLMEngine:
+def build_engine(
+    tokenizer: Tokenizer, max_model_len: int = MAX_MODEL_LEN, **engine_overrides: int
+) -> LLMEngine:
     torch.manual_seed(0)
     cfg = ModelConfig(
         vocab_size=tokenizer.vocab_size,
@@ -49,7 +51,7 @@ def build_engine(tokenizer: Tokenizer, **engine_overrides: int) -> LLMEngine:
         n_layers=2,
         n_heads=4,
         d_ff=64,
-        max_seq_len=MAX_MODEL_LEN,
+        max_seq_len=max_model_len,
     )
     config = EngineConfig(**{"block_size": 16, "num_blocks": 256, "max_num_seqs": 64, **engine_overrides})
     return LLMEngine(Transformer(cfg), tokenizer, config)
@@ -72,9 +74,10 @@ class RunningServer:
 
 @contextmanager
 def running_server(
-    load_engine: Callable[[], LLMEngine], api_key: str | None = None, **app_kwargs
+    load_engine: Callable[[], LLMEngine], api_key: str | None = None, wait_healthy: bool = True, **app_kwargs
 ) -> Iterator[RunningServer]:
-    """Serve the app with uvicorn in a thread on a socket bound to a free port; wait until /health is 200."""
+    """Serve the app with uvicorn in a thread on a socket bound to a free port; wait until /health is 200
+    (or, with ``wait_healthy=False``, only until the server answers)."""
     app = create_app(load_engine, MODEL_ID, api_key=api_key, **app_kwargs)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -88,7 +91,8 @@ def running_server(
     try:
         while True:
             try:
-                if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                status = httpx.get(f"{base_url}/health", timeout=2).status_code
+                if status == 200 or not wait_healthy:
                     break
             except httpx.TransportError:
                 pass
@@ -112,9 +116,9 @@ def server(tokenizer: Tokenizer) -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="session")
 def open_server(tokenizer: Tokenizer) -> Iterator[RunningServer]:
-    """A server without an API key (the chat page and the concurrency test)."""
+    """A server without an API key and with a longer context (the chat page and the concurrency test)."""
     torch.set_num_threads(1)
-    with running_server(lambda: build_engine(tokenizer)) as running:
+    with running_server(lambda: build_engine(tokenizer, max_model_len=512)) as running:
         yield running
 
 

@@ -58,12 +58,14 @@ def test_counters_and_latency_histograms():
     metrics.observe_tokens(12)
     metrics.time_to_first_token.observe(0.02)
     metrics.e2e_latency.observe(0.3)
-    metrics.requests_finished.labels("stop").inc()
+    metrics.completions_finished.labels("stop").inc()
+    metrics.requests_aborted.inc()
     values = samples(metrics)
     assert values["lmforge_generation_tokens_total"] == 12
     assert values["lmforge_time_to_first_token_seconds_count"] == 1
     assert values["lmforge_e2e_request_latency_seconds_sum"] == 0.3
-    assert values["lmforge_requests_finished_total"] == 1
+    assert values["lmforge_completions_finished_total"] == 1
+    assert values["lmforge_requests_aborted_total"] == 1
     assert values["lmforge_generation_tokens_per_second"] > 0
 
 

@@ -68,14 +68,12 @@ class RequestStream:
         self._first_token_seen = False
         # Runs once: on abort(), or when the stream is garbage-collected unfinished (a response body that
         # was never iterated because the client left first). It must not reference ``self``.
-        self._abort = weakref.finalize(self, owner._abort, request_id)
+        self._abort = weakref.finalize(self, _abandon, owner, request_id)
         if self._metrics is not None:
             self._metrics.prompt_tokens.inc(num_prompt_tokens)
 
     def abort(self) -> None:
         """Stop the request if it is still running (idempotent)."""
-        if self._abort.alive and self._metrics is not None:
-            self._metrics.requests_finished.labels("abort").inc()
         self._abort()
 
     def __aiter__(self) -> RequestStream:
@@ -118,7 +116,13 @@ class RequestStream:
         if output.finished:
             metrics.e2e_latency.observe(now - self._arrival)
             for completion in output.outputs:
-                metrics.requests_finished.labels(completion.finish_reason or "unknown").inc()
+                metrics.completions_finished.labels(completion.finish_reason or "unknown").inc()
+
+
+def _abandon(owner: AsyncEngine, request_id: str) -> None:
+    if owner.metrics is not None:
+        owner.metrics.requests_aborted.inc()
+    owner._abort(request_id)
 
 
 class AsyncEngine:

@@ -84,11 +84,14 @@ class ServerMetrics:
 
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated.", registry=r)
-        self.requests_finished = Counter(
-            f"{PREFIX}_requests_finished",
-            "Finished requests by finish reason.",
+        self.completions_finished = Counter(
+            f"{PREFIX}_completions_finished",
+            "Finished completions (choices) by finish reason.",
             ["finish_reason"],
             registry=r,
+        )
+        self.requests_aborted = Counter(
+            f"{PREFIX}_requests_aborted", "Requests cancelled before they finished (client gone).", registry=r
         )
         self.requests_rejected = Counter(
             f"{PREFIX}_requests_rejected", "Requests refused because the server was full (429).", registry=r

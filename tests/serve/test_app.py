@@ -1,0 +1,141 @@
+"""Endpoints around generation: health while loading, tokenizer utilities, auth, metrics, overload, page."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.serve.conftest import MAX_MODEL_LEN, MODEL_ID, build_engine, running_server, wait_until_idle
+
+
+def metric_values(base_url: str) -> dict[str, float]:
+    text = httpx.get(f"{base_url}/metrics").text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_health_is_503_until_the_model_is_loaded(tokenizer):
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(30)
+        return build_engine(tokenizer)
+
+    with running_server(slow_load, wait_healthy=False) as running:
+        health = httpx.get(f"{running.base_url}/health")
+        assert health.status_code == 503
+        assert health.json()["error"]["code"] == "model_loading"
+        assert httpx.get(f"{running.base_url}/v1/models").status_code == 503
+        assert httpx.get(f"{running.base_url}/metrics").status_code == 200  # scrapable while loading
+        release.set()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{running.base_url}/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert httpx.get(f"{running.base_url}/v1/models").json()["data"][0]["id"] == MODEL_ID
+
+
+def test_health_reports_a_failed_load():
+    def broken_load():
+        raise FileNotFoundError("no weights in /nowhere")
+
+    with running_server(broken_load, wait_healthy=False) as running:
+        deadline = time.monotonic() + 10
+        while (body := httpx.get(f"{running.base_url}/health").json())["error"]["code"] == "model_loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert body["error"]["code"] == "model_load_failed"
+        assert "no weights in /nowhere" in body["error"]["message"]
+
+
+def test_tokenize_and_detokenize_round_trip(server):
+    tok = server.engine.tokenizer
+    text = "Le café est très bon"
+    response = httpx.post(f"{server.base_url}/tokenize", json={"prompt": text}, headers=server.headers())
+    body = response.json()
+    assert body["tokens"] == tok.encode(text, add_special_tokens=True)
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] == MAX_MODEL_LEN
+    plain = httpx.post(
+        f"{server.base_url}/tokenize",
+        json={"prompt": text, "add_special_tokens": False},
+        headers=server.headers(),
+    ).json()
+    back = httpx.post(
+        f"{server.base_url}/detokenize", json={"tokens": plain["tokens"]}, headers=server.headers()
+    )
+    assert back.json() == {"prompt": text}
+    messages = [{"role": "user", "content": "hi"}]
+    chat = httpx.post(
+        f"{server.base_url}/tokenize", json={"messages": messages}, headers=server.headers()
+    ).json()
+    assert chat["tokens"] == tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+    bad = httpx.post(f"{server.base_url}/detokenize", json={"tokens": [10**7]}, headers=server.headers())
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_api_key_guards_the_api_but_not_health_metrics_or_page(server):
+    for path in ("/v1/models",):
+        assert httpx.get(f"{server.base_url}{path}").status_code == 401
+    denied = httpx.post(
+        f"{server.base_url}/tokenize", json={"prompt": "x"}, headers={"Authorization": "Bearer no"}
+    )
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    for path in ("/health", "/metrics", "/"):
+        assert httpx.get(f"{server.base_url}{path}").status_code == 200
+
+
+def test_chat_page_is_self_contained(server):
+    page = httpx.get(f"{server.base_url}/")
+    assert page.headers["content-type"].startswith("text/html")
+    assert "/v1/chat/completions" in page.text
+    # nothing is fetched from elsewhere: no external scripts, styles or URLs
+    assert "http://" not in page.text and "https://" not in page.text and "src=" not in page.text
+
+
+def test_metrics_follow_the_traffic(server):
+    before = metric_values(server.base_url)
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=server.api_key, max_retries=0)
+    result = client.completions.create(model=MODEL_ID, prompt="Hello world", max_tokens=5, temperature=0)
+    after = metric_values(server.base_url)
+    generated = after["lmforge_generation_tokens_total"] - before["lmforge_generation_tokens_total"]
+    assert generated == result.usage.completion_tokens
+    prompt = after["lmforge_prompt_tokens_total"] - before["lmforge_prompt_tokens_total"]
+    assert prompt == result.usage.prompt_tokens
+    for name in ("lmforge_time_to_first_token_seconds_count", "lmforge_e2e_request_latency_seconds_count"):
+        assert after[name] == before.get(name, 0) + 1
+    assert after["lmforge_generation_tokens_per_second"] > 0
+    wait_until_idle(server)
+    idle = metric_values(server.base_url)
+    assert idle["lmforge_kv_blocks_used"] == 0 and idle["lmforge_requests_running"] == 0
+    assert idle["lmforge_kv_blocks_free"] == server.engine.block_manager.num_blocks - 1  # block 0 is padding
+    for name in ("lmforge_requests_waiting", "lmforge_prefix_cache_hit_rate"):
+        assert name in idle
+
+
+def test_requests_beyond_the_limit_get_429(tokenizer):
+    with running_server(lambda: build_engine(tokenizer), max_active_requests=1) as running:
+        client = openai.OpenAI(base_url=f"{running.base_url}/v1", api_key="unused", max_retries=0)
+        long_stream = client.completions.create(
+            model=MODEL_ID, prompt="Hello", max_tokens=80, stream=True, extra_body={"ignore_eos": True}
+        )
+        next(iter(long_stream))  # the first request is now in flight
+        with pytest.raises(openai.RateLimitError) as info:
+            client.completions.create(model=MODEL_ID, prompt="Hello", max_tokens=2)
+        assert info.value.code == "server_overloaded"
+        long_stream.close()
+        wait_until_idle(running)
+        assert client.completions.create(model=MODEL_ID, prompt="Hello", max_tokens=2).choices
+
+
+def test_a_full_engine_queue_gets_429(tokenizer):
+    with running_server(lambda: build_engine(tokenizer, max_waiting=0)) as running:
+        client = openai.OpenAI(base_url=f"{running.base_url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(
+                model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+        assert running.state.engine.num_active == 0

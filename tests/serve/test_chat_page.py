@@ -1,0 +1,105 @@
+"""The chat page in a real headless Chromium (Debian's /usr/bin/chromium driven by playwright)."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import pytest
+
+from tests.serve.conftest import MODEL_ID, RunningServer, wait_until_idle
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (scripts/ci-system-deps.sh installs it)"
+    ),
+]
+
+
+@pytest.fixture
+def page(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
+
+
+def send(page, text: str) -> str:
+    """Type a message, send it with Enter, wait for the streamed reply to finish; return its text."""
+    replies_before = page.locator(".message.assistant").count()
+    page.fill("#prompt", text)
+    page.press("#prompt", "Enter")
+    reply = page.locator(".message.assistant").nth(replies_before)
+    reply.wait_for()
+    page.wait_for_function(
+        "n => document.querySelectorAll('.message.assistant')[n].dataset.done === 'true'", arg=replies_before
+    )
+    return reply.locator(".content").inner_text()
+
+
+def test_chat_page_streams_a_multi_turn_conversation(page, open_server: RunningServer, tmp_path):
+    requests = []
+    page.on("request", lambda r: requests.append(r))
+    page.goto(open_server.base_url + "/")
+    page.wait_for_function(f"document.getElementById('model-name').textContent === '{MODEL_ID}'")
+    page.fill("#system-prompt", "You are a tiny test model.")
+    page.fill("#temperature", "0")
+    page.dispatch_event("#temperature", "input")
+    page.fill("#max-tokens", "48")  # long enough that the reply arrives over many network reads
+
+    # Watch the reply element grow: a streamed reply changes several times before it is done.
+    page.evaluate("""() => {
+        window.replyLengths = [];
+        new MutationObserver(() => {
+            const replies = document.querySelectorAll('.message.assistant .content');
+            if (replies.length) window.replyLengths.push(replies[replies.length - 1].textContent.length);
+        }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+    }""")
+    first = send(page, "Hello there!")
+    assert len(set(page.evaluate("window.replyLengths"))) > 2  # it grew piece by piece
+    # what the page shows is exactly the model's reply (the same request, not streamed)
+    messages = [
+        {"role": "system", "content": "You are a tiny test model."},
+        {"role": "user", "content": "Hello there!"},
+    ]
+    reference = httpx.post(
+        f"{open_server.base_url}/v1/chat/completions",
+        json={"messages": messages, "max_tokens": 48, "temperature": 0, "top_p": 1},
+    ).json()["choices"][0]["message"]["content"]
+    assert first == reference
+    second = send(page, "Tell me more.")
+    assert page.locator(".message.user").count() == 2 and page.locator(".message.assistant").count() == 2
+    page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+    assert (tmp_path / "chat.png").stat().st_size > 0
+    assert page.locator(".message.error").all_inner_texts() == []
+
+    chat_posts = [r for r in requests if r.url.endswith("/v1/chat/completions")]
+    assert len(chat_posts) == 2
+    body = chat_posts[1].post_data_json
+    assert body["stream"] is True and body["temperature"] == 0 and body["max_tokens"] == 48
+    # multi-turn: the second request carries the system prompt and the whole first exchange
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
+    assert body["messages"][2]["content"] == first
+    assert second
+    # everything the page loaded came from this server
+    assert all(r.url.startswith(open_server.base_url) for r in requests)
+    wait_until_idle(open_server)
