@@ -88,22 +88,6 @@ def test_killed_run_resumes_to_the_same_output_redoing_only_unfinished_tasks(tmp
     assert comparable(resumed.to_dict()) == comparable(reference.to_dict())
 
 
-@pytest.mark.multiprocess
-def test_ray_executor_gives_the_local_output(tmp_path, monkeypatch):
-    ray = pytest.importorskip("ray")
-    make_inputs(tmp_path / "raw", files=4, docs=4)
-    local = run_recipe(write_recipe(tmp_path, "local", 0.0, 1), progress=False)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        on_ray = run_recipe(write_recipe(tmp_path, "ray", 0.0, 2), ["executor=ray"], progress=False)
-    finally:
-        ray.shutdown()
-    assert tree(tmp_path / "ray" / "out") == tree(tmp_path / "local" / "out")
-    assert comparable(on_ray.to_dict()) == comparable(local.to_dict())
-    assert on_ray.balanced and on_ray.stages == 2
-
-
 def test_missing_ray_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     make_inputs(tmp_path / "raw", files=1, docs=1)

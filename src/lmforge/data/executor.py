@@ -121,13 +121,34 @@ def _run_in_worker(run_dir: str, stage: int, task: int) -> dict[str, Any]:
 
 
 class LocalExecutor(Executor):
-    """``workers`` processes on this machine (``workers=1`` runs in the calling process)."""
+    """``workers`` processes on this machine (``workers=1`` runs in the calling process).
+
+    One pool serves every stage, so steps load their models once per worker. Processes are spawned,
+    not forked: the driver may hold threads (progress bar, Ray, torch) that fork would copy mid-state.
+    """
+
+    _pool: ProcessPoolExecutor | None = None
+
+    def run(self, pipeline: Pipeline, run_dir: str | os.PathLike[str], *, progress: bool = True) -> RunReport:
+        if self.workers == 1:
+            return super().run(pipeline, run_dir, progress=progress)
+        with ProcessPoolExecutor(
+            max_workers=min(self.workers, len(pipeline.tasks())),
+            mp_context=get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(pickle.dumps(pipeline),),
+        ) as pool:  # workers start on the first submitted task, so a finished run starts none
+            self._pool = pool
+            try:
+                return super().run(pipeline, run_dir, progress=progress)
+            finally:
+                self._pool = None
 
     def run_tasks(
         self, pipeline: Pipeline, run_dir: str, stage: int, tasks: list[int], finished: TaskDone
     ) -> dict[int, str]:
         failures: dict[int, str] = {}
-        if self.workers == 1:
+        if self._pool is None:
             for task in tasks:
                 try:
                     marker = pipeline.run_task(run_dir, stage, task)
@@ -135,21 +156,13 @@ class LocalExecutor(Executor):
                     failures[task], marker = f"{type(err).__name__}: {err}", None
                 finished(marker)
             return failures
-        # spawn, not fork: the driver may hold threads (progress bar, Ray, torch) that fork would copy
-        # mid-state; the pipeline is pickled once per worker.
-        with ProcessPoolExecutor(
-            max_workers=min(self.workers, len(tasks)),
-            mp_context=get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(pickle.dumps(pipeline),),
-        ) as pool:
-            futures = {pool.submit(_run_in_worker, run_dir, stage, task): task for task in tasks}
-            for future in as_completed(futures):
-                try:
-                    marker = future.result()
-                except Exception as err:
-                    failures[futures[future]], marker = f"{type(err).__name__}: {err}", None
-                finished(marker)
+        futures = {self._pool.submit(_run_in_worker, run_dir, stage, task): task for task in tasks}
+        for future in as_completed(futures):
+            try:
+                marker = future.result()
+            except Exception as err:
+                failures[futures[future]], marker = f"{type(err).__name__}: {err}", None
+            finished(marker)
         return failures
 
 
@@ -165,7 +178,8 @@ def _import_ray() -> Any:
 
 
 class _RayWorker:
-    """One Ray actor per worker: the pipeline (and whatever its steps load lazily) lives across tasks."""
+    """One Ray actor per worker: the pipeline (and whatever its steps load lazily) lives across tasks
+    and stages."""
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
@@ -173,9 +187,8 @@ class _RayWorker:
     def run(self, run_dir: str, stage: int, task: int) -> dict[str, Any]:
         return self.pipeline.run_task(run_dir, stage, task)
 
-
-def _ray_reduce(pipeline: Pipeline, run_dir: str, stage: int) -> None:
-    pipeline.reduce(run_dir, stage)
+    def reduce(self, run_dir: str, stage: int) -> None:
+        self.pipeline.reduce(run_dir, stage)
 
 
 class RayExecutor(Executor):
@@ -199,46 +212,57 @@ class RayExecutor(Executor):
 
     def run(self, pipeline: Pipeline, run_dir: str | os.PathLike[str], *, progress: bool = True) -> RunReport:
         ray, started_here = self._ray()
+        self._actors: list[Any] = []
         try:
             self._pipeline_ref = ray.put(pipeline)
             return super().run(pipeline, str(Path(run_dir).resolve()), progress=progress)
         finally:
+            for actor in self._actors:
+                ray.kill(actor)
             if started_here:
                 ray.shutdown()
+
+    def _actor(self, index: int, replace: bool = False) -> Any:
+        """The ``index``-th actor, started on first use (or again after it died)."""
+        ray = _import_ray()
+        if index == len(self._actors) or replace:
+            actor = ray.remote(num_cpus=1)(_RayWorker).remote(self._pipeline_ref)
+            if replace:
+                ray.kill(self._actors[index])
+                self._actors[index] = actor
+            else:
+                self._actors.append(actor)
+        return self._actors[index]
 
     def run_tasks(
         self, pipeline: Pipeline, run_dir: str, stage: int, tasks: list[int], finished: TaskDone
     ) -> dict[int, str]:
         ray = _import_ray()
-        from ray.exceptions import RayError
+        from ray.exceptions import RayActorError, RayError
 
-        worker_cls = ray.remote(num_cpus=1)(_RayWorker)
-        actors = [worker_cls.remote(self._pipeline_ref) for _ in range(min(self.workers, len(tasks)))]
         queue = list(reversed(tasks))
-        running: dict[Any, tuple[Any, int]] = {}
+        running: dict[Any, tuple[int, int]] = {}  # object ref -> (actor index, task)
         failures: dict[int, str] = {}
-        try:
-            for actor in actors:
-                if queue:
-                    task = queue.pop()
-                    running[actor.run.remote(run_dir, stage, task)] = (actor, task)
-            while running:
-                [ready], _ = ray.wait(list(running), num_returns=1)
-                actor, task = running.pop(ready)
-                try:
-                    marker = ray.get(ready)
-                except RayError as err:
-                    failures[task] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}"
-                    marker = None
-                finished(marker)
-                if queue:
-                    next_task = queue.pop()
-                    running[actor.run.remote(run_dir, stage, next_task)] = (actor, next_task)
-        finally:
-            for actor in actors:
-                ray.kill(actor)
+        for index in range(min(self.workers, len(tasks))):
+            task = queue.pop()
+            running[self._actor(index).run.remote(run_dir, stage, task)] = (index, task)
+        while running:
+            [ready], _ = ray.wait(list(running), num_returns=1)
+            index, task = running.pop(ready)
+            marker = None
+            try:
+                marker = ray.get(ready)
+            except RayActorError as err:  # the worker process died: a fresh one takes the next task
+                failures[task] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}"
+                self._actor(index, replace=True)
+            except RayError as err:
+                failures[task] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}"
+            finished(marker)
+            if queue:
+                next_task = queue.pop()
+                running[self._actor(index).run.remote(run_dir, stage, next_task)] = (index, next_task)
         return failures
 
     def reduce(self, pipeline: Pipeline, run_dir: str, stage: int) -> None:
         ray = _import_ray()
-        ray.get(ray.remote(num_cpus=1)(_ray_reduce).remote(self._pipeline_ref, run_dir, stage))
+        ray.get(self._actor(0).reduce.remote(run_dir, stage))
