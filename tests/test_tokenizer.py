@@ -10,6 +10,7 @@ from lmforge.tokenizer import (
     TokenizerTrainConfig,
     fallback_token_ids,
     inspect_texts,
+    is_lossless,
     load_tokenizer,
     render_chat_template,
     train_tokenizer,
@@ -216,3 +217,13 @@ def test_tokenizer_config_json_fields(byte_bpe: Tokenizer, tmp_path) -> None:
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert config["chat_template"] == DEFAULT_CHAT_TEMPLATE
     assert config["eos_token"] == "<|end_of_text|>" and config["model_max_length"] == 8192
+
+
+def test_only_byte_level_bpe_without_normalizer_is_lossless_by_construction(byte_bpe: Tokenizer) -> None:
+    assert is_lossless(byte_bpe)
+    nfkc = train_tokenizer(
+        corpus(), TokenizerTrainConfig(vocab_size=300, min_frequency=1, normalization="nfkc")
+    )
+    assert not is_lossless(nfkc)
+    for kind in ("char_bpe", "wordpiece", "unigram"):
+        assert not is_lossless(train_tokenizer(corpus(), TokenizerTrainConfig(kind=kind, vocab_size=300)))

@@ -500,6 +500,23 @@ def _uses_byte_level(tok: Tokenizer) -> bool:
     return False
 
 
+def is_lossless(tok: Tokenizer) -> bool:
+    """True when ``decode(encode(text)) == text`` holds for every string by construction: byte-level BPE
+    whose vocabulary has all 256 byte symbols, with no normalizer and only regex splits before the
+    byte mapping (special-token text aside, see ``backend.encode_special_tokens``)."""
+    spec = json.loads(tok.backend.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if spec.get("normalizer") is not None or not steps or steps[-1].get("type") != "ByteLevel":
+        return False
+    if any(step.get("type") != "Split" for step in steps[:-1]):
+        return False
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel" or spec["model"].get("type") != "BPE":
+        return False
+    vocab = spec["model"].get("vocab", {})
+    return all(symbol in vocab for symbol in _byte_level_decoding())
+
+
 def fallback_token_ids(tok: Tokenizer) -> set[int]:
     """Ids that stand for raw bytes rather than text: the unknown token, SentencePiece ``<0xNN>`` byte
     tokens, and byte-level tokens whose bytes are not a whole UTF-8 sequence (a character split in parts)."""

@@ -139,6 +139,26 @@ def test_documents_that_do_not_round_trip_are_counted(tmp_path) -> None:
         progress=False,
     )
     assert manifest["totals"]["docs"] == 2 and manifest["totals"]["non_round_trip_docs"] == 1
+    assert manifest["round_trip_check"] == "checked"  # NFKC is not lossless: every document was decoded
+
+
+def test_special_token_text_in_a_document_is_plain_text_and_counted(tokenizer_dir, tmp_path) -> None:
+    tok = load_tokenizer(tokenizer_dir)
+    text = "the end <|end_of_text|> is not the end <|im_start|>"
+    write_jsonl_gz(tmp_path / "in.jsonl.gz", [{"text": text}, {"text": "the of"}])
+    cfg = TokenizeConfig([str(tmp_path / "in.jsonl.gz")], str(tokenizer_dir), str(tmp_path / "out"))
+    manifest = tokenize_to_shards(cfg, progress=False)
+    assert manifest["totals"]["special_text_docs"] == 1
+    assert manifest["round_trip_check"] == "lossless" and manifest["totals"]["non_round_trip_docs"] == 0
+    doc = TokenShards(tmp_path / "out").read("default", 0).tolist()
+    assert doc.count(tok.eos_id) == 1 and doc[-1] == tok.eos_id  # only the separator
+    assert tok.token_to_id("<|im_start|>") not in doc
+    assert tok.decode(doc[:-1]) == text
+    # opting in parses them as special tokens (pre-rendered chat text)
+    cfg.output, cfg.allow_special_tokens, cfg.round_trip_check = str(tmp_path / "chat"), True, "always"
+    manifest = tokenize_to_shards(cfg, progress=False)
+    assert manifest["round_trip_check"] == "checked" and manifest["totals"]["non_round_trip_docs"] == 0
+    assert TokenShards(tmp_path / "chat").read("default", 0).tolist().count(tok.eos_id) == 2
 
 
 def big_vocab_tokenizer(folder: Path) -> Tokenizer:

@@ -44,7 +44,8 @@ def _tokenize(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         default_domain=args.domain,
         text_key=args.text_key,
-        check_round_trip=not args.no_round_trip_check,
+        round_trip_check=args.round_trip_check,
+        allow_special_tokens=args.allow_special_tokens,
     )
     try:
         manifest = tokenize_to_shards(cfg, progress=not args.quiet)
@@ -77,7 +78,15 @@ def add_tokenize(subcommands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--text-key", default="text")
     parser.add_argument(
-        "--no-round-trip-check", action="store_true", help="skip the decode(encode(x)) == x count"
+        "--round-trip-check",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="count documents with decode(encode(x)) != x (auto: skip for lossless byte-level BPE)",
+    )
+    parser.add_argument(
+        "--allow-special-tokens",
+        action="store_true",
+        help="parse special-token text in documents as special tokens",
     )
     parser.add_argument("--quiet", "-q", action="store_true")
     parser.set_defaults(handler=_tokenize)

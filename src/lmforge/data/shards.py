@@ -57,6 +57,7 @@ class ShardStats:
     empty_docs: int = 0  # skipped: no text, or no tokens
     non_round_trip_docs: int = 0  # kept, but decode(encode(text)) != text (normalization, unknown tokens)
     bad_records: int = 0  # unreadable records (no text field, not a string, ...), skipped
+    special_text_docs: int = 0  # documents containing a special token's text (e.g. "<|end_of_text|>")
     sources: Counter[str] = field(default_factory=Counter)  # tokens per ``meta.source`` (if present)
 
     def merge(self, other: ShardStats) -> None:
@@ -65,6 +66,7 @@ class ShardStats:
         self.empty_docs += other.empty_docs
         self.non_round_trip_docs += other.non_round_trip_docs
         self.bad_records += other.bad_records
+        self.special_text_docs += other.special_text_docs
         self.sources.update(other.sources)
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +76,7 @@ class ShardStats:
             "empty_docs": self.empty_docs,
             "non_round_trip_docs": self.non_round_trip_docs,
             "bad_records": self.bad_records,
+            "special_text_docs": self.special_text_docs,
             "sources": dict(sorted(self.sources.items())),
         }
 
@@ -85,6 +88,7 @@ class ShardStats:
             empty_docs=data["empty_docs"],
             non_round_trip_docs=data["non_round_trip_docs"],
             bad_records=data["bad_records"],
+            special_text_docs=data.get("special_text_docs", 0),
             sources=Counter(data.get("sources", {})),
         )
 

@@ -15,7 +15,12 @@ below the inputs' common root (``clean/web/0.jsonl.gz`` and ``clean/code/0.jsonl
 
 Bad input is counted per shard and in the manifest, never silently dropped: unreadable records
 (``bad_records``, reasons in ``rejects/NAME.jsonl``), empty documents (skipped), and documents whose
-decoded tokens differ from the text (``non_round_trip_docs``: kept, as the model sees the normalized text).
+decoded tokens differ from the text (``non_round_trip_docs``: kept, as the model sees the normalized text;
+with ``round_trip_check="auto"`` the decode is skipped for tokenizers that are lossless by construction,
+where the count is exactly 0), and documents containing the text of a special token
+(``special_text_docs``). Such text is encoded as plain text, so a document that quotes
+``<|end_of_text|>`` cannot end itself early; ``allow_special_tokens`` turns that off for pre-rendered
+chat text.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lmforge.config import check_choice
 from lmforge.data.shards import (
     ShardsError,
     ShardStats,
@@ -41,7 +47,23 @@ from lmforge.data.shards import (
     write_manifest,
 )
 
+if TYPE_CHECKING:
+    from lmforge.tokenizer import Tokenizer
+
 JOB_NAME = "job.json"
+ROUND_TRIP_CHECKS = ("auto", "always", "never")
+
+
+def resolve_round_trip_check(mode: str, tok: Tokenizer) -> str:
+    """What the round-trip count means: "checked" (every document decoded), "lossless" (exact 0 without
+    decoding), or "unchecked"."""
+    from lmforge.tokenizer import is_lossless
+
+    if mode == "never":
+        return "unchecked"
+    if mode == "auto" and is_lossless(tok):
+        return "lossless"
+    return "checked"
 
 
 @dataclass
@@ -55,9 +77,11 @@ class TokenizeConfig:
     text_key: str = "text"
     format: str = "auto"  # reader format (jsonl, parquet, ...), auto from the extension
     batch_docs: int = 256  # documents per encode_batch call
-    check_round_trip: bool = True
+    round_trip_check: str = "auto"  # auto (decode unless lossless by construction) | always | never
+    allow_special_tokens: bool = False  # parse special-token text in documents as the special tokens
 
     def __post_init__(self) -> None:
+        check_choice("round_trip_check", self.round_trip_check, ROUND_TRIP_CHECKS)
         if self.workers < 1 or self.batch_docs < 1:
             raise ValueError("workers and batch_docs must be >= 1")
 
@@ -109,8 +133,15 @@ def _init_worker(tokenizer_dir: str, cfg_dict: dict[str, Any]) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from lmforge.tokenizer import load_tokenizer
 
-    _worker_state["tokenizer"] = load_tokenizer(tokenizer_dir)
-    _worker_state["cfg"] = TokenizeConfig(**cfg_dict)
+    tok = load_tokenizer(tokenizer_dir)
+    cfg = TokenizeConfig(**cfg_dict)
+    tok.backend.encode_special_tokens = not cfg.allow_special_tokens
+    _worker_state["tokenizer"] = tok
+    _worker_state["cfg"] = cfg
+    _worker_state["round_trip"] = resolve_round_trip_check(cfg.round_trip_check, tok)
+    _worker_state["special_texts"] = [
+        t.content for t in tok.backend.get_added_tokens_decoder().values() if t.special
+    ]
 
 
 def _tokenize_task(task: _Task, out_dir: str, dtype_name: str) -> dict[str, Any]:
@@ -118,6 +149,7 @@ def _tokenize_task(task: _Task, out_dir: str, dtype_name: str) -> dict[str, Any]
 
     tok = _worker_state["tokenizer"]
     cfg: TokenizeConfig = _worker_state["cfg"]
+    special_texts: list[str] = _worker_state["special_texts"]
     eos = np.array([tok.eos_id], dtype=np.int64)
     reader = make_reader(task.path, cfg.format, text_key=cfg.text_key)
     stats = ShardStats()
@@ -129,13 +161,15 @@ def _tokenize_task(task: _Task, out_dir: str, dtype_name: str) -> dict[str, Any]
         texts = [text for text, _ in batch]
         encodings = tok.backend.encode_batch_fast(texts, add_special_tokens=False)
         ids_list = [e.ids for e in encodings]
-        decoded = (
-            tok.backend.decode_batch(ids_list, skip_special_tokens=False) if cfg.check_round_trip else None
-        )
+        decoded = None
+        if _worker_state["round_trip"] == "checked":
+            decoded = tok.backend.decode_batch(ids_list, skip_special_tokens=False)
         for k, ((text, source), ids) in enumerate(zip(batch, ids_list)):
             if not ids:
                 stats.empty_docs += 1
                 continue
+            if any(special in text for special in special_texts):
+                stats.special_text_docs += 1
             if decoded is not None and decoded[k] != text:
                 stats.non_round_trip_docs += 1
             writer.add(np.concatenate([np.asarray(ids, dtype=np.int64), eos]))
@@ -252,6 +286,8 @@ def tokenize_to_shards(cfg: TokenizeConfig, progress: bool = True) -> dict[str, 
         tok.eos_id,
         tok.sha256,
         tokenizer=str(cfg.tokenizer),
+        round_trip_check=resolve_round_trip_check(cfg.round_trip_check, tok),
+        special_tokens_in_text="parsed" if cfg.allow_special_tokens else "encoded as text",
     )
     write_manifest(out_dir, manifest)
     return manifest
