@@ -131,6 +131,22 @@ def test_requests_beyond_the_limit_get_429(tokenizer):
         assert client.completions.create(model=MODEL_ID, prompt="Hello", max_tokens=2).choices
 
 
+def test_default_max_tokens_fits_the_kv_pool(tokenizer):
+    """Without max_tokens a reply may use the rest of the context, but never more than the KV pool holds
+    (the engine refuses requests that could not fit)."""
+    with running_server(lambda: build_engine(tokenizer, num_blocks=5)) as running:  # 4 usable blocks of 16
+        client = openai.OpenAI(base_url=f"{running.base_url}/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "hi"}]
+        one = client.chat.completions.create(
+            model=MODEL_ID, messages=messages, extra_body={"ignore_eos": True}
+        )
+        assert one.usage.total_tokens == 64 < MAX_MODEL_LEN
+        two = client.chat.completions.create(
+            model=MODEL_ID, messages=messages, n=2, extra_body={"ignore_eos": True}
+        )
+        assert two.usage.prompt_tokens + two.usage.completion_tokens // 2 == 32
+
+
 def test_a_full_engine_queue_gets_429(tokenizer):
     with running_server(lambda: build_engine(tokenizer, max_waiting=0)) as running:
         client = openai.OpenAI(base_url=f"{running.base_url}/v1", api_key="unused", max_retries=0)

@@ -24,6 +24,10 @@ def test_serve_arguments_and_defaults():
     assert (args.model_dir, args.host, args.port) == ("some/model", "127.0.0.1", 8000)
     args = build_parser().parse_args(["serve", "m", "--host", "0.0.0.0", "--port", "9001", "--api-key", "k"])
     assert (args.host, args.port, args.api_key) == ("0.0.0.0", 9001, "k")
+    args = build_parser().parse_args(
+        ["serve", "m", "--kv-cache-mb", "8", "--dtype", "bfloat16", "--no-prefix-caching"]
+    )
+    assert (args.kv_cache_mb, args.dtype, args.no_prefix_caching) == (8, "bfloat16", True)
 
 
 def test_serve_refuses_a_folder_without_a_model(tmp_path, capsys):

@@ -41,6 +41,8 @@ def test_completion_prompt_forms_are_kept_as_given(prompt):
         ({"prompt": "x", "stop": [""]}, "stop"),
         ({"prompt": "x", "stop": ["s"] * 17}, "stop"),
         ({"prompt": "x", "max_tokens": 0}, None),  # only allowed with echo
+        ({"prompt": "x", "best_of": 3}, None),  # only as a beam width
+        ({"prompt": "x", "best_of": 2, "n": 3, "use_beam_search": True}, None),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, None),  # needs stream
     ],
 )

@@ -150,6 +150,12 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the KV pool holds in all (block 0 is the engine's padding block)."""
+        blocks = self.engine.block_manager
+        return (blocks.num_blocks - 1) * blocks.block_size
+
+    @property
     def num_active(self) -> int:
         """Requests accepted and neither finished nor aborted (what admission control counts)."""
         with self._lock:

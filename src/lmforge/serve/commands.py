@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+DTYPES = ("float32", "bfloat16", "float16")
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -16,9 +18,7 @@ def register(subparsers: Any) -> None:
         description="Serve a Hugging Face-layout model folder: /v1/models, /v1/completions, /v1/chat/completions, "
         "/tokenize, /detokenize, /health, /metrics, and a chat web page at /.",
     )
-    parser.add_argument(
-        "model_dir", metavar="MODEL_DIR", help="model folder (config.json, weights, tokenizer)"
-    )
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="model folder (config.json, weights, tokenizer)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument(
@@ -36,23 +36,42 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--device", default="cpu", help="torch device of the model and KV cache (default: cpu)")
+    engine.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and KV-cache dtype")
+    engine.add_argument("--max-model-len", type=int, help="context length (default: the model's max_seq_len)")
+    engine.add_argument("--kv-cache-mb", type=int, default=256, help="memory of the paged KV pool (default: 256)")
+    engine.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    engine.add_argument("--max-num-seqs", type=int, default=64, help="sequences run per step (default: 64)")
+    engine.add_argument(
+        "--no-prefix-caching", action="store_true", help="do not share the KV blocks of equal prompt prefixes"
+    )
     parser.set_defaults(handler=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import torch
     import uvicorn
 
-    from lmforge.infer import LLMEngine
+    from lmforge.infer import EngineConfig, LLMEngine
     from lmforge.serve.app import create_app
 
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
         print(f"lmforge serve: {model_dir} is not a model folder (no config.json)", file=sys.stderr)
         return 2
-    model_id = args.model_name or model_dir.resolve().name
+    config = EngineConfig(
+        block_size=args.block_size,
+        kv_cache_memory_bytes=args.kv_cache_mb * 2**20,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=max(EngineConfig.max_num_batched_tokens, args.max_num_seqs),
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+    dtype = getattr(torch, args.dtype)
     app = create_app(
-        lambda: LLMEngine.from_pretrained(model_dir),
-        model_id=model_id,
+        lambda: LLMEngine.from_pretrained(model_dir, config, dtype=dtype, device=args.device),
+        model_id=args.model_name or model_dir.resolve().name,
         api_key=args.api_key,
         max_active_requests=args.max_active_requests,
     )

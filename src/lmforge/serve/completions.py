@@ -110,19 +110,22 @@ class OpenAIServing:
                 400, f"token id {bad} is outside the vocabulary (size {vocab})", param, "invalid_value"
             )
 
-    def output_budget(self, prompt: Prompt, requested: int | None, param: str) -> int:
-        """Tokens to generate: as asked, or (when not given) all the room the context leaves."""
+    def output_budget(
+        self, prompt: Prompt, requested: int | None, param: str, prompt_param: str, sequences: int
+    ) -> int:
+        """Tokens to generate: as asked, or (when not given) all the room the context leaves, capped to
+        what the KV pool can hold for ``sequences`` parallel sequences (the engine refuses more)."""
         context = self.engine.max_model_len
         length = len(prompt.token_ids)
         if length >= context:
             raise APIError(
                 400,
                 f"the prompt has {length} tokens but the model's context is {context} tokens",
-                "messages" if param == "max_completion_tokens" else "prompt",
+                prompt_param,
                 "context_length_exceeded",
             )
         if requested is None:
-            return context - length
+            return max(1, min(context, self.engine.kv_capacity_tokens // sequences) - length)
         if length + requested > context:
             raise APIError(
                 400,
@@ -221,15 +224,10 @@ class OpenAIServing:
         score_only = req.max_tokens == 0
         requested = None if req.max_tokens is None else max(req.max_tokens, 1)
         prompt_logprobs = req.logprobs if req.echo else None
-        requests = [
-            (
-                p,
-                self.sampling_params(
-                    req, self.output_budget(p, requested, "max_tokens"), req.logprobs, prompt_logprobs
-                ),
-            )
-            for p in prompts
-        ]
+        requests = []
+        for prompt in prompts:
+            budget = self.output_budget(prompt, requested, "max_tokens", "prompt", req.sequences)
+            requests.append((prompt, self.sampling_params(req, budget, req.logprobs, prompt_logprobs)))
         request_id = random_id("cmpl")
         outputs = self.outputs(await self.start(request_id, requests))
         assembler = CompletionAssembler(self, req, prompts, request_id, score_only)
@@ -256,7 +254,7 @@ class OpenAIServing:
         self.check_model(req.model)
         prompt = self.encode_chat(req)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        budget = self.output_budget(prompt, req.requested_max_tokens, param)
+        budget = self.output_budget(prompt, req.requested_max_tokens, param, "messages", req.sequences)
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling_params(req, budget, top, None, self.end_of_turn_ids)
         request_id = random_id("chatcmpl")

@@ -87,10 +87,20 @@ class SamplingFields(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _check_stream_options(self) -> SamplingFields:
+    def _check_combinations(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.best_of is not None and not self.use_beam_search:
+            # The engine samples exactly n completions; best-of-k reranking exists only as the beam width.
+            raise ValueError("best_of is only supported with use_beam_search (as the beam width)")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of must be >= n ({self.n})")
         return self
+
+    @property
+    def sequences(self) -> int:
+        """Sequences the engine runs in parallel for this request (n, or the beam width)."""
+        return max(self.n, self.best_of or 0)
 
     @property
     def include_usage(self) -> bool:
