@@ -89,3 +89,14 @@ def test_step_counts_per_type_and_custom_tokens():
     assert step.stats.counters == {"pii_email": 2, "pii_phone": 1, "pii_docs_changed": 1}
     with pytest.raises(ValueError, match="unknown PII types"):
         PiiRedactor(types=["ssn"])
+
+
+def test_secret_keys_need_a_word_start_or_prefix_separator():
+    assert redact("my-api-key: abcdefgh1234") == "my-api-key: <SECRET>"
+    assert redact("notsecret=abcdefgh1234") == "notsecret=abcdefgh1234"
+
+
+def test_secret_case_is_kept_and_offsets_survive_length_changing_lowercase():
+    assert redact("API_KEY=AbCdEfGh1234") == "API_KEY=<SECRET>"
+    # "İ".lower() is two characters long; the match must still land on the right span.
+    assert redact("İstanbul token=AbCdEfGh1234 end") == "İstanbul token=<SECRET> end"

@@ -30,6 +30,11 @@ DEFAULT_REPLACEMENTS: dict[str, str] = {
 
 Span = tuple[int, int]
 
+# Most patterns start with a consuming character and check the character before it with a lookbehind
+# placed after it (``\d(?<![\d-]\d)`` rather than ``(?<![\d-])\d``): Python's regex engine then skips
+# quickly to candidate positions instead of trying the lookbehind at every position (~4x faster).
+_HAS_DIGIT_RE = re.compile(r"\d")
+
 # --------------------------------------------------------------------------------------------- e-mail
 
 _EMAIL_RE = re.compile(
@@ -38,6 +43,8 @@ _EMAIL_RE = re.compile(
 
 
 def find_emails(text: str) -> Iterator[Span]:
+    if "@" not in text:
+        return
     for m in _EMAIL_RE.finditer(text):
         yield m.span()
 
@@ -45,7 +52,7 @@ def find_emails(text: str) -> Iterator[Span]:
 # ------------------------------------------------------------------------------------------- phones
 
 # International: +CC then groups (an optional parenthesised area code), separated by space, dot or dash.
-_INTL_PHONE_RE = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{1,5}){2,5}(?![\w-])")
+_INTL_PHONE_RE = re.compile(r"\+(?<![\w+]\+)\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{1,5}){2,5}(?![\w-])")
 # National: (415) 555-0132 / 415-555-0132 / 415.555.0132, and trunk-prefixed 010-1234-5678, 020 7946 0958.
 _NATIONAL_PHONE_RE = re.compile(
     r"(?<![\w.+-])(?:\(\d{3}\) ?\d{3}[ .-]\d{4}|\d{3}([.-])\d{3}\1\d{4}|0\d{1,2}([ -])\d{3,4}\2\d{4})(?![\w-]|\.\d)"
@@ -63,14 +70,17 @@ def find_phones(text: str) -> Iterator[Span]:
 
 # ---------------------------------------------------------------------------------------------- IPs
 
-_IPV4_RE = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
+_IPV4_RE = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.(?:\d{1,3}\.){2}\d{1,3}(?![\w]|\.\d)")
 _IPV6_RE = re.compile(
     r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])"
 )
 
 
 def find_ips(text: str, public_only: bool = True) -> Iterator[Span]:
-    for pattern in (_IPV4_RE, _IPV6_RE):
+    patterns = [_IPV4_RE] if _HAS_DIGIT_RE.search(text) else []
+    if text.count(":") >= 2:
+        patterns.append(_IPV6_RE)
+    for pattern in patterns:
         for m in pattern.finditer(text):
             try:
                 address = ipaddress.ip_address(m.group())
@@ -84,7 +94,7 @@ def find_ips(text: str, public_only: bool = True) -> Iterator[Span]:
 # ------------------------------------------------------------------------------------- card numbers
 
 _CARD_RE = re.compile(
-    r"(?<![\d-])(?:\d{13,19}|\d{4}(?:[ -]\d{4}){2}[ -]\d{1,7}|\d{4}[ -]\d{6}[ -]\d{5})(?![\d-])"
+    r"\d(?<![\d-]\d)(?:\d{12,18}|\d{3}(?:[ -]\d{4}){2}[ -]\d{1,7}|\d{3}[ -]\d{6}[ -]\d{5})(?![\d-])"
 )
 
 
@@ -110,14 +120,15 @@ def find_credit_cards(text: str) -> Iterator[Span]:
 
 # ----------------------------------------------------------------- Korean resident registration numbers
 
-_KR_RRN_RE = re.compile(r"(?<![\d-])(\d{2})(\d{2})(\d{2})-([1-8])\d{6}(?![\d-])")
+_KR_RRN_RE = re.compile(r"\d(?<![\d-]\d)\d{5}-[1-8]\d{6}(?![\d-])")
 _RRN_CENTURY = {"1": 1900, "2": 1900, "5": 1900, "6": 1900, "3": 2000, "4": 2000, "7": 2000, "8": 2000}
 
 
 def find_kr_rrns(text: str) -> Iterator[Span]:
     """YYMMDD-GXXXXXX where G (sex/century/nationality digit) and YYMMDD form a real birth date."""
     for m in _KR_RRN_RE.finditer(text):
-        yy, mm, dd, g = m.groups()
+        number = m.group()
+        yy, mm, dd, g = number[0:2], number[2:4], number[4:6], number[7]
         try:
             datetime.date(_RRN_CENTURY[g] + int(yy), int(mm), int(dd))
         except ValueError:
@@ -132,26 +143,47 @@ _SECRET_KEYS = (
     r"auth[_-]?token|refresh[_-]?token|bearer[_-]?token|token|password|passwd|pwd|private[_-]?key|"
     r"aws[_-]?secret[_-]?access[_-]?key|aws[_-]?access[_-]?key[_-]?id"
 )
-# key = value / key: value / "key": "value"; only the value is redacted.
-_KEY_VALUE_RE = re.compile(
-    rf"(?i)(?<![\w-])[\"']?(?:[\w-]*[_-])?(?:{_SECRET_KEYS})[\"']?\s*[:=]\s*[\"']?(?P<value>[^\s\"',;]{{8,}})"
-)
+# key = value / key: value / "key": "value"; only the value is redacted. The key may carry a prefix
+# joined by "_" or "-" (AWS_SECRET_ACCESS_KEY, my-api-key): checked in code, see _key_value_secrets.
+# Matched against the lowercased text: ~8x faster than an IGNORECASE pattern, which cannot skip ahead.
+_KEY_VALUE = rf"(?:{_SECRET_KEYS})[\"']?\s*[:=]\s*[\"']?(?P<value>[^\s\"',;]{{8,}})"
+_KEY_VALUE_RE = re.compile(_KEY_VALUE)
+_KEY_VALUE_ANY_CASE_RE = re.compile(_KEY_VALUE, re.IGNORECASE)
+# Well-known token shapes, each with a literal that must occur in the text first.
 _TOKEN_RES = (
-    re.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[0-9A-Z]{16}(?![A-Za-z0-9])"),  # AWS access key id
-    re.compile(r"(?<![A-Za-z0-9_])gh[pousr]_[A-Za-z0-9]{36,255}(?![A-Za-z0-9_])"),  # GitHub tokens
-    re.compile(r"(?<![A-Za-z0-9_-])xox[baprs]-[A-Za-z0-9-]{10,}(?![A-Za-z0-9-])"),  # Slack tokens
+    ("AKIA", re.compile(r"A(?<![A-Za-z0-9]A)KIA[0-9A-Z]{16}(?![A-Za-z0-9])")),  # AWS access key id
+    ("ASIA", re.compile(r"A(?<![A-Za-z0-9]A)SIA[0-9A-Z]{16}(?![A-Za-z0-9])")),  # AWS temporary key id
+    ("gh", re.compile(r"g(?<![A-Za-z0-9_]g)h[pousr]_[A-Za-z0-9]{36,255}(?![A-Za-z0-9_])")),  # GitHub
+    ("xox", re.compile(r"x(?<![A-Za-z0-9_-]x)ox[baprs]-[A-Za-z0-9-]{10,}(?![A-Za-z0-9-])")),  # Slack
 )
+_SECRET_HINTS = ("key", "secret", "token", "pass", "pwd")
 
 
 def find_secrets(text: str) -> Iterator[Span]:
-    for m in _KEY_VALUE_RE.finditer(text):
-        value = m.group("value")
+    lowered = text.lower()
+    if any(hint in lowered for hint in _SECRET_HINTS):
+        yield from _key_value_secrets(text, lowered)
+    for literal, pattern in _TOKEN_RES:
+        if literal in text:
+            for m in pattern.finditer(text):
+                yield m.span()
+
+
+def _key_value_secrets(text: str, lowered: str) -> Iterator[Span]:
+    # Lowercasing keeps offsets except for a few characters (e.g. "İ"); then match case-insensitively.
+    matches = (
+        _KEY_VALUE_RE.finditer(lowered)
+        if len(lowered) == len(text)
+        else _KEY_VALUE_ANY_CASE_RE.finditer(text)
+    )
+    for m in matches:
+        # The key starts a word or follows a "_"/"-" prefix: "secret=" in "notsecret=" is not a key.
+        if m.start() > 0 and text[m.start() - 1].isalnum():
+            continue
+        value = text[m.start("value") : m.end("value")]
         if value.startswith("<") and value.endswith(">"):  # already a placeholder
             continue
         yield m.span("value")
-    for pattern in _TOKEN_RES:
-        for m in pattern.finditer(text):
-            yield m.span()
 
 
 # ---------------------------------------------------------------------------------------------- step
@@ -171,13 +203,17 @@ def find_pii(
         "phone": find_phones,
     }
     taken: list[tuple[int, int, str]] = []
+    has_digit = _HAS_DIGIT_RE.search(text) is not None
     for kind in PII_TYPES:
-        if kind not in types:
+        if kind not in types or (kind in _NEEDS_DIGITS and not has_digit):
             continue
         for start, end in finders[kind](text):
             if all(end <= s or start >= e for s, e, _ in taken):
                 taken.append((start, end, kind))
     return sorted(taken)
+
+
+_NEEDS_DIGITS = frozenset({"kr_rrn", "credit_card", "phone"})
 
 
 @register_step("pii")
