@@ -26,6 +26,7 @@ COMMAND_MODULES: list[str] = [
     "lmforge.tokenizer_commands",
     "lmforge.model.commands",
     "lmforge.train.commands",
+    "lmforge.tune.commands",
     "lmforge.infer.commands",
     "lmforge.serve.commands",
     "lmforge.eval.commands",

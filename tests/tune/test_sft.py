@@ -116,11 +116,13 @@ def test_packing_restarts_positions_and_pad_equal_to_eos_keeps_eos(tokenizer):
     assert labels.count(tokenizer.eos_id) == 2
 
 
-def test_pack_examples_first_fit():
+def test_pack_examples_best_fit():
     def ex(n):
         return SFTExample(tuple(range(n)), (True,) * n)
 
     assert pack_examples([ex(6), ex(5), ex(4), ex(2)], seq_len=8) == [[0, 3], [1], [2]]
+    # 3 fits rows with room 3 (row 1) and 4 (row 2): the tighter one wins.
+    assert pack_examples([ex(6), ex(5), ex(4), ex(3)], seq_len=8) == [[0], [1, 3], [2]]
     with pytest.raises(ValueError):
         pack_examples([ex(9)], seq_len=8)
 

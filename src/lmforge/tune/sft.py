@@ -19,6 +19,7 @@ row, 0 for padding, so attention never crosses examples).
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 from collections import Counter
@@ -192,20 +193,24 @@ def example_labels(example: SFTExample) -> list[int]:
 
 
 def pack_examples(examples: Sequence[SFTExample], seq_len: int) -> list[list[int]]:
-    """Group example indices into rows of at most ``seq_len`` tokens (first fit, in the given order)."""
+    """Group example indices into rows of at most ``seq_len`` tokens.
+
+    Best fit in the given order: each example goes to the open row with the least room that still holds
+    it (a new row when none does), found by bisection over rows sorted by their free room.
+    """
     rows: list[list[int]] = []
-    room: list[int] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted
     for index, example in enumerate(examples):
         if len(example) > seq_len:
             raise ValueError(f"example {index} has {len(example)} tokens, more than seq_len={seq_len}")
-        for row, free in enumerate(room):
-            if len(example) <= free:
-                rows[row].append(index)
-                room[row] -= len(example)
-                break
+        slot = bisect.bisect_left(free, (len(example), -1))
+        if slot < len(free):
+            room, row = free.pop(slot)
         else:
-            rows.append([index])
-            room.append(seq_len - len(example))
+            room, row = seq_len, len(rows)
+            rows.append([])
+        rows[row].append(index)
+        bisect.insort(free, (room - len(example), row))
     return rows
 
 
@@ -236,10 +241,11 @@ def collate(examples: Sequence[Sequence[SFTExample]], pad_id: int, length: int) 
 class SFTDataSource:
     """Endless, shuffled, resumable batches of SFT examples in the trainer's batch format.
 
-    ``pack=True`` fills rows of exactly ``seq_len`` tokens with several examples each (first fit after a
+    ``pack=True`` fills rows of exactly ``seq_len`` tokens with several examples each (best fit after a
     per-epoch shuffle). ``pack=False`` puts one example per row and pads to the longest row in the batch;
     ``group_by_length`` then sorts examples by length within windows of ``50 * batch_size`` so rows of a
-    batch have similar lengths (less padding), and shuffles the order of the batches.
+    batch have similar lengths (less padding), and shuffles the order of the batches. ``shuffle=False`` keeps
+    the given order (for validation).
     """
 
     def __init__(
@@ -251,6 +257,7 @@ class SFTDataSource:
         pack: bool = True,
         group_by_length: bool = False,
         seed: int = 0,
+        shuffle: bool = True,
     ) -> None:
         if not examples:
             raise ValueError("no SFT examples")
@@ -261,14 +268,17 @@ class SFTDataSource:
         self.pack = pack
         self.group_by_length = group_by_length
         self.seed = seed
+        self.shuffle = shuffle
         self.epoch = 0
         self.batch_in_epoch = 0
+        self._epoch_batches: tuple[int, list[list[list[int]]]] | None = None
 
     def epoch_batches(self, epoch: int) -> list[list[list[int]]]:
         """Batches of rows of example indices for one epoch (deterministic from seed and epoch)."""
         rng = random.Random(f"{self.seed}:{epoch}")
         order = list(range(len(self.examples)))
-        rng.shuffle(order)
+        if self.shuffle:
+            rng.shuffle(order)
         if self.pack:
             packed = pack_examples([self.examples[i] for i in order], self.seq_len)
             rows = [[order[i] for i in row] for row in packed]
@@ -282,7 +292,7 @@ class SFTDataSource:
                 ]
             rows = [[i] for i in order]
         batches = [rows[b : b + self.batch_size] for b in range(0, len(rows), self.batch_size)]
-        if self.group_by_length and not self.pack:
+        if self.group_by_length and not self.pack and self.shuffle:
             rng.shuffle(batches)
         return batches
 
@@ -292,14 +302,19 @@ class SFTDataSource:
         return collate(groups, self.pad_id, length)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:
-            batches = self.epoch_batches(self.epoch)
-            while self.batch_in_epoch < len(batches):
-                rows = batches[self.batch_in_epoch]
-                self.batch_in_epoch += 1
-                yield self.make_batch(rows)
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._epoch_batches is None or self._epoch_batches[0] != self.epoch:
+            self._epoch_batches = (self.epoch, self.epoch_batches(self.epoch))
+        batches = self._epoch_batches[1]
+        if self.batch_in_epoch >= len(batches):
             self.epoch += 1
             self.batch_in_epoch = 0
+            return next(self)
+        rows = batches[self.batch_in_epoch]
+        self.batch_in_epoch += 1
+        return self.make_batch(rows)
 
     def batches_per_epoch(self) -> int:
         return len(self.epoch_batches(0))

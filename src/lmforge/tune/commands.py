@@ -1,0 +1,41 @@
+"""``lmforge sft --config sft.yaml [key=value ...]``: supervised fine-tuning in the one trainer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _sft(args: argparse.Namespace) -> int:
+    import logging
+
+    from lmforge.cli import config_from_args
+    from lmforge.tune.finetune import SFTConfig, run_sft
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = config_from_args(SFTConfig, args)
+    result, stats = run_sft(cfg)
+    summary = {
+        "run_dir": str(result.run_dir),
+        "step": result.step,
+        "loss": result.metrics.get("loss"),
+        "val_loss": result.val_loss,
+        "model_dir": str(result.model_dir) if result.model_dir else None,
+        "data": stats.to_dict(),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from lmforge.cli import add_config_arguments
+
+    parser = subparsers.add_parser(
+        "sft",
+        help="supervised fine-tuning on chat JSONL (loss on assistant tokens; packed; HF-layout export)",
+        description="Fine-tune a model folder (lmforge or Hugging Face) on JSONL chats ('messages') or "
+        "prompt/completion pairs, with the trainer of 'lmforge train'. The recipe is a TrainConfig plus an "
+        "'sft' section (paths, val_paths, pack, group_by_length).",
+    )
+    add_config_arguments(parser)
+    parser.set_defaults(handler=_sft)
