@@ -16,7 +16,9 @@ import numpy as np
 
 # A word is a run of word characters (with inner apostrophes: "don't"); any other non-space run is a
 # punctuation/symbol token of its own, as in NLTK's word_tokenize.
-_WORD_RE = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")
+_WORD = r"\w+(?:['’]\w+)*"
+_WORD_RE = re.compile(_WORD)
+_TOKEN_RE = re.compile(_WORD + r"|[^\w\s]+")
 _WHITESPACE_RE = re.compile(r"\s+")
 
 # Sentence-final marks across scripts (Latin, CJK, Arabic, Devanagari...), used by FineWeb and C4-style
@@ -27,14 +29,10 @@ TERMINAL_PUNCTUATION: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def split_words(text: str) -> list[str]:
-    """Word and punctuation tokens of ``text`` (punctuation runs are separate tokens)."""
-    return _WORD_RE.findall(text)
-
-
-def is_symbol_token(token: str) -> bool:
-    """True for punctuation/symbol tokens (no letter or digit)."""
-    return not any(ch.isalnum() for ch in token)
+def split_words(text: str, symbols: bool = True) -> list[str]:
+    """Word and punctuation tokens of ``text`` (punctuation runs are separate tokens); words only when
+    ``symbols`` is False."""
+    return (_TOKEN_RE if symbols else _WORD_RE).findall(text)
 
 
 def duplicate_stats(items: Iterable[str]) -> tuple[int, int]:

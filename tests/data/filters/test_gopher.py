@@ -1,4 +1,6 @@
 import itertools
+import random
+from collections import Counter
 
 import pytest
 
@@ -6,10 +8,17 @@ from lmforge.data.document import Document
 from lmforge.data.filters.gopher import (
     GopherQualityFilter,
     GopherRepetitionFilter,
-    duplicated_ngram_chars,
-    top_ngram_chars,
+    WordNgrams,
 )
 from lmforge.data.step import STEPS
+
+
+def top_ngram_chars(words: list[str], n: int) -> int:
+    return WordNgrams(words).top_chars(n)
+
+
+def duplicated_ngram_chars(words: list[str], n: int) -> int:
+    return WordNgrams(words).duplicated_chars(n)
 
 
 def distinct_words(n: int, length: int = 5) -> list[str]:
@@ -174,6 +183,28 @@ class TestGopherRepetition:
         # (a,b) new, (b,a) new, (a,b) repeated -> jump 2, (a,b) repeated -> jump 2, (a,b) repeated.
         assert duplicated_ngram_chars(["a", "b", "a", "b", "a", "b", "a", "b"], 2) == 6
         assert duplicated_ngram_chars(["a", "b", "c", "d"], 2) == 0
+        assert duplicated_ngram_chars(["a"], 2) == 0 and top_ngram_chars([], 2) == 0
+
+    def test_ngram_counting_matches_string_reference(self):
+        """Against a direct string implementation of the published rules on random text."""
+        rng = random.Random(0)
+        for _ in range(20):
+            words = [rng.choice(["a", "bb", "ccc", "dd", "e", "ffff"]) for _ in range(rng.randint(0, 60))]
+            for n in range(2, 8):
+                grams = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
+                counts = Counter(grams)
+                expected_top = len(counts.most_common(1)[0][0]) * counts.most_common(1)[0][1] if grams else 0
+                assert top_ngram_chars(words, n) == expected_top
+                seen, expected_dup, i = set(), 0, 0
+                while i <= len(words) - n:
+                    gram = tuple(words[i : i + n])
+                    if gram in seen:
+                        expected_dup += sum(map(len, gram))
+                        i += n
+                    else:
+                        seen.add(gram)
+                        i += 1
+                assert duplicated_ngram_chars(words, n) == expected_dup
 
     @pytest.mark.parametrize("n", [2, 3, 4])
     def test_default_filter_keeps_natural_prose(self, n):

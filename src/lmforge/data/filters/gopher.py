@@ -8,13 +8,15 @@ fraction is taken over the length of the whole text.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Sequence
+
+import numpy as np
 
 from lmforge.data.document import Document
 from lmforge.data.step import Filter, register_step
-from lmforge.data.text import duplicate_stats, is_symbol_token, split_words
+from lmforge.data.text import duplicate_stats, split_words
 
+_HAS_LETTER_RE = re.compile(r"[^\W\d_]")
 GOPHER_STOP_WORDS: tuple[str, ...] = ("the", "be", "to", "of", "and", "that", "have", "with")
 
 
@@ -51,8 +53,7 @@ class GopherQualityFilter(Filter):
 
     def decide(self, doc: Document) -> str | None:
         text = doc.text
-        tokens = split_words(text)
-        words = [t for t in tokens if not is_symbol_token(t)]
+        words = split_words(text.lower(), symbols=False)  # lowercase once, for the stop-word rule
         n_words = len(words)
         if n_words == 0:
             return "gopher_no_words"
@@ -61,7 +62,7 @@ class GopherQualityFilter(Filter):
         if self.max_doc_words is not None and n_words > self.max_doc_words:
             return "gopher_long_doc"
 
-        mean_word_length = sum(len(w) for w in words) / n_words
+        mean_word_length = sum(map(len, words)) / n_words
         if self.min_avg_word_length is not None and mean_word_length < self.min_avg_word_length:
             return "gopher_below_avg_word_length"
         if self.max_avg_word_length is not None and mean_word_length > self.max_avg_word_length:
@@ -84,44 +85,84 @@ class GopherQualityFilter(Filter):
                 return "gopher_too_many_end_ellipsis"
 
         if self.min_alpha_words_ratio is not None:
-            alpha_words = sum(any(ch.isalpha() for ch in w) for w in words)
+            alpha_words = sum(1 for w in words if _HAS_LETTER_RE.search(w))
             if alpha_words / n_words < self.min_alpha_words_ratio:
                 return "gopher_below_alpha_threshold"
 
         if self.min_stop_words is not None:
-            stop_words = sum(w.lower() in self.stop_words for w in words)
+            stop_words = sum(1 for w in words if w in self.stop_words)
             if stop_words < self.min_stop_words:
                 return "gopher_not_enough_stop_words"
         return None
 
 
-def top_ngram_chars(words: Sequence[str], n: int) -> int:
-    """Characters covered by the most frequent word n-gram: len(" ".join(ngram)) * its count."""
-    counts = Counter(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
-    if not counts:
-        return 0
-    ngram, count = counts.most_common(1)[0]
-    return len(ngram) * count
+class WordNgrams:
+    """Exact word n-gram identities of one document, for the repetition rules.
 
-
-def duplicated_ngram_chars(words: Sequence[str], n: int) -> int:
-    """Characters in n-grams that occurred earlier in the text, each word counted at most once.
-
-    A repeated n-gram is counted (its characters without separators) and the scan jumps past it, so
-    overlapping repeats do not count the same words twice.
+    Each n-gram gets a dense integer id (``ranks(n)[i]`` identifies ``words[i:i+n]``), built level by
+    level from the (n-1)-gram id and the next word id with ``np.unique``, so no n-gram string or tuple is
+    ever built and equal ids mean equal n-grams, without hash collisions.
     """
-    seen: set[tuple[str, ...]] = set()
-    repeated_chars = 0
-    i = 0
-    while i <= len(words) - n:
-        ngram = tuple(words[i : i + n])
-        if ngram in seen:
-            repeated_chars += sum(len(w) for w in ngram)
-            i += n
-        else:
-            seen.add(ngram)
-            i += 1
-    return repeated_chars
+
+    def __init__(self, words: Sequence[str]) -> None:
+        vocab: dict[str, int] = {}
+        self.ids = np.array([vocab.setdefault(w, len(vocab)) for w in words], dtype=np.int64)
+        self.lengths = np.array([len(w) for w in words], dtype=np.int64)
+        self.prefix_chars = np.concatenate(([0], np.cumsum(self.lengths)))
+        self._vocab_size = max(len(vocab), 1)
+        self._ranks: dict[int, np.ndarray] = {1: self.ids}
+
+    def ranks(self, n: int) -> np.ndarray:
+        for k in range(max(self._ranks) + 1, n + 1):
+            pairs = self._ranks[k - 1][:-1] * self._vocab_size + self.ids[k - 1 :]
+            self._ranks[k] = np.unique(pairs, return_inverse=True)[1].reshape(-1)
+        return self._ranks[n]
+
+    def chars(self, start: int, n: int) -> int:
+        """Characters of the words of the n-gram at ``start`` (without separators)."""
+        return int(self.prefix_chars[start + n] - self.prefix_chars[start])
+
+    def top_chars(self, n: int) -> int:
+        """Characters covered by the most frequent n-gram: len(" ".join(ngram)) * its count.
+
+        Among equally frequent n-grams the one that occurs first wins (``Counter.most_common`` order).
+        """
+        if len(self.ids) < n:
+            return 0
+        ranks = self.ranks(n)
+        _, first, counts = np.unique(ranks, return_index=True, return_counts=True)
+        start = int(first[counts == counts.max()].min())
+        return (self.chars(start, n) + n - 1) * int(counts.max())
+
+    def duplicated_chars(self, n: int) -> int:
+        """Characters in n-grams that occurred earlier in the text, each word counted at most once.
+
+        A repeated n-gram is counted (its characters without separators) and the scan jumps past it, so
+        overlapping repeats do not count the same words twice.
+        """
+        if len(self.ids) < n:
+            return 0
+        ranks_array = self.ranks(n)
+        # Up to the first n-gram that occurred before, every position is new: start the scan there.
+        first_seen = np.unique(ranks_array, return_index=True)[1][ranks_array]
+        repeats = np.flatnonzero(first_seen < np.arange(len(ranks_array)))
+        if len(repeats) == 0:
+            return 0
+        ranks = ranks_array.tolist()
+        i = int(repeats[0])
+        seen = set(ranks[:i])
+        remember = seen.add
+        total = len(ranks)
+        repeated_chars = 0
+        while i < total:
+            rank = ranks[i]
+            if rank in seen:
+                repeated_chars += self.chars(i, n)
+                i += n
+            else:
+                remember(rank)
+                i += 1
+        return repeated_chars
 
 
 _PARAGRAPH_RE = re.compile(r"\n{2,}")
@@ -174,11 +215,11 @@ class GopherRepetitionFilter(Filter):
         if self.dup_line_char_frac is not None and repeated_chars / len(text) > self.dup_line_char_frac:
             return "gopher_dup_line_char_frac"
 
-        words = split_words(text)
+        ngrams = WordNgrams(split_words(text))
         for n, max_frac in sorted(self.top_ngrams.items()):
-            if top_ngram_chars(words, n) / len(text) > max_frac:
+            if ngrams.top_chars(n) / len(text) > max_frac:
                 return f"gopher_top_{n}_gram"
         for n, max_frac in sorted(self.dup_ngrams.items()):
-            if duplicated_ngram_chars(words, n) / len(text) > max_frac:
+            if ngrams.duplicated_chars(n) / len(text) > max_frac:
                 return f"gopher_duplicated_{n}_grams"
         return None
