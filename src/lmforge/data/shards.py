@@ -117,8 +117,14 @@ class ShardWriter:
 
     def add(self, tokens: np.ndarray) -> None:
         """Append one document's tokens (EOS included)."""
-        self._file.write(np.asarray(tokens).astype(self.dtype, copy=False).tobytes())
-        self._lengths.append(len(tokens))
+        self.extend(np.asarray(tokens), [len(tokens)])
+
+    def extend(self, tokens: np.ndarray, lengths: list[int]) -> None:
+        """Append several documents at once: their tokens back to back and each one's length."""
+        if sum(lengths) != len(tokens):
+            raise ValueError(f"document lengths sum to {sum(lengths)}, but {len(tokens)} tokens were given")
+        self._file.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self._lengths.extend(lengths)
 
     def close(self, stats: ShardStats, info: dict[str, Any] | None = None) -> dict[str, Any]:
         self._file.flush()

@@ -127,13 +127,13 @@ def plan_tasks(cfg: TokenizeConfig) -> list[_Task]:
 _worker_state: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_dir: str, cfg_dict: dict[str, Any]) -> None:
+def _init_worker(tokenizer_dir: str, cfg_dict: dict[str, Any], tok: Tokenizer | None = None) -> None:
     # One thread per worker: parallelism comes from the processes (and the tokenizers thread pool must not
     # oversubscribe the cores the other workers use).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from lmforge.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(tokenizer_dir)
+    tok = tok or load_tokenizer(tokenizer_dir)
     cfg = TokenizeConfig(**cfg_dict)
     tok.backend.encode_special_tokens = not cfg.allow_special_tokens
     _worker_state["tokenizer"] = tok
@@ -150,11 +150,12 @@ def _tokenize_task(task: _Task, out_dir: str, dtype_name: str) -> dict[str, Any]
     tok = _worker_state["tokenizer"]
     cfg: TokenizeConfig = _worker_state["cfg"]
     special_texts: list[str] = _worker_state["special_texts"]
-    eos = np.array([tok.eos_id], dtype=np.int64)
+    eos_id: int = tok.eos_id
+    dtype = np.dtype(dtype_name)
     reader = make_reader(task.path, cfg.format, text_key=cfg.text_key)
     stats = ShardStats()
     rejects: list[dict[str, Any]] = []
-    writer = ShardWriter(out_dir, task.name, np.dtype(dtype_name))
+    writer = ShardWriter(out_dir, task.name, dtype)
     batch: list[tuple[str, str | None]] = []
 
     def flush() -> None:
@@ -164,6 +165,8 @@ def _tokenize_task(task: _Task, out_dir: str, dtype_name: str) -> dict[str, Any]
         decoded = None
         if _worker_state["round_trip"] == "checked":
             decoded = tok.backend.decode_batch(ids_list, skip_special_tokens=False)
+        flat: list[int] = []
+        lengths: list[int] = []
         for k, ((text, source), ids) in enumerate(zip(batch, ids_list)):
             if not ids:
                 stats.empty_docs += 1
@@ -172,11 +175,15 @@ def _tokenize_task(task: _Task, out_dir: str, dtype_name: str) -> dict[str, Any]
                 stats.special_text_docs += 1
             if decoded is not None and decoded[k] != text:
                 stats.non_round_trip_docs += 1
-            writer.add(np.concatenate([np.asarray(ids, dtype=np.int64), eos]))
-            stats.docs += 1
-            stats.tokens += len(ids) + 1
+            flat.extend(ids)
+            flat.append(eos_id)
+            lengths.append(len(ids) + 1)
             if source is not None:
                 stats.sources[source] += len(ids) + 1
+        # one conversion and one write per batch: per-document numpy calls cost more than the encode
+        writer.extend(np.array(flat, dtype=dtype), lengths)
+        stats.docs += len(lengths)
+        stats.tokens += len(flat)
         batch.clear()
 
     try:
@@ -260,7 +267,7 @@ def tokenize_to_shards(cfg: TokenizeConfig, progress: bool = True) -> dict[str, 
     cfg_dict = dict(cfg.__dict__)
     if todo:
         if cfg.workers == 1:
-            _init_worker(cfg.tokenizer, cfg_dict)
+            _init_worker(cfg.tokenizer, cfg_dict, tok)
             for task in todo:
                 records[task.name] = _tokenize_task(task, str(out_dir), dtype.name)
                 bar.update(1)

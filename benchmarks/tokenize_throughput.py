@@ -1,0 +1,187 @@
+"""Tokens/s of ``lmforge data tokenize`` vs the HF tokenizer's own batch encode on the same text.
+
+Peers: ``tokenizers.Tokenizer.encode_batch`` and ``encode_batch_fast`` (no offsets, the call
+``lmforge data tokenize`` makes) on texts already in memory, one thread (``TOKENIZERS_PARALLELISM=false``):
+the bare cost of tokenization. Ratios are against the faster peer. ``lmforge data tokenize`` is timed end
+to end on the same documents written as JSONL.gz files: decompressing, JSON parsing, encoding, writing
+shards, index and manifest, worker start-up (and, in the ``always`` row, decoding every document to count
+round-trip failures).
+
+Two clocks: wall time, and CPU time (this process plus its finished worker processes). On a shared
+machine the wall clock also measures the neighbours; tokens per CPU-second per worker does not, and is
+the per-worker efficiency. Scaling = wall tokens/s with N workers / with 1 worker.
+
+    python benchmarks/tokenize_throughput.py                       # real corpora if built, else synthetic
+    python benchmarks/tokenize_throughput.py --mb 20 --workers 1 2 --corpus /tmp/lmforge-corpora
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before tokenizers is imported: the peer runs on one thread
+
+import argparse
+import gzip
+import json
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.data.io import looks_binary
+from lmforge.data.tokenize_shards import TokenizeConfig, tokenize_to_shards
+from lmforge.tokenizer import TokenizerTrainConfig, load_tokenizer, train_tokenizer
+
+PEERS = ("encode_batch", "encode_batch_fast")
+
+
+def load_texts(corpus: Path | None, megabytes: float, seed: int = 0) -> list[str]:
+    texts: list[str] = []
+    if corpus is not None and corpus.is_dir():
+        for path in sorted(corpus.glob("*.jsonl.gz")):
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                texts.extend(json.loads(line)["text"] for line in f)
+    if not texts:  # synthetic fallback: Zipf-distributed words, so BPE has something to learn
+        rng = np.random.default_rng(seed)
+        words = [
+            "".join(rng.choice(list("etaoinshrdlucmfwyp"), size=rng.integers(1, 9))) for _ in range(5000)
+        ]
+        ranks = rng.zipf(1.2, size=4_000_000) % len(words)
+        stream = [words[r] for r in ranks]
+        texts = [" ".join(stream[i : i + 400]) for i in range(0, len(stream), 400)]
+    # the documents reader rejects binary-looking and empty records; keep only what both sides encode
+    texts = [t for t in texts if t.strip() and not looks_binary(t)]
+    np.random.default_rng(seed).shuffle(texts)  # mix the sources across files
+    out, size = [], 0
+    while size < megabytes * 1e6:  # repeat the corpus if it is smaller than asked
+        for text in texts:
+            out.append(text)
+            size += len(text.encode("utf-8"))
+            if size >= megabytes * 1e6:
+                break
+    return out
+
+
+def write_inputs(texts: list[str], folder: Path, files: int) -> None:
+    folder.mkdir(parents=True)
+    for f in range(files):
+        with gzip.open(folder / f"{f:05d}.jsonl.gz", "wt", encoding="utf-8") as out:
+            for i in range(f, len(texts), files):
+                out.write(json.dumps({"id": str(i), "text": texts[i]}, ensure_ascii=False) + "\n")
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that have exited (the pool's workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def measure(run: Callable[[], int]) -> tuple[float, float, int]:
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    tokens = run()
+    return time.perf_counter() - wall, cpu_seconds() - cpu, tokens
+
+
+def peer(tokenizer_dir: Path, texts: list[str], batch: int, method: str) -> Callable[[], int]:
+    encode = getattr(load_tokenizer(tokenizer_dir).backend, method)
+
+    def run() -> int:
+        tokens = 0
+        for i in range(0, len(texts), batch):
+            tokens += sum(len(e.ids) for e in encode(texts[i : i + batch], add_special_tokens=False))
+        return tokens
+
+    return run
+
+
+def ours(cfg: TokenizeConfig) -> Callable[[], int]:
+    def run() -> int:
+        manifest = tokenize_to_shards(cfg, progress=False)
+        return manifest["totals"]["tokens"] - manifest["totals"]["docs"]  # EOS separators not counted
+
+    shutil.rmtree(cfg.output, ignore_errors=True)
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--corpus", type=Path, default=Path("/tmp/lmforge-corpora"))
+    parser.add_argument("--mb", type=float, default=20.0, help="megabytes of text")
+    parser.add_argument("--files", type=int, default=8, help="input files (tasks)")
+    parser.add_argument("--vocab", type=int, default=16000)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch", type=int, default=256, help="documents per encode_batch call (both sides)")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many interleaved runs")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="lmforge-tokbench-"))
+    try:
+        texts = load_texts(args.corpus, args.mb)
+        megabytes = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+        write_inputs(texts, work / "docs", args.files)
+        tok = train_tokenizer(texts[: max(1, len(texts) // 4)], TokenizerTrainConfig(vocab_size=args.vocab))
+        tok.save(work / "tok")
+        print(
+            f"{len(texts)} documents, {megabytes:.1f} MB in {args.files} files; byte-level BPE, vocab {args.vocab}"
+        )
+
+        variants = [(f"HF {m} (in memory)", 1, m) for m in PEERS]
+        variants += [("lmforge data tokenize", w, "auto") for w in args.workers]
+        variants += [("lmforge data tokenize, round-trip check", 1, "always")]
+        best: dict[tuple[str, int], tuple[float, float, int]] = {}
+        for _ in range(args.repeats):  # interleaved, so slow phases of the neighbours hit every variant
+            for name, workers, mode in variants:
+                if mode in PEERS:
+                    run = peer(work / "tok", texts, args.batch, mode)
+                else:
+                    cfg = TokenizeConfig([str(work / "docs")], str(work / "tok"), str(work / "out"), workers)
+                    cfg.round_trip_check, cfg.batch_docs = mode, args.batch
+                    run = ours(cfg)
+                wall, cpu, tokens = measure(run)
+                previous = best.get((name, workers))
+                best[name, workers] = (
+                    min(wall, previous[0]) if previous else wall,
+                    min(cpu, previous[1]) if previous else cpu,
+                    tokens,
+                )
+        counts = {tokens for _, _, tokens in best.values()}
+        if len(counts) != 1:
+            raise SystemExit(f"token counts differ between variants: {best}")
+        tokens = counts.pop()
+        peer_wall = min(best[f"HF {m} (in memory)", 1][0] for m in PEERS)
+        peer_cpu = min(best[f"HF {m} (in memory)", 1][1] for m in PEERS)
+        one_worker_wall = best.get(("lmforge data tokenize", 1), (None,))[0]
+
+        print(f"{tokens:,} tokens; best of {args.repeats} interleaved runs")
+        print(
+            "| method | workers | wall s | tokens/s (wall) | CPU s | tokens per CPU-s per worker "
+            "| per-worker vs peer (CPU) | per-worker vs peer (wall) | scaling (wall) |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for name, workers, _ in variants:
+            wall, cpu, _ = best[name, workers]
+            # with N workers each works on its own cores, so CPU time per worker is cpu / N
+            per_worker_cpu_rate = tokens / cpu
+            scaling = (
+                f"{one_worker_wall / wall:.2f}x"
+                if one_worker_wall and name == "lmforge data tokenize"
+                else ""
+            )
+            print(
+                f"| {name} | {workers} | {wall:.2f} | {tokens / wall:,.0f} | {cpu:.2f} | {per_worker_cpu_rate:,.0f} "
+                f"| {peer_cpu / cpu:.2f}x | {peer_wall / (wall * workers):.2f}x | {scaling} |"
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
