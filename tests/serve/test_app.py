@@ -77,8 +77,27 @@ def test_tokenize_and_detokenize_round_trip(server):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
 
 
+def test_tokenizer_info_lets_a_client_tokenize_like_the_server(server):
+    """The contract lm-evaluation-harness's remote tokenizer relies on: /tokenizer_info names the special
+    tokens and the chat template, and /tokenize of the EOS text gives the EOS id."""
+    tok = server.engine.tokenizer
+    info = httpx.get(f"{server.base_url}/tokenizer_info", headers=server.headers()).json()
+    assert (info["eos_token"], info["bos_token"], info["chat_template"]) == (
+        tok.eos_token,
+        tok.bos_token,
+        tok.chat_template,
+    )
+    assert info["model_max_length"] == MAX_MODEL_LEN and info["vocab_size"] == tok.vocab_size
+    eos = httpx.post(
+        f"{server.base_url}/tokenize",
+        json={"prompt": info["eos_token"], "add_special_tokens": False},
+        headers=server.headers(),
+    ).json()["tokens"]
+    assert eos == [tok.eos_id]
+
+
 def test_api_key_guards_the_api_but_not_health_metrics_or_page(server):
-    for path in ("/v1/models",):
+    for path in ("/v1/models", "/tokenizer_info"):
         assert httpx.get(f"{server.base_url}{path}").status_code == 401
     denied = httpx.post(
         f"{server.base_url}/tokenize", json={"prompt": "x"}, headers={"Authorization": "Bearer no"}

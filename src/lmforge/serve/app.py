@@ -31,6 +31,7 @@ from lmforge.serve.schemas import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfo,
     now,
 )
 
@@ -180,6 +181,23 @@ def create_app(
         serving.check_model(req.model)
         serving.check_token_ids(req.tokens, "tokens")
         return DetokenizeResponse(prompt=serving.tokenizer.decode(req.tokens))
+
+    @api.get("/tokenizer_info")
+    async def tokenizer_info() -> TokenizerInfo:
+        """What a client needs to tokenize on its own (vLLM's endpoint; lm-evaluation-harness's remote
+        tokenizer reads it together with /tokenize and /detokenize)."""
+        tok = state.ready().tokenizer
+        return TokenizerInfo(
+            tokenizer_class="PreTrainedTokenizerFast",
+            vocab_size=tok.vocab_size,
+            model_max_length=state.ready().engine.max_model_len,
+            bos_token=tok.bos_token,
+            eos_token=tok.eos_token,
+            pad_token=tok.pad_token,
+            unk_token=tok.unk_token,
+            add_bos_token=tok.add_bos_token,
+            chat_template=tok.chat_template,
+        )
 
     app.include_router(api)
     return app

@@ -18,7 +18,9 @@ def register(subparsers: Any) -> None:
         description="Serve a Hugging Face-layout model folder: /v1/models, /v1/completions, /v1/chat/completions, "
         "/tokenize, /detokenize, /health, /metrics, and a chat web page at /.",
     )
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="model folder (config.json, weights, tokenizer)")
+    parser.add_argument(
+        "model_dir", metavar="MODEL_DIR", help="model folder (config.json, weights, tokenizer)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument(
@@ -37,10 +39,14 @@ def register(subparsers: Any) -> None:
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--device", default="cpu", help="torch device of the model and KV cache (default: cpu)")
+    engine.add_argument(
+        "--device", default="cpu", help="torch device of the model and KV cache (default: cpu)"
+    )
     engine.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and KV-cache dtype")
     engine.add_argument("--max-model-len", type=int, help="context length (default: the model's max_seq_len)")
-    engine.add_argument("--kv-cache-mb", type=int, default=256, help="memory of the paged KV pool (default: 256)")
+    engine.add_argument(
+        "--kv-cache-mb", type=int, default=256, help="memory of the paged KV pool (default: 256)"
+    )
     engine.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
     engine.add_argument("--max-num-seqs", type=int, default=64, help="sequences run per step (default: 64)")
     engine.add_argument(

@@ -317,6 +317,18 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
 
 
+class TokenizerInfo(BaseModel):
+    tokenizer_class: str
+    vocab_size: int
+    model_max_length: int
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    add_bos_token: bool
+    chat_template: str | None
+
+
 class DetokenizeResponse(BaseModel):
     prompt: str
 
