@@ -33,8 +33,10 @@ def expected(tiny_model):
         {"max_num_batched_tokens": 24, "max_num_seqs": 4},  # long prompts are chunked over several steps
         {"enable_prefix_caching": False},
         {"num_blocks": 24, "max_num_seqs": 8},  # 23 usable blocks of 4 tokens: forces preemption
+        {"decode_mirror": False},  # decodes gather their keys/values from the blocks every step
+        {"decode_mirror": False, "num_blocks": 24, "max_num_seqs": 8},
     ],
-    ids=["batched", "chunked-prefill", "no-prefix-cache", "preemption"],
+    ids=["batched", "chunked-prefill", "no-prefix-cache", "preemption", "gather", "gather-preemption"],
 )
 def test_batched_greedy_equals_each_request_alone(tiny_model, expected, settings):
     engine = _engine(tiny_model, **settings)

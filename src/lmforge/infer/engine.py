@@ -67,6 +67,8 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_seq_len
     enable_prefix_caching: bool = True
     chunked_prefill: bool = True
+    # keep decoding sequences' keys/values contiguous too (faster decoding on CPU, more memory; see kv_cache.py)
+    decode_mirror: bool = True
     seed: int | None = None  # the shared generator of unseeded requests
 
 
@@ -131,7 +133,7 @@ class LLMEngine:
             config.max_waiting,
             config.chunked_prefill,
         )
-        self.runner = ModelRunner(model, self.cache, config.block_size)
+        self.runner = ModelRunner(model, self.cache, config.block_size, config.decode_mirror)
         self.sampler = Sampler(config.seed)
         self._request_ids = itertools.count()
         self._aborted: list[SequenceGroup] = []

@@ -8,6 +8,7 @@ forward pre-hook on ``model.lm_head`` selects them, which saves a ``T x vocab`` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,11 +28,16 @@ class ChunkLogits:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, cache: PagedKVCache, block_size: int) -> None:
+    def __init__(
+        self, model: nn.Module, cache: PagedKVCache, block_size: int, decode_mirror: bool = True
+    ) -> None:
         self.model = model
+        self.decode_mirror = decode_mirror
         self.cache = cache
         self.block_size = block_size
         self._logit_rows: Tensor | None = None
+        # padded key slots a decode batch may waste before it is split (about one forward's fixed cost)
+        self.min_decode_bucket = 4096
         head = getattr(model, "lm_head", None)
         self._has_head_hook = head is not None
         if head is not None:
@@ -49,10 +55,42 @@ class ModelRunner:
         results = [ChunkLogits() for _ in items]
         decodes = [i for i, it in enumerate(items) if it.num_tokens == 1 and i not in all_logits]
         prefills = [i for i in range(len(items)) if i not in set(decodes)]
-        for batch in (decodes, prefills):
-            if batch:
-                self._run_batch([items[i] for i in batch], [i in all_logits for i in batch], batch, results)
+        # Padding costs as much as real work on a CPU: prefill chunks are padded to the longest chunk of their
+        # batch, and every row gathers and attends over the longest context of its batch. So both kinds are
+        # split into batches of similar size; an extra forward costs little next to the padding it saves.
+        context = [it.seq.num_computed + it.num_tokens for it in items]
+        batches = _bucket(prefills, lambda i: items[i].num_tokens, 0)
+        if self.decode_mirror:
+            if decodes:
+                self._run_mirrored_decodes([items[i] for i in decodes], decodes, results)
+        else:
+            batches += _bucket(decodes, lambda i: context[i], self.min_decode_bucket)
+        for batch in batches:
+            self._run_batch([items[i] for i in batch], [i in all_logits for i in batch], batch, results)
         return results
+
+    def _run_mirrored_decodes(
+        self, items: list[ScheduledSeq], indices: list[int], results: list[ChunkLogits]
+    ) -> None:
+        """One ``[B, 1]`` forward over the decoding sequences, attending over their mirror rows (no gather)."""
+        bs = self.block_size
+        seqs = [it.seq for it in items]
+        order = self.cache.mirror.arrange(
+            [s.seq_id for s in seqs], [s.block_table for s in seqs], [s.num_computed for s in seqs]
+        )
+        seqs = [seqs[i] for i in order]
+        positions = torch.tensor([s.num_computed for s in seqs])
+        input_ids = torch.tensor([s.token_ids[s.num_computed] for s in seqs])
+        tables = [s.block_table for s in seqs]
+        pos_list = positions.tolist()
+        slots = torch.tensor([tables[b][p // bs] * bs + p % bs for b, p in enumerate(pos_list)])
+        width = max(pos_list) + 1
+        key_positions = torch.arange(width).expand(len(seqs), -1)
+        key_positions = torch.where(key_positions <= positions[:, None], key_positions, -1)
+        self.cache.bind_mirrored(slots, positions, key_positions)
+        logits = self.model(input_ids[:, None], position_ids=positions[:, None], cache=self.cache).logits
+        for row, i in enumerate(order):
+            results[indices[i]].last = logits[row, -1]
 
     def _run_batch(
         self, items: list[ScheduledSeq], want_all: list[bool], indices: list[int], results: list[ChunkLogits]
@@ -109,3 +147,21 @@ class ModelRunner:
             elif it.completes:
                 results[indices[b]].last = logits[offset]
                 offset += 1
+
+
+def _bucket(
+    indices: list[int], size: Callable[[int], int], min_padding: int, slack: float = 1.25
+) -> list[list[int]]:
+    """Group indices, largest first, into batches whose padded size (rows x largest) stays within ``slack``
+    times their real size, or within ``min_padding`` padded units (small waste is not worth a forward)."""
+    groups: list[list[int]] = []
+    for i in sorted(indices, key=lambda i: -size(i)):
+        if groups:
+            group = groups[-1]
+            real = sum(size(j) for j in group) + size(i)
+            padded = size(group[0]) * (len(group) + 1)
+            if padded <= slack * real or padded - real <= min_padding:
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups

@@ -1,0 +1,181 @@
+"""Engine throughput vs ``transformers`` ``generate`` with static padded batches, same weights, same run.
+
+Workload: N requests with mixed prompt and output lengths (seeded), greedy decoding, EOS ignored so every
+request produces exactly its requested number of tokens. The engine takes them all at once (continuous
+batching, paged KV cache); transformers runs them in static batches of ``--hf-batch`` left-padded prompts,
+each batch generating until its longest request is done (that is what a static batch costs). Throughput is
+useful output tokens / wall time for both. A second table compares single-stream decode speed with the
+memory-bandwidth bound: (weight bytes + KV bytes read per token) / measured copy bandwidth.
+
+    .venv/bin/python benchmarks/serve_throughput.py                       # 64 requests, the default model
+    .venv/bin/python benchmarks/serve_throughput.py --requests 16 --quick # a fast smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+
+import torch
+
+
+def build_models(args: argparse.Namespace):
+    import transformers
+
+    from lmforge.infer import EngineConfig, LLMEngine
+    from lmforge.model.hf import load_pretrained
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.d_model,
+        intermediate_size=args.d_model * 8 // 3 // 64 * 64,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        ours = load_pretrained(folder)
+    engine = LLMEngine(
+        ours,
+        None,
+        EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.token_budget),
+        eos_token_ids=[],
+    )
+    return hf, engine
+
+
+def workload(args: argparse.Namespace) -> list[tuple[list[int], int]]:
+    rng = random.Random(0)
+    return [
+        (
+            [rng.randrange(3, args.vocab) for _ in range(rng.randint(*args.prompt_len))],
+            rng.randint(*args.output_len),
+        )
+        for _ in range(args.requests)
+    ]
+
+
+def run_engine(engine, requests) -> tuple[float, int, list[list[int]]]:
+    from lmforge.infer import SamplingParams
+
+    params = [
+        SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False) for _, n in requests
+    ]
+    start = time.perf_counter()
+    outs = engine.generate([p for p, _ in requests], params)
+    elapsed = time.perf_counter() - start
+    tokens = [o.outputs[0].token_ids for o in outs]
+    return elapsed, sum(len(t) for t in tokens), tokens
+
+
+@torch.inference_mode()
+def run_hf(hf, requests, batch_size: int) -> tuple[float, int, list[list[int]]]:
+    start = time.perf_counter()
+    tokens: list[list[int]] = []
+    for i in range(0, len(requests), batch_size):
+        batch = requests[i : i + batch_size]
+        width = max(len(p) for p, _ in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
+        out = hf.generate(
+            ids, attention_mask=mask, do_sample=False, max_new_tokens=max(n for _, n in batch), pad_token_id=0
+        )
+        tokens += [row[width : width + n].tolist() for row, (_, n) in zip(out, batch)]
+    elapsed = time.perf_counter() - start
+    return elapsed, sum(len(t) for t in tokens), tokens
+
+
+def copy_bandwidth(megabytes: int = 256) -> float:
+    """Bytes per second of a large tensor copy (read + write counted once each)."""
+    src = torch.empty(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best
+
+
+def single_stream(engine, prompt_len: int, new_tokens: int) -> tuple[float, float]:
+    """Decode tokens/s of one request, and its bandwidth bound at the mean context length."""
+    from lmforge.infer import SamplingParams
+
+    prompt = list(range(3, 3 + prompt_len))
+    engine.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
+    start = time.perf_counter()
+    engine.generate([prompt], params)
+    prefill = time.perf_counter() - start
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+    start = time.perf_counter()
+    engine.generate([prompt], params)
+    decode_rate = (new_tokens - 1) / (time.perf_counter() - start - prefill)
+    cfg = engine.model.cfg
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    context = prompt_len + new_tokens / 2
+    kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4 * context
+    return decode_rate, copy_bandwidth() / (weight_bytes + kv_bytes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, nargs=2, default=(8, 256), metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=int, nargs=2, default=(8, 256), metavar=("MIN", "MAX"))
+    parser.add_argument("--hf-batch", type=int, default=64, help="static batch size for transformers")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--token-budget", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="skip the single-stream table")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    hf, engine = build_models(args)
+    requests = workload(args)
+    hf_time, hf_tokens, hf_out = run_hf(hf, requests, args.hf_batch)
+    engine_time, engine_tokens, engine_out = run_engine(engine, requests)
+    same = sum(a == b for a, b in zip(engine_out, hf_out))
+    params = sum(p.numel() for p in engine.model.parameters())
+    print(
+        f"model: Llama-style, {params / 1e6:.1f} M parameters; {args.requests} requests, prompts "
+        f"{args.prompt_len[0]}-{args.prompt_len[1]} tokens, outputs {args.output_len[0]}-{args.output_len[1]}"
+    )
+    print(f"{'system':<42} {'tokens':>8} {'seconds':>8} {'tokens/s':>9}")
+    print(
+        f"{'transformers generate, static batch ' + str(args.hf_batch):<42} {hf_tokens:>8} {hf_time:>8.2f} "
+        f"{hf_tokens / hf_time:>9.1f}"
+    )
+    print(
+        f"{'lmforge engine (continuous batching)':<42} {engine_tokens:>8} {engine_time:>8.2f} "
+        f"{engine_tokens / engine_time:>9.1f}"
+    )
+    ratio = (engine_tokens / engine_time) / (hf_tokens / hf_time)
+    print(f"ratio engine / transformers: {ratio:.2f}x   (identical greedy outputs: {same}/{len(requests)})")
+    if not args.quick:
+        rate, bound = single_stream(engine, prompt_len=128, new_tokens=128)
+        print(
+            f"\nsingle-stream decode: {rate:.1f} tokens/s; bandwidth bound {bound:.1f} tokens/s "
+            f"({100 * rate / bound:.0f}% of bound)"
+        )
+
+
+if __name__ == "__main__":
+    main()
