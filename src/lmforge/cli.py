@@ -30,6 +30,7 @@ COMMAND_MODULES: list[str] = [
     "lmforge.infer.commands",
     "lmforge.serve.commands",
     "lmforge.eval.commands",
+    "lmforge.demo.commands",
 ]
 
 

@@ -1,8 +1,9 @@
 """The report card: one page (Markdown and HTML) that tells what every stage of a run did.
 
 A stage contributes a :class:`StageCard`: its wall time, key numbers, tables and pictures. Pictures are
-PNG files in the run folder (drawn with matplotlib's Agg backend, so no display is needed) and are linked
-by relative path, so the folder can be moved or zipped as a whole.
+PNG files in the run folder (the trainer's loss curves, and charts drawn here with matplotlib's Agg
+backend, so no display is needed) and are linked by relative path, so the folder can be moved or zipped
+as a whole.
 """
 
 from __future__ import annotations
@@ -123,30 +124,24 @@ def render_html(title: str, cards: Sequence[StageCard], summary: Mapping[str, An
     return "\n".join(parts)
 
 
-def plot_curves(
-    series: Mapping[str, Sequence[tuple[float, float]]],
-    path: str | Path,
-    title: str,
-    xlabel: str = "step",
-    ylabel: str = "loss",
-) -> Path:
-    """Draw one line per named series of ``(x, y)`` points into a PNG file."""
+def plot_comparison(groups: Mapping[str, Mapping[str, float]], path: str | Path, title: str) -> Path:
+    """A grouped bar chart: one group per row name, one bar per series (e.g. base and SFT scores)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    for name, points in series.items():
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, label=name, linewidth=1.2)
+    names = list(groups)
+    series = list(dict.fromkeys(s for values in groups.values() for s in values))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(names)), 3.8), dpi=100)
+    for i, label in enumerate(series):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(names))]
+        ax.bar(xs, [groups[n].get(label, 0.0) for n in names], width, label=label)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
     ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

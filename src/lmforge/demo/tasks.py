@@ -197,3 +197,29 @@ def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> int:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             count += 1
     return count
+
+
+def multiple_choice_records(
+    records: Iterable[dict[str, Any]], n_choices: int = 4, seed: int = 0
+) -> list[dict[str, Any]]:
+    """``read_answer`` questions as multiple choice: the answer among distractors of the same kind
+    (colors, places, names or objects), in a seeded order. Records of other tasks are skipped."""
+    pools = (COLORS, PLACES, NAMES, OBJECTS)
+    out = []
+    for index, record in enumerate(records):
+        if record["task"] != "read_answer":
+            continue
+        answer = record["answer"]
+        pool = next(p for p in pools if answer in p)
+        rng = random.Random(f"{seed}:{index}")
+        choices = [answer, *rng.sample([c for c in pool if c != answer], n_choices - 1)]
+        rng.shuffle(choices)
+        out.append(
+            {
+                "task": "read_answer_mc",
+                "prompt": record["prompt"],
+                "choices": choices,
+                "label": choices.index(answer),
+            }
+        )
+    return out

@@ -1,0 +1,92 @@
+"""The demo's settings: one ``--size`` dial that scales corpus, tokenizer, model, steps and exams together.
+
+Every number of a size can still be changed on the command line (``lmforge demo pretrain.steps=100``),
+since a size is only the defaults of :class:`DemoConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmforge.config import check_choice
+
+
+@dataclass
+class CorpusSettings:
+    paths: list[str] = field(default_factory=list)  # the user's corpus; empty: the Python standard library
+    max_bytes: int = 3_000_000  # stdlib corpus budget
+    html_every: int = 5  # every n-th module with docstrings also becomes an HTML page
+    heldout_documents: int = 40  # cleaned documents kept out of pretraining for perplexity
+
+
+@dataclass
+class ModelSettings:
+    d_model: int = 192
+    n_layers: int = 4
+    n_heads: int = 6
+    d_ff: int = 512
+    max_seq_len: int = 256
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 500
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 3e-3
+    warmup_steps: int = 50
+
+
+@dataclass
+class InstructSettings:
+    train_per_task: int = 3000
+    heldout_per_task: int = 100
+    seed: int = 0
+
+
+@dataclass
+class DemoConfig:
+    size: str = "tiny"
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    threads: int = 0  # torch threads; 0: all cores
+    vocab_size: int = 2048
+    corpus: CorpusSettings = field(default_factory=CorpusSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    pretrain: TrainSettings = field(default_factory=TrainSettings)
+    sft: TrainSettings = field(default_factory=lambda: TrainSettings(steps=800, batch_size=16, lr=1e-3))
+    instruct: InstructSettings = field(default_factory=InstructSettings)
+    serve: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def __post_init__(self) -> None:
+        check_choice("size", self.size, list(SIZES))
+
+
+# Per size, the values that differ from the DemoConfig defaults (which are the tiny size).
+SIZES: dict[str, dict[str, Any]] = {
+    "micro": {
+        "vocab_size": 384,
+        "corpus": {"max_bytes": 150_000, "heldout_documents": 4},
+        "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "max_seq_len": 128},
+        "pretrain": {"steps": 4, "batch_size": 4, "seq_len": 64, "warmup_steps": 1},
+        "sft": {"steps": 4, "batch_size": 4, "seq_len": 128, "warmup_steps": 1},
+        "instruct": {"train_per_task": 30, "heldout_per_task": 4},
+    },
+    "tiny": {},
+    "small": {
+        "vocab_size": 4096,
+        "corpus": {"max_bytes": 8_000_000, "heldout_documents": 80},
+        "model": {"d_model": 256, "n_layers": 6, "n_heads": 8, "d_ff": 768, "max_seq_len": 512},
+        "pretrain": {"steps": 2000, "batch_size": 16, "seq_len": 512},
+        "sft": {"steps": 1500, "batch_size": 16, "seq_len": 512},
+        "instruct": {"train_per_task": 5000, "heldout_per_task": 200},
+    },
+}
+
+
+def size_defaults(size: str) -> dict[str, Any]:
+    check_choice("size", size, list(SIZES))
+    return {"size": size, **SIZES[size]}

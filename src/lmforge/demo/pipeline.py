@@ -1,0 +1,335 @@
+"""``lmforge demo``: raw corpus -> cleaned data -> tokenizer -> shards -> pretraining -> SFT -> eval -> serve.
+
+Every stage is a call into the layer that owns it (``lmforge.data``, ``lmforge.tokenizer``,
+``lmforge.train``, ``lmforge.tune.sft``, ``lmforge.eval``, ``lmforge.serve``); this module only wires their
+inputs and outputs together inside one run folder and writes the report card::
+
+    RUN/corpus/        stdlib documents (JSONL) and HTML pages, or nothing when the user brings a corpus
+    RUN/instruct/      generated instruction set: train.jsonl, heldout.jsonl, heldout_mc.jsonl
+    RUN/data/          pipeline run (stats, exclusions), clean/ output, train.jsonl and heldout.jsonl
+    RUN/tokenizer/     tokenizer.json + tokenizer_config.json (chat template included)
+    RUN/shards/        token shards of data/train.jsonl
+    RUN/pretrain/      trainer run folder; the base model in pretrain/model
+    RUN/sft/           trainer run folder; the chat model in sft/model
+    RUN/eval/base, RUN/eval/sft   results.json, results.md, samples/
+    RUN/stages/        completion markers (a rerun skips finished stages)
+    RUN/report.md, RUN/report.html
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from lmforge.config import save_config
+from lmforge.demo.config import DemoConfig
+from lmforge.demo.report import StageCard, Table, format_seconds, plot_comparison, write_report
+from lmforge.demo.stages import StageRunner
+
+STAGES = {
+    "corpus": "Corpus",
+    "data": "Data pipeline",
+    "tokenizer": "Tokenizer",
+    "shards": "Token shards",
+    "pretrain": "Pretraining",
+    "sft": "Supervised fine-tuning",
+    "eval": "Evaluation: base vs SFT",
+}
+
+# Pipeline steps for the demo corpus. Code is part of the corpus, so the repetition filter is loosened
+# (Gopher's prose thresholds would drop most source files); it still removes generated tables.
+DATA_STEPS: list[dict[str, Any]] = [
+    {"step": "html_extract"},
+    {"step": "pii"},
+    {"step": "exact_dedup"},
+    {"step": "minhash_dedup"},
+    {
+        "step": "gopher_repetition",
+        "dup_line_frac": 0.5,
+        "dup_line_char_frac": 0.4,
+        "top_ngrams": {2: 0.3, 3: 0.25, 4: 0.2},
+        "dup_ngrams": {5: 0.5, 6: 0.45, 7: 0.4, 8: 0.35, 9: 0.3, 10: 0.3},
+    },
+]
+
+
+def _jsonl(path: Path, records: list[dict[str, Any]]) -> int:
+    from lmforge.demo.tasks import write_jsonl
+
+    return write_jsonl(records, path)
+
+
+class Demo:
+    def __init__(self, cfg: DemoConfig, console: Console | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.console = console or Console()
+        self.stages = StageRunner(self.run_dir, list(STAGES), self.console)
+
+    def path(self, *parts: str) -> Path:
+        return self.run_dir.joinpath(*parts)
+
+    # -- stages ---------------------------------------------------------------------------------------------
+    def corpus(self) -> StageCard:
+        from lmforge.demo.corpus import stdlib_documents
+        from lmforge.demo.tasks import TASKS, generate_tasks, multiple_choice_records
+
+        cfg = self.cfg
+        numbers: dict[str, Any] = {}
+        if cfg.corpus.paths:
+            numbers["source"] = "your corpus: " + ", ".join(cfg.corpus.paths)
+        else:
+            corpus_dir = self.path("corpus")
+            html_dir = corpus_dir / "html"
+            html_dir.mkdir(parents=True, exist_ok=True)
+            counts = {"prose": 0, "code": 0, "html": 0}
+            size = 0
+            with (corpus_dir / "stdlib.jsonl").open("w", encoding="utf-8") as f:
+                for doc in stdlib_documents(cfg.corpus.max_bytes, cfg.corpus.html_every):
+                    kind = doc["meta"]["kind"]
+                    counts[kind] += 1
+                    size += len(doc["text"].encode("utf-8"))
+                    if kind == "html":
+                        (html_dir / (doc["id"].replace("/", "_") + ".html")).write_text(
+                            doc["text"], encoding="utf-8"
+                        )
+                    else:
+                        f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+            numbers["source"] = "Python standard library (docstrings, source code, generated HTML pages)"
+            numbers.update({f"{kind} documents": n for kind, n in counts.items()})
+            numbers["megabytes"] = round(size / 1e6, 2)
+        train, heldout = generate_tasks(
+            cfg.instruct.train_per_task, cfg.instruct.heldout_per_task, seed=cfg.instruct.seed
+        )
+        _jsonl(self.path("instruct", "train.jsonl"), train)
+        _jsonl(self.path("instruct", "heldout.jsonl"), heldout)
+        _jsonl(
+            self.path("instruct", "heldout_mc.jsonl"),
+            multiple_choice_records(heldout, seed=cfg.instruct.seed),
+        )
+        numbers["instruction tasks"] = ", ".join(TASKS)
+        numbers["instruction examples (train / held-out)"] = f"{len(train)} / {len(heldout)}"
+        return StageCard("corpus", STAGES["corpus"], numbers=numbers)
+
+    def data(self) -> StageCard:
+        from lmforge.data.recipe import run_recipe
+
+        cfg = self.cfg
+        if cfg.corpus.paths:
+            inputs = [{"paths": list(cfg.corpus.paths), "source": "user"}]
+        else:
+            inputs = [
+                {"paths": [str(self.path("corpus", "stdlib.jsonl"))], "source": "stdlib"},
+                {"paths": [str(self.path("corpus", "html"))], "format": "html", "source": "stdlib-html"},
+            ]
+        recipe = {
+            "inputs": inputs,
+            "steps": DATA_STEPS,
+            "output": {"path": str(self.path("data", "clean")), "format": "jsonl.gz"},
+            "run_dir": str(self.path("data", "run")),
+        }
+        report = run_recipe(data=recipe, progress=True)
+        stats = report.to_dict()
+        train, heldout = self._split_heldout()
+        numbers = {
+            "documents in": report.docs_in,
+            "kept": report.kept,
+            "removed": report.removed,
+            "rejected (unreadable)": report.rejected,
+            "input megabytes": round(report.input_bytes / 1e6, 2),
+            "pretraining documents": train,
+            "held-out documents (perplexity)": heldout,
+        }
+        rows = []
+        for step in stats["steps"]:
+            removed = ", ".join(f"{reason}: {n}" for reason, n in step["removed"].items()) or "-"
+            counters = ", ".join(f"{k}: {v}" for k, v in step["counters"].items()) or "-"
+            rows.append([step["name"], step["in"], step["kept"], removed, counters])
+        table = Table("Steps", ["step", "in", "kept", "removed by reason", "counters"], rows)
+        return StageCard("data", STAGES["data"], numbers=numbers, tables=[table])
+
+    def _split_heldout(self) -> tuple[int, int]:
+        """Hold out a fixed share of cleaned documents (chosen by a hash of the id) for perplexity."""
+        from lmforge.data.document import Document
+        from lmforge.data.io import make_reader
+
+        reader = make_reader(str(self.path("data", "clean")))
+        docs = [item for group in reader.tasks() for item in reader.read(group) if isinstance(item, Document)]
+        docs.sort(key=lambda d: (zlib.crc32(d.id.encode("utf-8")), d.id))
+        n_heldout = min(self.cfg.corpus.heldout_documents, len(docs) // 10)
+        heldout, train = docs[:n_heldout], docs[n_heldout:]
+        _jsonl(self.path("data", "train.jsonl"), [d.to_record() for d in train])
+        _jsonl(self.path("data", "heldout.jsonl"), [d.to_record() for d in heldout])
+        return len(train), len(heldout)
+
+    def _documents(self, name: str) -> list[str]:
+        with self.path("data", name).open(encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f]
+
+    def tokenizer(self) -> StageCard:
+        from lmforge.tokenizer import TokenizerTrainConfig, train_tokenizer
+
+        texts = self._documents("train.jsonl")
+        # No BOS: shards separate documents with EOS only, so inference must not start with an unseen token.
+        tok_cfg = TokenizerTrainConfig(kind="byte_bpe", vocab_size=self.cfg.vocab_size, add_bos_token=False)
+        tokenizer = train_tokenizer(texts, tok_cfg, total=len(texts), progress=True)
+        tokenizer.save(self.path("tokenizer"))
+        heldout = self._documents("heldout.jsonl")
+        n_bytes = sum(len(t.encode("utf-8")) for t in heldout)
+        n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(heldout))
+        example = "What is 37 + 48?"
+        pieces = [tokenizer.decode([i]) for i in tokenizer.encode(example)]
+        numbers = {
+            "kind": tok_cfg.kind,
+            "vocabulary": tokenizer.vocab_size,
+            "bytes per token (held-out documents)": round(n_bytes / max(n_tokens, 1), 3),
+            f"tokens of {example!r}": json.dumps(pieces, ensure_ascii=False),
+        }
+        return StageCard("tokenizer", STAGES["tokenizer"], numbers=numbers)
+
+    def shards(self) -> StageCard:
+        from lmforge.data.tokenize_shards import TokenizeConfig, tokenize_to_shards
+
+        manifest = tokenize_to_shards(
+            TokenizeConfig(
+                inputs=[str(self.path("data", "train.jsonl"))],
+                tokenizer=str(self.path("tokenizer")),
+                output=str(self.path("shards")),
+            )
+        )
+        totals = manifest["totals"]
+        numbers = {
+            "tokens (EOS separators included)": totals["tokens"],
+            "documents": totals["docs"],
+            "tokens per source": ", ".join(f"{k}: {v}" for k, v in manifest["sources"].items()),
+            "token dtype": manifest["dtype"],
+        }
+        return StageCard("shards", STAGES["shards"], numbers=numbers)
+
+    def pretrain(self) -> StageCard:
+        from lmforge.demo.training import pretrain
+
+        return pretrain(self)
+
+    def sft(self) -> StageCard:
+        from lmforge.demo.training import finetune
+
+        return finetune(self)
+
+    def eval(self) -> StageCard:
+        from lmforge.eval.runner import EvalConfig, PerplexityConfig, TaskConfig, evaluate, headline_metric
+
+        heldout = str(self.path("instruct", "heldout.jsonl"))
+        tasks = [
+            TaskConfig(name=task, path=heldout, where={"task": task}, chat=True, max_tokens=24)
+            for task in ("addition", "reverse_words", "count_letter", "read_answer")
+        ]
+        tasks.append(
+            TaskConfig(
+                name="addition (3-shot, plain)", path=heldout, where={"task": "addition"}, num_fewshot=3
+            )
+        )
+        tasks.append(
+            TaskConfig(
+                name="read_answer (multiple choice)",
+                path=str(self.path("instruct", "heldout_mc.jsonl")),
+                chat=True,
+            )
+        )
+        results = {}
+        for which, folder in (("base", self.path("pretrain", "model")), ("sft", self.path("sft", "model"))):
+            cfg = EvalConfig(
+                model=str(folder),
+                run_dir=str(self.path("eval", which)),
+                tasks=tasks,
+                perplexity=PerplexityConfig(documents=[str(self.path("data", "heldout.jsonl"))]),
+                threads=self.cfg.threads,
+            )
+            self.console.print(f"evaluating the {which} model")
+            results[which] = evaluate(cfg)
+        rows = []
+        for name in results["base"]["tasks"]:
+            metric, base = headline_metric(results["base"]["tasks"][name])
+            _, sft = headline_metric(results["sft"]["tasks"][name])
+            rows.append([name, metric, round(base, 3), round(sft, 3)])
+        for key in ("perplexity", "bits_per_byte"):
+            rows.append(
+                [
+                    f"held-out documents: {key}",
+                    key,
+                    results["base"]["perplexity"][key],
+                    results["sft"]["perplexity"][key],
+                ]
+            )
+        self.path("plots").mkdir(parents=True, exist_ok=True)
+        plot_comparison(
+            {
+                row[0]: {"base": row[2], "SFT": row[3]}
+                for row in rows
+                if row[1] != "perplexity" and "held-out" not in row[0]
+            },
+            self.path("plots", "eval_base_vs_sft.png"),
+            "held-out tasks: base vs SFT",
+        )
+        table = Table("Held-out evaluation", ["task", "metric", "base", "SFT"], rows)
+        n = results["sft"]["tasks"]["addition"]["n"]
+        note = f"{n} held-out examples per task; operand pairs of held-out additions never occur in SFT data."
+        return StageCard(
+            "eval", STAGES["eval"], tables=[table], images=["plots/eval_base_vs_sft.png"], note=note
+        )
+
+    # -- driver ---------------------------------------------------------------------------------------------
+    def run(self) -> tuple[Path, Path]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        for name in STAGES:
+            self.stages.run(name, STAGES[name], getattr(self, name))
+        cards = [self.stages.cards[name] for name in STAGES]
+        total = sum(c.seconds or 0.0 for c in cards)
+        summary = {
+            "size": self.cfg.size,
+            "run folder": str(self.run_dir),
+            "total stage time": format_seconds(total),
+        }
+        eval_rows = self.stages.cards["eval"].tables[0].rows
+        addition = next(r for r in eval_rows if r[0] == "addition")
+        summary["held-out 2-digit addition, exact match (base -> SFT)"] = f"{addition[2]} -> {addition[3]}"
+        md_path, html_path = write_report(self.run_dir, "lmforge demo: report card", cards, summary)
+        self.console.rule("[bold]Report card")
+        self.console.print(f"{md_path}\n{html_path}")
+        return md_path, html_path
+
+    def serve(self) -> int:
+        import argparse
+
+        from lmforge.serve.commands import run_serve
+
+        cfg = self.cfg
+        url = f"http://{cfg.host}:{cfg.port}"
+        model = self.path("sft", "model")
+        self.console.rule("[bold]Serving the chat model")
+        self.console.print(f"chat page: {url}/")
+        self.console.print(
+            f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+            '-d \'{"model": "lmforge-demo", "messages": [{"role": "user", "content": "What is 37 + 48?"}]}\''
+        )
+        self.console.print(
+            f"python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='none'); "
+            "print(c.chat.completions.create(model='lmforge-demo', messages=[{'role': 'user', "
+            "'content': 'What is 37 + 48?'}]).choices[0].message.content)\""
+        )
+        self.console.print("press Ctrl+C to stop")
+        args = argparse.Namespace(
+            model_dir=str(model),
+            host=cfg.host,
+            port=cfg.port,
+            api_key=None,
+            model_name="lmforge-demo",
+            max_active_requests=256,
+            log_level="warning",
+        )
+        return run_serve(args)
