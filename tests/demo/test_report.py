@@ -1,9 +1,11 @@
-from lmforge.demo.report import StageCard, Table, format_seconds, format_value, plot_curves, write_report
+from lmforge.demo.report import StageCard, Table, format_seconds, format_value, plot_comparison, write_report
 
 
 def test_report_card_markdown_and_html(tmp_path):
-    png = plot_curves(
-        {"train": [(0, 5.0), (10, 3.0)], "val": [(10, 3.5)]}, tmp_path / "plots" / "loss.png", "loss"
+    png = plot_comparison(
+        {"addition": {"base": 0.0, "SFT": 0.9}, "reverse": {"base": 0.1}},
+        tmp_path / "plots" / "loss.png",
+        "eval",
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cards = [

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from lmforge.demo.tasks import TASKS, generate_tasks, write_jsonl
+from lmforge.demo.tasks import TASKS, generate_tasks, multiple_choice_records, write_jsonl
 
 
 def test_answers_are_correct_for_every_task():
@@ -58,3 +58,15 @@ def test_write_jsonl_round_trips(tmp_path):
     path = tmp_path / "sub" / "train.jsonl"
     assert write_jsonl(train, path) == len(train)
     assert [json.loads(line) for line in path.read_text().splitlines()] == train
+
+
+def test_multiple_choice_records_hold_the_answer_once_among_same_kind_choices():
+    _, heldout = generate_tasks(0, 40, seed=2)
+    mc = multiple_choice_records(heldout)
+    originals = [r for r in heldout if r["task"] == "read_answer"]
+    assert len(mc) == len(originals) == 40
+    for record, original in zip(mc, originals):
+        assert record["prompt"] == original["prompt"]
+        assert record["choices"][record["label"]] == original["answer"]
+        assert len(set(record["choices"])) == 4
+    assert {r["label"] for r in mc} == {0, 1, 2, 3}

@@ -25,7 +25,7 @@ def _common(demo: Demo, stage: str) -> dict[str, Any]:
         "optim": {"lr": settings.lr},
         "schedule": {"warmup_steps": settings.warmup_steps},
         "batch": {"micro_batch_size": settings.batch_size},
-        "checkpoint": {"every_steps": max(settings.steps // 4, 1)},
+        "checkpoint": {"every_steps": max(settings.steps // 4, 25)},
         "log": {"every_steps": max(min(10, settings.steps // 10), 1)},
         "threads": cfg.threads or None,
     }
