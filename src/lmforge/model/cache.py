@@ -66,6 +66,7 @@ class ContiguousKVCache:
         self.pos = torch.full((n_layers, batch, max_len + 1), -1, dtype=torch.long, device=device)
         self.max_len = max_len
         self.used = [0] * n_layers  # per layer, one past the highest stored position
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), self.pos.unbind(0)))
 
     @classmethod
     def for_model(
@@ -78,13 +79,14 @@ class ContiguousKVCache:
         top = int(positions.max())
         if top >= self.max_len:
             raise ValueError(f"position {top} exceeds the cache length {self.max_len}")
+        k, v, pos = self._layers[layer]
         slots = torch.where(positions < 0, self.max_len, positions)
         index = slots[:, None, :, None].expand_as(keys)
-        self.k[layer].scatter_(2, index, keys.to(self.k.dtype))
-        self.v[layer].scatter_(2, index, values.to(self.v.dtype))
-        self.pos[layer].scatter_(1, slots, positions)  # the spare slot only ever receives -1
+        k.scatter_(2, index, keys.to(k.dtype))
+        v.scatter_(2, index, values.to(v.dtype))
+        pos.scatter_(1, slots, positions)  # the spare slot only ever receives -1
         self.used[layer] = used = max(self.used[layer], top + 1)
-        return KVView(self.k[layer, :, :, :used], self.v[layer, :, :, :used], self.pos[layer, :, :used])
+        return KVView(k[:, :, :used], v[:, :, :used], pos[:, :used])
 
     def lengths(self) -> Tensor:
         """Per sequence, one past the last stored position (layer 0): where the next token goes."""

@@ -62,7 +62,7 @@ class ModelConfig:
     # attention
     attention: str = "full"
     sliding_window: int | None = None
-    # fixed factorized sparse attention (Child et al. 2019, "strided"): each query sees the previous
+    # sparse attention, the strided factorized pattern of Child et al. 2019: each query sees the previous
     # sparse_block positions (local) and every sparse_block-th position before them (strided)
     sparse_block: int = 16
     qk_norm: bool = False

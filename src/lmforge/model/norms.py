@@ -22,7 +22,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # normalise in fp32, round, then scale (HF Llama's order); the output keeps the input's dtype
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # half precision: normalise in fp32, round, then scale (HF Llama's order), keeping the input's dtype
         return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight).to(x.dtype)
 
     def reset_parameters(self) -> None:

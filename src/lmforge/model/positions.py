@@ -68,11 +68,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the first rotary_dim dims of x (batch, heads, seq, head_dim) in the half-split layout (GPT-NeoX,
     HF Llama): pairs are (i, i + rotary_dim/2), so q·k depends only on the position difference."""
     rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    out = (x_rot * cos + rotated * sin).to(x.dtype)
-    return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
+    x_rot = x if rot == x.shape[-1] else x[..., :rot]
+    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2 :]
+    out = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return out if rot == x.shape[-1] else torch.cat((out, x[..., rot:]), dim=-1)
 
 
 def alibi_slopes(n_heads: int) -> Tensor:

@@ -25,6 +25,11 @@ class ModelOutput:
     )
 
 
+def _dropout(p: float) -> nn.Module:
+    # an Identity costs nothing per call, where Dropout(0) still dispatches an op (it shows in decoding)
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class Block(nn.Module):
     """One layer: attention and MLP sub-layers with residuals, normalized pre, post or sandwich.
 
@@ -46,14 +51,15 @@ class Block(nn.Module):
         sandwich = cfg.norm_position == "sandwich"
         self.attn_post_norm = build_norm(cfg) if sandwich else None
         self.mlp_post_norm = build_norm(cfg) if sandwich else None
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = _dropout(cfg.dropout)
 
-    def _feed_forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+    def _feed_forward(self, h: Tensor) -> tuple[Tensor, Tensor | None]:
         if isinstance(self.mlp, MoE):
             return self.mlp(h)
-        return self.mlp(h), h.new_zeros(())
+        return self.mlp(h), None
 
-    def forward(self, x: Tensor, ctx: AttentionContext) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, ctx: AttentionContext) -> tuple[Tensor, Tensor | None]:
+        """The block's output and, for an MoE block, its weighted auxiliary loss."""
         if self.norm_position == "post":
             attn_out = self.dropout(self.attn(x, ctx))
             if self.parallel:
@@ -87,10 +93,11 @@ class Transformer(nn.Module):
         elif cfg.position == "sinusoidal":
             self.pos_embed = SinusoidalPositions(cfg.d_model)
         self.embed_norm = build_norm(cfg) if cfg.embedding_norm else None
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = _dropout(cfg.dropout)
         self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm = build_norm(cfg) if cfg.final_norm else None
         self.lm_head: nn.Linear | None = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._inv_freq: Tensor | None = None
         self.reset_parameters()
         self.tie_weights()
 
@@ -125,6 +132,13 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, std=cfg.init_std)
             elif hasattr(module, "reset_parameters") and module is not self:
                 module.reset_parameters()  # norms: unit scale, zero shift
+
+    def _rope_inv_freq(self, device: torch.device) -> Tensor:
+        # computed once per device; deliberately not a buffer, so meta-device construction and
+        # load_state_dict(assign=True) need no special care
+        if self._inv_freq is None or self._inv_freq.device != device:
+            self._inv_freq = rope_inv_freq(self.cfg, device)
+        return self._inv_freq
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied head counts once); optionally without token/position embeddings."""
@@ -174,7 +188,7 @@ class Transformer(nn.Module):
 
         rope = None
         if cfg.position == "rope":
-            cos, sin = rope_cos_sin(position_ids, rope_inv_freq(cfg, device))
+            cos, sin = rope_cos_sin(position_ids, self._rope_inv_freq(device))
             rope = (cos.to(x.dtype), sin.to(x.dtype))
         needs_mask = (
             explicit_positions
@@ -197,7 +211,8 @@ class Transformer(nn.Module):
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for block in self.blocks.values():
             x, block_aux = block(x, ctx)
-            aux_loss = aux_loss + block_aux
+            if block_aux is not None:
+                aux_loss = aux_loss + block_aux
         if self.norm is not None:
             x = self.norm(x)
         logits = self.lm_head(x) if self.lm_head is not None else x
