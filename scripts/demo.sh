@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job: set up (idempotent), then run the whole lifecycle demo. Arguments go to `lmforge demo`,
+# e.g. `bash scripts/demo.sh --size small` or `bash scripts/demo.sh --no-serve --corpus my_docs.jsonl`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/lmforge demo "$@"
