@@ -259,6 +259,7 @@ def test_wrong_or_missing_api_key(server):
         (dict(logit_bias={"999999": 1}), "logit_bias"),
         (dict(extra_body={"stop_token_ids": [10**6]}), "stop_token_ids"),
         (dict(stop=["a"] * 20), "stop"),
+        (dict(seed=2**64), "seed"),
     ],
 )
 def test_invalid_completion_requests_are_bad_requests(client, kwargs, param):

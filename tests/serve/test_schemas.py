@@ -100,6 +100,11 @@ def test_chat_messages_and_max_tokens_aliases():
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
         {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3},  # needs logprobs=true
         {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 21, "logprobs": True},
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        },
+        {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
     ],
 )
 def test_chat_rejects_invalid_requests(fields):

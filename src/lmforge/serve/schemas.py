@@ -48,7 +48,8 @@ class SamplingFields(BaseModel):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list)  # a single string is accepted too
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    seed: int | None = None
+    # int64, as torch generators take it (the engine offsets it per completion, which stays in range)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
@@ -160,11 +161,19 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
+    # Accepted only in their "off" form: silently ignoring them would hand the client plain text it
+    # believes to be a tool call or JSON.
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _check_logprobs(self) -> ChatCompletionRequest:
+    def _check_options(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        if self.tools:
+            raise ValueError("tools: tool calling is not supported by this server")
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            raise ValueError("response_format: only {'type': 'text'} is supported")
         return self
 
     @property
