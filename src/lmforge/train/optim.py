@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lmforge.train.config import OptimConfig
 
@@ -39,9 +40,16 @@ def parameter_groups(
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str = "cpu") -> torch.optim.Optimizer:
     groups = parameter_groups(model, cfg.weight_decay, cfg.decay_embeddings)
     fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
-    kernel: dict[str, bool] = {"fused": True} if fused else {"foreach": True}
+    # Multi-tensor kernels cannot mix DTensors with plain tensors (tensor parallelism leaves norms and
+    # embeddings plain): fall back to the per-parameter loop then.
+    kinds = {isinstance(p, DTensor) for group in groups for p in group["params"]}
+    multi_tensor = len(kinds) == 1
+    if fused and multi_tensor:
+        kernel: dict[str, bool] = {"fused": True}
+    else:
+        kernel = {"foreach": multi_tensor}
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kernel)
     # Adafactor (Shazeer & Stern, 2018): factored second moments, no first moment; torch's version has
     # decoupled weight decay and relative-step-free LR, so it shares the schedule with AdamW.
-    return torch.optim.Adafactor(groups, lr=cfg.lr, foreach=True)
+    return torch.optim.Adafactor(groups, lr=cfg.lr, foreach=multi_tensor)

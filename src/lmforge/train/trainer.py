@@ -140,6 +140,9 @@ class Trainer:
     def _setup_model(self, model: Transformer) -> None:
         env, pcfg = self.env, self.cfg.parallel
         self.schedule_pp = None
+        if env.dp > 1 and (env.tp > 1 or env.pp > 1) and pcfg.dp_mode == "ddp":
+            # DDP's reducer handles neither DTensor parameters nor several backward passes per step
+            raise ValueError("data parallelism composed with tp/pp needs parallel.dp_mode=fsdp")
         if env.pp > 1:
             if self.cfg.data.document_masking:
                 raise ValueError("pipeline parallelism passes one tensor between stages: no document_masking")
@@ -172,7 +175,6 @@ class Trainer:
                 stage, n_microbatches=pcfg.pp_microbatches, loss_fn=self._pipeline_loss, scale_grads=False
             )
             self._pp_loss_scale = 1.0
-            self._pp_loss_sums: list[Tensor] = []
 
     def _data(
         self, train_data: Iterator[Batch] | None, val_data: Callable[[], Iterator[Batch]] | None
@@ -240,9 +242,7 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------------------------------
     def _pipeline_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        loss_sum = lm_loss_sum(logits, labels)
-        self._pp_loss_sums.append(loss_sum.detach())
-        return loss_sum * self._pp_loss_scale
+        return lm_loss_sum(logits, labels) * self._pp_loss_scale
 
     def _grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         """Reduce gradients over data-parallel ranks only on the step's last micro-batch."""
@@ -262,19 +262,20 @@ class Trainer:
             return out.loss_sum.detach().float()
         if not isinstance(self.objective, LMObjective):
             raise ValueError("pipeline parallelism supports the LM objective only")
-        self._pp_loss_scale, self._pp_loss_sums = scale, []
+        self._pp_loss_scale = scale
+        # the schedule reports the real micro-batch losses here (its first step also calls loss_fn on
+        # shape-inference placeholders, which must not be counted)
+        losses: list[Tensor] = []
         with self.autocast():
             if self.env.pp_rank == 0:
                 self.schedule_pp.step(batch["input_ids"])
             elif self.env.is_last_stage:
-                self.schedule_pp.step(target=batch["labels"])
+                self.schedule_pp.step(target=batch["labels"], losses=losses)
             else:
                 self.schedule_pp.step()
-        return (
-            torch.stack(self._pp_loss_sums).sum()
-            if self._pp_loss_sums
-            else torch.zeros((), device=self.device)
-        )
+        if not losses:
+            return torch.zeros((), device=self.device)
+        return torch.stack([loss.detach().float() for loss in losses]).sum() / scale
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step (or a skipped / rolled-back one); returns what happened, for the log."""
