@@ -80,39 +80,56 @@ _SEPARATORS = str.maketrans(
 )
 _SPACE_BYTES = np.zeros(256, dtype=bool)
 _SPACE_BYTES[list(b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85")] = True
-_BYTE_BASE = 0x100000001B3  # odd, so it has an inverse modulo 2^64
-_POWERS: dict[str, np.ndarray] = {}
+_BYTE_BASE = np.uint64(0x100000001B3)
+_POWERS = [np.ones(1, dtype=np.uint64)]  # B^i modulo 2^64, grown on demand to the longest word seen
+_GROUP_BYTES = 1 << 17  # text hashed per vectorized pass: its uint64 temporaries stay in cache
 
 
-def _byte_powers(length: int) -> tuple[np.ndarray, np.ndarray]:
-    """B^i and B^-i modulo 2^64 for i < length (cached, grown by doubling)."""
-    if len(_POWERS.get("up", ())) < length:
-        size = max(length, 2 * len(_POWERS.get("up", ())), 1 << 16)
-        one = np.ones(1, dtype=np.uint64)
-        inverse = pow(_BYTE_BASE, -1, 1 << 64)
-        _POWERS["up"] = np.concatenate((one, np.cumprod(np.full(size - 1, _BYTE_BASE, dtype=np.uint64))))
-        _POWERS["down"] = np.concatenate((one, np.cumprod(np.full(size - 1, inverse, dtype=np.uint64))))
-    return _POWERS["up"], _POWERS["down"]
+def _byte_powers(length: int) -> np.ndarray:
+    if len(_POWERS[0]) < length:
+        size = max(length, 2 * len(_POWERS[0]))
+        ones = np.ones(1, dtype=np.uint64)
+        _POWERS[0] = np.concatenate((ones, np.cumprod(np.full(size - 1, _BYTE_BASE, dtype=np.uint64))))
+    return _POWERS[0]
+
+
+def _hash_words_of(encoded: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    data = np.frombuffer(b" ".join(encoded), dtype=np.uint8)
+    in_word = ~_SPACE_BYTES[data]
+    word_start = in_word.copy()
+    word_start[1:] &= ~in_word[:-1]
+    word_starts = np.flatnonzero(word_start)
+    if len(word_starts) == 0:
+        return np.empty(0, dtype=np.uint64), np.zeros(len(encoded), dtype=np.int64)
+    position = np.arange(len(data), dtype=np.int32 if len(data) < 1 << 31 else np.int64)
+    offset_in_word = position - np.maximum.accumulate(np.where(word_start, position, 0))
+    # Separator bytes contribute 0, so each reduceat segment (word + following spaces) sums the word.
+    terms = (data * in_word) * _byte_powers(int(offset_in_word.max()) + 1)[offset_in_word]
+    hashes = fmix64(np.add.reduceat(terms, word_starts))
+    doc_starts = np.cumsum([0] + [len(e) + 1 for e in encoded[:-1]])
+    doc_of_word = np.searchsorted(doc_starts, word_starts, side="right") - 1
+    return hashes, np.bincount(doc_of_word, minlength=len(encoded)).astype(np.int64)
 
 
 def word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """64-bit hashes of the words of many documents, and the number of words in each.
 
-    Text is lowercased and punctuation becomes space; a word is a maximal run of other characters. All
-    documents are hashed in one vectorized pass over their UTF-8 bytes: with prefix sums of
-    ``byte_i * B^i`` (mod 2^64), a word spanning ``[s, e)`` hashes to ``(S[e] - S[s]) * B^-s``, a
-    polynomial string hash independent of where the word sits, then avalanched by a bijective mixer.
+    Text is lowercased and punctuation becomes space; a word is a maximal run of other characters. A word
+    ``c_0 c_1 ... c_k`` (UTF-8 bytes) hashes to ``sum c_j * B^j`` (mod 2^64, a polynomial string hash)
+    avalanched by a bijective mixer: deterministic across processes (unlike ``hash()``) and computed for
+    all words of a group of documents in a few vectorized passes over their bytes.
     """
     encoded = [t.lower().translate(_SEPARATORS).encode("utf-8") for t in texts]
-    data = np.frombuffer(b" ".join(encoded), dtype=np.uint8)
-    in_word = np.concatenate(([False], ~_SPACE_BYTES[data], [False]))
-    edges = np.diff(in_word.view(np.int8))
-    word_starts = np.flatnonzero(edges == 1)
-    word_ends = np.flatnonzero(edges == -1)
-    up, down = _byte_powers(len(data))
-    prefix = np.zeros(len(data) + 1, dtype=np.uint64)
-    np.cumsum(data * up[: len(data)], out=prefix[1:])
-    hashes = fmix64((prefix[word_ends] - prefix[word_starts]) * down[word_starts])
-    doc_starts = np.cumsum([0] + [len(e) + 1 for e in encoded[:-1]])
-    doc_of_word = np.searchsorted(doc_starts, word_starts, side="right") - 1
-    return hashes, np.bincount(doc_of_word, minlength=len(texts)).astype(np.int64)
+    hashes: list[np.ndarray] = []
+    counts: list[np.ndarray] = []
+    start, size = 0, 0
+    for end, text in enumerate(encoded, 1):
+        size += len(text) + 1
+        if size >= _GROUP_BYTES or end == len(encoded):
+            group_hashes, group_counts = _hash_words_of(encoded[start:end])
+            hashes.append(group_hashes)
+            counts.append(group_counts)
+            start, size = end, 0
+    if not hashes:
+        return np.empty(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(hashes), np.concatenate(counts)

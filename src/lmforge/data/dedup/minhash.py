@@ -140,8 +140,11 @@ class MinHasher:
         self.scheme = scheme
         a, b = datasketch_permutations(num_perm, seed, scheme)
         self.a, self.b = a[:, None], b[:, None]  # (num_perm, 1): broadcast against a row of shingles
-        # Shingles per chunk, so the (num_perm x chunk) work array stays in cache (~2 MB).
-        self._chunk = max(64, (1 << 21) // (8 * num_perm))
+        # Shingles per chunk: the (num_perm x chunk) work arrays stay in cache (1 MB of uint64 for the
+        # eight passes of the Mersenne scheme; 2 MB of uint32 for the three passes of affine32).
+        self._chunk = max(
+            64, (1 << 20) // (8 * num_perm) if scheme == "mersenne" else (1 << 21) // (4 * num_perm)
+        )
 
     # -- shingles
     def shingle_hash_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
