@@ -272,3 +272,24 @@ def test_data_config_from_yaml_dict_builds_the_loader(shards: Path) -> None:
     loader = PackedLoader.from_config(cfg, batch_size=2)
     assert loader.curriculum is not None and len(loader.curriculum) == 2
     assert set(next(loader)) == {"input_ids", "labels", "position_ids", "segment_ids"}
+
+
+def test_mixture_report_gives_target_and_realised_shares_per_stage(shards: Path) -> None:
+    from lmforge.data.loader import mixture_report
+
+    cfg = DataConfig(
+        shards=[str(shards)],
+        seq_len=4,
+        curriculum=[
+            CurriculumStage("a", tokens=100, mixture=MixtureConfig("fixed", {"web": 0.9, "code": 0.1})),
+            CurriculumStage("b", seq_len=8, mixture=MixtureConfig("temperature", temperature=1000.0)),
+        ],
+    )
+    report = mixture_report(cfg, sequences=4000)
+    assert [(s["stage"], s["seq_len"]) for s in report] == [("a", 4), ("b", 8)]
+    first, second = report[0]["domains"], report[1]["domains"]
+    assert first["web"]["weight"] == pytest.approx(0.9) and first["web"]["realised"] == pytest.approx(
+        0.9, abs=0.02
+    )
+    assert second["code"]["weight"] == pytest.approx(0.5, abs=0.01)  # T -> infinity: uniform
+    assert second["code"]["realised"] == pytest.approx(0.5, abs=0.03)

@@ -239,3 +239,35 @@ def test_resume_after_sigkill_skips_finished_shards_and_gives_the_same_bytes(tok
     )
     assert folder_bytes(out) == folder_bytes(tmp_path / "clean")
     assert read_manifest(out)["totals"]["docs"] == n_files * 300
+
+
+def test_cli_from_documents_to_shards_and_a_curriculum_config(
+    tokenizer_dir, corpus, tmp_path, capsys
+) -> None:
+    from lmforge.cli import main
+    from lmforge.config import load_config
+    from lmforge.data.loader import DataConfig
+
+    out = tmp_path / "shards"
+    assert main(["data", "tokenize", str(corpus), "-t", str(tokenizer_dir), "-o", str(out), "-q"]) == 0
+    assert "from 75 documents in 3 shards (uint16)" in capsys.readouterr().out
+    recipe = tmp_path / "data.yaml"
+    recipe.write_text(
+        f"shards: [{out}]\n"
+        "seq_len: 16\n"
+        "curriculum:\n"
+        "  - {name: general, tokens: 4096, mixture: {strategy: temperature, temperature: 2.0}}\n"
+        "  - {name: code-heavy, seq_len: 32, mixture: {strategy: fixed, weights: {code: 0.8, web: 0.2}}}\n"
+    )
+    written = tmp_path / "resolved.yaml"
+    args = ["data", "mixture", "--config", str(recipe), "--sequences", "4000", "--write", str(written)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "general: seq_len 16, 4,096 tokens" in printed and "code-heavy: seq_len 32" in printed
+    cfg = load_config(DataConfig, written)
+    assert cfg.curriculum[1].mixture.weights == {"code": 0.8, "web": 0.2}
+    assert (
+        main(["data", "mixture", f"shards=[{out}]", "mixture.strategy=fixed", "mixture.weights={books: 1}"])
+        == 1
+    )
+    assert "unknown domain" in capsys.readouterr().out

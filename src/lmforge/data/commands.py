@@ -177,7 +177,51 @@ def add_train_ngram(subcommands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_train_ngram)
 
 
-SUBCOMMANDS = [add_run, add_tokenize, add_train_classifier, add_train_ngram]
+def _mixture(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmforge.cli import config_from_args
+    from lmforge.config import save_config
+    from lmforge.data.loader import DataConfig, mixture_report
+    from lmforge.data.shards import ShardsError
+
+    cfg = config_from_args(DataConfig, args)
+    try:
+        report = mixture_report(cfg, args.sequences)
+    except (ShardsError, ValueError) as err:
+        print(f"lmforge data mixture: {err}")
+        return 1
+    for stage in report:
+        budget = f", {stage['tokens_budget']:,} tokens" if stage["tokens_budget"] else ""
+        table = Table(title=f"{stage['stage']}: seq_len {stage['seq_len']}{budget}")
+        for column in ("domain", "tokens", "target weight", f"realised ({args.sequences} seqs)"):
+            table.add_column(column, justify="left" if column == "domain" else "right")
+        for domain, row in stage["domains"].items():
+            table.add_row(domain, f"{row['tokens']:,}", f"{row['weight']:.4f}", f"{row['realised']:.4f}")
+        Console().print(table)
+    if args.write:
+        save_config(cfg, args.write)
+        print(f"wrote the data config to {args.write}")
+    return 0
+
+
+def add_mixture(subcommands: argparse._SubParsersAction) -> None:
+    from lmforge.cli import add_config_arguments
+
+    parser = subcommands.add_parser(
+        "mixture",
+        help="show a data config's mixture weights per curriculum stage and the proportions the loader draws",
+        description="Overrides are DataConfig fields, e.g. shards=[out/web,out/code] mixture.strategy=temperature "
+        "mixture.temperature=2 (or a YAML with a curriculum: list of stages with tokens, seq_len, mixture).",
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--sequences", type=int, default=10_000, help="sequences drawn per stage")
+    parser.add_argument("--write", metavar="YAML", help="save the resolved data config here")
+    parser.set_defaults(handler=_mixture)
+
+
+SUBCOMMANDS = [add_run, add_tokenize, add_train_classifier, add_train_ngram, add_mixture]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -230,8 +230,13 @@ class PackedLoader:
         )
 
     # -- mixture and curriculum --------------------------------------------------------------------------------
+    @property
+    def domain_tokens(self) -> dict[str, int]:
+        """Tokens of each domain in this loader's split."""
+        return {d: s.tokens for d, s in self._streams.items()}
+
     def set_mixture(self, mixture: MixtureConfig) -> None:
-        tokens = {d: s.tokens for d, s in self._streams.items()}
+        tokens = self.domain_tokens
         self.mixture = mixture
         self.weights = mixture_weights(mixture, tokens)
         for domain, weight in self.weights.items():
@@ -276,8 +281,15 @@ class PackedLoader:
         return active[min(pick, len(active) - 1)]
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        rows = self._claim_slots(self.batch_size * self.world_size, materialise=True)
+        if not rows:
+            raise StopIteration
+        return self._collate(rows)
+
+    def _claim_slots(self, slots: int, materialise: bool) -> list[tuple[str, list[tuple[int, int, int]]]]:
+        """Advance the global stream by ``slots`` sequences; this rank's rows (as document pieces)."""
         rows: list[tuple[str, list[tuple[int, int, int]]]] = []
-        for slot in range(self.batch_size * self.world_size):
+        for slot in range(slots):
             while True:
                 domain = self._draw_domain()
                 if domain is None:
@@ -288,11 +300,18 @@ class PackedLoader:
             if domain is None:
                 break
             self.samples_drawn[domain] += 1
-            if slot % self.world_size == self.rank:
+            if materialise and slot % self.world_size == self.rank:
                 rows.append((domain, self._streams[domain].pieces(start, self.seq_len + 1)))
-        if not rows:
-            raise StopIteration
-        return self._collate(rows)
+        return rows
+
+    def simulate(self, sequences: int) -> dict[str, float]:
+        """Draw ``sequences`` sequences without reading tokens (a dry run that moves the loader on) and
+        return the share each domain got in this run."""
+        before = dict(self.samples_drawn)
+        self._claim_slots(sequences, materialise=False)
+        drawn = {d: self.samples_drawn[d] - before[d] for d in self.domains}
+        total = sum(drawn.values())
+        return {d: (n / total if total else 0.0) for d, n in drawn.items()}
 
     def _collate(self, rows: list[tuple[str, list[tuple[int, int, int]]]]) -> dict[str, torch.Tensor]:
         length = self.seq_len + 1
@@ -346,3 +365,31 @@ class PackedLoader:
             self._streams[domain].load(stream_state)
         self.samples_drawn = {d: int(n) for d, n in state["samples_drawn"].items()}
         self._rng.bit_generator.state = state["rng"]
+
+
+def mixture_report(cfg: DataConfig, sequences: int = 10_000) -> list[dict[str, Any]]:
+    """For each curriculum stage (or the one mixture): each domain's tokens, its target weight, and the
+    share of ``sequences`` sequences the loader's own sampling gives it."""
+    loader = PackedLoader.from_config(cfg, batch_size=1)
+    stages = loader.curriculum.stages if loader.curriculum is not None else [None]
+    report = []
+    for index, stage in enumerate(stages):
+        if stage is not None:
+            loader.set_stage(index)
+        realised = loader.simulate(sequences)
+        report.append(
+            {
+                "stage": stage.name if stage is not None else "(no curriculum)",
+                "tokens_budget": stage.tokens if stage is not None else 0,
+                "seq_len": loader.seq_len,
+                "domains": {
+                    d: {
+                        "tokens": loader.domain_tokens[d],
+                        "weight": loader.weights[d],
+                        "realised": realised[d],
+                    }
+                    for d in loader.domains
+                },
+            }
+        )
+    return report
