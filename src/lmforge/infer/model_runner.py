@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lmforge.infer.decode_mirror import DecodeMirror
 from lmforge.infer.kv_cache import PagedKVCache
 from lmforge.infer.scheduler import ScheduledSeq
 
@@ -32,7 +33,7 @@ class ModelRunner:
         self, model: nn.Module, cache: PagedKVCache, block_size: int, decode_mirror: bool = True
     ) -> None:
         self.model = model
-        self.decode_mirror = decode_mirror
+        self.mirror = DecodeMirror(cache) if decode_mirror else None
         self.cache = cache
         self.block_size = block_size
         self._logit_rows: Tensor | None = None
@@ -60,7 +61,7 @@ class ModelRunner:
         # split into batches of similar size; an extra forward costs little next to the padding it saves.
         context = [it.seq.num_computed + it.num_tokens for it in items]
         batches = _bucket(prefills, lambda i: items[i].num_tokens, 0)
-        if self.decode_mirror:
+        if self.mirror is not None:
             if decodes:
                 self._run_mirrored_decodes([items[i] for i in decodes], decodes, results)
         else:
@@ -72,25 +73,24 @@ class ModelRunner:
     def _run_mirrored_decodes(
         self, items: list[ScheduledSeq], indices: list[int], results: list[ChunkLogits]
     ) -> None:
-        """One ``[B, 1]`` forward over the decoding sequences, attending over their mirror rows (no gather)."""
+        """One ``[B, 1]`` forward per mirror bin, attending over the bin's rows (no gather)."""
         bs = self.block_size
         seqs = [it.seq for it in items]
-        order = self.cache.mirror.arrange(
+        batches = self.mirror.arrange(
             [s.seq_id for s in seqs], [s.block_table for s in seqs], [s.num_computed for s in seqs]
         )
-        seqs = [seqs[i] for i in order]
-        positions = torch.tensor([s.num_computed for s in seqs])
-        input_ids = torch.tensor([s.token_ids[s.num_computed] for s in seqs])
-        tables = [s.block_table for s in seqs]
-        pos_list = positions.tolist()
-        slots = torch.tensor([tables[b][p // bs] * bs + p % bs for b, p in enumerate(pos_list)])
-        width = max(pos_list) + 1
-        key_positions = torch.arange(width).expand(len(seqs), -1)
-        key_positions = torch.where(key_positions <= positions[:, None], key_positions, -1)
-        self.cache.bind_mirrored(slots, positions, key_positions)
-        logits = self.model(input_ids[:, None], position_ids=positions[:, None], cache=self.cache).logits
-        for row, i in enumerate(order):
-            results[indices[i]].last = logits[row, -1]
+        for mirror_bin, order in batches:
+            rows = [seqs[i] for i in order]
+            pos_list = [s.num_computed for s in rows]
+            positions = torch.tensor(pos_list)
+            input_ids = torch.tensor([s.token_ids[p] for s, p in zip(rows, pos_list)])
+            slots = torch.tensor([s.block_table[p // bs] * bs + p % bs for s, p in zip(rows, pos_list)])
+            key_positions = torch.arange(max(pos_list) + 1).expand(len(rows), -1)
+            key_positions = torch.where(key_positions <= positions[:, None], key_positions, -1)
+            self.cache.bind_mirrored(mirror_bin, slots, positions, key_positions)
+            logits = self.model(input_ids[:, None], position_ids=positions[:, None], cache=self.cache).logits
+            for row, i in enumerate(order):
+                results[indices[i]].last = logits[row, -1]
 
     def _run_batch(
         self, items: list[ScheduledSeq], want_all: list[bool], indices: list[int], results: list[ChunkLogits]

@@ -1,0 +1,66 @@
+import torch
+
+from lmforge.infer import EngineConfig, LLMEngine, SamplingParams
+from lmforge.infer.decode_mirror import DecodeMirror
+from lmforge.infer.kv_cache import PagedKVCache
+
+from .helpers import random_prompts, reference_greedy
+
+
+def _cache() -> PagedKVCache:
+    cache = PagedKVCache(n_layers=2, num_blocks=64, block_size=4, n_kv_heads=2, head_dim=8)
+    cache.k.copy_(torch.randn_like(cache.k))
+    cache.v.copy_(torch.randn_like(cache.v))
+    return cache
+
+
+def _row_matches_pool(
+    mirror: DecodeMirror, cache: PagedKVCache, seq_id: int, table: list[int], n: int
+) -> bool:
+    b = mirror.bin_of[seq_id]
+    row = b.row_of[seq_id]
+    slots = torch.tensor([table[p // 4] * 4 + p % 4 for p in range(n)])
+    return torch.equal(b.k[:, row, :, :n], cache.k[:, slots].transpose(1, 2)) and torch.equal(
+        b.v[:, row, :, :n], cache.v[:, slots].transpose(1, 2)
+    )
+
+
+def test_rows_are_filled_from_the_pool_and_compacted_on_release():
+    cache = _cache()
+    mirror = DecodeMirror(cache, max_bins=1)
+    tables = {1: [1, 2, 3], 2: [4, 5], 3: [6, 7, 8, 9]}
+    computed = {1: 9, 2: 6, 3: 13}
+    ((b, order),) = mirror.arrange(
+        [1, 2, 3], [tables[i] for i in (1, 2, 3)], [computed[i] for i in (1, 2, 3)]
+    )
+    assert order == [2, 0, 1] and b.num_rows == 3  # newcomers take rows longest first
+    assert all(_row_matches_pool(mirror, cache, i, tables[i], computed[i]) for i in (1, 2, 3))
+    ((b, order),) = mirror.arrange([3, 2], [tables[3], tables[2]], [computed[3], computed[2]])
+    assert b.num_rows == 2 and b.row_of == {3: 0, 2: 1} and order == [0, 1]  # seq 2 moved into seq 1's row
+    assert _row_matches_pool(mirror, cache, 2, tables[2], computed[2])
+
+
+def test_a_long_newcomer_gets_its_own_bin():
+    cache = _cache()
+    mirror = DecodeMirror(cache, max_bins=2, forward_cost=40)
+    short = [[1, 2]] * 6
+    batches = mirror.arrange(list(range(6)), short, [5, 6, 7, 5, 6, 7])
+    assert len(batches) == 1
+    batches = mirror.arrange(
+        [*range(6), 99], [*short, [10, 11, 12, 13, 14, 15, 16, 17]], [6, 7, 8, 6, 7, 8, 30]
+    )
+    assert len(batches) == 2 and mirror.bin_of[99] is not mirror.bin_of[0]
+
+
+def test_engine_greedy_is_unchanged_when_decodes_spread_over_bins(tiny_model):
+    prompts = random_prompts([3, 60, 5, 41, 8, 90])
+    engine = LLMEngine(tiny_model, None, EngineConfig(num_blocks=256, block_size=4))
+    mirror = engine.runner.mirror
+    mirror.forward_cost = 8  # split eagerly
+    bins_used = []
+    arrange = mirror.arrange
+    mirror.arrange = lambda *args: bins_used.append(len(batches := arrange(*args))) or batches
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, detokenize=False)
+    outs = engine.generate(prompts, params)
+    assert max(bins_used) > 1
+    assert [o.outputs[0].token_ids for o in outs] == [reference_greedy(tiny_model, p, 8) for p in prompts]
