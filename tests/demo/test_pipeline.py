@@ -1,12 +1,18 @@
 import argparse
 import json
 import random
+import socket
+import threading
+import time
+from contextlib import contextmanager
 
+import httpx
 import pytest
+import uvicorn
 
 from lmforge.config import ConfigError
 from lmforge.demo.commands import build_config
-from lmforge.demo.pipeline import STAGES, Demo
+from lmforge.demo.pipeline import MODEL_ID, STAGES, Demo
 
 
 def args(**kw):
@@ -99,3 +105,40 @@ def test_micro_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     demo.run()
     after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "stages").glob("*.json")}
     assert [name for name in markers if after[name] != markers[name]] == ["eval.json"]
+
+    # The app the demo serves answers the openai client and shows the chat page.
+    with serving(demo.serve_app()) as base_url:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"{base_url}/v1", api_key="none")
+        reply = client.chat.completions.create(
+            model=MODEL_ID, messages=[{"role": "user", "content": "What is 37 + 48?"}], max_tokens=4
+        )
+        assert isinstance(reply.choices[0].message.content, str) and reply.usage.completion_tokens >= 1
+        page = httpx.get(f"{base_url}/", timeout=10)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+
+
+@contextmanager
+def serving(app):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the demo server did not become healthy"
+            time.sleep(0.1)
+        yield base_url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

@@ -30,6 +30,7 @@ from lmforge.demo.config import DemoConfig
 from lmforge.demo.report import StageCard, Table, format_seconds, plot_comparison, write_report
 from lmforge.demo.stages import StageRunner
 
+MODEL_ID = "lmforge-demo"  # the model name clients send to the demo's server
 STAGES = {
     "corpus": "Corpus",
     "data": "Data pipeline",
@@ -303,33 +304,31 @@ class Demo:
         self.console.print(f"{md_path}\n{html_path}")
         return md_path, html_path
 
-    def serve(self) -> int:
-        import argparse
+    def serve_app(self) -> Any:
+        """The OpenAI-compatible app (chat page at ``/``) over the fine-tuned model."""
+        from lmforge.infer import LLMEngine
+        from lmforge.serve.app import create_app
 
-        from lmforge.serve.commands import run_serve
+        model = self.path("sft", "model")
+        return create_app(lambda: LLMEngine.from_pretrained(model), model_id=MODEL_ID)
+
+    def serve(self) -> int:
+        import uvicorn
 
         cfg = self.cfg
         url = f"http://{cfg.host}:{cfg.port}"
-        model = self.path("sft", "model")
+        question = "What is 37 + 48?"
         self.console.rule("[bold]Serving the chat model")
-        self.console.print(f"chat page: {url}/")
-        self.console.print(
-            f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
-            '-d \'{"model": "lmforge-demo", "messages": [{"role": "user", "content": "What is 37 + 48?"}]}\''
-        )
-        self.console.print(
+        body = json.dumps({"model": MODEL_ID, "messages": [{"role": "user", "content": question}]})
+        lines = [
+            f"chat page: {url}/",
+            f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'",
             f"python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='none'); "
-            "print(c.chat.completions.create(model='lmforge-demo', messages=[{'role': 'user', "
-            "'content': 'What is 37 + 48?'}]).choices[0].message.content)\""
-        )
-        self.console.print("press Ctrl+C to stop")
-        args = argparse.Namespace(
-            model_dir=str(model),
-            host=cfg.host,
-            port=cfg.port,
-            api_key=None,
-            model_name="lmforge-demo",
-            max_active_requests=256,
-            log_level="warning",
-        )
-        return run_serve(args)
+            f"print(c.chat.completions.create(model='{MODEL_ID}', messages=[{{'role': 'user', "
+            f"'content': '{question}'}}]).choices[0].message.content)\"",
+            "press Ctrl+C to stop",
+        ]
+        for line in lines:  # printed verbatim, never wrapped, so they can be copied
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        uvicorn.run(self.serve_app(), host=cfg.host, port=cfg.port, log_level="warning")
+        return 0
