@@ -1,8 +1,12 @@
 """Training throughput and decode latency of our Transformer vs transformers' LlamaForCausalLM.
 
 Both models hold the same weights (ours is loaded from the folder transformers saved), run on the same batch with
-the same thread count, and are timed step by step in alternation so background load hits both alike; the table
-reports the best step (and the median) of each. Run: ``.venv/bin/python benchmarks/model_throughput.py`` (``--small`` for a quick check).
+the same thread count, and are timed step by step in alternation so background load hits both alike. Each step is
+timed twice: wall clock (best step reported) and process CPU time (median reported). On a shared machine the CPU
+time is the steadier measure of the work each implementation does; wall clock is what a user waits.
+
+    .venv/bin/python benchmarks/model_throughput.py            # Llama-shaped, ~30M parameters
+    .venv/bin/python benchmarks/model_throughput.py --small    # quick check
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import transformers
 
 from lmforge.model import ContiguousKVCache, load_pretrained
 
+NAMES = ("lmforge", "transformers")
+
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -31,7 +37,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
-    parser.add_argument("--steps", type=int, default=3, help="forward+backward steps per round")
+    parser.add_argument("--steps", type=int, default=2, help="forward+backward steps per model per round")
     parser.add_argument("--prompt", type=int, default=128, help="prefill length before decoding")
     parser.add_argument("--decode", type=int, default=32, help="tokens decoded one at a time per round")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -39,8 +45,15 @@ def _parse() -> argparse.Namespace:
     args = parser.parse_args()
     if args.small:
         args.d_model, args.layers, args.d_ff, args.vocab = 128, 2, 352, 1024
-        args.seq, args.rounds, args.prompt, args.decode = 64, 2, 32, 8
+        args.seq, args.rounds, args.prompt, args.decode = 64, 3, 32, 16
     return args
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def _train_step(model: torch.nn.Module, ids: torch.Tensor) -> None:
@@ -50,32 +63,30 @@ def _train_step(model: torch.nn.Module, ids: torch.Tensor) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def _timed(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def _next_token(logits: torch.Tensor) -> torch.Tensor:
+    return logits[:, -1:].argmax(-1)
 
 
-@torch.no_grad()
-def _decode_ours(model, ids: torch.Tensor, n_new: int) -> float:
-    """Seconds per token of greedy decoding after a prefill (prefill not counted)."""
-    cache = ContiguousKVCache.for_model(model.cfg, ids.shape[0], ids.shape[1] + n_new)
-    next_id = model(ids, cache=cache).logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
-    for _ in range(n_new):
-        next_id = model(next_id, cache=cache).logits[:, -1:].argmax(-1)
-    return (time.perf_counter() - start) / n_new
+def _decoder_ours(model, prompt: torch.Tensor, n_new: int) -> Callable[[], object]:
+    """A function taking one greedy decoding step (the prefill happens here, untimed)."""
+    cache = ContiguousKVCache.for_model(model.cfg, prompt.shape[0], prompt.shape[1] + n_new)
+    state = {"next": _next_token(model(prompt, cache=cache).logits)}
+
+    def step() -> None:
+        state["next"] = _next_token(model(state["next"], cache=cache).logits)
+
+    return step
 
 
-@torch.no_grad()
-def _decode_hf(model, ids: torch.Tensor, n_new: int) -> float:
-    out = model(ids, use_cache=True)
-    past, next_id = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
-    for _ in range(n_new):
-        out = model(next_id, past_key_values=past, use_cache=True)
-        past, next_id = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return (time.perf_counter() - start) / n_new
+def _decoder_hf(model, prompt: torch.Tensor, n_new: int) -> Callable[[], object]:
+    out = model(prompt, use_cache=True)
+    state = {"past": out.past_key_values, "next": _next_token(out.logits)}
+
+    def step() -> None:
+        out = model(state["next"], past_key_values=state["past"], use_cache=True)
+        state["past"], state["next"] = out.past_key_values, _next_token(out.logits)
+
+    return step
 
 
 def main() -> None:
@@ -95,46 +106,59 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
         ours = load_pretrained(folder)
-    hf.train()
-    ours.train()
+    models = {"lmforge": ours.train(), "transformers": hf.train()}
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     prompt = torch.randint(0, args.vocab, (1, args.prompt))
-    for model in (ours, hf):  # warm-up
+    for model in models.values():  # warm-up
         _train_step(model, ids)
 
-    # one step of each model in turn (order swapped every round) so a burst of background load hits both;
-    # the best time of each is the least disturbed measurement of the same work
-    step_seconds = {"lmforge": [], "transformers": []}
-    decode_seconds = {"lmforge": [], "transformers": []}
-    models = {"lmforge": ours, "transformers": hf}
-    decoders = {"lmforge": _decode_ours, "transformers": _decode_hf}
+    train = {name: [] for name in NAMES}  # (wall, cpu) per step
+    decode = {name: [] for name in NAMES}  # (wall, cpu) per token
     for round_ in range(args.rounds):
-        order = ["lmforge", "transformers"][:: 1 if round_ % 2 == 0 else -1]
+        order = NAMES if round_ % 2 == 0 else NAMES[::-1]
         for _ in range(args.steps):
             for name in order:
-                step_seconds[name].append(_timed(lambda m=models[name]: _train_step(m, ids)))
-        for name in order:
-            models[name].eval()
-            decode_seconds[name].append(decoders[name](models[name], prompt, args.decode))
-            models[name].train()
+                train[name].append(_timed(lambda m=models[name]: _train_step(m, ids)))
+        with torch.no_grad():
+            for model in models.values():
+                model.eval()
+            steppers = {
+                "lmforge": _decoder_ours(ours, prompt, args.decode),
+                "transformers": _decoder_hf(hf, prompt, args.decode),
+            }
+            for _ in range(args.decode):
+                for name in order:
+                    decode[name].append(_timed(steppers[name]))
+            for model in models.values():
+                model.train()
 
-    tok_s = {k: ids.numel() / min(v) for k, v in step_seconds.items()}
-    tok_s_median = {k: ids.numel() / statistics.median(v) for k, v in step_seconds.items()}
-    ms = {k: 1000 * min(v) for k, v in decode_seconds.items()}
+    tokens = ids.numel()
+    rows = {}
+    for name in NAMES:
+        rows[name] = (
+            tokens / min(w for w, _ in train[name]),
+            tokens / statistics.median(c for _, c in train[name]),
+            1000 * statistics.median(w for w, _ in decode[name]),
+            1000 * statistics.median(c for _, c in decode[name]),
+        )
     print(
         f"Llama-shaped: d_model={args.d_model} layers={args.layers} heads={args.heads}/{args.kv_heads} "
-        f"d_ff={args.d_ff} vocab={args.vocab}; batch {args.batch}x{args.seq}; threads {args.threads}; "
-        f"torch {torch.__version__}, transformers {transformers.__version__}"
+        f"d_ff={args.d_ff} vocab={args.vocab}; train batch {args.batch}x{args.seq}; decode after a "
+        f"{args.prompt}-token prompt; threads {args.threads}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
     )
-    print(f"{'':14}{'fwd+bwd tok/s (best)':>22}{'(median)':>10}{'decode ms/token':>17}")
-    for name in ("lmforge", "transformers"):
-        print(f"{name:14}{tok_s[name]:>22.0f}{tok_s_median[name]:>10.0f}{ms[name]:>17.2f}")
-    ratio_train = tok_s["lmforge"] / tok_s["transformers"]
-    ratio_median = tok_s_median["lmforge"] / tok_s_median["transformers"]
-    ratio_decode = ms["transformers"] / ms["lmforge"]
-    print(
-        f"{'ratio (ours)':14}{ratio_train:>21.2f}x{ratio_median:>9.2f}x{ratio_decode:>16.2f}x   (>1: ours faster)"
+    header = ("fwd+bwd tok/s", "tok/CPU-s", "decode ms/tok", "CPU-ms/tok")
+    print(f"{'':14}" + "".join(f"{h:>16}" for h in header))
+    for name in NAMES:
+        print(f"{name:14}" + "".join(f"{v:>16.2f}" for v in rows[name]))
+    ours_row, peer_row = rows["lmforge"], rows["transformers"]
+    ratios = (
+        ours_row[0] / peer_row[0],
+        ours_row[1] / peer_row[1],
+        peer_row[2] / ours_row[2],
+        peer_row[3] / ours_row[3],
     )
+    print(f"{'ratio (ours)':14}" + "".join(f"{r:>15.2f}x" for r in ratios) + "   (>1: ours faster)")
 
 
 if __name__ == "__main__":

@@ -236,3 +236,9 @@ def test_big_presets_map_onto_their_families():
     assert hf_family(get_preset("mixtral-8x7b")) == "mixtral"
     assert hf_family(get_preset("qwen2-7b")) == "qwen2"
     assert hf_family(get_preset("gpt2-medium")) == "gpt2"
+
+
+def test_loaded_parameters_are_contiguous(tmp_path):
+    _hf_model("gpt2", tmp_path)
+    model = load_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert all(p.is_contiguous() and p.dtype == torch.bfloat16 for p in model.parameters())

@@ -442,7 +442,9 @@ def load_pretrained(
                 f"{ckpt.location[key]}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                 f"the config needs {tuple(expected[name].shape)}"
             )
-        state[name] = tensor.to(device=device, dtype=dtype)
+        state[name] = tensor.to(
+            device=device, dtype=dtype
+        ).contiguous()  # GPT-2's Conv1D weights come transposed
     model.load_state_dict(state, assign=True)
     model.tie_weights()
     return model.eval()
