@@ -266,7 +266,6 @@ class Tokenizer:
         """Ids of every added token marked special (named ones and chat-role tokens)."""
         return {i for i, tok in self.backend.get_added_tokens_decoder().items() if tok.special}
 
-    @property
     def sha256(self) -> str:
         """sha256 of ``tokenizer.json`` (the file it was loaded from, else what :meth:`save` writes):
         identifies the meaning of the token ids in shards."""

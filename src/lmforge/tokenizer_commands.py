@@ -50,7 +50,7 @@ def _train(args: argparse.Namespace) -> int:
     tok.save(args.output)
     _report_skipped(skipped)
     print(
-        f"saved a {cfg.kind} tokenizer with {tok.vocab_size} tokens to {args.output} (sha256 {tok.sha256[:16]})"
+        f"saved a {cfg.kind} tokenizer with {tok.vocab_size} tokens to {args.output} (sha256 {tok.sha256()[:16]})"
     )
     return 0
 

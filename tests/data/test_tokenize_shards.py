@@ -88,7 +88,7 @@ def test_shards_hold_each_document_then_eos_and_the_manifest_counts_them(
     out = tmp_path / "shards"
     manifest = tokenize_to_shards(TokenizeConfig([str(corpus)], str(tokenizer_dir), str(out)), progress=False)
     tok = load_tokenizer(tokenizer_dir)
-    assert manifest["dtype"] == "uint16" and manifest["tokenizer_sha256"] == tok.sha256
+    assert manifest["dtype"] == "uint16" and manifest["tokenizer_sha256"] == tok.sha256()
     assert manifest["eos_id"] == tok.eos_id and manifest["vocab_size"] == tok.vocab_size
     # sorted by (domain, file): code/00000 -> shard 00000, web/00000 -> 00001, web/00001 -> 00002
     assert [(s["name"], s["domain"]) for s in manifest["shards"]] == [
@@ -111,7 +111,7 @@ def test_shards_hold_each_document_then_eos_and_the_manifest_counts_them(
     reject = json.loads((out / "rejects" / "00001.jsonl").read_text().splitlines()[0])
     assert reject["reason"].startswith("malformed_json")
     # the loader reads what was written, checking the tokenizer hash
-    loader = PackedLoader(out, seq_len=16, batch_size=2, tokenizer_sha256=tok.sha256)
+    loader = PackedLoader(out, seq_len=16, batch_size=2, tokenizer_sha256=tok.sha256())
     assert loader.domains == ["code", "web"]
     assert next(loader)["input_ids"].max() < tok.vocab_size
 
@@ -193,7 +193,7 @@ def test_rerun_with_another_tokenizer_into_the_same_folder_is_refused(
     with pytest.raises(ShardsError, match="tokenizer sha256 differs"):
         tokenize_to_shards(TokenizeConfig([str(corpus)], str(other), str(out)), progress=False)
     with pytest.raises(ShardsError, match="tokenizer sha256"):
-        PackedLoader(out, seq_len=8, batch_size=1, tokenizer_sha256=load_tokenizer(other).sha256)
+        PackedLoader(out, seq_len=8, batch_size=1, tokenizer_sha256=load_tokenizer(other).sha256())
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:

@@ -244,7 +244,7 @@ def tokenize_to_shards(cfg: TokenizeConfig, progress: bool = True) -> dict[str, 
     out_dir = Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     job = {
-        "tokenizer_sha256": tok.sha256,
+        "tokenizer_sha256": tok.sha256(),
         "dtype": dtype.name,
         "inputs": [[t.name, t.domain, t.path] for t in tasks],
     }
@@ -291,7 +291,7 @@ def tokenize_to_shards(cfg: TokenizeConfig, progress: bool = True) -> dict[str, 
         dtype,
         tok.vocab_size,
         tok.eos_id,
-        tok.sha256,
+        tok.sha256(),
         tokenizer=str(cfg.tokenizer),
         round_trip_check=resolve_round_trip_check(cfg.round_trip_check, tok),
         special_tokens_in_text="parsed" if cfg.allow_special_tokens else "encoded as text",
