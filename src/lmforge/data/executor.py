@@ -73,7 +73,8 @@ class Executor:
             for s in range(n_stages)
             for t in range(n_tasks)
         ]
-        report = RunReport.from_markers([s.name for s in pipeline.steps], n_stages, n_tasks, markers)
+        reduces = [json.loads(paths.reduced(s).read_text(encoding="utf-8")) for s in range(n_stages - 1)]
+        report = RunReport.from_markers([s.name for s in pipeline.steps], n_stages, n_tasks, markers, reduces)
         if not pipeline.keep_intermediate:
             pipeline.remove_intermediate(paths.root)
         report.wall_seconds = time.perf_counter() - start
@@ -141,6 +142,9 @@ class LocalExecutor(Executor):
             self._pool = pool
             try:
                 return super().run(pipeline, run_dir, progress=progress)
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)  # do not wait for the queued tasks
+                raise
             finally:
                 self._pool = None
 

@@ -390,7 +390,9 @@ class JsonlRecordFile:
         self.file = _AtomicFile(fs, path)
         self.stream: IO[bytes]
         if path.endswith(".gz"):
-            self.stream = gzip.GzipFile(filename="", mode="wb", fileobj=self.file.raw, mtime=0)
+            self.stream = gzip.GzipFile(
+                filename="", mode="wb", fileobj=self.file.raw, mtime=0, compresslevel=6
+            )
         elif path.endswith(".zst"):
             import zstandard
 

@@ -13,6 +13,7 @@ Run folder layout (all of it is what a relaunch resumes from)::
     stages/<s>/docs/<task>.jsonl.zst     documents between stages      (deleted at the end unless
     stages/<s>/artifacts/<task>          pass-1 artifacts of the global step ending stage s   keep_intermediate)
     stages/<s>/decision/                 what its reduce decided (complete once it exists)
+    stages/<s>/reduce.json               which step reduced, in how many seconds
     excluded/<step#>_<step>/<task>.jsonl.gz  removed documents with step and reason (``exclusions``)
     rejects/<s>/<task>.jsonl.gz          records that were rejected, with the reason
     stats.json                           the final report
@@ -82,6 +83,9 @@ class RunPaths:
 
     def decision(self, stage: int) -> Path:
         return self.stage(stage) / "decision"
+
+    def reduced(self, stage: int) -> Path:
+        return self.stage(stage) / "reduce.json"
 
     def excluded(self, step_index: int, step_name: str, task: int) -> Path:
         return self.root / "excluded" / f"{step_index:02d}_{step_name}" / f"{task:05d}.jsonl.gz"
@@ -332,5 +336,8 @@ class Pipeline:
         partial = decision.with_name("decision.partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
+        start = time.perf_counter()
         step.reduce([paths.artifact(stage, t) for t in range(len(self.tasks()))], partial)
+        seconds = round(time.perf_counter() - start, 4)
+        write_json_atomic(paths.reduced(stage), {"step": self.stages[stage][-1].index, "seconds": seconds})
         os.replace(partial, decision)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ class RunReport:
     kept: int = 0
     reader_rejects: Counter[str] = field(default_factory=Counter)
     steps: list[StepStats] = field(default_factory=list)
-    task_seconds: float = 0.0  # summed over tasks: the work, whatever the number of workers
+    task_seconds: float = 0.0  # summed over tasks and barriers: the work, whatever the number of workers
     wall_seconds: float = 0.0  # of the invocation that finished the run
 
     @property
@@ -39,9 +40,18 @@ class RunReport:
 
     @classmethod
     def from_markers(
-        cls, step_names: list[str], stages: int, tasks: int, markers: list[dict[str, Any]]
+        cls,
+        step_names: list[str],
+        stages: int,
+        tasks: int,
+        markers: list[dict[str, Any]],
+        reduces: Sequence[dict[str, Any]] = (),
     ) -> RunReport:
+        """Sum the task markers (and the barriers' reduce times) of a run."""
         report = cls(tasks=tasks, stages=stages, steps=[StepStats(name) for name in step_names])
+        for reduce in reduces:
+            report.steps[reduce["step"]].seconds += reduce["seconds"]
+            report.task_seconds += reduce["seconds"]
         for marker in markers:
             if marker["stage"] == 0:
                 report.docs_in += marker["read"]
