@@ -224,7 +224,7 @@ def test_curriculum_stage_switch_changes_seq_len_and_mixture(shards: Path) -> No
         CurriculumStage("code", tokens=0, seq_len=16, mixture=MixtureConfig("fixed", {"code": 1.0})),
     ]
     curriculum = Curriculum(stages)
-    loader = PackedLoader(shards, seq_len=4, batch_size=2, curriculum=curriculum)
+    loader = PackedLoader(shards, seq_len=4, batch_size=2, curriculum=curriculum, auto_stage=False)
     assert loader.seq_len == 8
     seen = 0
     shapes = []
@@ -241,10 +241,22 @@ def test_curriculum_stage_switch_changes_seq_len_and_mixture(shards: Path) -> No
     assert loader.samples_drawn["web"] == before["web"]  # stage 2 draws code only
     # resume mid-stage-2 keeps the stage and its sequence length
     state = loader.state_dict()
-    resumed = PackedLoader(shards, seq_len=4, batch_size=2, curriculum=curriculum)
+    resumed = PackedLoader(shards, seq_len=4, batch_size=2, curriculum=curriculum, auto_stage=False)
     resumed.load_state_dict(state)
     assert resumed.seq_len == 16 and resumed.stage == 1
     assert_same(take(resumed, 2), take(loader, 2))
+
+
+def test_loader_follows_the_curriculum_by_tokens_served_across_ranks(shards: Path) -> None:
+    stages = [CurriculumStage("short", tokens=96, seq_len=8), CurriculumStage("long", seq_len=16)]
+    ranks = [
+        PackedLoader(shards, 4, 2, rank=r, world_size=2, curriculum=Curriculum(stages)) for r in range(2)
+    ]
+    # each global batch serves 2 ranks x 2 rows x 8 tokens = 32 tokens: stage 0 owns batches 1-3
+    shapes = [[tuple(next(loader)["input_ids"].shape) for loader in ranks] for _ in range(5)]
+    assert shapes == [[(2, 8), (2, 8)]] * 3 + [[(2, 16), (2, 16)]] * 2
+    assert ranks[0].state_dict() == ranks[1].state_dict()
+    assert ranks[0].tokens_served == 3 * 32 + 2 * 64
 
 
 def test_tokenizer_hash_mismatch_is_refused(shards: Path) -> None:

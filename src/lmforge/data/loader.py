@@ -13,6 +13,9 @@ How batches are made (all of it deterministic from the seed):
 - With ``document_masking`` the batch also carries ``segment_ids`` (one id per document piece in the row)
   and ``position_ids`` that restart at 0 at each document start; the model then keeps attention inside a
   segment. The EOS ending a document still predicts the first token of the next one (EOS doubles as BOS).
+- With a curriculum the loader follows it by itself: before each batch it moves to the stage that owns
+  the next token, counting the input tokens it has served to all ranks (``auto_stage=False`` leaves the
+  switching to :meth:`PackedLoader.set_stage`). Stream positions are kept across stages.
 - A validation split holds out a seeded random ``val_fraction`` of each domain's documents (chosen with
   ``split_seed``, independent of the training seed); train and val never share a document.
 
@@ -152,6 +155,7 @@ class PackedLoader:
         num_epochs: int | None = None,
         tokenizer_sha256: str | None = None,
         return_domain_ids: bool = False,
+        auto_stage: bool = True,
     ) -> None:
         check_choice("split", split, SPLITS)
         if not 0 <= rank < world_size:
@@ -171,6 +175,8 @@ class PackedLoader:
         self.split = split
         self.num_epochs = num_epochs
         self.curriculum = curriculum
+        self.auto_stage = auto_stage
+        self.tokens_served = 0  # input tokens of every sequence handed out so far, all ranks
         self.domains = self.shards.domains
         self._streams = {
             d: _DomainStream(
@@ -281,6 +287,10 @@ class PackedLoader:
         return active[min(pick, len(active) - 1)]
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        if self.curriculum is not None and self.auto_stage:
+            stage = self.curriculum.stage_at(self.tokens_served)
+            if stage != self.stage:
+                self.set_stage(stage)
         rows = self._claim_slots(self.batch_size * self.world_size, materialise=True)
         if not rows:
             raise StopIteration
@@ -300,6 +310,7 @@ class PackedLoader:
             if domain is None:
                 break
             self.samples_drawn[domain] += 1
+            self.tokens_served += self.seq_len
             if materialise and slot % self.world_size == self.rank:
                 rows.append((domain, self._streams[domain].pieces(start, self.seq_len + 1)))
         return rows
@@ -347,6 +358,7 @@ class PackedLoader:
             "domains": list(self.domains),
             "stage": self.stage,
             "seq_len": self.seq_len,
+            "tokens_served": self.tokens_served,
             "streams": {d: s.state() for d, s in self._streams.items()},
             "samples_drawn": dict(self.samples_drawn),
             "rng": self._rng.bit_generator.state,
@@ -361,6 +373,7 @@ class PackedLoader:
         if self.curriculum is not None:
             self.set_stage(int(state["stage"]))
         self.seq_len = int(state["seq_len"])
+        self.tokens_served = int(state["tokens_served"])
         for domain, stream_state in state["streams"].items():
             self._streams[domain].load(stream_state)
         self.samples_drawn = {d: int(n) for d, n in state["samples_drawn"].items()}
