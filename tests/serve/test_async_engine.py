@@ -7,11 +7,12 @@ import gc
 import json
 
 import httpx
+import openai
 import pytest
 
 from lmforge.infer import SamplingParams
 from lmforge.serve.async_engine import AsyncEngine
-from tests.serve.conftest import MODEL_ID, build_engine, wait_until_idle
+from tests.serve.conftest import MODEL_ID, build_engine, running_server, wait_until_idle
 from tests.serve.test_app import metric_values
 
 N_CLIENTS = 40
@@ -131,3 +132,34 @@ def test_refused_requests_raise_before_streaming(tokenizer):
         asyncio.run(main())
     finally:
         bridge.shutdown()
+
+
+def test_an_engine_failure_fails_its_requests_and_serving_goes_on(tokenizer):
+    """Fault injection: one engine step raises. Its requests end with a 500 envelope (or, once a stream
+    has started, an error event), and the next request is served normally."""
+    engine = build_engine(tokenizer)
+    real_step = engine.step
+    failures = {"left": 0}
+
+    def step():
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("injected fault")
+        return real_step()
+
+    engine.step = step
+    with running_server(lambda: engine) as running:
+        client = openai.OpenAI(base_url=f"{running.base_url}/v1", api_key="unused", max_retries=0)
+        failures["left"] = 1
+        with pytest.raises(openai.InternalServerError) as info:
+            client.completions.create(model=MODEL_ID, prompt="Hello", max_tokens=4)
+        assert info.value.code == "engine_error" and "injected fault" in info.value.message
+        failures["left"] = 1
+        with pytest.raises(openai.APIError, match="injected fault"):
+            list(
+                client.chat.completions.create(
+                    model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+            )
+        wait_until_idle(running)
+        assert client.completions.create(model=MODEL_ID, prompt="Hello", max_tokens=4).usage.completion_tokens

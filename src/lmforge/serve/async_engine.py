@@ -14,11 +14,13 @@ request in the engine, which frees its KV blocks at once: a client that disconne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,7 +210,7 @@ class AsyncEngine:
         with self._lock:
             delivery = self._deliveries.pop(request_id, None) if last else self._deliveries.get(request_id)
         if delivery is not None:  # None: the consumer left and its abort is queued
-            delivery.loop.call_soon_threadsafe(delivery.outputs.put_nowait, item)
+            _call_soon(delivery.loop, delivery.outputs.put_nowait, item)
 
     @staticmethod
     def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
@@ -220,7 +222,7 @@ class AsyncEngine:
             else:
                 future.set_exception(error)
 
-        future.get_loop().call_soon_threadsafe(settle)
+        _call_soon(future.get_loop(), settle)
 
     def _apply_commands(self) -> None:
         while True:
@@ -234,7 +236,8 @@ class AsyncEngine:
             request_id = command.group.request_id
             with self._lock:
                 wanted = request_id in self._deliveries
-            if not wanted:  # cancelled before the engine saw it
+            if not wanted:  # cancelled (the future is done) or failed by _fail_all before the engine saw it
+                self._settle(command.accepted, EngineFailure("the request was dropped before it started"))
                 continue
             try:
                 self.engine.add_request(command.group)
@@ -247,28 +250,39 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while not self._stopped.is_set():
-            self._wake.clear()
-            self._apply_commands()
-            if not self.engine.has_unfinished():
-                self._stats = self._read_stats()
-                self._wake.wait(self.idle_wait_s)
-                continue
             try:
-                outputs = self.engine.step()
+                self._iterate()
             except Exception as err:  # a bug in the engine: fail its requests, keep serving new ones
                 logger.exception("engine step failed")
                 self._fail_all(EngineFailure(f"engine step failed: {type(err).__name__}: {err}"))
-                continue
+
+    def _iterate(self) -> None:
+        self._wake.clear()
+        self._apply_commands()
+        if not self.engine.has_unfinished():
             self._stats = self._read_stats()
-            for output in outputs:
-                self._deliver(output.request_id, output, last=output.finished)
+            self._wake.wait(self.idle_wait_s)
+            return
+        outputs = self.engine.step()
+        self._stats = self._read_stats()
+        for output in outputs:
+            self._deliver(output.request_id, output, last=output.finished)
 
     def _fail_all(self, error: EngineFailure) -> None:
         with self._lock:
             request_ids = list(self._deliveries)
         for request_id in request_ids:
-            self.engine.abort(request_id)
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # the engine is already in trouble; the request is failed either way
+                logger.exception("aborting %s after an engine failure failed", request_id)
             self._deliver(request_id, error, last=True)
 
     def _read_stats(self) -> EngineStats:
         return self.engine.stats()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: object) -> None:
+    """Schedule ``callback`` on another thread's event loop; a closed loop has nobody left to tell."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)
