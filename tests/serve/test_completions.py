@@ -131,6 +131,20 @@ def test_streamed_completion_equals_the_whole_one(client):
     assert usage == whole.usage
 
 
+def test_streamed_echo_and_logprobs_equal_the_whole_response(client, server):
+    ids = server.engine.tokenizer.encode("Hello world", add_special_tokens=True)
+    kwargs = dict(model=MODEL_ID, prompt=ids, max_tokens=5, temperature=0, echo=True, logprobs=2, n=2)
+    whole = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    for index, expected in enumerate(whole.choices):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert mine[0].text == server.engine.tokenizer.decode(ids)  # the echoed prompt comes first
+        assert "".join(c.text for c in mine) == expected.text
+        streamed = [lp for c in mine if c.logprobs for lp in c.logprobs.token_logprobs]
+        assert streamed == expected.logprobs.token_logprobs
+        assert [c.finish_reason for c in mine if c.finish_reason] == [expected.finish_reason]
+
+
 def chat(client, **kwargs):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
     return client.chat.completions.create(model=MODEL_ID, messages=messages, **kwargs)
