@@ -92,7 +92,7 @@ def test_micro_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
         assert (run_dir / path).is_file() and f"({path})" in report
     for which in ("base", "sft"):
         results = json.loads((run_dir / "eval" / which / "results.json").read_text())
-        assert set(results["tasks"]) >= {"addition", "read_answer (multiple choice)"}
+        assert set(results["tasks"]) >= {"addition", "read_answer-mc"}
         assert results["perplexity"]["bits_per_byte"] > 0
     sft_model = run_dir / "sft" / "model"
     assert (sft_model / "tokenizer_config.json").is_file() and (sft_model / "model.safetensors").is_file()

@@ -230,13 +230,11 @@ class Demo:
             for task in ("addition", "reverse_words", "count_letter", "read_answer")
         ]
         tasks.append(
-            TaskConfig(
-                name="addition (3-shot, plain)", path=heldout, where={"task": "addition"}, num_fewshot=3
-            )
+            TaskConfig(name="addition-3shot", path=heldout, where={"task": "addition"}, num_fewshot=3)
         )
         tasks.append(
             TaskConfig(
-                name="read_answer (multiple choice)",
+                name="read_answer-mc",
                 path=str(self.path("instruct", "heldout_mc.jsonl")),
                 chat=True,
             )
@@ -251,37 +249,48 @@ class Demo:
                 threads=self.cfg.threads,
             )
             self.console.print(f"evaluating the {which} model")
+            self.path("plots").mkdir(parents=True, exist_ok=True)
             results[which] = evaluate(cfg)
-        rows = []
+        task_rows = []
         for name in results["base"]["tasks"]:
             metric, base = headline_metric(results["base"]["tasks"][name])
             _, sft = headline_metric(results["sft"]["tasks"][name])
-            rows.append([name, metric, round(base, 3), round(sft, 3)])
-        for key in ("perplexity", "bits_per_byte"):
-            rows.append(
-                [
-                    f"held-out documents: {key}",
-                    key,
-                    results["base"]["perplexity"][key],
-                    results["sft"]["perplexity"][key],
-                ]
-            )
-        self.path("plots").mkdir(parents=True, exist_ok=True)
+            task_rows.append([name, metric, round(base, 3), round(sft, 3)])
+        text_rows = [
+            [
+                f"held-out documents: {key}",
+                key,
+                results["base"]["perplexity"][key],
+                results["sft"]["perplexity"][key],
+            ]
+            for key in ("perplexity", "bits_per_byte")
+        ]
         plot_comparison(
-            {
-                row[0]: {"base": row[2], "SFT": row[3]}
-                for row in rows
-                if row[1] != "perplexity" and "held-out" not in row[0]
-            },
+            {name: {"base": base, "SFT": sft} for name, _, base, sft in task_rows},
             self.path("plots", "eval_base_vs_sft.png"),
             "held-out tasks: base vs SFT",
         )
-        table = Table("Held-out evaluation", ["task", "metric", "base", "SFT"], rows)
+        tables = [
+            Table("Held-out evaluation", ["task", "metric", "base", "SFT"], task_rows + text_rows),
+            self._sample_replies(),
+        ]
         n = results["sft"]["tasks"]["addition"]["n"]
         note = f"{n} held-out examples per task; operand pairs of held-out additions never occur in SFT data."
         return StageCard(
-            "eval", STAGES["eval"], tables=[table], images=["plots/eval_base_vs_sft.png"], note=note
+            "eval", STAGES["eval"], tables=tables, images=["plots/eval_base_vs_sft.png"], note=note
         )
+
+    def _sample_replies(self, per_task: int = 2) -> Table:
+        """A few held-out questions with the base and SFT replies, read from the eval samples."""
+        rows = []
+        for task in ("addition", "reverse_words", "count_letter", "read_answer"):
+            replies = {}
+            for which in ("base", "sft"):
+                with self.path("eval", which, "samples", f"{task}.jsonl").open(encoding="utf-8") as f:
+                    replies[which] = [json.loads(line) for _, line in zip(range(per_task), f)]
+            for base, sft in zip(replies["base"], replies["sft"]):
+                rows.append([base["question"], base["answers"][0], base["prediction"], sft["prediction"]])
+        return Table("Sample replies (greedy)", ["question", "answer", "base", "SFT"], rows)
 
     # -- driver ---------------------------------------------------------------------------------------------
     def run(self) -> tuple[Path, Path]:

@@ -119,7 +119,13 @@ def run_generation_task(
         ok = exact_match(prediction, example.answers, task.ignore_case, task.ignore_punctuation)
         correct.append(float(ok))
         samples.append(
-            {"prompt": prompt, "prediction": prediction, "answers": list(example.answers), "correct": ok}
+            {
+                "question": example.prompt,
+                "prompt": prompt,
+                "prediction": prediction,
+                "answers": list(example.answers),
+                "correct": ok,
+            }
         )
     return {"exact_match": mean(correct), "exact_match_stderr": stderr_of_mean(correct)}, samples
 
@@ -154,6 +160,7 @@ def run_multiple_choice_task(
             hits.setdefault(rule, []).append(float(pick == example.label))
         samples.append(
             {
+                "question": example.prompt,
                 "prompt": prompt,
                 "choices": list(example.choices),
                 "label": example.label,
