@@ -252,3 +252,50 @@ def test_a_cache_without_lengths_needs_explicit_positions():
     with torch.no_grad():
         got = model(ids, position_ids=torch.arange(4)[None], cache=cache).logits
     torch.testing.assert_close(got, model(ids).logits, atol=1e-5, rtol=0)
+
+
+def _block_by_hand(block, x, ctx, position):
+    attn, mlp = block.attn, block.mlp
+    if position == "parallel-pre":
+        return x + attn(block.attn_norm(x), ctx) + mlp(block.mlp_norm(x))
+    if position == "sandwich":
+        h = x + block.attn_post_norm(attn(block.attn_norm(x), ctx))
+        return h + block.mlp_post_norm(mlp(block.mlp_norm(h)))
+    h = block.attn_norm(x + attn(x, ctx))  # post-LN
+    return block.mlp_norm(h + mlp(h))
+
+
+@pytest.mark.parametrize(
+    ("position", "overrides"),
+    [
+        ("parallel-pre", dict(parallel_residual=True)),
+        ("sandwich", dict(norm_position="sandwich")),
+        ("post", dict(norm_position="post", norm="layernorm")),
+    ],
+)
+def test_block_wiring_matches_its_definition(position, overrides):
+    from lmforge.model.attention import AttentionContext
+
+    model = build(**overrides)
+    block = model.blocks["0"]
+    x = torch.randn(2, 5, 32)
+    ctx = AttentionContext(model.cfg, torch.arange(5).expand(2, 5), causal_kernel=True)
+    with torch.no_grad():
+        got, aux = block(x, ctx)
+        torch.testing.assert_close(got, _block_by_hand(block, x, ctx, position))
+    assert aux is None
+
+
+def test_embedding_norm_normalises_what_the_first_block_sees():
+    model = build(embedding_norm=True, norm="layernorm", position="learned")
+    seen = {}
+
+    def keep_input(module, args):
+        seen["x"] = args[0]
+
+    model.blocks["0"].register_forward_pre_hook(keep_input)
+    ids = torch.randint(0, 97, (1, 6))
+    model(ids)
+    raw = model.embed_tokens(ids) + model.pos_embed(torch.arange(6))[None]
+    want = (raw - raw.mean(-1, keepdim=True)) / torch.sqrt(raw.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(seen["x"], want)

@@ -19,10 +19,11 @@ from lmforge.model.positions import SinusoidalPositions, rope_cos_sin, rope_inv_
 
 @dataclass
 class ModelOutput:
-    logits: Tensor  # (batch, seq, vocab); hidden states when the model has no lm_head (pipeline stage)
-    aux_loss: (
-        Tensor  # scalar: weighted MoE load-balancing + router z-loss, summed over MoE layers (0 if dense)
-    )
+    """logits: (batch, seq, vocab), or hidden states when the model has no lm_head (a pipeline stage).
+    aux_loss: scalar, the weighted MoE load-balancing + router z-loss summed over MoE layers (0 if dense)."""
+
+    logits: Tensor
+    aux_loss: Tensor
 
 
 def _dropout(p: float) -> nn.Module:
@@ -83,6 +84,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """Token embedding (+ absolute positions, + optional norm) -> blocks "0".."N-1" -> final norm -> LM head.
+
+    The module names are a contract (tensor-parallel plans, the HF mapping, activation checkpointing and
+    pipeline stages rely on them); a pipeline stage may set embed_tokens/norm/lm_head to None or delete blocks.
+    """
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
