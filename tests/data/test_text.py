@@ -25,3 +25,20 @@ def test_word_hashes_ignore_case_and_punctuation():
     # A word hashes the same wherever it sits in the batch.
     alone, _ = word_hashes(["world"])
     assert alone[0] == world
+
+
+def test_word_hashes_of_documents_longer_than_a_piece():
+    (word,), _ = word_hashes(["word"])
+    hashes, counts = word_hashes(["intro", "word " * 300_000, "outro"])  # 1.5 MB: cut at spaces
+    assert counts.tolist() == [1, 300_000, 1]
+    assert (hashes[1:-1] == word).all()
+    # A single 1.5 MB "word" has no place to cut: it is split into pieces (it is junk either way).
+    _, counts = word_hashes(["x" * 1_500_000])
+    assert counts.tolist() == [2]
+
+
+def test_word_hashes_keep_multibyte_characters_whole():
+    # "Å" is C3 85 in UTF-8: the 0x85 byte must not be taken for a separator (U+0085 is one).
+    hashes, counts = word_hashes(["ÅÅ bÅ", "a\u2003b\u0085c"])
+    assert counts.tolist() == [2, 3]
+    assert hashes[0] != hashes[1]

@@ -72,43 +72,60 @@ def fmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(33))
 
 
-# Punctuation separates words like whitespace does (ASCII and the common Unicode marks and spaces).
+# Punctuation and Unicode spaces become ASCII space, so that word boundaries are ASCII bytes.
+_UNICODE_SPACES = "\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u200b\u2028\u2029\u202f\u205f\u3000"
 _SEPARATORS = str.maketrans(
     dict.fromkeys(
-        string.punctuation + "“”‘’‚„«»‹›—–‐…¿¡·。、，．！？：；（）「」『』【】\u00a0\u2009\u200b\u3000", " "
+        string.punctuation + "“”‘’‚„«»‹›—–‐…¿¡·。、，．！？：；（）「」『』【】" + _UNICODE_SPACES, " "
     )
 )
+# ASCII whitespace (as str.split sees it). Bytes >= 0x80 are never separators: they are parts of
+# multi-byte UTF-8 characters.
 _SPACE_BYTES = np.zeros(256, dtype=bool)
-_SPACE_BYTES[list(b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85")] = True
-_BYTE_BASE = np.uint64(0x100000001B3)
-_POWERS = [np.ones(1, dtype=np.uint64)]  # B^i modulo 2^64, grown on demand to the longest word seen
+_SPACE_BYTES[list(b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f")] = True
+_BYTE_BASE = 0x100000001B3  # odd, so it is invertible modulo 2^64
 _GROUP_BYTES = 1 << 17  # text hashed per vectorized pass: its uint64 temporaries stay in cache
+_PIECE_BYTES = 1 << 20  # longer documents are cut (at whitespace when possible) into pieces this long
+_POWERS: list[np.ndarray] = []  # [B^i, B^-i] modulo 2^64 for i <= _PIECE_BYTES
 
 
-def _byte_powers(length: int) -> np.ndarray:
-    if len(_POWERS[0]) < length:
-        size = max(length, 2 * len(_POWERS[0]))
-        ones = np.ones(1, dtype=np.uint64)
-        _POWERS[0] = np.concatenate((ones, np.cumprod(np.full(size - 1, _BYTE_BASE, dtype=np.uint64))))
-    return _POWERS[0]
+def _byte_powers() -> tuple[np.ndarray, np.ndarray]:
+    if not _POWERS:
+        one = np.ones(1, dtype=np.uint64)
+        for base in (_BYTE_BASE, pow(_BYTE_BASE, -1, 1 << 64)):
+            _POWERS.append(np.concatenate((one, np.cumprod(np.full(_PIECE_BYTES, base, dtype=np.uint64)))))
+    return _POWERS[0], _POWERS[1]
 
 
-def _hash_words_of(encoded: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    data = np.frombuffer(b" ".join(encoded), dtype=np.uint8)
-    in_word = ~_SPACE_BYTES[data]
-    word_start = in_word.copy()
-    word_start[1:] &= ~in_word[:-1]
-    word_starts = np.flatnonzero(word_start)
-    if len(word_starts) == 0:
-        return np.empty(0, dtype=np.uint64), np.zeros(len(encoded), dtype=np.int64)
-    position = np.arange(len(data), dtype=np.int32 if len(data) < 1 << 31 else np.int64)
-    offset_in_word = position - np.maximum.accumulate(np.where(word_start, position, 0))
-    # Separator bytes contribute 0, so each reduceat segment (word + following spaces) sums the word.
-    terms = (data * in_word) * _byte_powers(int(offset_in_word.max()) + 1)[offset_in_word]
-    hashes = fmix64(np.add.reduceat(terms, word_starts))
-    doc_starts = np.cumsum([0] + [len(e) + 1 for e in encoded[:-1]])
-    doc_of_word = np.searchsorted(doc_starts, word_starts, side="right") - 1
-    return hashes, np.bincount(doc_of_word, minlength=len(encoded)).astype(np.int64)
+def _pieces(encoded: bytes) -> list[bytes]:
+    """``encoded`` cut into pieces of at most _PIECE_BYTES, at a space, newline or tab where there is one."""
+    pieces, start = [], 0
+    while len(encoded) - start > _PIECE_BYTES:
+        end = start + _PIECE_BYTES
+        cut = max(encoded.rfind(sep, start, end) for sep in (b" ", b"\n", b"\t"))
+        cut = cut if cut > start else end  # a single "word" longer than a piece is split
+        pieces.append(encoded[start:cut])
+        start = cut
+    pieces.append(encoded[start:])
+    return pieces
+
+
+def _hash_group(pieces: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of the words of the joined pieces, and the piece each word belongs to.
+
+    With prefix sums ``S`` of ``byte_i * B^i`` (mod 2^64), the word spanning ``[s, e)`` hashes to
+    ``(S[e] - S[s]) * B^-s = sum c_j * B^j``: the same value wherever the word sits.
+    """
+    data = np.frombuffer(b" ".join(pieces), dtype=np.uint8)
+    up, down = _byte_powers()
+    edges = np.diff((~_SPACE_BYTES[data]).view(np.int8), prepend=0, append=0)
+    word_starts = np.flatnonzero(edges == 1)
+    word_ends = np.flatnonzero(edges == -1)
+    prefix = np.zeros(len(data) + 1, dtype=np.uint64)
+    np.cumsum(data * up[: len(data)], out=prefix[1:])
+    hashes = fmix64((prefix[word_ends] - prefix[word_starts]) * down[word_starts])
+    piece_starts = np.cumsum([0] + [len(p) + 1 for p in pieces[:-1]])
+    return hashes, np.searchsorted(piece_starts, word_starts, side="right") - 1
 
 
 def word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -119,17 +136,21 @@ def word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     avalanched by a bijective mixer: deterministic across processes (unlike ``hash()``) and computed for
     all words of a group of documents in a few vectorized passes over their bytes.
     """
-    encoded = [t.lower().translate(_SEPARATORS).encode("utf-8") for t in texts]
-    hashes: list[np.ndarray] = []
-    counts: list[np.ndarray] = []
+    pieces: list[bytes] = []
+    piece_doc: list[int] = []
+    for doc, text in enumerate(texts):
+        for piece in _pieces(text.lower().translate(_SEPARATORS).encode("utf-8")):
+            pieces.append(piece)
+            piece_doc.append(doc)
+    hashes: list[np.ndarray] = [np.empty(0, dtype=np.uint64)]
+    word_docs: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
     start, size = 0, 0
-    for end, text in enumerate(encoded, 1):
-        size += len(text) + 1
-        if size >= _GROUP_BYTES or end == len(encoded):
-            group_hashes, group_counts = _hash_words_of(encoded[start:end])
+    for end, piece in enumerate(pieces, 1):
+        size += len(piece) + 1
+        if size >= _GROUP_BYTES or end == len(pieces) or size + len(pieces[end]) > _PIECE_BYTES:
+            group_hashes, group_piece = _hash_group(pieces[start:end])
             hashes.append(group_hashes)
-            counts.append(group_counts)
+            word_docs.append(np.asarray(piece_doc[start:end], dtype=np.int64)[group_piece])
             start, size = end, 0
-    if not hashes:
-        return np.empty(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
-    return np.concatenate(hashes), np.concatenate(counts)
+    counts = np.bincount(np.concatenate(word_docs), minlength=len(texts)).astype(np.int64)
+    return np.concatenate(hashes), counts
