@@ -8,14 +8,15 @@ import time
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serve.conftest import MAX_MODEL_LEN, MODEL_ID, build_engine, running_server, wait_until_idle
-
-
-def metric_values(base_url: str) -> dict[str, float]:
-    text = httpx.get(f"{base_url}/metrics").text
-    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+from tests.serve.live_server import (
+    MAX_MODEL_LEN,
+    MODEL_ID,
+    build_engine,
+    metric_values,
+    running_server,
+    wait_until_idle,
+)
 
 
 def test_health_is_503_until_the_model_is_loaded(tokenizer):

@@ -12,8 +12,7 @@ import pytest
 
 from lmforge.infer import SamplingParams
 from lmforge.serve.async_engine import AsyncEngine
-from tests.serve.conftest import MODEL_ID, build_engine, running_server, wait_until_idle
-from tests.serve.test_app import metric_values
+from tests.serve.live_server import MODEL_ID, build_engine, metric_values, running_server, wait_until_idle
 
 N_CLIENTS = 40
 DISCONNECT_EVERY = 4  # every 4th client leaves after its first content chunk

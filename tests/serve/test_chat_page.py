@@ -7,7 +7,7 @@ import os
 import httpx
 import pytest
 
-from tests.serve.conftest import MODEL_ID, RunningServer, wait_until_idle
+from tests.serve.live_server import MODEL_ID, RunningServer, wait_until_idle
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

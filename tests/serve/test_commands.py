@@ -16,7 +16,7 @@ import torch
 
 from lmforge.cli import build_parser
 from lmforge.model.hf import save_pretrained
-from tests.serve.conftest import build_engine
+from tests.serve.live_server import build_engine
 
 
 def test_serve_arguments_and_defaults():

@@ -7,7 +7,7 @@ import openai
 import pytest
 import torch
 
-from tests.serve.conftest import API_KEY, MAX_MODEL_LEN, MODEL_ID, SPLIT_CHARACTER, RunningServer
+from tests.serve.live_server import API_KEY, MAX_MODEL_LEN, MODEL_ID, SPLIT_CHARACTER, RunningServer
 
 
 @pytest.fixture

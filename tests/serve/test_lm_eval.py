@@ -13,7 +13,7 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-from tests.serve.conftest import API_KEY, MAX_MODEL_LEN, MODEL_ID, RunningServer
+from tests.serve.live_server import API_KEY, MAX_MODEL_LEN, MODEL_ID, RunningServer
 
 PAIRS = [
     ("The quick brown fox", " jumps over the lazy dog."),
