@@ -12,6 +12,7 @@ from lmforge.eval.scoring import (
     document_windows,
     language_modeling_score,
     sequence_logprobs,
+    shards_language_modeling_score,
     split_request,
 )
 from lmforge.tokenizer import TokenizerTrainConfig, train_tokenizer
@@ -25,7 +26,7 @@ class BigramModel(nn.Module):
         self.table = nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)))
         self.cfg = SimpleNamespace(max_seq_len=64)
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, position_ids=None, segment_ids=None):
         return SimpleNamespace(logits=self.table[input_ids])
 
     def logprob(self, prev: int, nxt: int) -> float:
@@ -91,3 +92,34 @@ def test_uniform_model_gives_vocab_perplexity_and_formula_bits_per_byte(tokenize
     assert score.bits_per_byte == pytest.approx(
         n_tokens * math.log2(tokenizer.vocab_size) / n_bytes, rel=1e-5
     )
+
+
+def test_shards_score_uniform_model_and_token_accounting(tmp_path, tokenizer):
+    import json
+
+    from lmforge.data.tokenize_shards import TokenizeConfig, tokenize_to_shards
+
+    texts = ["the sky is blue", "grass is green and the sun is yellow", "what is the sky? blue"] * 4
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    tokenizer.save(tmp_path / "tok")
+    manifest = tokenize_to_shards(
+        TokenizeConfig(inputs=[str(docs)], tokenizer=str(tmp_path / "tok"), output=str(tmp_path / "shards")),
+        progress=False,
+    )
+    model = BigramModel(tokenizer.vocab_size)
+    with torch.no_grad():
+        model.table.zero_()
+    score = shards_language_modeling_score(
+        model, tokenizer, [str(tmp_path / "shards")], seq_len=8, batch_size=2
+    )
+    total = manifest["totals"]["tokens"]
+    # One pass predicts every token once except the tail that does not fill a sequence.
+    assert total - 9 <= score.n_tokens <= total
+    assert score.perplexity == pytest.approx(tokenizer.vocab_size, rel=1e-5)
+    text_bytes = sum(len(t.encode()) for t in texts)
+    assert text_bytes - 8 * 4 <= score.n_bytes <= text_bytes
+    held = shards_language_modeling_score(
+        model, tokenizer, [str(tmp_path / "shards")], seq_len=8, batch_size=2, val_fraction=0.25
+    )
+    assert 0 < held.n_tokens < score.n_tokens / 2

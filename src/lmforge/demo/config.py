@@ -31,16 +31,21 @@ class ModelSettings:
 
 @dataclass
 class TrainSettings:
-    steps: int = 500
+    steps: int = 400
     batch_size: int = 16
     seq_len: int = 256
     lr: float = 3e-3
     warmup_steps: int = 50
 
 
+def _train_counts(addition: int, others: int) -> dict[str, int]:
+    return {"addition": addition, "reverse_words": others, "count_letter": others, "read_answer": others}
+
+
 @dataclass
 class InstructSettings:
-    train_per_task: int = 3000
+    # Addition gets the most examples: it is the capability the report card measures against the base model.
+    train_counts: dict[str, int] = field(default_factory=lambda: _train_counts(6000, 1500))
     heldout_per_task: int = 100
     seed: int = 0
 
@@ -55,7 +60,7 @@ class DemoConfig:
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     pretrain: TrainSettings = field(default_factory=TrainSettings)
-    sft: TrainSettings = field(default_factory=lambda: TrainSettings(steps=800, batch_size=16, lr=1e-3))
+    sft: TrainSettings = field(default_factory=lambda: TrainSettings(steps=600, batch_size=16, lr=2e-3))
     instruct: InstructSettings = field(default_factory=InstructSettings)
     serve: bool = True
     host: str = "127.0.0.1"
@@ -73,7 +78,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "max_seq_len": 128},
         "pretrain": {"steps": 4, "batch_size": 4, "seq_len": 64, "warmup_steps": 1},
         "sft": {"steps": 4, "batch_size": 4, "seq_len": 128, "warmup_steps": 1},
-        "instruct": {"train_per_task": 30, "heldout_per_task": 4},
+        "instruct": {"train_counts": _train_counts(30, 30), "heldout_per_task": 4},
     },
     "tiny": {},
     "small": {
@@ -82,7 +87,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "model": {"d_model": 256, "n_layers": 6, "n_heads": 8, "d_ff": 768, "max_seq_len": 512},
         "pretrain": {"steps": 2000, "batch_size": 16, "seq_len": 512},
         "sft": {"steps": 1500, "batch_size": 16, "seq_len": 512},
-        "instruct": {"train_per_task": 5000, "heldout_per_task": 200},
+        "instruct": {"train_counts": _train_counts(7000, 4000), "heldout_per_task": 200},
     },
 }
 

@@ -104,7 +104,7 @@ class Demo:
             numbers.update({f"{kind} documents": n for kind, n in counts.items()})
             numbers["megabytes"] = round(size / 1e6, 2)
         train, heldout = generate_tasks(
-            cfg.instruct.train_per_task, cfg.instruct.heldout_per_task, seed=cfg.instruct.seed
+            cfg.instruct.train_counts, cfg.instruct.heldout_per_task, seed=cfg.instruct.seed
         )
         _jsonl(self.path("instruct", "train.jsonl"), train)
         _jsonl(self.path("instruct", "heldout.jsonl"), heldout)

@@ -61,11 +61,11 @@ def pretrain(demo: Demo) -> StageCard:
             "max_seq_len": cfg.model.max_seq_len,
         },
         data={"shards": [str(demo.path("shards"))], "seq_len": cfg.pretrain.seq_len, "seed": cfg.seed},
+        # Checked against the shards' tokenizer hash, and exported next to the weights (chat template included).
+        tokenizer=str(demo.path("tokenizer")),
     )
     train_cfg = load_config(TrainConfig, data=recipe)
     result = train(train_cfg)
-    # The base model folder gets the tokenizer (and its chat template) next to the weights.
-    tokenizer.save(result.model_dir)
     from lmforge.model.hf import load_pretrained
 
     model = load_pretrained(result.model_dir)

@@ -10,6 +10,7 @@
       - {name: colors, path: colors_mc.jsonl}            # records with choices -> multiple choice
     perplexity:
       documents: [heldout_docs.jsonl]                    # JSONL/Parquet documents ("text" field)
+      shards: [shards/]                                  # and/or token shards (val split with val_fraction)
 
 Generation tasks run through the inference engine with greedy decoding; a reply ends at a special token
 (EOS, end of turn) or, for plain prompts, at the end of the line. Multiple-choice tasks are scored by
@@ -67,6 +68,10 @@ class TaskConfig:
 class PerplexityConfig:
     documents: list[str] = field(default_factory=list)  # held-out document files (JSONL/Parquet, "text")
     max_documents: int = 0  # 0: all
+    shards: list[str] = field(default_factory=list)  # token shards folders (made with the model's tokenizer)
+    val_fraction: float = 0.0  # > 0: only the shards' validation split (as the trainer's data.val_fraction)
+    split_seed: int = 0
+    max_batches: int = 0  # shards: 0 = one full pass
     seq_len: int = 0  # 0: the model's max_seq_len
 
 
@@ -241,6 +246,21 @@ def evaluate(
         seq_len = cfg.perplexity.seq_len or model.cfg.max_seq_len
         score = language_modeling_score(model, tokenizer, texts, seq_len, batch_size=cfg.batch_size)
         results["perplexity"] = {"documents": len(texts), **score.to_dict()}
+    if cfg.perplexity.shards:
+        from lmforge.eval.scoring import shards_language_modeling_score
+
+        ppl = cfg.perplexity
+        score = shards_language_modeling_score(
+            model,
+            tokenizer,
+            list(ppl.shards),
+            ppl.seq_len or model.cfg.max_seq_len,
+            batch_size=cfg.batch_size,
+            val_fraction=ppl.val_fraction,
+            split_seed=ppl.split_seed,
+            max_batches=ppl.max_batches,
+        )
+        results["perplexity_shards"] = score.to_dict()
     results["seconds"] = round(time.perf_counter() - started, 3)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (run_dir / "results.md").write_text(results_markdown(results), encoding="utf-8")
@@ -287,11 +307,12 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines = [f"# Evaluation of {results['model']}", ""]
     lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    if "perplexity" in results:
-        ppl = results["perplexity"]
-        lines += [
-            "",
-            f"Held-out text: {ppl['documents']} documents, {ppl['tokens']} tokens, {ppl['bytes']} bytes: "
-            f"perplexity {ppl['perplexity']:.3f}, bits per byte {ppl['bits_per_byte']:.4f}.",
-        ]
+    for key, what in (("perplexity", "Held-out documents"), ("perplexity_shards", "Token shards")):
+        if key in results:
+            ppl = results[key]
+            lines += [
+                "",
+                f"{what}: {ppl['tokens']} tokens, {ppl['bytes']} bytes: "
+                f"perplexity {ppl['perplexity']:.3f}, bits per byte {ppl['bits_per_byte']:.4f}.",
+            ]
     return "\n".join(lines) + "\n"
