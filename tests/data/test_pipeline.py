@@ -232,9 +232,11 @@ def test_step_modules_are_found_by_their_registration(tmp_path, monkeypatch):
         )
     )
     (package / "other.py").write_text("raise RuntimeError('modules without steps are not imported')\n")
+    (package / "needs_extra.py").write_text("import not_installed_lib\n# @register_step(...) below\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    import_step_modules("stepspkg")
+    failures = import_step_modules("stepspkg")
     assert "stepspkg.found" in sys.modules and "stepspkg.other" not in sys.modules
+    assert failures == {"stepspkg.needs_extra": "No module named 'not_installed_lib'"}
     assert build_step({"step": "toy_discovered"}, 0).name == "toy_discovered"
 
 

@@ -85,9 +85,11 @@ class PipelineConfig:
             raise ValueError(f"max_doc_bytes: must be >= 1, got {self.max_doc_bytes}")
 
 
-def import_step_modules(package: str = "lmforge.data") -> None:
+def import_step_modules(package: str = "lmforge.data") -> dict[str, str]:
     """Import every module of ``package`` that registers steps (found by its source, so modules that only
-    hold loaders or shards are not imported for nothing)."""
+    hold loaders or shards are not imported for nothing). Returns ``{module: error}`` for those that could
+    not be imported (e.g. an optional dependency is missing): the other steps stay usable."""
+    failures: dict[str, str] = {}
     root = importlib.import_module(package)
     for info in pkgutil.walk_packages(root.__path__, prefix=f"{package}."):
         spec = importlib.util.find_spec(info.name)
@@ -97,7 +99,11 @@ def import_step_modules(package: str = "lmforge.data") -> None:
             and origin.endswith(".py")
             and "@register_step(" in Path(origin).read_text(encoding="utf-8")
         ):
-            importlib.import_module(info.name)
+            try:
+                importlib.import_module(info.name)
+            except ImportError as err:
+                failures[info.name] = str(err)
+    return failures
 
 
 def build_step(spec: dict[str, Any], index: int) -> Step:
@@ -107,11 +113,11 @@ def build_step(spec: dict[str, Any], index: int) -> Step:
     where = f"steps[{index}]"
     if not isinstance(name, str):
         raise ConfigError(f"{where}: needs 'step: <name>'")
+    failures = import_step_modules() if name not in STEPS else {}
     if name not in STEPS:
-        import_step_modules()
-    if name not in STEPS:
+        unusable = "".join(f"; {module} could not be imported: {err}" for module, err in failures.items())
         raise ConfigError(
-            f"{where}: unknown step {name!r}; known steps: {', '.join(sorted(STEPS)) or 'none'}"
+            f"{where}: unknown step {name!r}; known steps: {', '.join(sorted(STEPS)) or 'none'}{unusable}"
         )
     cls = STEPS[name]
     params = inspect.signature(cls.__init__).parameters
