@@ -17,15 +17,15 @@ EOS = 0
 
 
 def make_shards(folder: Path, n_docs: int = 120, seed: int = 0) -> Path:
-    """Documents following a learnable rule (next = 5 * current + 3 mod 63, + 1), so the loss can fall."""
+    """Documents that count 1, 2, ..., 12, 1, 2, ... from a random start: an easy rule, so the loss falls fast."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     docs = []
     for _ in range(n_docs):
-        token, doc = int(rng.integers(1, VOCAB)), []
+        token, doc = int(rng.integers(1, 13)), []
         for _ in range(int(rng.integers(20, 60))):
             doc.append(token)
-            token = (5 * token + 3) % (VOCAB - 1) + 1
+            token = token % 12 + 1
         docs.append(np.array([*doc, EOS], dtype=np.int64))
     stats = ShardStats(docs=len(docs), tokens=sum(map(len, docs)))
     record = write_shard(folder, "web-00000", docs, np.dtype(np.uint16), stats, {"domain": "web"})

@@ -429,9 +429,8 @@ class Trainer:
         last_saved = self.step if folder is not None else None
         window_start, window_tokens = time.perf_counter(), 0
         while self.step < cfg.max_steps:
-            before = self.step
             result = self.train_step()
-            if self.step == before:  # skipped or rolled back
+            if result.get("skipped"):  # no update: skipped, or rolled back to a checkpoint
                 if progress is not None:
                     progress.n = self.step
                     progress.refresh()

@@ -1,0 +1,240 @@
+"""The training loop: convergence, per-token accumulation, spike rollback, non-finite handling, resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.data.loader import PackedLoader
+from lmforge.model import load_pretrained
+from lmforge.train import LMObjective, Trainer, TrainingError, train
+from lmforge.train.checkpoint import NonFiniteCheckpointError, list_checkpoints
+from lmforge.train.metrics import read_jsonl
+from lmforge.train.objective import IGNORE_INDEX
+from tests.train.conftest import tiny_config
+
+SPIKE_STEP = 18
+SPIKY = {"optim.lr": 1e-2, "checkpoint.every_steps": 4, "stability.window": 8, "stability.min_history": 6}
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def events(run_dir: Path) -> list[dict]:
+    return read_jsonl(run_dir / "events.jsonl")
+
+
+class Recorder:
+    """A batch hook that records what each step trained on and can corrupt chosen steps' labels once."""
+
+    def __init__(self, corrupt_steps: tuple[int, ...] = ()) -> None:
+        self.seen: list[tuple[int, list[int]]] = []
+        self.corrupt = set(corrupt_steps)
+
+    def __call__(self, step: int, batch: dict) -> dict:
+        self.seen.append((step, batch["input_ids"][0, :4].tolist()))
+        if step in self.corrupt:
+            self.corrupt.discard(step)
+            batch = {**batch, "labels": torch.full_like(batch["labels"], 50)}  # a token the data never has
+        return batch
+
+
+def test_loss_falls_and_the_run_folder_is_complete(tmp_path: Path, shards: Path) -> None:
+    cfg = tiny_config(
+        tmp_path / "run",
+        shards,
+        max_steps=30,
+        **{
+            "optim.lr": 1e-2,
+            "checkpoint.every_steps": 10,
+            "checkpoint.export": True,
+            "log.plots": True,
+            "log.every_steps": 5,
+            "log.val_every_steps": 15,
+            "data.val_fraction": 0.2,
+        },
+    )
+    result = train(cfg)
+    run = result.run_dir
+    history = losses(run)
+    assert result.step == 30 and len(history) == 6
+    assert history[-1] < 0.5 * history[0]
+    assert {"config.yaml", "versions.json", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+    assert sorted(p.name for p in (run / "plots").glob("*.png")) == ["loss.png", "lr.png", "throughput.png"]
+    record = result.metrics
+    assert record["tokens"] == 30 * 4 * 16 and record["tokens_per_s"] > 0 and 0 < record["lr"] < 1e-2
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == [
+        "step_00000010",
+        "step_00000020",
+        "step_00000030",
+    ]
+
+    # validation loss = the exported model's mean cross-entropy over the held-out batches
+    model = load_pretrained(result.model_dir)
+    val = PackedLoader.from_config(cfg.data, batch_size=4, split="val")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for _, batch in zip(range(cfg.log.val_batches), val):
+            logits = model(batch["input_ids"]).logits
+            total += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), reduction="sum"
+            )
+            count += batch["labels"].numel()
+    assert result.val_loss == pytest.approx(float(total) / count, rel=1e-5)
+    assert read_jsonl(run / "metrics.jsonl")[-1]["val_ppl"] == pytest.approx(math.exp(result.val_loss))
+
+
+def mask_some_labels(step: int, batch: dict) -> dict:
+    """Uneven label counts per sequence, so per-micro-batch averaging would differ from per-token."""
+    labels = batch["labels"].clone()
+    labels[batch["input_ids"] % 3 == 0] = IGNORE_INDEX
+    labels[0, : 3 + step] = IGNORE_INDEX
+    return {**batch, "labels": labels}
+
+
+@pytest.mark.parametrize("layout", [{"batch.grad_accum_steps": 2}, {"batch.grad_accum_steps": 4}])
+def test_accumulated_micro_batches_equal_one_big_batch(tmp_path: Path, shards: Path, layout: dict) -> None:
+    accum = layout["batch.grad_accum_steps"]
+    common = {"max_steps": 3, "stability.spike_detection": False}
+    big = Trainer(tiny_config(tmp_path / "big", shards, **common, **{"batch.micro_batch_size": 8}))
+    small_cfg = tiny_config(
+        tmp_path / "small", shards, **common, **layout, **{"batch.micro_batch_size": 8 // accum}
+    )
+    small = Trainer(small_cfg, batch_hook=mask_some_labels)
+    big.batch_hook = lambda step, batch: torch_cat_then_mask(step, batch, accum)
+    big.fit(), small.fit()
+    assert losses(tmp_path / "big") == pytest.approx(losses(tmp_path / "small"), rel=1e-6)
+    for a, b in zip(big.model.parameters(), small.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # Adam amplifies rounding of ~0 grads
+
+
+def torch_cat_then_mask(step: int, batch: dict, pieces: int) -> dict:
+    """Mask the big batch exactly as the micro-batches are masked one by one."""
+    chunks = [
+        mask_some_labels(step, {k: v.chunk(pieces)[i] for k, v in batch.items()}) for i in range(pieces)
+    ]
+    return {k: torch.cat([c[k] for c in chunks]) for k in batch}
+
+
+def test_batch_ramp_accumulates_more_micro_batches_as_tokens_grow(tmp_path: Path, shards: Path) -> None:
+    ramp = {"batch.grad_accum_steps": 4, "batch.ramp_start_tokens": 64, "batch.ramp_tokens": 512}
+    train(tiny_config(tmp_path / "run", shards, max_steps=8, **ramp))
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    accums = [r["accum"] for r in records]
+    assert accums[0] == 1 and accums[-1] == 4 and accums == sorted(accums)
+    tokens = 0
+    for r in records:  # each step's batch follows the linear ramp of the tokens seen before it
+        expected = 4 if tokens >= 512 else max(1, min(4, round((64 + (256 - 64) * tokens / 512) / 64)))
+        assert r["accum"] == expected
+        tokens += r["batch_tokens"]
+        assert r["tokens"] == tokens
+
+
+def test_loss_spike_rolls_back_and_skips_the_data_window(tmp_path: Path, shards: Path) -> None:
+    clean = Recorder()
+    train(tiny_config(tmp_path / "clean", shards, max_steps=24, **SPIKY), batch_hook=clean)
+    spiky = Recorder(corrupt_steps=(SPIKE_STEP,))
+    result = train(tiny_config(tmp_path / "spiky", shards, max_steps=24, **SPIKY), batch_hook=spiky)
+
+    assert result.step == 24 and result.rollbacks == 1
+    [event] = events(tmp_path / "spiky")
+    assert event["event"] == "loss_spike" and event["action"] == "rollback" and event["z"] > 6
+    assert event["step"] == SPIKE_STEP and event["to_step"] == 16 and event["skipped_steps"] == 3
+    # back at step 16, training resumed on the batch after the spike: batches 16..18 are never reused
+    assert spiky.seen[: SPIKE_STEP + 1] == clean.seen[: SPIKE_STEP + 1]
+    assert spiky.seen[SPIKE_STEP + 1] == (16, clean.seen[SPIKE_STEP + 1][1])
+    steps = [r["step"] for r in read_jsonl(tmp_path / "spiky" / "metrics.jsonl")]
+    assert steps == list(range(1, 25))  # the undone steps' records were replaced
+    assert max(losses(tmp_path / "spiky")) < 4.5
+
+
+def test_rollback_cap_stops_the_run(tmp_path: Path, shards: Path) -> None:
+    cfg = tiny_config(tmp_path / "run", shards, max_steps=24, **SPIKY, **{"stability.max_rollbacks": 0})
+    with pytest.raises(TrainingError, match="rollbacks"):
+        train(cfg, batch_hook=Recorder(corrupt_steps=(SPIKE_STEP,)))
+    assert events(tmp_path / "run")[-1]["action"] == "stop"
+
+
+class NaNOnce(LMObjective):
+    """The LM objective, but the loss of one forward is NaN (as an overflow would make it)."""
+
+    def __init__(self, bad_call: int) -> None:
+        self.calls, self.bad_call = 0, bad_call
+
+    def __call__(self, model, batch):
+        out = super().__call__(model, batch)
+        self.calls += 1
+        if self.calls == self.bad_call:
+            out.loss_sum = out.loss_sum * float("nan")
+        return out
+
+
+@pytest.mark.parametrize("action", ["skip", "rollback"])
+def test_non_finite_loss_is_never_applied(tmp_path: Path, shards: Path, action: str) -> None:
+    overrides = {"stability.nonfinite": action, "checkpoint.every_steps": 3}
+    trainer = Trainer(tiny_config(tmp_path / "run", shards, max_steps=8, **overrides), objective=NaNOnce(5))
+    result = trainer.fit()
+    [event] = events(tmp_path / "run")
+    assert event["event"] == ("nonfinite_skip" if action == "skip" else "nonfinite")
+    assert event["step"] == 4
+    if action == "rollback":
+        assert event["to_step"] == 3
+    assert result.step == 8 and all(math.isfinite(x) for x in losses(tmp_path / "run"))
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_a_nan_model_is_not_checkpointed(tmp_path: Path, shards: Path) -> None:
+    trainer = Trainer(tiny_config(tmp_path / "run", shards))
+    with torch.no_grad():
+        trainer.model.lm_head.weight[3, 3] = float("inf")
+    with pytest.raises(NonFiniteCheckpointError):
+        trainer.save()
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
+class Crash(Exception):
+    pass
+
+
+def test_crash_then_resume_repeats_the_exact_loss_sequence(tmp_path: Path, shards: Path) -> None:
+    overrides = {"checkpoint.every_steps": 3, "model.dropout": 0.1}  # dropout: RNG state must resume too
+    train(tiny_config(tmp_path / "straight", shards, max_steps=10, **overrides))
+
+    def crash_at_step_7(step: int, batch: dict) -> dict:
+        if step == 7:
+            raise Crash
+        return batch
+
+    run = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        train(tiny_config(run, shards, max_steps=10, **overrides), batch_hook=crash_at_step_7)
+    # and the newest checkpoint was damaged afterwards: resume falls back to step 3
+    shard = next((run / "checkpoints" / "step_00000006" / "dcp").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    result = train(tiny_config(run, shards, max_steps=10, **overrides))
+    assert result.step == 10
+    assert losses(run) == losses(tmp_path / "straight")  # bitwise: fp32 on CPU
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 11))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "rel"),
+    [
+        ({"precision.activation_checkpointing": True}, 1e-6),
+        ({"precision.dtype": "bf16"}, 3e-2),
+        ({"optim.name": "adafactor"}, None),
+    ],
+)
+def test_precision_and_optimizer_variants_train(tmp_path: Path, shards: Path, overrides: dict, rel) -> None:
+    reference = losses(train(tiny_config(tmp_path / "ref", shards, max_steps=6)).run_dir)
+    variant = losses(train(tiny_config(tmp_path / "variant", shards, max_steps=6, **overrides)).run_dir)
+    assert all(math.isfinite(x) for x in variant)
+    if rel is not None:
+        assert variant == pytest.approx(reference, rel=rel)
+    else:
+        assert variant[-1] < variant[0]
