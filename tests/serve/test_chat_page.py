@@ -7,7 +7,7 @@ import os
 import httpx
 import pytest
 
-from tests.serve.live_server import MODEL_ID, RunningServer, wait_until_idle
+from tests.serve.live_server import MODEL_ID, RunningServer, metric_values, wait_until_idle
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -103,3 +103,23 @@ def test_chat_page_streams_a_multi_turn_conversation(page, open_server: RunningS
     # everything the page loaded came from this server
     assert all(r.url.startswith(open_server.base_url) for r in requests)
     wait_until_idle(open_server)
+
+
+def test_stop_button_and_new_chat(page, open_server: RunningServer):
+    """Stop aborts the reply on the server (its KV blocks come back); New chat starts an empty conversation."""
+    page.goto(open_server.base_url + "/")
+    page.wait_for_function(f"document.getElementById('model-name').textContent === '{MODEL_ID}'")
+    send(page, "Hello there!")
+    page.click("#new-chat")
+    assert page.locator(".message").count() == 0
+    before = metric_values(open_server.base_url)["lmforge_requests_aborted_total"]
+    page.fill("#max-tokens", "400")  # a reply long enough to still be running when Stop is clicked
+    page.fill("#prompt", "Tell me a long story.")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("document.querySelector('.message.assistant .content').textContent.length > 0")
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('.message.assistant').dataset.done === 'true'")
+    assert page.locator(".message.error").count() == 0  # stopping is not an error
+    assert page.is_disabled("#stop") and page.is_enabled("#send")
+    wait_until_idle(open_server)
+    assert metric_values(open_server.base_url)["lmforge_requests_aborted_total"] == before + 1
