@@ -125,7 +125,11 @@ def main() -> None:
         ),
         "datasketch MinHashLSH": lambda: datasketch_roots(texts, args.threshold, args.num_perm, args.ngram),
     }
-    print("\n| method | precision | recall | F1 | predicted pairs | seconds |\n|---|---|---|---|---|---|")
+    # A predicted pair outside the planted clusters may still be a real near-duplicate of the corpus.
+    print(
+        "\n| method | precision | recall | F1 | precision* | predicted pairs | seconds |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     for name, run in methods.items():
         start = time.perf_counter()
         predicted = cluster_pairs(run())
@@ -134,7 +138,12 @@ def main() -> None:
         precision = hits / len(predicted) if predicted else 1.0
         recall = hits / len(truth) if truth else 1.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        print(f"| {name} | {precision:.4f} | {recall:.4f} | {f1:.4f} | {len(predicted)} | {seconds:.2f} |")
+        natural = sum(jaccard(shingles[a], shingles[b]) >= args.threshold for a, b in predicted - truth)
+        loose = (hits + natural) / len(predicted) if predicted else 1.0
+        print(
+            f"| {name} | {precision:.4f} | {recall:.4f} | {f1:.4f} | {loose:.4f} | {len(predicted)} | {seconds:.2f} |"
+        )
+    print("precision*: a predicted pair also counts as right when its exact Jaccard is >= the threshold")
 
 
 if __name__ == "__main__":
