@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
-from lmforge.config import load_config
+from lmforge.cli import main
 from lmforge.data.doremi import DoReMiWeights
 from lmforge.data.shards import ShardStats, build_manifest, write_manifest, write_shard
 from lmforge.model import ModelConfig, Transformer
-from lmforge.train.doremi import DoReMiConfig, DoReMiObjective, run_doremi
+from lmforge.train.doremi import DoReMiObjective
 
 from .conftest import EOS, VOCAB, tiny_data
 
@@ -87,17 +88,19 @@ def test_objective_matches_a_manual_doremi_step() -> None:
     assert weights.steps == 1
 
 
-def test_run_doremi_trains_reference_and_proxy_and_writes_weights(tmp_path: Path) -> None:
+def test_lmforge_data_doremi_trains_reference_and_proxy_and_writes_weights(tmp_path: Path, capsys) -> None:
     shards = two_domain_shards(tmp_path / "shards")
-    train = tiny_data(tmp_path / "unused", shards, max_steps=6)
-    cfg = load_config(
-        DoReMiConfig, data={"train": train, "run_dir": str(tmp_path / "doremi"), "reference_steps": 30}
-    )
-    weights = run_doremi(cfg)
+    recipe = {
+        "train": tiny_data(tmp_path / "unused", shards, max_steps=6),
+        "run_dir": str(tmp_path / "doremi"),
+    }
+    (tmp_path / "doremi.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["data", "doremi", "--config", str(tmp_path / "doremi.yaml"), "reference_steps=30"]) == 0
     saved = json.loads((tmp_path / "doremi" / "domain_weights.json").read_text())
-    assert saved["domain_weights"] == pytest.approx(weights) and saved["steps"] == 6
-    assert sum(weights.values()) == pytest.approx(1.0)
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{") :]) == {"domain_weights": saved["domain_weights"]}
+    assert saved["steps"] == 6 and sum(saved["domain_weights"].values()) == pytest.approx(1.0)
     # the reference learnt to count, the young proxy not yet: its excess loss, and weight, is on "count";
     # on random tokens neither model can beat the other by much
-    assert weights["count"] > 0.6, weights
+    assert saved["domain_weights"]["count"] > 0.6, saved
     assert (tmp_path / "doremi" / "reference" / "metrics.jsonl").is_file()

@@ -221,7 +221,32 @@ def add_mixture(subcommands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_mixture)
 
 
-SUBCOMMANDS = [add_run, add_tokenize, add_train_classifier, add_train_ngram, add_mixture]
+def _doremi(args: argparse.Namespace) -> int:
+    import json
+
+    from lmforge.cli import config_from_args
+    from lmforge.train.doremi import DoReMiConfig, run_doremi
+
+    weights = run_doremi(config_from_args(DoReMiConfig, args))
+    print(json.dumps({"domain_weights": weights}, indent=2))
+    return 0
+
+
+def add_doremi(subcommands: argparse._SubParsersAction) -> None:
+    from lmforge.cli import add_config_arguments
+
+    parser = subcommands.add_parser(
+        "doremi",
+        help="learn domain weights with DoReMi (reference model, then a Group-DRO proxy) into a weights file",
+        description="The recipe is a DoReMiConfig: train (a TrainConfig for both models), run_dir, "
+        "reference (optional trained model folder), reference_steps, proxy_steps, eta, smoothing, output. "
+        "Use the weights with mixture.strategy=fixed mixture.weights_file=RUN_DIR/domain_weights.json.",
+    )
+    add_config_arguments(parser)
+    parser.set_defaults(handler=_doremi)
+
+
+SUBCOMMANDS = [add_run, add_tokenize, add_train_classifier, add_train_ngram, add_mixture, add_doremi]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
