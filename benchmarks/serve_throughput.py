@@ -8,12 +8,14 @@ useful output tokens / wall time for both. A second table compares single-stream
 memory-bandwidth bound: (weight bytes + KV bytes read per token) / measured copy bandwidth.
 
     .venv/bin/python benchmarks/serve_throughput.py                       # 64 requests, the default model
+    .venv/bin/python benchmarks/serve_throughput.py --dist loguniform     # many short requests, few long
     .venv/bin/python benchmarks/serve_throughput.py --requests 16 --quick # a fast smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import tempfile
 import time
@@ -53,12 +55,19 @@ def build_models(args: argparse.Namespace):
     return hf, engine
 
 
+def _length(rng: random.Random, bounds: tuple[int, int], dist: str) -> int:
+    low, high = bounds
+    if dist == "uniform":
+        return rng.randint(low, high)
+    return round(math.exp(rng.uniform(math.log(low), math.log(high))))  # log-uniform: many short, few long
+
+
 def workload(args: argparse.Namespace) -> list[tuple[list[int], int]]:
     rng = random.Random(0)
     return [
         (
-            [rng.randrange(3, args.vocab) for _ in range(rng.randint(*args.prompt_len))],
-            rng.randint(*args.output_len),
+            [rng.randrange(3, args.vocab) for _ in range(_length(rng, args.prompt_len, args.dist))],
+            _length(rng, args.output_len, args.dist),
         )
         for _ in range(args.requests)
     ]
@@ -135,6 +144,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, nargs=2, default=(8, 256), metavar=("MIN", "MAX"))
     parser.add_argument("--output-len", type=int, nargs=2, default=(8, 256), metavar=("MIN", "MAX"))
+    parser.add_argument(
+        "--dist",
+        choices=["uniform", "loguniform"],
+        default="uniform",
+        help="length distribution in the ranges",
+    )
     parser.add_argument("--hf-batch", type=int, default=64, help="static batch size for transformers")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--token-budget", type=int, default=1024)
@@ -143,7 +158,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for both systems")
     parser.add_argument("--quick", action="store_true", help="skip the single-stream table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -156,7 +171,8 @@ def main() -> None:
     params = sum(p.numel() for p in engine.model.parameters())
     print(
         f"model: Llama-style, {params / 1e6:.1f} M parameters; {args.requests} requests, prompts "
-        f"{args.prompt_len[0]}-{args.prompt_len[1]} tokens, outputs {args.output_len[0]}-{args.output_len[1]}"
+        f"{args.prompt_len[0]}-{args.prompt_len[1]} tokens, outputs {args.output_len[0]}-{args.output_len[1]} "
+        f"({args.dist})"
     )
     print(f"{'system':<42} {'tokens':>8} {'seconds':>8} {'tokens/s':>9}")
     print(
