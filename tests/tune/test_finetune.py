@@ -87,3 +87,53 @@ def test_sft_config_requires_data_and_model():
         load_config(SFTConfig, data={"init_from": "x"})
     with pytest.raises(ConfigError, match="init_from"):
         load_config(SFTConfig, data={"sft": {"paths": ["a.jsonl"]}})
+
+
+def test_sft_from_a_transformers_checkpoint(tmp_path, tokenizer):
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
+    torch.manual_seed(0)
+    hf_cfg = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=96,
+        eos_token_id=tokenizer.eos_id,
+    )
+    folder = tmp_path / "hf"
+    LlamaForCausalLM(hf_cfg).save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend,
+        eos_token=tokenizer.eos_token,
+        pad_token=tokenizer.pad_token,
+        chat_template=tokenizer.chat_template,
+    ).save_pretrained(folder)
+    data = tmp_path / "chats.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": c[0]["content"], "completion": c[1]["content"]}) + "\n" for c in CHATS)
+    )
+    cfg = load_config(
+        SFTConfig,
+        data={
+            "init_from": str(folder),
+            "run_dir": str(tmp_path / "sft"),
+            "max_steps": 2,
+            "data": {"seq_len": 96},
+            "batch": {"micro_batch_size": 2},
+            "sft": {"paths": [str(data)]},
+            "log": {"every_steps": 1, "plots": False, "progress": False},
+        },
+    )
+    result, stats = run_sft(cfg, progress=False)
+    assert stats.examples == len(CHATS) and result.step == 2
+    tuned = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    assert tuned.config.model_type == "llama"
+    assert AutoTokenizer.from_pretrained(result.model_dir).chat_template == tokenizer.chat_template
