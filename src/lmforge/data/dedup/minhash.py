@@ -4,8 +4,9 @@ Pipeline: a document becomes a set of word n-gram hashes (``uint32``); its signa
 ``num_perm`` universal hash functions ``h_k(x) = ((a_k x + b_k) mod (2^61 - 1)) & (2^32 - 1)``, the minimum
 over the set. The permutation parameters are drawn exactly as datasketch's ``scheme="legacy"`` MinHash
 draws them and the arithmetic wraps in ``uint64`` as datasketch's does, so for the same input hashes and
-seed the signatures are bit-identical to datasketch's. All permutations are applied in one array
-operation over a batch of documents; nothing loops over permutations in Python.
+seed the signatures are bit-identical to datasketch's (``scheme="affine32"`` reproduces datasketch's
+default scheme since 2.0 the same way). All permutations are applied in one array operation over a
+batch of documents; nothing loops over permutations in Python.
 
 Signatures are cut into ``bands`` bands of ``rows`` values; documents that agree on a whole band are
 candidates. (bands, rows) come from a Jaccard threshold by minimising the weighted false-positive and
@@ -30,8 +31,6 @@ from lmforge.data.text import fmix64, word_hashes
 MERSENNE_PRIME = np.uint64((1 << 61) - 1)
 MAX_HASH = np.uint64((1 << 32) - 1)
 _NGRAM_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial combine stays order-sensitive
-# Rows of the (shingles x num_perm) work array per batch; bounds memory at ~8 bytes x this.
-_BATCH_ELEMENTS = 1 << 21
 
 
 # ----------------------------------------------------------------------------------------- LSH parameters
@@ -115,9 +114,9 @@ def _fmix32(x: np.ndarray) -> np.ndarray:
 class MinHasher:
     """Word n-gram MinHash signatures, computed for many documents at once.
 
-    ``signatures(texts)`` returns a ``(len(texts), num_perm)`` ``uint32`` array. Words are as
-    :func:`lmforge.data.text.word_hashes` splits them; a document shorter than ``ngram`` words is one shingle of all its words, and
-    a document without words has the all-``2^32 - 1`` signature of the empty set (as datasketch).
+    ``signatures(texts)`` returns a ``(len(texts), num_perm)`` ``uint32`` array. Words are those of
+    :func:`lmforge.data.text.word_hashes`; a document shorter than ``ngram`` words is one shingle of all
+    its words, and one without words has the all-``2^32 - 1`` signature of the empty set (as datasketch).
 
     ``scheme="mersenne"`` is the classic universal hash ``((a x + b) mod (2^61 - 1)) & (2^32 - 1)``
     (datasketch's ``legacy``); ``scheme="affine32"`` pre-mixes each shingle hash with a bijection and
@@ -238,9 +237,10 @@ def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
     return float(np.mean(sig_a == sig_b))
 
 
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+def jaccard(a: np.ndarray, b: np.ndarray, assume_unique: bool = False) -> float:
     """Exact Jaccard similarity of two hash sets (two empty sets are identical: 1.0)."""
-    a, b = np.unique(a), np.unique(b)
+    if not assume_unique:
+        a, b = np.unique(a), np.unique(b)
     union = len(a) + len(b)
     if union == 0:
         return 1.0
@@ -338,7 +338,8 @@ def cluster_near_duplicates(
     """Cluster root (smallest member index) of every document; a document is kept iff it is its own root.
 
     With ``shingle_sets`` every candidate pair is checked with the exact Jaccard similarity and only
-    pairs at or above ``threshold`` are joined.
+    pairs at or above ``threshold`` are joined. Checking needs every pair of a bucket, which grows with
+    the square of its size: remove exact duplicates first (``exact_dedup``) when checking.
     """
     if bands is None or rows is None:
         bands, rows = optimal_lsh_params(threshold, signatures.shape[1])
@@ -347,7 +348,10 @@ def cluster_near_duplicates(
     uf = UnionFind(len(signatures))
     unique_sets = [np.unique(s) for s in shingle_sets] if verify else None
     for i, j in pairs.tolist():
-        if unique_sets is not None and jaccard(unique_sets[i], unique_sets[j]) < threshold:
+        if (
+            unique_sets is not None
+            and jaccard(unique_sets[i], unique_sets[j], assume_unique=True) < threshold
+        ):
             continue
         uf.union(i, j)
     return uf.roots()
