@@ -112,8 +112,30 @@ def test_n_samples_fork_after_one_prefill(tiny_model):
     assert engine.block_manager.num_used_blocks == 0
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=3, detokenize=False),
+        SamplingParams(
+            n=2, best_of=3, use_beam_search=True, max_tokens=12, detokenize=False, ignore_eos=True
+        ),
+    ],
+    ids=["n-samples", "beam-search"],
+)
+def test_forked_requests_survive_preemption(tiny_model, params):
+    prompts = random_prompts([30, 22, 41, 35, 28])
+    roomy = _engine(tiny_model).generate(prompts, params)
+    cramped_engine = _engine(tiny_model, num_blocks=48, max_num_seqs=16)
+    cramped = cramped_engine.generate(prompts, params)
+    assert cramped_engine.scheduler.num_preemptions > 0
+    assert [[c.token_ids for c in o.outputs] for o in cramped] == [
+        [c.token_ids for c in o.outputs] for o in roomy
+    ]
+    assert cramped_engine.block_manager.num_used_blocks == 0
+
+
 def test_logprobs_match_a_full_forward(tiny_model):
-    prompt = random_prompts([11])[0]
+    prompt = random_prompts([37])[0]  # prefilled in 3 chunks of at most 16 tokens
     params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=3, prompt_logprobs=2, detokenize=False)
     out = _engine(tiny_model, max_num_batched_tokens=16).generate([prompt], params)[0]
     tokens = out.outputs[0].token_ids

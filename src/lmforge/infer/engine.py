@@ -100,8 +100,6 @@ class LLMEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.cfg
-        if getattr(model, "lm_head", None) is None:
-            raise ValueError("the engine needs a model with an lm_head")
         if eos_token_ids is None:
             eos = getattr(tokenizer, "eos_id", None)
             eos_token_ids = [eos] if eos is not None else []

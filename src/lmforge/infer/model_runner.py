@@ -40,9 +40,9 @@ class ModelRunner:
         # padded key slots a decode batch may waste before it is split (about one forward's fixed cost)
         self.min_decode_bucket = 4096
         head = getattr(model, "lm_head", None)
-        self._has_head_hook = head is not None
-        if head is not None:
-            head.register_forward_pre_hook(self._select_rows)
+        if head is None:
+            raise ValueError("the model runner needs a model with an lm_head")
+        head.register_forward_pre_hook(self._select_rows)
 
     def _select_rows(self, module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
         if self._logit_rows is None:
@@ -130,13 +130,11 @@ class ModelRunner:
             torch.cat(slot_parts), torch.cat(row_parts) if padded else None, view_slots, key_positions
         )
         rows = torch.cat(logit_rows) if logit_rows else torch.zeros(0, dtype=torch.long)
-        self._logit_rows = rows if self._has_head_hook else None
+        self._logit_rows = rows
         try:
             logits = self.model(input_ids, position_ids=positions, cache=self.cache).logits
         finally:
             self._logit_rows = None
-        if not self._has_head_hook:
-            logits = logits.reshape(batch * width, -1).index_select(0, rows)
         offset = 0
         for b, it in enumerate(items):
             if want_all[b]:

@@ -74,6 +74,9 @@ class SamplingParams:
         ]
         if self.best_of is not None:
             checks.append(("best_of", self.best_of >= self.n, f"must be >= n={self.n}"))
+            checks.append(
+                ("best_of", self.use_beam_search, "is only supported with beam search (the beam width)")
+            )
         if self.use_beam_search:
             checks.append(("stop", not self.stop, "stop strings are not supported with beam search"))
         for name, ok, message in checks:
