@@ -116,6 +116,13 @@ class Attention(nn.Module):
             view = ctx.cache.update(self.layer, k, v, ctx.positions)
             k, v, k_pos = view.keys.to(q.dtype), view.values.to(q.dtype), view.positions
         mask = None if ctx.causal_kernel else self._mask(ctx, k_pos, q.dtype)
+        grouped = k.shape[1] != q.shape[1]
+        if grouped and mask is not None and q.device.type != "cpu":
+            # GPU kernels that take a mask do not take grouped heads (SDPA would fall back to the slow
+            # math path), so share the key/value heads explicitly there
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+            grouped = False
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -123,7 +130,7 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=ctx.causal_kernel and seq > 1,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
+            enable_gqa=grouped,
         )
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
 

@@ -301,21 +301,21 @@ _GPT2_RENAMES = {  # ours -> GPT-2 (Conv1D weights are stored transposed: (in, o
 }
 
 
+_GPT2_TOP_LEVEL = {
+    "embed_tokens.weight": "wte.weight",
+    "pos_embed.weight": "wpe.weight",
+    "norm.weight": "ln_f.weight",
+    "norm.bias": "ln_f.bias",
+}
+
+
 def _gpt2_key(name: str) -> tuple[str, bool]:
     """Our parameter name -> (GPT-2 name without the ``transformer.`` prefix, stored transposed)."""
-    top = {
-        "embed_tokens.weight": "wte.weight",
-        "pos_embed.weight": "wpe.weight",
-        "norm.weight": "ln_f.weight",
-    }
-    top["norm.bias"] = "ln_f.bias"
-    if name in top:
-        return top[name], False
-    layer, rest = re.match(r"blocks\.(\d+)\.(.+)", name).groups()
-    module, kind = rest.rsplit(".", 1)
-    return f"h.{layer}.{_GPT2_RENAMES[module]}.{kind}", kind == "weight" and module.startswith(
-        ("attn", "mlp")
-    )
+    if name in _GPT2_TOP_LEVEL:
+        return _GPT2_TOP_LEVEL[name], False
+    layer, module, kind = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(\w+)", name).groups()
+    conv1d = kind == "weight" and module.startswith(("attn.", "mlp."))
+    return f"h.{layer}.{_GPT2_RENAMES[module]}.{kind}", conv1d
 
 
 def _to_hf_state(model: Transformer, family: str) -> dict[str, Tensor]:
