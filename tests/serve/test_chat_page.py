@@ -112,8 +112,16 @@ def test_stop_button_and_new_chat(page, open_server: RunningServer):
     send(page, "Hello there!")
     page.click("#new-chat")
     assert page.locator(".message").count() == 0
+    # Greedy decoding of this conversation runs all 400 tokens (no EOS), so the reply is still streaming
+    # when Stop is clicked.
+    story = [{"role": "user", "content": "Tell me a long story."}]
+    greedy = {"messages": story, "max_tokens": 400, "temperature": 0, "top_p": 1}
+    full = httpx.post(f"{open_server.base_url}/v1/chat/completions", json=greedy, timeout=60).json()
+    assert full["choices"][0]["finish_reason"] == "length"
     before = metric_values(open_server.base_url)["lmforge_requests_aborted_total"]
-    page.fill("#max-tokens", "400")  # a reply long enough to still be running when Stop is clicked
+    page.fill("#temperature", "0")
+    page.dispatch_event("#temperature", "input")
+    page.fill("#max-tokens", "400")
     page.fill("#prompt", "Tell me a long story.")
     page.press("#prompt", "Enter")
     page.wait_for_function("document.querySelector('.message.assistant .content').textContent.length > 0")
