@@ -36,7 +36,7 @@ class LanguageFilter(Filter):
         max_chars: int = 20_000,
     ) -> None:
         super().__init__()
-        self.languages = frozenset(languages) if languages is not None else None
+        self.languages = tuple(sorted(set(languages))) if languages is not None else None
         self.min_score = min_score
         self.max_chars = max_chars
 

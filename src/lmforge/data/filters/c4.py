@@ -63,7 +63,8 @@ class C4Filter(Filter):
         self.filter_lorem_ipsum = filter_lorem_ipsum
         self.filter_curly_bracket = filter_curly_bracket
         self.min_sentences = min_sentences
-        self.bad_words_re = _bad_words_regex(bad_words)
+        self.bad_words = bad_words
+        self._bad_words_re = _bad_words_regex(bad_words)
 
     def decide(self, doc: Document) -> str | None:
         # Rule order follows the original C4 code: the document-level lorem-ipsum and curly-brace rules
@@ -103,7 +104,7 @@ class C4Filter(Filter):
         if sentences < self.min_sentences:
             return "c4_too_few_sentences"
         cleaned = "\n".join(kept)
-        if self.bad_words_re is not None and self.bad_words_re.search(cleaned):
+        if self._bad_words_re is not None and self._bad_words_re.search(cleaned):
             return "c4_bad_words"
         doc.text = cleaned
         return None

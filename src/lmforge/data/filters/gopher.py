@@ -48,7 +48,9 @@ class GopherQualityFilter(Filter):
         self.max_ellipsis_lines_ratio = max_ellipsis_lines_ratio
         self.min_alpha_words_ratio = min_alpha_words_ratio
         self.min_stop_words = min_stop_words
-        self.stop_words = frozenset(w.lower() for w in stop_words)
+        # Public attributes are the step's configuration (run fingerprint): keep them in a stable order.
+        self.stop_words = tuple(sorted({w.lower() for w in stop_words}))
+        self._stop_words = frozenset(self.stop_words)
         self.bullets = tuple(bullets)
 
     def decide(self, doc: Document) -> str | None:
@@ -90,7 +92,7 @@ class GopherQualityFilter(Filter):
                 return "gopher_below_alpha_threshold"
 
         if self.min_stop_words is not None:
-            stop_words = sum(1 for w in words if w in self.stop_words)
+            stop_words = sum(1 for w in words if w in self._stop_words)
             if stop_words < self.min_stop_words:
                 return "gopher_not_enough_stop_words"
         return None
