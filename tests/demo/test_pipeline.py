@@ -100,8 +100,13 @@ def test_micro_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
 
     # A rerun skips every finished stage; --restart-from redoes the chosen stage onwards only.
     markers = {p.name: p.stat().st_mtime_ns for p in (run_dir / "stages").glob("*.json")}
+    changed = build_config(
+        args(size="micro", run_dir=str(run_dir), no_serve=True, overrides=["vocab_size=400"])
+    )
+    with pytest.raises(ConfigError, match="vocab_size"):
+        Demo(changed).run()
     demo = Demo(cfg)
-    demo.stages.restart_from("eval")
+    demo.restart_from("eval")
     demo.run()
     after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "stages").glob("*.json")}
     assert [name for name in markers if after[name] != markers[name]] == ["eval.json"]

@@ -43,7 +43,7 @@ def _demo(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     demo = Demo(cfg)
     if args.restart_from:
-        demo.stages.restart_from(args.restart_from)
+        demo.restart_from(args.restart_from)
     demo.run()
     if cfg.serve:
         return demo.serve()

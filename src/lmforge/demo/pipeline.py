@@ -25,11 +25,13 @@ from typing import Any
 
 from rich.console import Console
 
-from lmforge.config import save_config
+from lmforge.config import ConfigError, save_config, to_dict
 from lmforge.demo.config import DemoConfig
 from lmforge.demo.report import StageCard, Table, format_seconds, plot_comparison, write_report
 from lmforge.demo.stages import StageRunner
 
+# Settings that do not change what the stages produce (a rerun may change them freely).
+RUNTIME_ONLY = frozenset({"serve", "host", "port", "threads"})
 MODEL_ID = "lmforge-demo"  # the model name clients send to the demo's server
 STAGES = {
     "corpus": "Corpus",
@@ -293,8 +295,28 @@ class Demo:
         return Table("Sample replies (greedy)", ["question", "answer", "base", "SFT"], rows)
 
     # -- driver ---------------------------------------------------------------------------------------------
+    def restart_from(self, stage: str) -> None:
+        """Redo ``stage`` and every later one; the current settings become the run's."""
+        self.stages.restart_from(stage)
+        (self.run_dir / "settings.json").unlink(missing_ok=True)
+
+    def check_settings(self) -> None:
+        """Refuse to reuse finished stages that were made with other settings (serving flags aside)."""
+        saved = self.run_dir / "settings.json"
+        current = {k: v for k, v in to_dict(self.cfg).items() if k not in RUNTIME_ONLY}
+        if saved.is_file() and any(self.stages.done(name) for name in STAGES):
+            before = json.loads(saved.read_text(encoding="utf-8"))
+            changed = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
+            if changed:
+                raise ConfigError(
+                    f"{self.run_dir} holds stages made with other settings ({', '.join(changed)} differ); "
+                    "use another --run-dir, or --restart-from the first stage they affect"
+                )
+        saved.write_text(json.dumps(current, indent=2) + "\n", encoding="utf-8")
+
     def run(self) -> tuple[Path, Path]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.check_settings()
         save_config(self.cfg, self.run_dir / "config.yaml")
         for name in STAGES:
             self.stages.run(name, STAGES[name], getattr(self, name))
