@@ -55,7 +55,10 @@ class HtmlExtractor(Step):
 
 @register_step("unicode_fix")
 class UnicodeFixer(Step):
-    """Repairs mojibake and other Unicode damage with ftfy, then normalizes (NFC by default, or NFKC...)."""
+    """Repairs mojibake and other Unicode damage with ftfy, then normalizes (NFC by default, or NFKC...).
+
+    Typographic quotes are kept unless ``uncurl_quotes`` (ftfy's own default is to straighten them).
+    """
 
     def __init__(
         self, normalization: str | None = "NFC", fix_text: bool = True, uncurl_quotes: bool = False
