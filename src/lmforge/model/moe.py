@@ -60,7 +60,10 @@ def within_capacity(experts: Tensor, n_experts: int, capacity: int) -> Tensor:
 
 
 class MoE(nn.Module):
-    """Replaces the dense MLP in MoE layers; ``forward`` returns (output, weighted auxiliary loss)."""
+    """Replaces the dense MLP in MoE layers; ``forward`` returns (output, weighted auxiliary loss).
+
+    With a capacity factor, which assignments are dropped depends on every token of the call, so incremental
+    decoding matches a full forward only when dropless (capacity_factor None, the inference setting)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
