@@ -83,3 +83,12 @@ def test_chat_uses_the_template_and_keeps_the_conversation(model_dir, capsys, mo
     )
     assert out.count("assistant> ") == 2
     assert f"assistant> {first}\n" in out and f"assistant> {second}\n" in out
+
+
+def test_generate_with_a_draft_model_matches_plain_greedy(model_dir, capsys):
+    args = ["generate", str(model_dir), "--prompt", "hello", "--max-tokens", "6", "--temperature", "0"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--draft", str(model_dir), "--num-draft-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and "draft acceptance" in captured.err

@@ -66,6 +66,8 @@ def register(subparsers: Any) -> None:
     gen.add_argument("--n", type=int, default=1, help="completions per prompt")
     gen.add_argument("--beams", type=int, default=0, help="beam search with this many beams (0 = sampling)")
     gen.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / len**penalty")
+    gen.add_argument("--draft", metavar="DRAFT_DIR", help="speculative decoding with this small draft model")
+    gen.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens proposed per round")
     add_sampling_arguments(gen)
     gen.set_defaults(handler=run_generate)
 
@@ -125,6 +127,8 @@ def run_generate(args: argparse.Namespace) -> int:
             engine.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
             for p in prompts
         ]
+    if args.draft:
+        return _speculative(engine, args, prompts, params, special)
     if len(prompts) == 1 and args.n == 1 and not args.beams:
         _stream(engine, prompts[0], params, sys.stdout, special)
         print()
@@ -137,6 +141,26 @@ def run_generate(args: argparse.Namespace) -> int:
         for completion in finals[request_id].outputs:
             tag = f"[{number}]" if len(finals[request_id].outputs) == 1 else f"[{number}.{completion.index}]"
             print(f"{tag} {completion.text}")
+    return 0
+
+
+def _speculative(engine, args: argparse.Namespace, prompts: list[str], params, special: bool) -> int:
+    from lmforge.infer.speculative import speculative_generate
+    from lmforge.model.hf import load_pretrained
+
+    draft = load_pretrained(args.draft)
+    for number, prompt in enumerate(prompts):
+        ids = engine.tokenizer.encode(prompt, add_special_tokens=special)
+        try:
+            result = speculative_generate(
+                engine.model, draft, ids, params, args.num_draft_tokens, engine.eos_token_ids
+            )
+        except ValueError as err:
+            print(f"lmforge generate: {err}", file=sys.stderr)
+            return 2
+        text = engine.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        print(f"[{number}] {text}" if len(prompts) > 1 else text)
+        print(f"draft acceptance: {result.accepted}/{result.proposed}", file=sys.stderr)
     return 0
 
 
