@@ -81,5 +81,6 @@ def run_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_active_requests=args.max_active_requests,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # On Ctrl-C, streams still open get a few seconds to finish before they are cut (and aborted).
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
