@@ -79,6 +79,16 @@ def test_echo_with_logprobs_scores_every_prompt_token_like_lm_eval(client, serve
     assert lp.text_offset == sorted(lp.text_offset)
 
 
+def test_echo_logprobs_are_complete_when_the_prompt_is_in_the_prefix_cache(client, server):
+    ids = server.engine.tokenizer.encode(" ".join(["The quick brown fox jumps over the lazy dog."] * 3))
+    assert len(ids) > 2 * server.engine.block_manager.block_size  # whole blocks the cache can serve
+    client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=1)  # fills the prefix cache
+    result = client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=1, echo=True, logprobs=0)
+    token_logprobs = result.choices[0].logprobs.token_logprobs[: len(ids)]
+    assert token_logprobs[0] is None
+    assert torch.allclose(torch.tensor(token_logprobs[1:]), reference_logprobs(server, ids), atol=1e-4)
+
+
 def test_echo_with_max_tokens_zero_returns_only_the_prompt(client, server):
     ids = server.engine.tokenizer.encode("Hello world", add_special_tokens=True)
     result = client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=0, echo=True, logprobs=0)

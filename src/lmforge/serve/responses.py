@@ -8,6 +8,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from lmforge.infer import RequestOutput, TokenLogprob
+from lmforge.serve.errors import APIError
 from lmforge.serve.logprobs import (
     TokenIdLabels,
     TokenLabels,
@@ -133,8 +134,9 @@ class CompletionAssembler:
     def _echo_logprobs(self, prompt: Prompt, output: RequestOutput) -> CompletionLogprobs | None:
         if self.req.logprobs is None:
             return None
-        entries = output.prompt_logprobs or [None] * len(prompt.token_ids)
-        return completion_logprobs(prompt.token_ids, entries, self.texts)
+        if output.prompt_logprobs is None:  # the engine sets them on a request's first output
+            raise APIError(500, "the engine returned no prompt logprobs", None, "engine_error")
+        return completion_logprobs(prompt.token_ids, output.prompt_logprobs, self.texts)
 
     def _generated_logprobs(
         self, index: int, token_ids: list[int], entries: list[TokenLogprob], start: int
