@@ -58,12 +58,21 @@ FAMILIES = {
     ),
 }
 TOLERANCE = 1e-4
+# less common settings of the same families: biases, GeGLU, an explicit head_dim, (un)tied heads
+VARIANTS = {
+    "llama-bias-geglu-head-dim": (
+        "llama",
+        dict(attention_bias=True, mlp_bias=True, hidden_act="gelu", head_dim=16, tie_word_embeddings=True),
+    ),
+    "gpt2-untied-relu": ("gpt2", dict(tie_word_embeddings=False, activation_function="relu", n_inner=40)),
+    "mixtral-sliding-top1": ("mixtral", dict(sliding_window=3, num_experts_per_tok=1)),
+}
 
 
-def _hf_model(family: str, folder):
+def _hf_model(family: str, folder, **overrides):
     config_cls, model_cls, kwargs = FAMILIES[family]
     torch.manual_seed(0)
-    model = model_cls(config_cls(**kwargs)).eval()
+    model = model_cls(config_cls(**{**kwargs, **overrides})).eval()
     model.save_pretrained(folder)
     return model
 
@@ -72,9 +81,10 @@ def _max_diff(a, b) -> float:
     return (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_logits_match_transformers_full_and_incremental(family, tmp_path):
-    hf = _hf_model(family, tmp_path)
+@pytest.mark.parametrize("case", sorted(FAMILIES) + sorted(VARIANTS))
+def test_logits_match_transformers_full_and_incremental(case, tmp_path):
+    family, overrides = VARIANTS.get(case, (case, {}))
+    hf = _hf_model(family, tmp_path, **overrides)
     ours = load_pretrained(tmp_path)
     assert ours.cfg.extra["hf_model_type"] == family
     ids = torch.randint(0, 128, (2, 10))
@@ -87,9 +97,10 @@ def test_logits_match_transformers_full_and_incremental(family, tmp_path):
     assert _max_diff(torch.cat(pieces, dim=1), want) <= TOLERANCE
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_export_loads_in_transformers_with_identical_logits(family, tmp_path):
-    _hf_model(family, tmp_path / "hf")
+@pytest.mark.parametrize("case", sorted(FAMILIES) + sorted(VARIANTS))
+def test_export_loads_in_transformers_with_identical_logits(case, tmp_path):
+    family, overrides = VARIANTS.get(case, (case, {}))
+    _hf_model(family, tmp_path / "hf", **overrides)
     ours = load_pretrained(tmp_path / "hf")
     assert save_pretrained(ours, tmp_path / "out") == family
     config = json.loads((tmp_path / "out" / "config.json").read_text())
