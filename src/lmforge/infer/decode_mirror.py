@@ -87,7 +87,7 @@ class MirrorBin:
         if start < computed:
             bs = self.cache.block_size
             pos = torch.arange(start, computed)
-            slots = torch.tensor(block_table)[pos // bs] * bs + pos % bs
+            slots = (torch.tensor(block_table)[pos // bs] * bs + pos % bs).to(self.k.device)
             self.k[:, row, :, start:computed] = self.cache.k[:, slots].transpose(1, 2)
             self.v[:, row, :, start:computed] = self.cache.v[:, slots].transpose(1, 2)
         self.row_len[row] = computed + 1  # the token decoded now is written by update()
@@ -97,7 +97,7 @@ class MirrorBin:
     ) -> KVView:
         assert self.k is not None and self.v is not None
         batch = keys.shape[0]
-        rows = torch.arange(batch)
+        rows = torch.arange(batch, device=keys.device)
         self.k[layer][rows, :, token_positions] = keys[:, :, 0].to(self.k.dtype)
         self.v[layer][rows, :, token_positions] = values[:, :, 0].to(self.v.dtype)
         width = view_positions.shape[1]

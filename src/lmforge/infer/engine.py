@@ -34,9 +34,8 @@ returns the final ``RequestOutput`` of each prompt in order.
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +84,6 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     requests_finished_total: int
-    finished_latencies_s: list[float] = field(default_factory=list)  # request latencies since the last call
 
 
 class LLMEngine:
@@ -138,7 +136,6 @@ class LLMEngine:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._requests_finished_total = 0
-        self._latencies: list[float] = []
 
     @classmethod
     def from_pretrained(
@@ -233,8 +230,7 @@ class LLMEngine:
         return self.scheduler.has_work() or bool(self._aborted)
 
     def stats(self) -> EngineStats:
-        bm, latencies = self.block_manager, self._latencies
-        self._latencies = []
+        bm = self.block_manager
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -247,7 +243,6 @@ class LLMEngine:
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
             requests_finished_total=self._requests_finished_total,
-            finished_latencies_s=latencies,
         )
 
     # -- one iteration -------------------------------------------------------------------------------------------
@@ -295,7 +290,7 @@ class LLMEngine:
         if not targets:
             return
         rows = torch.tensor([t - 1 - start for t in targets])
-        logprobs = torch.log_softmax(logits.all.index_select(0, rows).float(), dim=-1)
+        logprobs = torch.log_softmax(logits.all.float().cpu().index_select(0, rows), dim=-1)
         chosen = torch.tensor([seq.token_ids[t] for t in targets])
         group.prompt_logprobs.extend(
             top_logprobs(logprobs, chosen, [group.params.prompt_logprobs or 0] * len(rows))
@@ -326,10 +321,7 @@ class LLMEngine:
         if not seqs:
             return
         tokens, logprobs = self.sampler(torch.stack(rows), seqs)
-        now = time.monotonic()
         for seq, group, token, logprob in zip(seqs, owners, tokens, logprobs):
-            if group.first_token_time is None:
-                group.first_token_time = now
             self._append(group, seq, token, logprob)
 
     def _append(self, group: SequenceGroup, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
@@ -354,13 +346,12 @@ class LLMEngine:
     def _finish_group(self, group: SequenceGroup) -> None:
         self.scheduler.finish(group)
         self._requests_finished_total += 1
-        self._latencies.append(time.monotonic() - group.arrival_time)
 
     def _beam_step(self, group: SequenceGroup, entries: list[tuple[Sequence, torch.Tensor]]) -> None:
         beam = group.beam
         assert beam is not None
         live = [seq for seq, _ in entries]
-        logprobs = torch.log_softmax(torch.stack([lg for _, lg in entries]).float(), dim=-1)
+        logprobs = torch.log_softmax(torch.stack([lg for _, lg in entries]).float().cpu(), dim=-1)
         logprobs = process_logits(logprobs, live)
         next_beams = beam.step(logprobs)
         self._generation_tokens_total += len(next_beams)

@@ -113,7 +113,8 @@ class PagedKVCache:
         if not copies:
             return
         bs = self.block_size
-        src = torch.cat([torch.arange(s * bs, (s + 1) * bs) for s, _ in copies])
-        dst = torch.cat([torch.arange(d * bs, (d + 1) * bs) for _, d in copies])
+        dev = self.k.device
+        src = torch.cat([torch.arange(s * bs, (s + 1) * bs) for s, _ in copies]).to(dev)
+        dst = torch.cat([torch.arange(d * bs, (d + 1) * bs) for _, d in copies]).to(dev)
         self.k[:, dst] = self.k[:, src]
         self.v[:, dst] = self.v[:, src]

@@ -33,6 +33,7 @@ class ModelRunner:
         self, model: nn.Module, cache: PagedKVCache, block_size: int, decode_mirror: bool = True
     ) -> None:
         self.model = model
+        self.device = next(model.parameters()).device  # index tensors are built on the CPU, then moved here
         self.mirror = DecodeMirror(cache) if decode_mirror else None
         self.cache = cache
         self.block_size = block_size
@@ -87,8 +88,12 @@ class ModelRunner:
             slots = torch.tensor([s.block_table[p // bs] * bs + p % bs for s, p in zip(rows, pos_list)])
             key_positions = torch.arange(max(pos_list) + 1).expand(len(rows), -1)
             key_positions = torch.where(key_positions <= positions[:, None], key_positions, -1)
-            self.cache.bind_mirrored(mirror_bin, slots, positions, key_positions)
-            logits = self.model(input_ids[:, None], position_ids=positions[:, None], cache=self.cache).logits
+            dev = self.device
+            positions, key_positions = positions.to(dev), key_positions.to(dev)
+            self.cache.bind_mirrored(mirror_bin, slots.to(dev), positions, key_positions)
+            logits = self.model(
+                input_ids[:, None].to(dev), position_ids=positions[:, None], cache=self.cache
+            ).logits
             for row, i in enumerate(order):
                 results[indices[i]].last = logits[row, -1]
 
@@ -126,13 +131,17 @@ class ModelRunner:
         key_positions = torch.arange(span * bs).expand(batch, -1)
         key_positions = torch.where(key_positions < torch.tensor(contexts)[:, None], key_positions, -1)
         padded = any(it.num_tokens != width for it in items)
+        dev = self.device
         self.cache.bind(
-            torch.cat(slot_parts), torch.cat(row_parts) if padded else None, view_slots, key_positions
+            torch.cat(slot_parts).to(dev),
+            torch.cat(row_parts).to(dev) if padded else None,
+            view_slots.to(dev),
+            key_positions.to(dev),
         )
         rows = torch.cat(logit_rows) if logit_rows else torch.zeros(0, dtype=torch.long)
-        self._logit_rows = rows
+        self._logit_rows = rows.to(dev)
         try:
-            logits = self.model(input_ids, position_ids=positions, cache=self.cache).logits
+            logits = self.model(input_ids.to(dev), position_ids=positions.to(dev), cache=self.cache).logits
         finally:
             self._logit_rows = None
         offset = 0

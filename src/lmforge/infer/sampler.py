@@ -78,7 +78,7 @@ class Sampler:
 
     def __call__(self, logits: Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """Choose one token per row of ``logits`` (rows, vocab); returns token ids and, where asked, logprobs."""
-        logits = logits.float()
+        logits = logits.float().cpu()  # the generators (shared and per-request) live on the CPU
         wants_logprobs = [s.params.logprobs is not None for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(wants_logprobs) else None
         if any(s.params.needs_token_history or s.params.logit_bias for s in seqs):

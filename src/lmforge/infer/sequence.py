@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 from enum import Enum
 
 import torch
@@ -155,14 +154,11 @@ class SequenceGroup:
         prompt_token_ids: list[int],
         params: SamplingParams,
         tokenizer: Decoder | None = None,
-        arrival_time: float | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.tokenizer = tokenizer
-        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
-        self.first_token_time: float | None = None
         self.seqs: list[Sequence] = [Sequence(prompt_token_ids, params, 0, tokenizer)]
         self.finished_seqs: list[Sequence] = []
         self.prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -38,7 +38,7 @@ class SpeculativeResult:
 
 def _distributions(logits: Tensor, params: SamplingParams) -> Tensor:
     """Rows of next-token probabilities under the request's warping (one-hot argmax when greedy)."""
-    logits = logits.float()
+    logits = logits.float().cpu()  # sampled with a CPU generator
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     return warp_logits(logits, [params] * logits.shape[0]).softmax(dim=-1)
