@@ -299,3 +299,9 @@ def test_embedding_norm_normalises_what_the_first_block_sees():
     raw = model.embed_tokens(ids) + model.pos_embed(torch.arange(6))[None]
     want = (raw - raw.mean(-1, keepdim=True)) / torch.sqrt(raw.var(-1, unbiased=False, keepdim=True) + 1e-5)
     torch.testing.assert_close(seen["x"], want)
+
+
+def test_learned_positions_refuse_positions_past_the_table():
+    model = build(position="learned", max_seq_len=8)
+    with pytest.raises(ValueError, match="beyond the learned positions"):
+        model(torch.zeros(1, 9, dtype=torch.long))

@@ -186,6 +186,11 @@ class Transformer(nn.Module):
         if self.embed_tokens is not None:
             x = self.embed_tokens(input_ids)
             if self.pos_embed is not None:
+                if cfg.position == "learned" and int(position_ids.max()) >= cfg.max_seq_len:
+                    raise ValueError(
+                        f"position {int(position_ids.max())} is beyond the learned positions (max_seq_len="
+                        f"{cfg.max_seq_len})"
+                    )
                 x = x + self.pos_embed(position_ids.clamp(min=0)).to(x.dtype)
             if self.embed_norm is not None:
                 x = self.embed_norm(x)
