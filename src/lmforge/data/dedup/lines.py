@@ -111,9 +111,13 @@ def repeated_span_mask(words: list[str], ngram: int) -> list[bool]:
 
 @register_step("repeated_spans")
 class RepeatedSpanRemover(Step):
-    """Cuts spans of ``ngram`` or more words that repeat an earlier part of the same document."""
+    """Cuts spans of ``ngram`` or more words that repeat an earlier part of the same document.
 
-    def __init__(self, ngram: int = 10) -> None:
+    The default of 20 words targets repeated paragraphs and doubled page furniture; shorter repeats are
+    often real text (refrains, formulae of legal or religious texts).
+    """
+
+    def __init__(self, ngram: int = 20) -> None:
         super().__init__()
         if ngram < 1:
             raise ValueError("ngram must be positive")
