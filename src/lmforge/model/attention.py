@@ -30,7 +30,7 @@ def attention_mask(
     """Which keys each query may see, (batch, 1, n_q, n_k) bool, from absolute positions.
 
     Causal (key position <= query position) or, for a prefix decoder, also every key inside the sequence's
-    prefix; restricted by the sliding window or the fixed sparse pattern; keys at position -1 are empty slots.
+    prefix; restricted by the sliding window or the strided sparse pattern; keys at position -1 are empty slots.
     A query that sees nothing (padding) is allowed everything, so its (discarded) output stays finite.
     """
     q, k = q_pos[:, :, None], k_pos[:, None, :]
