@@ -89,6 +89,11 @@ _PIECE_BYTES = 1 << 20  # longer documents are cut (at whitespace when possible)
 _POWERS: list[np.ndarray] = []  # [B^i, B^-i] modulo 2^64 for i <= _PIECE_BYTES
 
 
+def fold_case_and_punctuation(text: str) -> str:
+    """Lowercase, with punctuation and Unicode spaces turned into ASCII spaces (the word view of hashing)."""
+    return text.lower().translate(_SEPARATORS)
+
+
 def _byte_powers() -> tuple[np.ndarray, np.ndarray]:
     if not _POWERS:
         one = np.ones(1, dtype=np.uint64)
@@ -139,7 +144,7 @@ def word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     pieces: list[bytes] = []
     piece_doc: list[int] = []
     for doc, text in enumerate(texts):
-        for piece in _pieces(text.lower().translate(_SEPARATORS).encode("utf-8")):
+        for piece in _pieces(fold_case_and_punctuation(text).encode("utf-8")):
             pieces.append(piece)
             piece_doc.append(doc)
     hashes: list[np.ndarray] = [np.empty(0, dtype=np.uint64)]

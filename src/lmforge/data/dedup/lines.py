@@ -17,7 +17,7 @@ import numpy as np
 
 from lmforge.data.document import Document
 from lmforge.data.step import GlobalStep, Step, register_step
-from lmforge.data.text import normalize_for_hash
+from lmforge.data.text import fold_case_and_punctuation, normalize_for_hash
 
 
 def line_hash(line: str) -> int:
@@ -97,7 +97,7 @@ def repeated_span_mask(words: list[str], ngram: int) -> list[bool]:
     Windows are compared case- and punctuation-insensitively; a repeat extends as long as the following
     windows are repeats too, so a repeated paragraph is removed whole, not only its first n words.
     """
-    keys = [normalize_for_hash(w) for w in words]
+    keys = [fold_case_and_punctuation(w) for w in words]
     first_seen: dict[tuple[str, ...], int] = {}
     removed = [False] * len(words)
     for i in range(len(words) - ngram + 1):
@@ -142,9 +142,5 @@ class RepeatedSpanRemover(Step):
             previous_end = match.end()
         self.stats.counters["repeated_spans_removed"] += spans
         self.stats.counters["repeated_span_words_removed"] += sum(removed)
-        text = "".join(pieces).strip()
-        if not text:
-            self.remove(doc, "only_repeated_spans")
-            return None
-        doc.text = text
+        doc.text = "".join(pieces)  # never empty: the first occurrence of every span is kept
         return doc
