@@ -253,3 +253,34 @@ def test_loaded_parameters_are_contiguous(tmp_path):
     _hf_model("gpt2", tmp_path)
     model = load_pretrained(tmp_path, dtype=torch.bfloat16)
     assert all(p.is_contiguous() and p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_original_gpt2_layout_without_prefix_and_with_mask_buffers(tmp_path):
+    hf = _hf_model("gpt2", tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(path).items()}
+    tensors["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))  # as in the original OpenAI upload
+    save_file(tensors, path)
+    ours = load_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        assert _max_diff(ours(ids).logits, hf(ids).logits) <= TOLERANCE
+
+
+def test_tensors_the_config_has_no_place_for_are_refused(llama_folder):
+    config = json.loads((llama_folder / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (llama_folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"'model\.layers\.1\..*do not fit .*config\.json"):
+        load_pretrained(llama_folder)
+
+
+def test_sharded_checkpoint_written_by_transformers(tmp_path):
+    config_cls, model_cls, kwargs = FAMILIES["mistral"]
+    hf = model_cls(config_cls(**kwargs)).eval()
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    ours = load_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        assert _max_diff(ours(ids).logits, hf(ids).logits) <= TOLERANCE

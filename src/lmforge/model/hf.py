@@ -435,16 +435,25 @@ def load_pretrained(
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = model.state_dict()
-    state = {}
+    state, used = {}, set()
     for name, (tensor, key) in _read_state(ckpt, model, family).items():
         if tensor.shape != expected[name].shape:
             raise ModelLoadError(
                 f"{ckpt.location[key]}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                 f"the config needs {tuple(expected[name].shape)}"
             )
-        state[name] = tensor.to(
-            device=device, dtype=dtype
-        ).contiguous()  # GPT-2's Conv1D weights come transposed
+        # contiguous: GPT-2's Conv1D weights arrive transposed
+        state[name] = tensor.to(device=device, dtype=dtype).contiguous()
+        used.add(key)
+    # a tensor the config has no place for (say, a layer more than n_layers) means config and weights disagree
+    unused = sorted(k for k in ckpt.location if k not in used and not _IGNORED_KEYS.search(k))
+    if unused:
+        shown = ", ".join(repr(k) for k in unused[:3]) + (
+            f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+        )
+        raise ModelLoadError(
+            f"{ckpt.location[unused[0]]}: tensor(s) {shown} do not fit {folder / CONFIG_FILE}"
+        )
     model.load_state_dict(state, assign=True)
     model.tie_weights()
     return model.eval()
