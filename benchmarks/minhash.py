@@ -4,11 +4,12 @@ Both sides do the same work in one process (one core): split each document into 
 num_perm-value signatures, bucket them with LSH at the same threshold and join the candidate pairs
 into clusters. Times are CPU seconds of this process (``time.process_time``), best of ``--repeats``,
 so docs/s is per core and less disturbed by other load on a shared machine. datasketch runs its
-fastest documented path: ``MinHash.bulk`` (permutations drawn once)
-and ``MinHashLSH`` with an insertion session, then one query per document.
+fastest documented path: ``MinHash.bulk`` (permutations drawn once) and ``MinHashLSH`` with an
+insertion session, then one query per document; each of our schemes is compared with the datasketch
+scheme that computes the same hash family.
 
-    .venv/bin/python benchmarks/minhash.py --docs 2000
-    .venv/bin/python benchmarks/minhash.py --corpus /tmp/lmforge-corpora --docs 2000
+    .venv/bin/python benchmarks/minhash.py --docs 3000
+    .venv/bin/python benchmarks/minhash.py --docs 3000 --corpus /tmp/lmforge-corpora
 """
 
 from __future__ import annotations
