@@ -20,6 +20,7 @@ def redact(text: str, **kwargs) -> str:
         ("휴대폰 010-1234-5678 로 연락", "휴대폰 <PHONE> 로 연락"),
         ("Office (415) 555-0132 or 415.555.0132", "Office <PHONE> or <PHONE>"),
         ("UK office 020 7946 0958", "UK office <PHONE>"),
+        ("Toll-free 1-800-555-0199 or 1 (800) 555-0199.", "Toll-free <PHONE> or <PHONE>."),
         ("Server at 8.8.8.8 responded", "Server at <IP> responded"),
         ("IPv6 2001:4860:4860::8888 is public", "IPv6 <IP> is public"),
         ("Card 4111 1111 1111 1111 expires", "Card <CREDIT_CARD> expires"),

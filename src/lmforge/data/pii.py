@@ -53,9 +53,11 @@ def find_emails(text: str) -> Iterator[Span]:
 
 # International: +CC then groups (an optional parenthesised area code), separated by space, dot or dash.
 _INTL_PHONE_RE = re.compile(r"\+(?<![\w+]\+)\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{1,5}){2,5}(?![\w-])")
-# National: (415) 555-0132 / 415-555-0132 / 415.555.0132, and trunk-prefixed 010-1234-5678, 020 7946 0958.
+# National: (415) 555-0132 / 415-555-0132 / 415.555.0132 (optionally after the "1" trunk code), and
+# trunk-prefixed 010-1234-5678, 020 7946 0958.
 _NATIONAL_PHONE_RE = re.compile(
-    r"(?<![\w.+-])(?:\(\d{3}\) ?\d{3}[ .-]\d{4}|\d{3}([.-])\d{3}\1\d{4}|0\d{1,2}([ -])\d{3,4}\2\d{4})(?![\w-]|\.\d)"
+    r"(?<![\w.+-])(?:(?:1[ .-]?)?\(\d{3}\) ?\d{3}[ .-]\d{4}|(?:1([.-]))?\d{3}([.-])\d{3}\2\d{4}"
+    r"|0\d{1,2}([ -])\d{3,4}\3\d{4})(?![\w-]|\.\d)"
 )
 
 
@@ -78,7 +80,7 @@ _IPV6_RE = re.compile(
 
 def find_ips(text: str, public_only: bool = True) -> Iterator[Span]:
     patterns = [_IPV4_RE] if _HAS_DIGIT_RE.search(text) else []
-    if text.count(":") >= 2:
+    if "::" in text or text.count(":") >= 7:  # an IPv6 address is compressed or has 8 groups
         patterns.append(_IPV6_RE)
     for pattern in patterns:
         for m in pattern.finditer(text):
