@@ -71,10 +71,10 @@ def run_engine(folder: Path, requests: list[tuple[list[int], int]], args: argpar
 
     engine = LLMEngine.from_pretrained(folder, EngineConfig(max_num_seqs=args.max_num_seqs))
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in requests]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     outputs = engine.generate([p for p, _ in requests], params)
-    elapsed = time.perf_counter() - start
-    return elapsed, [o.outputs[0].token_ids for o in outputs]
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return elapsed, cpu, [o.outputs[0].token_ids for o in outputs]
 
 
 async def one_stream(
@@ -113,6 +113,12 @@ async def run_clients(base_url: str, requests: list[tuple[list[int], int]]):
         return time.perf_counter() - start, results
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of another process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -121,7 +127,8 @@ def free_port() -> int:
 
 def serve(folder: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
     command = [sys.executable, "-m", "lmforge.cli", "serve", str(folder), "--port", str(port),
-               "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"]  # fmt: skip
+               "--max-num-seqs", str(args.max_num_seqs), "--threads", str(args.threads),
+               "--log-level", "warning"]  # fmt: skip
     process = subprocess.Popen(command)
     deadline = time.monotonic() + 120
     while True:
@@ -150,7 +157,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    # One thread by default: on a small shared box, torch's thread pool oversubscribes the cores and makes
+    # both sides an order of magnitude slower and noisier.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the engine and the server")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "bench-model"
@@ -159,12 +170,15 @@ def main() -> None:
 
         requests = workload(args, load_tokenizer(folder).vocab_size)
         total = sum(n for _, n in requests)
-        engine_s, engine_tokens = run_engine(folder, requests, args)
+        engine_s, engine_cpu, engine_tokens = run_engine(folder, requests, args)
 
         port = free_port()
         process = serve(folder, port, args)
         try:
+            server_cpu_start, client_cpu_start = process_cpu_seconds(process.pid), time.process_time()
             server_s, results = asyncio.run(run_clients(f"http://127.0.0.1:{port}", requests))
+            server_cpu = process_cpu_seconds(process.pid) - server_cpu_start
+            client_cpu = time.process_time() - client_cpu_start
         finally:
             process.send_signal(signal.SIGINT)
             process.wait(timeout=30)
@@ -173,10 +187,13 @@ def main() -> None:
     same = sum(tokens == expected for (_, tokens), expected in zip(results, engine_tokens))
     print(f"{args.requests} requests, {total} output tokens, model d={args.d_model} L={args.layers}, "
           f"torch threads {torch.get_num_threads()}, cpu count {os.cpu_count()}")  # fmt: skip
-    print(f"{'path':<34}{'wall s':>9}{'tokens/s':>11}")
-    print(f"{'LLMEngine.generate (in-process)':<34}{engine_s:>9.2f}{total / engine_s:>11.1f}")
-    print(f"{'lmforge serve, SSE clients':<34}{server_s:>9.2f}{total / server_s:>11.1f}")
-    print(f"server / engine throughput: {engine_s / server_s:.2f}x")
+    print(f"{'path':<34}{'wall s':>9}{'tokens/s':>11}{'CPU s':>9}")
+    print(
+        f"{'LLMEngine.generate (in-process)':<34}{engine_s:>9.2f}{total / engine_s:>11.1f}{engine_cpu:>9.2f}"
+    )
+    print(f"{'lmforge serve, SSE clients':<34}{server_s:>9.2f}{total / server_s:>11.1f}{server_cpu:>9.2f}")
+    print(f"server / engine throughput: {engine_s / server_s:.2f}x; server CPU / engine CPU: "
+          f"{server_cpu / engine_cpu:.2f}x; the clients used {client_cpu:.2f} CPU s of the same cores")  # fmt: skip
     print(
         f"client TTFT p50 {statistics.median(ttfts) * 1000:.0f} ms, p90 {ttfts[int(0.9 * (len(ttfts) - 1))] * 1000:.0f} ms"
     )

@@ -43,6 +43,7 @@ def register(subparsers: Any) -> None:
         "--device", default="cpu", help="torch device of the model and KV cache (default: cpu)"
     )
     engine.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and KV-cache dtype")
+    engine.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     engine.add_argument("--max-model-len", type=int, help="context length (default: the model's max_seq_len)")
     engine.add_argument(
         "--kv-cache-mb", type=int, default=256, help="memory of the paged KV pool (default: 256)"
@@ -74,6 +75,8 @@ def run_serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
     )
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     app = create_app(
         lambda: LLMEngine.from_pretrained(model_dir, config, dtype=dtype, device=args.device),
