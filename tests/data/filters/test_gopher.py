@@ -139,6 +139,8 @@ class TestGopherRepetition:
         u = unique_lines(9)
         assert decide(step, "\n".join(u[:7] + u[:3])) is None  # 3 / 10
         assert decide(step, "\n".join(u[:9] + u[:4])) == "gopher_dup_line_frac"  # 4 / 13
+        # Blank lines between paragraphs are not repeated lines.
+        assert decide(step, "\n\n".join(u[:7])) is None
 
     def test_duplicate_paragraph_fraction(self):
         step = isolated(dup_para_frac=0.3)

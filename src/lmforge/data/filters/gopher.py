@@ -1,8 +1,14 @@
 """Gopher quality and repetition filters (Rae et al. 2021, "Scaling Language Models", appendix A, table A1).
 
-Counting follows the published rules as datatrove implements them: words are NLTK-style tokens
-(punctuation separate), symbol tokens do not count as words for the length rules, and every character
-fraction is taken over the length of the whole text.
+Repetition counting follows the published rules as datatrove implements them: lines are runs of text
+between newlines (blank lines are not lines), paragraphs are separated by blank lines, n-grams are over
+NLTK-style tokens (punctuation separate), every character fraction is taken over the whole text, and
+duplicated n-grams count their characters without separators, skipping past each repeat.
+
+Quality rules count *words*, i.e. tokens with a letter or digit, for every rule (length bounds, mean
+length, the ``#``/ellipsis ratio, the alphabetic share and the stop words, matched case-insensitively);
+datatrove divides some ratios by all tokens, punctuation included, and matches stop words in lowercase
+only, which makes ordinary punctuated prose fail more often than the paper's rules intend.
 """
 
 from __future__ import annotations
@@ -168,6 +174,7 @@ class WordNgrams:
 
 
 _PARAGRAPH_RE = re.compile(r"\n{2,}")
+_LINES_RE = re.compile(r"\n+")
 
 DEFAULT_TOP_NGRAMS: dict[int, float] = {2: 0.20, 3: 0.18, 4: 0.16}
 DEFAULT_DUP_NGRAMS: dict[int, float] = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
@@ -210,7 +217,7 @@ class GopherRepetitionFilter(Filter):
         if self.dup_para_char_frac is not None and repeated_chars / len(text) > self.dup_para_char_frac:
             return "gopher_dup_para_char_frac"
 
-        lines = text.splitlines() or [text]
+        lines = _LINES_RE.split(text)  # runs of newlines: blank lines are not repeated "lines"
         repeated, repeated_chars = duplicate_stats(lines)
         if self.dup_line_frac is not None and repeated / len(lines) > self.dup_line_frac:
             return "gopher_dup_line_frac"
