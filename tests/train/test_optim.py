@@ -46,7 +46,7 @@ def test_adamw_defaults_and_decoupled_decay() -> None:
     assert isinstance(optimizer, torch.optim.AdamW)
     group = optimizer.param_groups[0]
     assert group["betas"] == (0.9, 0.95) and group["eps"] == 1e-8 and group["weight_decay"] == 0.1
-    assert optimizer.param_groups[1]["weight_decay"] == 0.0 and group["foreach"]
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0 and group["fused"]  # plain tensors on CPU
     # zero gradients: AdamW moves a decayed matrix only by lr * wd * w, and leaves a norm untouched
     w = model.blocks["0"].attn.q_proj.weight
     norm = model.blocks["0"].attn_norm.weight

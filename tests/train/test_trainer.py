@@ -188,6 +188,17 @@ def test_non_finite_loss_is_never_applied(tmp_path: Path, shards: Path, action: 
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+def test_fp16_overflow_skips_the_update_and_lowers_the_loss_scale(tmp_path: Path, shards: Path) -> None:
+    cfg = tiny_config(tmp_path / "run", shards, max_steps=6, **{"precision.dtype": "fp16"})
+    trainer = Trainer(cfg, objective=NaNOnce(3))
+    start_scale = trainer.scaler.get_scale()
+    result = trainer.fit()
+    [event] = events(tmp_path / "run")
+    assert event["event"] == "overflow_skip" and event["step"] == 2 and event["scale"] == start_scale / 2
+    assert result.step == 6 and all(math.isfinite(x) for x in losses(tmp_path / "run"))
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
 def test_a_nan_model_is_not_checkpointed(tmp_path: Path, shards: Path) -> None:
     trainer = Trainer(tiny_config(tmp_path / "run", shards))
     with torch.no_grad():

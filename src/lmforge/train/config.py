@@ -25,7 +25,7 @@ class OptimConfig:
     weight_decay: float = 0.1  # on weight matrices only
     decay_embeddings: bool = False  # also decay token/position embeddings (and a tied head)
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
-    fused: bool | None = None  # None: fused kernels on CUDA, foreach elsewhere
+    fused: bool | None = None  # None: fused AdamW kernels where supported (CPU/CUDA, unsharded), else foreach
 
     def __post_init__(self) -> None:
         check_choice("optim.name", self.name, OPTIMIZERS)

@@ -199,34 +199,31 @@ def grad_norm(parameters: list[nn.Parameter], pp_group: dist.ProcessGroup | None
     Plain tensors are replicated (DDP, or TP-replicated layers) and count as they are; DTensor gradients
     are summed over the mesh dimensions where they are sharded; pipeline stages add up their squares.
     """
-    plain = torch.zeros((), dtype=torch.float32)
-    sharded: dict[tuple, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float32))
+    plain = [p.grad.detach() for p in parameters if p.grad is not None and not isinstance(p.grad, DTensor)]
+    sharded: dict[tuple, list[Tensor]] = defaultdict(list)
     meshes: dict[tuple, tuple[DeviceMesh, list[int]]] = {}
     for p in parameters:
-        g = p.grad
-        if g is None:
-            continue
-        if isinstance(g, DTensor):
-            shard_dims = [i for i, placement in enumerate(g.placements) if placement.is_shard()]
-            key = (id(g.device_mesh), tuple(shard_dims))
-            meshes[key] = (g.device_mesh, shard_dims)
-            local = g.to_local().detach().float().pow(2).sum()
-            sharded[key] = sharded[key].to(local.device) + local
-        else:
-            local = g.detach().float().pow(2).sum()
-            plain = plain.to(local.device) + local
-    total = plain
-    for key, value in sharded.items():
+        if isinstance(p.grad, DTensor):
+            shard_dims = [i for i, placement in enumerate(p.grad.placements) if placement.is_shard()]
+            key = (id(p.grad.device_mesh), tuple(shard_dims))
+            meshes[key] = (p.grad.device_mesh, shard_dims)
+            sharded[key].append(p.grad.to_local().detach())
+    total = torch.nn.utils.get_total_norm(plain, foreach=True).float().pow(2) if plain else torch.zeros(())
+    for key, locals_ in sharded.items():
+        squares = torch.nn.utils.get_total_norm(locals_, foreach=True).float().pow(2)
         mesh, shard_dims = meshes[key]
         for dim in shard_dims:
-            dist.all_reduce(value, group=mesh.get_group(dim))
-        total = total.to(value.device) + value
+            dist.all_reduce(squares, group=mesh.get_group(dim))
+        total = total.to(squares.device) + squares
     if pp_group is not None:
         dist.all_reduce(total, group=pp_group)
     return total.sqrt()
 
 
 def scale_grads_(parameters: list[nn.Parameter], factor: float) -> None:
+    plain = [p.grad for p in parameters if p.grad is not None and not isinstance(p.grad, DTensor)]
+    if plain:
+        torch._foreach_mul_(plain, factor)
     for p in parameters:
-        if p.grad is not None:
+        if isinstance(p.grad, DTensor):
             p.grad.mul_(factor)

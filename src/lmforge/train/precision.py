@@ -19,8 +19,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def resolve_precision(name: str, device: torch.device) -> str:
     """``auto``: bf16 on a CUDA device that supports it, otherwise fp32 (the CPU default)."""
     if name != "auto":
-        if name in DTYPES and device.type == "cpu" and name == "fp16":
-            raise ValueError("precision.dtype: fp16 with loss scaling needs a GPU; use bf16 or fp32 on CPU")
         return name
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
