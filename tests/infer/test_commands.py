@@ -92,3 +92,11 @@ def test_generate_with_a_draft_model_matches_plain_greedy(model_dir, capsys):
     assert main([*args, "--draft", str(model_dir), "--num-draft-tokens", "3"]) == 0
     captured = capsys.readouterr()
     assert captured.out == plain and "draft acceptance" in captured.err
+
+
+def test_generate_reports_a_broken_model_folder(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(SystemExit, match="cannot load"):
+        main(["generate", str(tmp_path), "--prompt", "x"])
+    with pytest.raises(SystemExit, match="not a model folder"):
+        main(["chat", str(tmp_path / "missing")])

@@ -89,7 +89,10 @@ def _load_engine(model_dir: str):
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise SystemExit(f"lmforge: {folder} is not a model folder (no config.json)")
-    return LLMEngine.from_pretrained(folder)
+    try:
+        return LLMEngine.from_pretrained(folder)
+    except (ValueError, OSError) as err:  # a broken folder: say what is wrong, no traceback
+        raise SystemExit(f"lmforge: cannot load {folder}: {err}") from err
 
 
 def _stream(engine, prompt: str | list[int], params, out: TextIO, add_special_tokens: bool = True) -> str:
