@@ -42,6 +42,7 @@ def test_completion_prompt_forms_are_kept_as_given(prompt):
         ({"prompt": "x", "stop": ["s"] * 17}, "stop"),
         ({"prompt": "x", "max_tokens": 0}, None),  # only allowed with echo
         ({"prompt": "x", "best_of": 3}, None),  # only as a beam width
+        ({"prompt": "x", "use_beam_search": True, "logprobs": 1}, None),
         ({"prompt": "x", "best_of": 2, "n": 3, "use_beam_search": True}, None),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, None),  # needs stream
     ],
@@ -105,6 +106,7 @@ def test_chat_messages_and_max_tokens_aliases():
             "tools": [{"type": "function", "function": {"name": "f"}}],
         },
         {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+        {"messages": [{"role": "user", "content": "x"}], "use_beam_search": True, "logprobs": True},
     ],
 )
 def test_chat_rejects_invalid_requests(fields):

@@ -127,10 +127,12 @@ class CompletionRequest(SamplingFields):
         return value
 
     @model_validator(mode="after")
-    def _check_max_tokens(self) -> CompletionRequest:
+    def _check_options(self) -> CompletionRequest:
         # max_tokens=0 only makes sense when scoring the prompt (echo), as lm-evaluation-harness may ask.
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens must be at least 1 unless echo is true")
+        if self.use_beam_search and self.logprobs is not None:
+            raise ValueError("logprobs are not available with beam search")
         return self
 
 
@@ -170,6 +172,8 @@ class ChatCompletionRequest(SamplingFields):
     def _check_options(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        if self.use_beam_search and self.logprobs:
+            raise ValueError("logprobs are not available with beam search")
         if self.tools:
             raise ValueError("tools: tool calling is not supported by this server")
         if self.response_format is not None and self.response_format.get("type", "text") != "text":
