@@ -22,6 +22,8 @@ def test_duplicates_removed_across_tasks_keeping_smallest_id(two_passes):
     kept = two_passes(step, tasks)
     assert [[d.id for d in task] for task in kept] == [["a"], ["0", "d"]]  # "a" < "b" < "c", "d" < "x"
     assert step.stats.removed == {"exact_duplicate": 3}
+    sizes = {d.id: d.meta.get("exact_cluster_size") for task in kept for d in task}
+    assert sizes == {"a": 3, "0": None, "d": 2}
 
 
 def test_repeated_ids_fall_back_to_dataset_order(two_passes):

@@ -196,3 +196,5 @@ def test_minhash_dedup_step_across_tasks(two_passes, verify):
     kept = two_passes(step, tasks)
     assert [[d.id for d in task] for task in kept] == [["d1"], ["d0", "d2"], ["d5"]]
     assert step.stats.removed == {"minhash_near_duplicate": 2}
+    sizes = {d.id: d.meta.get("minhash_cluster_size") for task in kept for d in task}
+    assert sizes == {"d1": 2, "d0": 2, "d2": None, "d5": None}

@@ -1,7 +1,8 @@
-"""What the dataset-level dedup steps share: artifact ids, the keep order, and per-task drop decisions."""
+"""What the dataset-level dedup steps share: the keep order and the per-task cluster decisions."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +28,33 @@ def dataset_ranks(ids_per_task: list[np.ndarray]) -> tuple[np.ndarray, np.ndarra
     return rank, task.astype(np.int64), position.astype(np.int64)
 
 
-def write_drops(decision_dir: Path, n_tasks: int, task: np.ndarray, position: np.ndarray) -> None:
-    """One ``drop-<task>.npy`` per task holding the positions (within the task) to remove."""
+@dataclass(frozen=True)
+class ClusterDecision:
+    """What a dedup step decided for one task: positions to drop, and the cluster size of each kept
+    document that had duplicates (recorded in its meta, so a mixture can up-weight it again)."""
+
+    drops: frozenset[int]
+    sizes: dict[int, int]
+
+
+def write_cluster_decision(
+    decision_dir: Path, n_tasks: int, task: np.ndarray, position: np.ndarray, root: np.ndarray
+) -> None:
+    """``root[k]`` is the index of the document kept for ``k``'s cluster (``k`` itself when kept)."""
+    kept = root == np.arange(len(root))
+    sizes = np.bincount(root, minlength=len(root))
     for t in range(n_tasks):
-        np.save(Path(decision_dir) / f"drop-{t:05d}.npy", np.sort(position[task == t]))
+        mine = task == t
+        shared = mine & kept & (sizes > 1)
+        np.savez(
+            Path(decision_dir) / f"task-{t:05d}.npz",
+            drop=np.sort(position[mine & ~kept]),
+            kept=position[shared],
+            size=sizes[shared],
+        )
 
 
-def load_drops(decision_dir: Path, task: int) -> frozenset[int]:
-    return frozenset(np.load(Path(decision_dir) / f"drop-{task:05d}.npy").tolist())
+def load_cluster_decision(decision_dir: Path, task: int) -> ClusterDecision:
+    with np.load(Path(decision_dir) / f"task-{task:05d}.npz") as data:
+        sizes = dict(zip(data["kept"].tolist(), data["size"].tolist()))
+        return ClusterDecision(frozenset(data["drop"].tolist()), sizes)

@@ -2,7 +2,7 @@
 
 Two documents are duplicates when their normalized texts (NFKC, lowercase, punctuation stripped,
 whitespace collapsed) have the same 128-bit BLAKE2b digest. Of each group the document with the smallest
-id is kept (ties: the first in dataset order).
+id is kept (ties: the first in dataset order), with the group's size in ``meta.exact_cluster_size``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.dedup.common import dataset_ranks, load_drops, write_drops
+from lmforge.data.dedup.common import (
+    ClusterDecision,
+    dataset_ranks,
+    load_cluster_decision,
+    write_cluster_decision,
+)
 from lmforge.data.document import Document
 from lmforge.data.step import GlobalFilter, register_step
 from lmforge.data.text import normalize_for_hash
@@ -24,14 +29,15 @@ def document_digest(text: str, normalize: bool = True) -> bytes:
     return hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).digest()
 
 
-def duplicate_mask(digests: np.ndarray, rank: np.ndarray) -> np.ndarray:
-    """True for every document whose digest (an (N, 2) uint64 array) also belongs to one of smaller rank."""
+def digest_roots(digests: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """For every document, the index of the smallest-rank document with the same digest ((N, 2) uint64)."""
     order = np.lexsort((rank, digests[:, 1], digests[:, 0]))
     sorted_digests = digests[order]
-    repeat = np.concatenate(([False], (sorted_digests[1:] == sorted_digests[:-1]).all(axis=1)))
-    mask = np.zeros(len(digests), dtype=bool)
-    mask[order] = repeat
-    return mask
+    new_group = np.concatenate(([True], (sorted_digests[1:] != sorted_digests[:-1]).any(axis=1)))
+    leaders = order[new_group]
+    root = np.empty(len(digests), dtype=np.int64)
+    root[order] = leaders[np.cumsum(new_group) - 1]
+    return root
 
 
 @register_step("exact_dedup")
@@ -43,7 +49,7 @@ class ExactDedup(GlobalFilter):
         self.normalize = normalize
         self._ids: list[str] = []
         self._digests: list[bytes] = []
-        self._drops: frozenset[int] = frozenset()
+        self._decision = ClusterDecision(frozenset(), {})
 
     def start_collect(self, task: int) -> None:
         self._ids, self._digests = [], []
@@ -61,11 +67,14 @@ class ExactDedup(GlobalFilter):
         loaded = [np.load(p) for p in artifacts]
         rank, task, position = dataset_ranks([a["ids"] for a in loaded])
         digests = np.concatenate([a["digests"] for a in loaded] or [np.empty((0, 2), np.uint64)])
-        drop = duplicate_mask(digests, rank)
-        write_drops(decision_dir, len(artifacts), task[drop], position[drop])
+        write_cluster_decision(decision_dir, len(artifacts), task, position, digest_roots(digests, rank))
 
     def load_decision(self, decision_dir: Path, task: int) -> None:
-        self._drops = load_drops(decision_dir, task)
+        self._decision = load_cluster_decision(decision_dir, task)
 
     def decide(self, doc: Document) -> str | None:
-        return "exact_duplicate" if self.position in self._drops else None
+        if self.position in self._decision.drops:
+            return "exact_duplicate"
+        if self.position in self._decision.sizes:
+            doc.meta["exact_cluster_size"] = self._decision.sizes[self.position]
+        return None

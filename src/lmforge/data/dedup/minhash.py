@@ -23,7 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.dedup.common import dataset_ranks, load_drops, write_drops
+from lmforge.data.dedup.common import (
+    ClusterDecision,
+    dataset_ranks,
+    load_cluster_decision,
+    write_cluster_decision,
+)
 from lmforge.data.document import Document
 from lmforge.data.step import GlobalFilter, register_step
 from lmforge.data.text import fmix64, word_hashes
@@ -364,7 +369,8 @@ def cluster_near_duplicates(
 class MinHashDedup(GlobalFilter):
     """Near-duplicate removal: MinHash-LSH clusters over the whole dataset, one document kept per cluster.
 
-    The kept document is the one with the smallest id (ties: first in dataset order). ``verify`` checks
+    The kept document is the one with the smallest id (ties: first in dataset order); it records its
+    cluster's size in ``meta.minhash_cluster_size`` (as FineWeb-2 does, for re-weighting). ``verify`` checks
     every candidate pair with the exact Jaccard similarity of the shingle sets (they are then stored in
     the pass-1 artifacts). ``bands``/``rows`` override the values derived from ``threshold``.
     """
@@ -401,7 +407,7 @@ class MinHashDedup(GlobalFilter):
         self.batch_size = batch_size
         self._hasher: MinHasher | None = None
         self._reset_collection()
-        self._drops: frozenset[int] = frozenset()
+        self._decision = ClusterDecision(frozenset(), {})
 
     def _reset_collection(self) -> None:
         self._ids: list[str] = []
@@ -466,11 +472,16 @@ class MinHashDedup(GlobalFilter):
         roots = cluster_near_duplicates(
             signatures[order], self.threshold, self.bands, self.rows, shingle_sets=shingle_sets
         )
-        drop = order[roots != np.arange(len(order))]
-        write_drops(decision_dir, len(artifacts), task[drop], position[drop])
+        root = np.empty(len(order), dtype=np.int64)
+        root[order] = order[roots]  # back from rank order to artifact order
+        write_cluster_decision(decision_dir, len(artifacts), task, position, root)
 
     def load_decision(self, decision_dir: Path, task: int) -> None:
-        self._drops = load_drops(decision_dir, task)
+        self._decision = load_cluster_decision(decision_dir, task)
 
     def decide(self, doc: Document) -> str | None:
-        return "minhash_near_duplicate" if self.position in self._drops else None
+        if self.position in self._decision.drops:
+            return "minhash_near_duplicate"
+        if self.position in self._decision.sizes:
+            doc.meta["minhash_cluster_size"] = self._decision.sizes[self.position]
+        return None
