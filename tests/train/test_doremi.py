@@ -88,6 +88,7 @@ def test_objective_matches_a_manual_doremi_step() -> None:
     assert weights.steps == 1
 
 
+@pytest.mark.slow
 def test_lmforge_data_doremi_trains_reference_and_proxy_and_writes_weights(tmp_path: Path, capsys) -> None:
     shards = two_domain_shards(tmp_path / "shards")
     recipe = {
