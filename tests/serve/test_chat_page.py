@@ -131,3 +131,12 @@ def test_stop_button_and_new_chat(page, open_server: RunningServer):
     assert page.is_disabled("#stop") and page.is_enabled("#send")
     wait_until_idle(open_server)
     assert metric_values(open_server.base_url)["lmforge_requests_aborted_total"] == before + 1
+
+    # a refused turn shows the server's message and leaves the conversation as it was
+    page.fill("#max-tokens", "100000")
+    page.fill("#prompt", "This asks for too much.")
+    page.press("#prompt", "Enter")
+    page.locator(".message.error").wait_for()
+    assert "context" in page.locator(".message.error").inner_text()  # the server's 400 message
+    assert page.input_value("#prompt") == "This asks for too much."  # back in the box for another try
+    assert page.locator(".message.user").count() == 1 and page.locator(".message.assistant").count() == 1
