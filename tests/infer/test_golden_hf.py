@@ -120,3 +120,62 @@ def test_beam_search_matches_transformers(models, length_penalty, early_stopping
         finished_early += any(c.token_ids[-1] == EOS for c in out.outputs)
     assert finished_early  # some hypotheses ended with EOS, so the finishing rules were exercised
     assert engine.block_manager.num_used_blocks == 0
+
+
+FAMILY_CONFIGS = {
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=128, bos_token_id=1, eos_token_id=EOS
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        tie_word_embeddings=False,
+    ),
+    "mistral-sliding-window": lambda: transformers.MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        sliding_window=8,
+        bos_token_id=1,
+        eos_token_id=EOS,
+    ),
+    "mixtral": lambda: transformers.MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        bos_token_id=1,
+        eos_token_id=EOS,
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_batched_greedy_matches_transformers_across_families(family, tmp_path):
+    """Learned positions (GPT-2), QKV biases (Qwen2), a sliding window shorter than the sequences (Mistral)
+    and MoE layers (Mixtral), all through one mixed batch."""
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(FAMILY_CONFIGS[family]()).eval()
+    hf.save_pretrained(tmp_path)
+    engine = LLMEngine(load_pretrained(tmp_path), None, EngineConfig(num_blocks=256, block_size=4), [EOS])
+    prompts = random_prompts([5, 20, 13, 2], vocab=VOCAB, seed=7)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, detokenize=False))
+    for prompt, out in zip(prompts, outs):
+        row = _hf_generate(hf, prompt, do_sample=False, max_new_tokens=16)[0]
+        assert out.outputs[0].token_ids == _hf_new_tokens(row, len(prompt))
