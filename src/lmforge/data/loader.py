@@ -331,12 +331,14 @@ class PackedLoader:
         positions = np.empty((len(rows), length), dtype=np.int64)
         for r, (domain, pieces) in enumerate(rows):
             offset = 0
-            for segment, (doc, begin, end) in enumerate(pieces):
-                n = end - begin
-                tokens[r, offset : offset + n] = self.shards.read(domain, doc, begin, end)
-                segments[r, offset : offset + n] = segment
-                positions[r, offset : offset + n] = np.arange(n)
-                offset += n
+            for doc, begin, end in pieces:
+                tokens[r, offset : offset + end - begin] = self.shards.read(domain, doc, begin, end)
+                offset += end - begin
+            if self.document_masking:
+                # one segment per piece; positions count from each piece's first token
+                lengths = np.array([end - begin for _, begin, end in pieces])
+                segments[r] = np.repeat(np.arange(len(pieces)), lengths)
+                positions[r] = np.arange(length) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         batch = {
             "input_ids": torch.from_numpy(tokens[:, :-1].copy()),
             "labels": torch.from_numpy(tokens[:, 1:].copy()),
