@@ -16,7 +16,7 @@ from tests.train.conftest import tiny_config
 
 STEPS = 4
 # a constant LR after warm-up, so a run resumed with a larger max_steps continues the same schedule
-SHARED = {"schedule.name": "constant"}
+SHARED = {"schedule.name": "constant", "checkpoint.export": True}
 # mode -> overrides; every layout trains on the same global batch of 4 sequences per step
 MODES: dict[str, dict] = {
     "ddp": {"batch.micro_batch_size": 2},

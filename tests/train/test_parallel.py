@@ -41,8 +41,15 @@ def torchrun(nproc: int, shards: Path, out: Path, modes: list[str]) -> None:
 @pytest.fixture(scope="module")
 def reference(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("reference") / "run"
-    train(tiny_config(run, shards, max_steps=STEPS + 2, **SHARED, **{"checkpoint.export": True}))
+    train(tiny_config(run, shards, max_steps=STEPS + 2, **SHARED))
     return run
+
+
+@pytest.fixture(scope="module")
+def reference_at_steps(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Transformer:
+    """The single-process model after STEPS steps, as exported."""
+    run = tmp_path_factory.mktemp("reference-short") / "run"
+    return load_pretrained(train(tiny_config(run, shards, max_steps=STEPS, **SHARED)).model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +68,18 @@ def four_ranks(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("mode", TWO_RANK_MODES)
-def test_two_rank_layouts_match_single_process(mode: str, two_ranks: Path, reference: Path) -> None:
+def test_two_rank_layouts_match_single_process(
+    mode: str, two_ranks: Path, reference: Path, reference_at_steps: Transformer
+) -> None:
     expected = losses(reference)[:STEPS]
     got = losses(two_ranks / mode)
     assert len(got) == STEPS
     assert got == pytest.approx(expected, rel=2e-5)
     assert expected[-1] < expected[0]  # the steps did train
+    # the model exported at the end (gathered from shards / stages) is the single-process model
+    exported = load_pretrained(two_ranks / mode / "model")
+    for (name, a), b in zip(exported.state_dict().items(), reference_at_steps.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.multiprocess
@@ -82,7 +95,7 @@ def test_sharded_checkpoint_resumes_on_one_rank(
 ) -> None:
     """A checkpoint written by 2 ranks (sharded weights and optimizer state) continues in 1 process."""
     run = two_ranks / mode
-    result = train(tiny_config(run, shards, max_steps=STEPS + 2, **SHARED, **{"checkpoint.export": True}))
+    result = train(tiny_config(run, shards, max_steps=STEPS + 2, **SHARED))
     assert result.step == STEPS + 2
     assert losses(run) == pytest.approx(losses(reference), rel=5e-5)
     resumed, uninterrupted = load_pretrained(run / "model"), load_pretrained(reference / "model")
