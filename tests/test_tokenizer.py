@@ -68,9 +68,14 @@ def test_special_tokens_and_ids(byte_bpe: Tokenizer) -> None:
     assert byte_bpe.decode(byte_bpe.encode("<|im_end|>x"), skip_special_tokens=True) == "x"
 
 
-@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
-def test_saved_folder_loads_in_transformers_and_encodes_identically(kind: str, tmp_path) -> None:
-    tok = train_tokenizer(corpus(), TokenizerTrainConfig(kind=kind, vocab_size=400, min_frequency=1))
+@pytest.mark.parametrize(
+    ("kind", "add_bos"), [(kind, True) for kind in TOKENIZER_KINDS] + [("byte_bpe", False)]
+)
+def test_saved_folder_loads_in_transformers_and_encodes_identically(
+    kind: str, add_bos: bool, tmp_path
+) -> None:
+    cfg = TokenizerTrainConfig(kind=kind, vocab_size=400, min_frequency=1, add_bos_token=add_bos)
+    tok = train_tokenizer(corpus(), cfg)
     tok.save(tmp_path)
     hf = AutoTokenizer.from_pretrained(tmp_path)
     assert isinstance(hf, PreTrainedTokenizerFast)
@@ -79,6 +84,7 @@ def test_saved_folder_loads_in_transformers_and_encodes_identically(kind: str, t
     for text in VARIED_TEXTS:
         assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
         assert hf.encode(text) == tok.encode(text, add_special_tokens=True)
+        assert (tok.encode(text, add_special_tokens=True)[0] == tok.bos_id) == add_bos
         ids = tok.encode(text)
         assert hf.decode(ids) == tok.decode(ids)
     reloaded = load_tokenizer(tmp_path)
