@@ -1,6 +1,7 @@
 import gzip
 import io
 import json
+import tracemalloc
 
 import fsspec
 import pyarrow as pa
@@ -120,7 +121,11 @@ def test_a_50_mb_document_is_rejected_without_parsing_it(tmp_path):
         f.write(b'{"text": "small"}\n{"text": "')
         f.write(b"word " * 10_000_000)
         f.write(b'"}\n{"text": "after"}\n')
+    tracemalloc.start()
     items = read_all(JsonlReader(str(path)))  # default limit: 10 MB
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 25e6, "the 50 MB line should be skipped in pieces, not read whole"
     assert [i.text for i in items if isinstance(i, Document)] == ["small", "after"]
     assert reasons(items) == [("2", "too_large")]
     assert len(items[1].preview) == 200

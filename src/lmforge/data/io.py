@@ -162,15 +162,14 @@ class Reader:
         if self.validate:
             if not text.strip():
                 return Reject(where, "empty", "", doc_id)
-            if (
-                len(text) > self.max_doc_bytes
-                or len(text.encode("utf-8", "surrogatepass")) > self.max_doc_bytes
-            ):
+            if len(text) > self.max_doc_bytes:  # decided without encoding a giant string
                 return Reject(where, f"too_large: > {self.max_doc_bytes} bytes", preview(text), doc_id)
             try:
-                text.encode("utf-8")
+                size = len(text.encode("utf-8"))
             except UnicodeEncodeError:
                 return Reject(where, "invalid_unicode: lone surrogate", preview(repr(text)), doc_id)
+            if size > self.max_doc_bytes:
+                return Reject(where, f"too_large: > {self.max_doc_bytes} bytes", preview(text), doc_id)
             if looks_binary(text):
                 return Reject(where, "binary", preview(repr(text)), doc_id)
             if self.source is not None:
@@ -192,11 +191,16 @@ class JsonlReader(Reader):
         self.text_key, self.id_key = text_key, id_key
 
     def read_file(self, path: str) -> Iterator[Document | Reject]:
+        limit = self.max_doc_bytes + 1 if self.validate else -1
         with self.open_binary(path) as f:
-            for lineno, line in enumerate(f, 1):
+            lineno = 0
+            while line := f.readline(limit):  # a giant line is never held whole in memory
+                lineno += 1
                 where = f"{path}:{lineno}"
                 if self.validate and len(line) > self.max_doc_bytes:
                     yield Reject(where, f"too_large: > {self.max_doc_bytes} bytes", preview(line))
+                    while line and not line.endswith(b"\n"):  # skip the rest of it
+                        line = f.readline(1 << 20)
                     continue
                 if not line.strip():
                     continue
