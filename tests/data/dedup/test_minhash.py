@@ -198,3 +198,18 @@ def test_minhash_dedup_step_across_tasks(two_passes, verify):
     assert step.stats.removed == {"minhash_near_duplicate": 2}
     sizes = {d.id: d.meta.get("minhash_cluster_size") for task in kept for d in task}
     assert sizes == {"d1": 2, "d0": 2, "d2": None, "d5": None}
+
+
+def test_minhash_dedup_configuration_is_checked():
+    from lmforge.data.dedup.minhash import MinHashDedup
+
+    assert (MinHashDedup(threshold=0.8).bands, MinHashDedup(threshold=0.8).rows) == optimal_lsh_params(
+        0.8, 128
+    )
+    assert (MinHashDedup(bands=20, rows=5).bands, MinHashDedup(bands=20, rows=5).rows) == (20, 5)
+    with pytest.raises(ValueError, match="both bands and rows"):
+        MinHashDedup(bands=20)
+    with pytest.raises(ValueError, match="exceeds num_perm"):
+        MinHashDedup(num_perm=64, bands=20, rows=5)
+    with pytest.raises(ValueError, match="scheme"):
+        MinHashDedup(scheme="sha1")
