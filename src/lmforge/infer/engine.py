@@ -84,6 +84,7 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     requests_finished_total: int
+    decode_mirror_bytes: int  # memory of the contiguous decode copies (0 with decode_mirror off)
 
 
 class LLMEngine:
@@ -243,6 +244,7 @@ class LLMEngine:
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
             requests_finished_total=self._requests_finished_total,
+            decode_mirror_bytes=self.runner.mirror.nbytes if self.runner.mirror is not None else 0,
         )
 
     # -- one iteration -------------------------------------------------------------------------------------------
