@@ -427,21 +427,26 @@ class Trainer:
         last_record: dict[str, Any] = {}
         val_loss = None
         last_saved = self.step if folder is not None else None
-        window_start, window_tokens = time.perf_counter(), 0
+        window_start, window_tokens, window_losses = time.perf_counter(), 0, []
         while self.step < cfg.max_steps:
             result = self.train_step()
             if result.get("skipped"):  # no update: skipped, or rolled back to a checkpoint
+                if "rolled_back_to" in result:
+                    window_start, window_tokens, window_losses = time.perf_counter(), 0, []
                 if progress is not None:
                     progress.n = self.step
                     progress.refresh()
                 continue
             window_tokens += result["batch_tokens"]
+            window_losses.append(result["loss"])
             if progress is not None:
                 progress.update(1)
             if self.step % cfg.log.every_steps == 0 or self.step == cfg.max_steps:
                 elapsed = time.perf_counter() - window_start
+                # the loss is averaged over the steps since the last record: one step's loss is noisy
+                result = {**result, "loss": sum(window_losses) / len(window_losses)}
                 last_record = self._log_record(result, window_tokens / max(elapsed, 1e-9))
-                window_start, window_tokens = time.perf_counter(), 0
+                window_start, window_tokens, window_losses = time.perf_counter(), 0, []
                 if cfg.log.val_every_steps and self.step % cfg.log.val_every_steps == 0:
                     val_loss = self.validate()
                     if val_loss is not None:
