@@ -84,7 +84,7 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     requests_finished_total: int
-    decode_mirror_bytes: int  # memory of the contiguous decode copies (0 with decode_mirror off)
+    decode_mirror_bytes: int = 0  # memory of the contiguous decode copies (0 with decode_mirror off)
 
 
 class LLMEngine:
