@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import openai
 import pytest
 import torch
 
-from tests.serve.live_server import API_KEY, MAX_MODEL_LEN, MODEL_ID, SPLIT_CHARACTER, RunningServer
+from lmforge.infer import SamplingParams
+from lmforge.serve.async_engine import AsyncEngine
+from lmforge.serve.completions import OpenAIServing
+from lmforge.serve.errors import APIError
+from lmforge.serve.responses import Prompt
+from tests.serve.live_server import (
+    API_KEY,
+    MAX_MODEL_LEN,
+    MODEL_ID,
+    SPLIT_CHARACTER,
+    RunningServer,
+    build_engine,
+)
 
 
 @pytest.fixture
@@ -321,3 +335,30 @@ def test_raw_error_envelope_and_malformed_json(server):
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     response = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": 5}, headers=server.headers())
     assert response.status_code == 400 and response.json()["error"]["param"].startswith("prompt")
+
+
+def test_admission_counts_prompts_still_being_added(tokenizer):
+    """Two 2-prompt requests arrive together under a limit of 3: exactly one is admitted, although the
+    first is still handing its prompts to the engine when the second is checked."""
+    bridge = AsyncEngine(build_engine(tokenizer))
+    serving = OpenAIServing(bridge, MODEL_ID, max_active_requests=3)
+    params = SamplingParams(max_tokens=2)
+    prompts = [(Prompt([1, 2, 3], ""), params), (Prompt([4, 5], ""), params)]
+
+    async def main() -> list:
+        results = await asyncio.gather(
+            serving.start("first", prompts), serving.start("second", prompts), return_exceptions=True
+        )
+        for result in results:
+            for stream in result if isinstance(result, list) else []:
+                stream.abort()
+        return results
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        bridge.shutdown()
+    admitted = [r for r in results if isinstance(r, list)]
+    refused = [r for r in results if isinstance(r, APIError)]
+    assert len(admitted) == 1 and len(admitted[0]) == 2
+    assert len(refused) == 1 and refused[0].status == 429

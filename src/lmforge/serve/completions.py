@@ -34,6 +34,7 @@ class OpenAIServing:
         self.engine = engine
         self.model_id = model_id
         self.max_active_requests = max_active_requests
+        self._reserved = 0  # admitted prompts not yet registered with the engine bridge
         self.tokenizer = engine.tokenizer
         self.texts = TokenTexts(self.tokenizer)
         self.end_of_turn_ids = [
@@ -54,7 +55,7 @@ class OpenAIServing:
             )
 
     def check_capacity(self, n_requests: int) -> None:
-        active = self.engine.num_active
+        active = self.engine.num_active + self._reserved
         if active + n_requests > self.max_active_requests:
             metrics = self.engine.metrics
             if metrics is not None:
@@ -131,10 +132,17 @@ class OpenAIServing:
     ) -> list[RequestStream]:
         """Hand every prompt to the engine (all or none): refusals become 400 (bad parameters) or 429."""
         self.check_capacity(len(requests))
+        # Admitted prompts count against the limit until the engine bridge registers them, so concurrent
+        # handlers cannot all pass the check while a multi-prompt request is still being added.
+        self._reserved += len(requests)
+        unregistered = len(requests)
         streams: list[RequestStream] = []
         try:
             for index, (prompt, params) in enumerate(requests):
                 engine_id = request_id if len(requests) == 1 else f"{request_id}-{index}"
+                # add_request registers the request before its first await: no other handler runs between.
+                self._reserved -= 1
+                unregistered -= 1
                 streams.append(await self.engine.add_request(engine_id, prompt.token_ids, params))
         except BaseException as err:
             for stream in streams:
@@ -144,6 +152,8 @@ class OpenAIServing:
             if isinstance(err, ValueError):
                 raise bad_request(err) from err
             raise
+        finally:
+            self._reserved -= unregistered
         return streams
 
     async def outputs(self, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
