@@ -9,7 +9,7 @@ from lmforge.cli import main
 from lmforge.config import ConfigError
 from lmforge.data.document import Document
 from lmforge.data.io import HtmlReader, JsonlReader, TextReader, Writer, read_documents
-from lmforge.data.pipeline import Pipeline, PipelineError
+from lmforge.data.pipeline import Pipeline, PipelineError, step_config
 from lmforge.data.recipe import build_step, import_step_modules, run_recipe
 from tests.data import toy_steps  # registers the toy_* steps
 
@@ -238,6 +238,20 @@ def test_step_modules_are_found_by_their_registration(tmp_path, monkeypatch):
     assert "stepspkg.found" in sys.modules and "stepspkg.other" not in sys.modules
     assert failures == {"stepspkg.needs_extra": "No module named 'not_installed_lib'"}
     assert build_step({"step": "toy_discovered"}, 0).name == "toy_discovered"
+
+
+def test_step_config_is_the_same_in_every_process():
+    step = toy_steps.MinWords(min_words=4)
+    step.vocabulary = {"zeta", "alpha", "mid"}  # set order depends on the process's hash seed
+    step.table = {3: 0.5, 2: (1, 2)}
+    step.helper = object()  # its repr holds an address
+    step._cache = ["private: not configuration"]
+    assert step_config(step) == {
+        "helper": "<builtins.object>",
+        "min_words": 4,
+        "table": {"2": [1, 2], "3": 0.5},
+        "vocabulary": ["alpha", "mid", "zeta"],
+    }
 
 
 def test_document_records_round_trip():

@@ -3,13 +3,17 @@ with the real steps: every step gets something to do, locally and on Ray, with t
 
 import gzip
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from lmforge.config import load_config
 from lmforge.data.io import read_documents
-from lmforge.data.recipe import run_recipe
+from lmforge.data.recipe import PipelineConfig, build_pipeline, run_recipe
 from lmforge.data.report import RunReport
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "data" / "web_clean.yaml"
@@ -104,8 +108,8 @@ def make_corpus(root: Path) -> dict[str, str]:
     return {**good, "pii": pii, "pages/article.html": good["w04"], "books/chapter.txt": good["w05"]}
 
 
-def run(tmp_path: Path, name: str, *overrides: str) -> RunReport:
-    data = {
+def recipe_data(tmp_path: Path, name: str) -> dict:
+    return {
         "inputs": [
             {"paths": [str(tmp_path / "raw" / "web" / "*.jsonl.gz")], "source": "web"},
             {"paths": [str(tmp_path / "raw" / "pages")], "format": "html", "source": "pages"},
@@ -114,7 +118,10 @@ def run(tmp_path: Path, name: str, *overrides: str) -> RunReport:
         "output": {"path": str(tmp_path / name / "out")},
         "run_dir": str(tmp_path / name / "run"),
     }
-    return run_recipe(RECIPE, ["workers=2", *overrides], data=data, progress=False)
+
+
+def run(tmp_path: Path, name: str, *overrides: str) -> RunReport:
+    return run_recipe(RECIPE, ["workers=2", *overrides], data=recipe_data(tmp_path, name), progress=False)
 
 
 def removed_by_step(run_dir: Path) -> dict[str, list[str]]:
@@ -170,3 +177,20 @@ def test_web_clean_recipe_on_ray_gives_the_local_output(tmp_path):
         assert path.read_bytes() == (tmp_path / "ray" / "out" / path.name).read_bytes()
     assert on_ray.to_dict()["totals"] == local.to_dict()["totals"]
     assert removed_by_step(tmp_path / "ray" / "run") == removed_by_step(tmp_path / "local" / "run")
+
+
+def test_the_run_fingerprint_is_the_same_in_another_process(tmp_path):
+    """A relaunch is refused when pipeline.json differs, so it must not depend on the process."""
+    make_corpus(tmp_path / "raw")
+    script = (
+        "import json, sys; from lmforge.config import load_config; "
+        "from lmforge.data.recipe import PipelineConfig, build_pipeline; "
+        "cfg = load_config(PipelineConfig, sys.argv[1], data=json.loads(sys.argv[2])); "
+        "print(json.dumps(build_pipeline(cfg).fingerprint()))"
+    )
+    data = recipe_data(tmp_path, "fp")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", script, str(RECIPE), json.dumps(data)], env=env,
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    here = build_pipeline(load_config(PipelineConfig, RECIPE, data=data)).fingerprint()
+    assert json.loads(out) == json.loads(json.dumps(here))

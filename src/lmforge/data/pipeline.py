@@ -130,17 +130,28 @@ def claim_run_folder(pipeline: Pipeline, run_dir: str | os.PathLike[str]) -> Non
 
 
 def step_config(step: Step) -> dict[str, Any]:
-    """The step's public, JSON-representable attributes: its configuration, for the run fingerprint."""
-    config = {}
-    for key, value in sorted(vars(step).items()):
-        if key.startswith("_") or key in _CONFIG_ATTRS_SKIPPED:
-            continue
-        try:
-            json.dumps(value)
-        except TypeError:
-            value = repr(value)
-        config[key] = value
-    return config
+    """The step's public attributes (its configuration) in a form that is the same in every process:
+    the run fingerprint a relaunch must match."""
+    return {
+        key: _canonical(value)
+        for key, value in sorted(vars(step).items())
+        if not key.startswith("_") and key not in _CONFIG_ATTRS_SKIPPED
+    }
+
+
+def _canonical(value: Any) -> Any:
+    """JSON-ready, independent of set order and of object addresses (which differ between processes)."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda item: str(item[0]))}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted((_canonical(v) for v in value), key=repr)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
 class _TaskOutputs:
