@@ -138,6 +138,9 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     init_from: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
+    # Held-out shards folders for validation (one ordered pass); empty: the loader's val split when
+    # data.val_fraction > 0.
+    val_shards: list[str] = field(default_factory=list)
     # Tokenizer folder of the shards: checked against the shards' tokenizer hash and saved with the model.
     tokenizer: str | None = None
     max_steps: int = 1000

@@ -17,6 +17,7 @@ checkpoint, and the final model is exported in Hugging Face layout to ``RUN/mode
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -195,8 +196,23 @@ class Trainer:
                 cfg.data, cfg.batch.micro_batch_size, env.dp_rank, env.dp, split, tokenizer_sha
             )
 
-        if val_data is None and cfg.data.val_fraction > 0:
-            val_data = lambda: loader("val")  # noqa: E731
+        def held_out() -> PackedLoader:
+            return PackedLoader(
+                cfg.val_shards,
+                seq_len=cfg.data.seq_len,
+                batch_size=cfg.batch.micro_batch_size,
+                rank=env.dp_rank,
+                world_size=env.dp,
+                document_masking=cfg.data.document_masking,
+                shuffle=False,
+                num_epochs=1,
+                tokenizer_sha256=tokenizer_sha,
+            )
+
+        if val_data is None and cfg.val_shards:
+            val_data = held_out
+        elif val_data is None and cfg.data.val_fraction > 0:
+            val_data = functools.partial(loader, "val")
         return loader("train"), val_data
 
     # -- state -----------------------------------------------------------------------------------------------------
