@@ -245,6 +245,7 @@ class PackedLoader:
         tokens = self.domain_tokens
         self.mixture = mixture
         self.weights = mixture_weights(mixture, tokens)
+        self._active: list[str] | None = None
         for domain, weight in self.weights.items():
             if weight > 0 and tokens[domain] < self.seq_len + 1:
                 raise ShardsError(
@@ -278,13 +279,16 @@ class PackedLoader:
         return self
 
     def _draw_domain(self) -> str | None:
-        active = [d for d in self.domains if self.weights.get(d, 0.0) > 0 and not self._streams[d].exhausted]
-        if not active:
+        if self._active is None:  # recomputed only when the weights change or a domain runs out
+            self._active = [
+                d for d in self.domains if self.weights.get(d, 0.0) > 0 and not self._streams[d].exhausted
+            ]
+            probs = np.array([self.weights[d] for d in self._active])
+            self._cumulative = np.cumsum(probs / probs.sum()) if self._active else probs
+        if not self._active:
             return None
-        probs = np.array([self.weights[d] for d in active])
-        cumulative = np.cumsum(probs / probs.sum())
-        pick = int(np.searchsorted(cumulative, self._rng.random(), side="right"))
-        return active[min(pick, len(active) - 1)]
+        pick = int(np.searchsorted(self._cumulative, self._rng.random(), side="right"))
+        return self._active[min(pick, len(self._active) - 1)]
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self.curriculum is not None and self.auto_stage:
@@ -307,6 +311,7 @@ class PackedLoader:
                 start = self._streams[domain].claim(self.seq_len, self.num_epochs)
                 if start is not None:
                     break
+                self._active = None  # that domain is exhausted
             if domain is None:
                 break
             self.samples_drawn[domain] += 1
@@ -379,6 +384,7 @@ class PackedLoader:
         for domain, stream_state in state["streams"].items():
             self._streams[domain].load(stream_state)
         self.samples_drawn = {d: int(n) for d, n in state["samples_drawn"].items()}
+        self._active = None
         self._rng.bit_generator.state = state["rng"]
 
 
