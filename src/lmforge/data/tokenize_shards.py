@@ -13,14 +13,16 @@ A domain names each input: ``NAME=PATH`` on the command line, else the first fol
 below the inputs' common root (``clean/web/0.jsonl.gz`` and ``clean/code/0.jsonl.gz`` -> ``web`` and
 ``code``), else ``default_domain``. The loader's mixtures sample these domains.
 
-Bad input is counted per shard and in the manifest, never silently dropped: unreadable records
-(``bad_records``, reasons in ``rejects/NAME.jsonl``), empty documents (skipped), and documents whose
-decoded tokens differ from the text (``non_round_trip_docs``: kept, as the model sees the normalized text;
-with ``round_trip_check="auto"`` the decode is skipped for tokenizers that are lossless by construction,
-where the count is exactly 0), and documents containing the text of a special token
-(``special_text_docs``). Such text is encoded as plain text, so a document that quotes
-``<|end_of_text|>`` cannot end itself early; ``allow_special_tokens`` turns that off for pre-rendered
-chat text.
+Bad input is counted per shard and in the manifest, never silently dropped:
+
+- unreadable records (no text, malformed JSON, binary...): skipped, ``bad_records``, reasons in
+  ``rejects/NAME.jsonl``; empty documents: skipped, ``empty_docs``;
+- documents whose decoded tokens differ from the text: kept (the model sees the normalized text),
+  ``non_round_trip_docs``; ``round_trip_check="auto"`` skips the decoding for tokenizers that are lossless
+  by construction, where the count is exactly 0 (the manifest's ``round_trip_check`` says which);
+- documents containing a special token's text (``<|end_of_text|>``...): ``special_text_docs``. That text
+  is encoded as plain text, so a document quoting EOS cannot end itself early (``allow_special_tokens``
+  parses it as the special tokens instead, for pre-rendered chat text).
 """
 
 from __future__ import annotations
