@@ -4,13 +4,14 @@ import sys
 import textwrap
 
 import pytest
+import yaml
 
 from lmforge.cli import main
 from lmforge.config import ConfigError
 from lmforge.data.document import Document
 from lmforge.data.io import HtmlReader, JsonlReader, TextReader, Writer, read_documents
 from lmforge.data.pipeline import Pipeline, PipelineError, step_config
-from lmforge.data.recipe import build_step, import_step_modules, run_recipe
+from lmforge.data.recipe import build_step, import_step_modules, load_recipe, run_recipe
 from tests.data import toy_steps  # registers the toy_* steps
 
 
@@ -190,11 +191,15 @@ def write_recipe(tmp_path, text=RECIPE):
 
 def test_cli_runs_a_recipe_and_saves_the_resolved_config(tmp_path, capsys):
     recipe = write_recipe(tmp_path)
-    assert main(["data", "run", str(recipe), "workers=1", "exclusions=false"]) == 0
-    assert "in 11 = kept 4 + removed 2 + rejected 5 (balanced)" in " ".join(capsys.readouterr().out.split())
-    saved = (tmp_path / "run" / "config.yaml").read_text()
-    assert "exclusions: false" in saved and "toy_min_words" in saved
-    assert [d.meta["source"] for d in read_documents(tmp_path / "out")] == ["web", "web", "txt", "pages"]
+    overrides = ["workers=1", "exclusions=false", "steps.toy_min_words.min_words=6"]
+    assert main(["data", "run", str(recipe), *overrides]) == 0
+    assert "in 11 = kept 3 + removed 3 + rejected 5 (balanced)" in " ".join(capsys.readouterr().out.split())
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["exclusions"] is False and saved["steps"][1] == {"step": "toy_min_words", "min_words": 6}
+    assert [d.meta["source"] for d in read_documents(tmp_path / "out")] == ["web", "web", "txt"]
+    changed = ["exclusions=false", "steps.toy_min_words.min_words=5"]
+    assert main(["data", "run", str(recipe), *changed]) == 1  # a different pipeline in the same run folder
+    assert "holds a run of a different pipeline (differs in: steps)" in capsys.readouterr().err
 
 
 def test_recipe_errors_name_the_step_and_key(tmp_path):
@@ -209,8 +214,13 @@ def test_recipe_errors_name_the_step_and_key(tmp_path):
     assert build_step({"step": "toy_min_words", "min_words": "7"}, 0).min_words == 7  # as from an override
     with pytest.raises(ConfigError, match=r"steps\[0\]: unknown step 'no_such_step'; known steps: .*toy_tag"):
         build_step({"step": "no_such_step"}, 0)
+    recipe = write_recipe(tmp_path)
+    with pytest.raises(ConfigError, match=r"'steps.toy_nope.x=1': no step 'toy_nope' in this recipe"):
+        load_recipe(recipe, ["steps.toy_nope.x=1"])
+    with pytest.raises(ConfigError, match=r"steps\[1\] \(toy_min_words\): min_words: Value 'lots'"):
+        run_recipe(recipe, ["steps.1.min_words=lots"])
     with pytest.raises(ConfigError, match="executor: 'spark' is not one of"):
-        run_recipe(write_recipe(tmp_path), ["executor=spark"])
+        run_recipe(recipe, ["executor=spark"])
     with pytest.raises(ConfigError, match=r"inputs\[0\]: no jsonl files match"):
         run_recipe(data={"inputs": [{"paths": [str(tmp_path / "*.jsonl")], "format": "jsonl"}],
                          "output": {"path": str(tmp_path / "o")}, "run_dir": str(tmp_path / "r")})  # fmt: skip

@@ -8,6 +8,7 @@ and append it to the list.
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -17,7 +18,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         report = run_recipe(args.recipe, args.overrides, progress=not args.quiet)
     except PipelineError as err:
-        print(f"lmforge data run: {err}")
+        print(f"lmforge data run: {err}", file=sys.stderr)
         return 1
     return 0 if report.balanced else 1
 
@@ -27,7 +28,12 @@ def add_run(subcommands: argparse._SubParsersAction) -> None:
         "run", help="clean a corpus with a pipeline recipe (resumes an interrupted run in the same run_dir)"
     )
     parser.add_argument("recipe", help="pipeline recipe (YAML)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. workers=8")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="e.g. workers=8 steps.gopher_quality.min_doc_words=60",
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar or report table")
     parser.set_defaults(handler=_run)
 

@@ -28,10 +28,12 @@ import importlib.util
 import inspect
 import pkgutil
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 
 from lmforge.config import ConfigError, check_choice, load_config, save_config
@@ -186,6 +188,33 @@ def build_pipeline(cfg: PipelineConfig) -> Pipeline:
     )
 
 
+def load_recipe(
+    path: str | Path | None = None, overrides: Sequence[str] = (), *, data: dict[str, Any] | None = None
+) -> PipelineConfig:
+    """The typed recipe: file, then ``data``, then overrides. Step arguments are overridden as
+    ``steps.<index or step name>.<argument>=value`` (the value read as YAML: ``60``, ``[en, de]``, ``null``)."""
+    step_overrides = [o for o in overrides if o.startswith("steps.")]
+    cfg = load_config(PipelineConfig, path, [o for o in overrides if not o.startswith("steps.")], data=data)
+    for item in step_overrides:
+        key, _, value = item.partition("=")
+        parts = key.split(".")
+        if len(parts) != 3 or not value:
+            raise ConfigError(f"override {item!r}: use steps.<index or step name>.<argument>=value")
+        _, which, argument = parts
+        if which.isdigit():
+            matches = [int(which)] if int(which) < len(cfg.steps) else []
+        else:
+            matches = [i for i, spec in enumerate(cfg.steps) if spec.get("step") == which]
+        if len(matches) != 1:
+            found = "no" if not matches else "several"
+            raise ConfigError(f"override {item!r}: {found} step {which!r} in this recipe; use its index")
+        try:
+            cfg.steps[matches[0]][argument] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: not a YAML value: {err}") from err
+    return cfg
+
+
 def run_recipe(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -194,7 +223,7 @@ def run_recipe(
     progress: bool = True,
 ) -> RunReport:
     """Load a recipe (file and/or dict, then ``key=value`` overrides), save it in the run folder, run it."""
-    cfg = load_config(PipelineConfig, path, list(overrides), data=data)
+    cfg = load_recipe(path, overrides, data=data)
     pipeline = build_pipeline(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
