@@ -3,6 +3,7 @@ import json
 import sys
 import textwrap
 
+import fsspec
 import pytest
 import yaml
 
@@ -126,6 +127,28 @@ def test_exclusions_off_intermediate_kept_and_parquet_output(tmp_path):
     assert not (tmp_path / "run" / "excluded").exists()
     assert len(list((tmp_path / "run" / "stages" / "0" / "docs").iterdir())) == 2
     assert [d.id for d in read_documents(tmp_path / "out")] == ["w1", "w3", "w4"]
+
+
+def test_inputs_and_output_on_another_filesystem(tmp_path):
+    """fsspec's in-memory filesystem stands in for s3:// or gs:// (one process: it is not shared)."""
+    memory = fsspec.filesystem("memory")
+    root = f"/{tmp_path.name}"  # the in-memory store is global to the process
+    memory.pipe(
+        f"{root}/corpus/a.jsonl.gz",
+        gzip.compress(b'{"id": "m1", "text": "one two three four"}\n{"id": "m2"}\n'),
+    )
+    memory.pipe(f"{root}/corpus/b.jsonl", b'{"id": "m3", "text": "too short"}\n')
+    reader = JsonlReader(f"memory:/{root}/corpus/*", source="remote")
+    pipeline = Pipeline(
+        reader, [toy_steps.MinWords(min_words=4)], Writer(f"memory:/{root}/clean", "jsonl.zst")
+    )
+    report = pipeline.run(tmp_path / "run", progress=False)
+    assert report.to_dict()["totals"] == {"in": 3, "kept": 1, "removed": 1, "rejected": 1, "balanced": True}
+    assert sorted(memory.ls(f"{root}/clean", detail=False)) == [
+        f"{root}/clean/0000{i}.jsonl.zst" for i in (0, 1)
+    ]
+    assert [d.id for d in read_documents(f"memory:/{root}/clean/*.zst")] == ["m1"]
+    memory.rm(root, recursive=True)
 
 
 def test_a_run_folder_refuses_a_different_pipeline(tmp_path):
