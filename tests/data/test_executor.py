@@ -81,6 +81,9 @@ def test_killed_run_resumes_to_the_same_output_redoing_only_unfinished_tasks(tmp
     assert not (tmp_path / "killed" / "run" / "stats.json").exists()
 
     resumed = run_recipe(recipe, progress=False)
+    launches = (tmp_path / "killed" / "run" / "launches.jsonl").read_text().splitlines()
+    assert [json.loads(line)["workers"] for line in launches] == [2, 2]
+    assert "pyarrow" in json.loads(launches[0])["versions"]
     assert {p.name: p.stat().st_mtime_ns for p in done.glob("*.json") if p.name in before} == before
     assert tree(tmp_path / "killed" / "out") == tree(tmp_path / "reference" / "out")
     for sub in ("excluded", "rejects"):

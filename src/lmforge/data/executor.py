@@ -8,13 +8,17 @@ rename before its marker is written, so a task killed half-way leaves nothing th
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 import os
 import pickle
+import platform
 import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from datetime import UTC, datetime
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,28 @@ def _progress(bar: tqdm) -> TaskDone:
     return finished
 
 
+_VERSIONED = (
+    "lmforge",
+    "numpy",
+    "pyarrow",
+    "fsspec",
+    "zstandard",
+    "trafilatura",
+    "py3langid",
+    "ftfy",
+    "warcio",
+    "ray",
+)
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for name in _VERSIONED:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[name] = importlib.metadata.version(name)
+    return found
+
+
 class Executor:
     """The driver loop; subclasses say how a list of tasks and a barrier are run."""
 
@@ -53,6 +79,7 @@ class Executor:
         paths.root.mkdir(parents=True, exist_ok=True)
         n_tasks = len(pipeline.tasks())
         claim_run_folder(pipeline, paths.root)
+        self._log_launch(paths)
         n_stages = len(pipeline.stages)
         for stage in range(n_stages):
             pending = [t for t in range(n_tasks) if not paths.done(stage, t).exists()]
@@ -82,6 +109,20 @@ class Executor:
         if progress:
             report.print()
         return report
+
+    def _log_launch(self, paths: RunPaths) -> None:
+        """One line per launch in ``launches.jsonl``: when, where, how, with which library versions (a
+        resumed run may mix launches)."""
+        launch = {
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "host": platform.node(),
+            "executor": type(self).__name__,
+            "workers": self.workers,
+            "python": platform.python_version(),
+            "versions": _versions(),
+        }
+        with (paths.root / "launches.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(launch) + "\n")
 
     def run_tasks(
         self, pipeline: Pipeline, run_dir: str, stage: int, tasks: list[int], finished: TaskDone

@@ -9,6 +9,7 @@ folder; after the barrier (``reduce``) stage ``k + 1`` starts with its pass 2.
 Run folder layout (all of it is what a relaunch resumes from)::
 
     pipeline.json                        what ran (checked on relaunch: a different pipeline is refused)
+    launches.jsonl                       one line per launch: time, host, executor, library versions
     stages/<s>/done/<task>.json          completion marker of a task, with its stats
     stages/<s>/docs/<task>.jsonl.zst     documents between stages      (deleted at the end unless
     stages/<s>/artifacts/<task>          pass-1 artifacts of the global step ending stage s   keep_intermediate)
