@@ -27,7 +27,7 @@ def _row_matches_pool(
 
 def test_rows_are_filled_from_the_pool_and_compacted_on_release():
     cache = _cache()
-    mirror = DecodeMirror(cache, max_bins=1)
+    mirror = DecodeMirror(cache, max_bytes=2**30, max_bins=1)
     tables = {1: [1, 2, 3], 2: [4, 5], 3: [6, 7, 8, 9]}
     computed = {1: 9, 2: 6, 3: 13}
     ((b, order),) = mirror.arrange(
@@ -42,7 +42,7 @@ def test_rows_are_filled_from_the_pool_and_compacted_on_release():
 
 def test_a_long_newcomer_gets_its_own_bin():
     cache = _cache()
-    mirror = DecodeMirror(cache, max_bins=2, forward_cost=40)
+    mirror = DecodeMirror(cache, max_bytes=2**30, max_bins=2, forward_cost=40)
     short = [[1, 2]] * 6
     batches = mirror.arrange(list(range(6)), short, [5, 6, 7, 5, 6, 7])
     assert len(batches) == 1
@@ -63,4 +63,31 @@ def test_engine_greedy_is_unchanged_when_decodes_spread_over_bins(tiny_model):
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, detokenize=False)
     outs = engine.generate(prompts, params)
     assert max(bins_used) > 1
+    assert [o.outputs[0].token_ids for o in outs] == [reference_greedy(tiny_model, p, 8) for p in prompts]
+
+
+def test_over_budget_the_mirror_steps_aside_and_catches_up_later():
+    cache = _cache()
+    mirror = DecodeMirror(cache, max_bytes=0)
+    tables, computed = [[1, 2, 3], [4, 5]], [9, 6]
+    assert mirror.arrange([1, 2], tables, computed) is None and mirror.nbytes == 0
+    mirror.max_bytes = 2**30
+    computed = [10, 7]  # the gather path decoded one token meanwhile
+    assert mirror.arrange([1, 2], tables, computed) is not None
+    assert _row_matches_pool(mirror, cache, 1, tables[0], 10) and _row_matches_pool(
+        mirror, cache, 2, tables[1], 7
+    )
+
+
+def test_engine_within_a_small_mirror_budget(tiny_model):
+    prompts = random_prompts([3, 60, 5, 41])
+    engine = LLMEngine(tiny_model, None, EngineConfig(num_blocks=256, block_size=4))
+    mirror = engine.runner.mirror
+    mirror.max_bytes = 130_000  # 253 tokens of 512 bytes: four rows of 63, not of 64
+    fell_back = []
+    arrange = mirror.arrange
+    mirror.arrange = lambda *args: (batches := arrange(*args)) or fell_back.append(True) or batches
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, detokenize=False)
+    outs = engine.generate(prompts, params)
+    assert fell_back and 0 < engine.stats().decode_mirror_bytes <= 130_000
     assert [o.outputs[0].token_ids for o in outs] == [reference_greedy(tiny_model, p, 8) for p in prompts]

@@ -45,16 +45,27 @@ class MirrorBin:
     def nbytes(self) -> int:
         return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
 
-    def grow(self, rows: int, length: int) -> None:
+    def planned_shape(self, rows: int, length: int, exact: bool = False) -> tuple[int, int]:
+        """(rows, length) the buffer will have after growing to hold ``rows`` x ``length``; growth is
+        geometric (every reallocation copies the whole buffer) unless ``exact``."""
         have_rows, have_len = (0, 0) if self.k is None else (self.k.shape[1], self.k.shape[3])
         if rows <= have_rows and length <= have_len:
-            return
-        # grow geometrically: every reallocation copies the whole buffer
-        rows = max(rows, 2 * have_rows, self.MIN_ROWS)
-        length = max(length, 2 * have_len, self.MIN_LENGTH)
+            return have_rows, have_len
+        if exact:
+            return max(rows, have_rows), max(length, have_len)
+        return max(rows, 2 * have_rows, self.MIN_ROWS), max(length, 2 * have_len, self.MIN_LENGTH)
+
+    def bytes_for(self, shape: tuple[int, int]) -> int:
         layers, _, heads, dim = self.cache.k.shape
-        k = self.cache.k.new_zeros(layers, rows, heads, length, dim)
-        v = self.cache.v.new_zeros(layers, rows, heads, length, dim)
+        return 2 * layers * shape[0] * heads * shape[1] * dim * self.cache.k.element_size()
+
+    def grow(self, shape: tuple[int, int]) -> None:
+        have_rows, have_len = (0, 0) if self.k is None else (self.k.shape[1], self.k.shape[3])
+        if shape == (have_rows, have_len):
+            return
+        layers, _, heads, dim = self.cache.k.shape
+        k = self.cache.k.new_zeros(layers, shape[0], heads, shape[1], dim)
+        v = self.cache.v.new_zeros(layers, shape[0], heads, shape[1], dim)
         if self.k is not None and self.v is not None:
             k[:, :have_rows, :, :have_len] = self.k
             v[:, :have_rows, :, :have_len] = self.v
@@ -67,13 +78,14 @@ class MirrorBin:
 
     def release(self, seq_id: int) -> None:
         """Free the sequence's row, moving the last row into it so that rows stay 0..n-1."""
-        assert self.k is not None and self.v is not None
         row = self.row_of.pop(seq_id)
         last = len(self.row_seq) - 1
         if row != last:
             n = self.row_len[last]
-            self.k[:, row, :, :n] = self.k[:, last, :, :n]
-            self.v[:, row, :, :n] = self.v[:, last, :, :n]
+            if n:
+                assert self.k is not None and self.v is not None
+                self.k[:, row, :, :n] = self.k[:, last, :, :n]
+                self.v[:, row, :, :n] = self.v[:, last, :, :n]
             self.row_seq[row], self.row_len[row] = self.row_seq[last], self.row_len[last]
             self.row_of[self.row_seq[row]] = row
         self.row_seq.pop()
@@ -105,9 +117,13 @@ class MirrorBin:
 
 
 class DecodeMirror:
-    def __init__(self, cache: PagedKVCache, max_bins: int = 4, forward_cost: int = 4096) -> None:
-        """forward_cost: padded key slots (summed over rows) judged as costly as one more forward."""
+    def __init__(
+        self, cache: PagedKVCache, max_bytes: int, max_bins: int = 4, forward_cost: int = 4096
+    ) -> None:
+        """max_bytes: memory the buffers may take (beyond it, decoding falls back to gathering from the
+        pool); forward_cost: padded key slots (summed over rows) judged as costly as one more forward."""
         self.cache = cache
+        self.max_bytes = max_bytes
         self.bins = [MirrorBin(cache) for _ in range(max_bins)]
         self.forward_cost = forward_cost
         self.bin_of: dict[int, MirrorBin] = {}
@@ -128,9 +144,10 @@ class DecodeMirror:
 
     def arrange(
         self, seq_ids: list[int], block_tables: list[list[int]], computed: list[int]
-    ) -> list[tuple[MirrorBin, list[int]]]:
+    ) -> list[tuple[MirrorBin, list[int]]] | None:
         """Place every decoding sequence in a bin row (filled from the pool as needed) and release the rows
-        of sequences that stopped decoding. Returns, per non-empty bin, the input indices in row order."""
+        of sequences that stopped decoding. Returns, per non-empty bin, the input indices in row order, or
+        None when the buffers would outgrow ``max_bytes`` (rows then catch up from the pool later)."""
         present = set(seq_ids)
         for seq_id in [s for s in self.bin_of if s not in present]:
             self.bin_of.pop(seq_id).release(seq_id)
@@ -146,13 +163,28 @@ class DecodeMirror:
             target.add(seq_ids[i])
             self.bin_of[seq_ids[i]] = target
             contexts[target].append(computed[i] + 1)
+        shapes = self._planned_shapes(contexts)
+        if shapes is None:
+            return None
         batches = []
         for b in self.bins:
             if not contexts[b]:
                 continue
-            b.grow(b.num_rows, max(contexts[b]))
+            b.grow(shapes[b])
             members = [i for i in range(len(seq_ids)) if self.bin_of[seq_ids[i]] is b]
             for i in members:
                 b.fill(seq_ids[i], block_tables[i], computed[i])
             batches.append((b, sorted(members, key=lambda i: b.row_of[seq_ids[i]])))
         return batches
+
+    def _planned_shapes(
+        self, contexts: dict[MirrorBin, list[int]]
+    ) -> dict[MirrorBin, tuple[int, int]] | None:
+        for exact in (False, True):
+            shapes = {
+                b: b.planned_shape(b.num_rows, max(rows), exact) if rows else b.planned_shape(0, 0)
+                for b, rows in contexts.items()
+            }
+            if sum(b.bytes_for(shape) for b, shape in shapes.items()) <= self.max_bytes:
+                return shapes
+        return None

@@ -34,7 +34,9 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device  # index tensors are built on the CPU, then moved here
-        self.mirror = DecodeMirror(cache) if decode_mirror else None
+        # the mirror may take as much memory as the block pool itself
+        pool_bytes = 2 * cache.k.numel() * cache.k.element_size()
+        self.mirror = DecodeMirror(cache, max_bytes=pool_bytes) if decode_mirror else None
         self.cache = cache
         self.block_size = block_size
         self._logit_rows: Tensor | None = None
@@ -62,10 +64,7 @@ class ModelRunner:
         # split into batches of similar size; an extra forward costs little next to the padding it saves.
         context = [it.seq.num_computed + it.num_tokens for it in items]
         batches = _bucket(prefills, lambda i: items[i].num_tokens, 0)
-        if self.mirror is not None:
-            if decodes:
-                self._run_mirrored_decodes([items[i] for i in decodes], decodes, results)
-        else:
+        if decodes and not self._run_mirrored_decodes([items[i] for i in decodes], decodes, results):
             batches += _bucket(decodes, lambda i: context[i], self.min_decode_bucket)
         for batch in batches:
             self._run_batch([items[i] for i in batch], [i in all_logits for i in batch], batch, results)
@@ -73,13 +72,18 @@ class ModelRunner:
 
     def _run_mirrored_decodes(
         self, items: list[ScheduledSeq], indices: list[int], results: list[ChunkLogits]
-    ) -> None:
-        """One ``[B, 1]`` forward per mirror bin, attending over the bin's rows (no gather)."""
+    ) -> bool:
+        """One ``[B, 1]`` forward per mirror bin, attending over the bin's rows (no gather); False when the
+        mirror is off or out of memory, and the decodes have to gather from the pool instead."""
+        if self.mirror is None:
+            return False
         bs = self.block_size
         seqs = [it.seq for it in items]
         batches = self.mirror.arrange(
             [s.seq_id for s in seqs], [s.block_table for s in seqs], [s.num_computed for s in seqs]
         )
+        if batches is None:
+            return False
         for mirror_bin, order in batches:
             rows = [seqs[i] for i in order]
             pos_list = [s.num_computed for s in rows]
@@ -96,6 +100,7 @@ class ModelRunner:
             ).logits
             for row, i in enumerate(order):
                 results[indices[i]].last = logits[row, -1]
+        return True
 
     def _run_batch(
         self, items: list[ScheduledSeq], want_all: list[bool], indices: list[int], results: list[ChunkLogits]
