@@ -11,7 +11,9 @@ Rows live in a few bins, each with its own buffer and decode forward. Every row 
 bin's longest context, and all contexts grow by one token per step, so a bin's padding is fixed when its rows
 join: a new decoder goes to the bin where it adds the least padding, or opens a new bin when that padding
 would cost more than a forward. The mirror trades memory (about the KV of the decoding sequences, again) for
-speed; ``EngineConfig.decode_mirror=False`` turns it off.
+speed. It never takes more than ``max_bytes`` (the engine passes the block pool's size): when a step would
+need more, that step's decodes gather from the pool instead, and the rows catch up from the pool once they
+fit again. ``EngineConfig.decode_mirror=False`` turns it off.
 """
 
 from __future__ import annotations
@@ -45,15 +47,18 @@ class MirrorBin:
     def nbytes(self) -> int:
         return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
 
-    def planned_shape(self, rows: int, length: int, exact: bool = False) -> tuple[int, int]:
-        """(rows, length) the buffer will have after growing to hold ``rows`` x ``length``; growth is
-        geometric (every reallocation copies the whole buffer) unless ``exact``."""
+    def planned_shape(self, rows: int, length: int, growth: str = "double") -> tuple[int, int]:
+        """(rows, length) the buffer will have after growing to hold ``rows`` x ``length``. Every reallocation
+        copies the whole buffer, so growth doubles; near the memory limit it rounds the length up to
+        ``MIN_LENGTH`` ("round") or takes just what is needed ("exact")."""
         have_rows, have_len = (0, 0) if self.k is None else (self.k.shape[1], self.k.shape[3])
         if rows <= have_rows and length <= have_len:
             return have_rows, have_len
-        if exact:
-            return max(rows, have_rows), max(length, have_len)
-        return max(rows, 2 * have_rows, self.MIN_ROWS), max(length, 2 * have_len, self.MIN_LENGTH)
+        if growth == "double":
+            return max(rows, 2 * have_rows, self.MIN_ROWS), max(length, 2 * have_len, self.MIN_LENGTH)
+        if growth == "round":
+            length = -(-length // self.MIN_LENGTH) * self.MIN_LENGTH
+        return max(rows, have_rows), max(length, have_len)
 
     def bytes_for(self, shape: tuple[int, int]) -> int:
         layers, _, heads, dim = self.cache.k.shape
@@ -180,9 +185,9 @@ class DecodeMirror:
     def _planned_shapes(
         self, contexts: dict[MirrorBin, list[int]]
     ) -> dict[MirrorBin, tuple[int, int]] | None:
-        for exact in (False, True):
+        for growth in ("double", "round", "exact"):
             shapes = {
-                b: b.planned_shape(b.num_rows, max(rows), exact) if rows else b.planned_shape(0, 0)
+                b: b.planned_shape(b.num_rows, max(rows), growth) if rows else b.planned_shape(0, 0)
                 for b, rows in contexts.items()
             }
             if sum(b.bytes_for(shape) for b, shape in shapes.items()) <= self.max_bytes:
