@@ -239,7 +239,8 @@ class _RayWorker:
 class RayExecutor(Executor):
     """Tasks as calls on a pool of Ray actors. Connects to ``address`` (or ``RAY_ADDRESS``) when given,
     uses an already initialised Ray, or starts a local Ray with ``workers`` CPUs. The run folder must be
-    on a filesystem every node sees (output paths may be any fsspec URL)."""
+    on a filesystem every node sees (output paths may be any fsspec URL), and modules with your own steps
+    importable on every node (an installed package, or Ray's ``runtime_env``)."""
 
     def __init__(self, workers: int = 1, address: str | None = None) -> None:
         super().__init__(workers)
