@@ -8,7 +8,7 @@
     steps:
       - step: html_extract
       - step: gopher_quality
-        min_words: 50
+        min_doc_words: 50
       - step: exact_dedup
     output: {path: clean/, format: jsonl.gz}
     run_dir: runs/clean
@@ -17,7 +17,8 @@
     exclusions: true         # removed documents -> run_dir/excluded/<step>/...
 
 The top level is typed (:class:`PipelineConfig`, loaded with :func:`lmforge.config.load_config`); each
-step's keys are checked against its class's constructor, so a typo names the step and the key.
+step's keys are checked against its class's constructor, so a typo names the step and the key. Overrides:
+``workers=8`` for the top level, ``steps.gopher_quality.min_doc_words=60`` (or ``steps.1....``) for steps.
 """
 
 from __future__ import annotations
