@@ -34,6 +34,7 @@ returns the final ``RequestOutput`` of each prompt in order.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,8 +144,6 @@ class LLMEngine:
         cls, folder: str | Path, config: EngineConfig | None = None, **load_kwargs: Any
     ) -> LLMEngine:
         """Load an HF-layout folder (weights, config, tokenizer, generation_config.json)."""
-        import json
-
         from lmforge.model.hf import load_pretrained
         from lmforge.tokenizer import load_tokenizer
 
@@ -195,7 +194,7 @@ class LLMEngine:
         group = SequenceGroup(request_id, token_ids, params, self.tokenizer if params.detokenize else None)
         if params.use_beam_search:
             max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
-            eos = [] if params.ignore_eos else self.eos_token_ids + list(params.stop_token_ids)
+            eos = ([] if params.ignore_eos else self.eos_token_ids) + list(params.stop_token_ids)
             group.beam = BeamSearch(
                 params.beam_width, max_tokens, eos, params.length_penalty, params.early_stopping
             )

@@ -7,6 +7,7 @@ from enum import Enum
 
 import torch
 
+from lmforge.infer.beam import BeamSearch
 from lmforge.infer.detokenize import Decoder, IncrementalDetokenizer
 from lmforge.infer.outputs import TokenLogprob
 from lmforge.infer.sampling import SamplingParams
@@ -165,7 +166,7 @@ class SequenceGroup:
         if params.prompt_logprobs is not None:
             self.prompt_logprobs = [None]
         self.num_cached_tokens = 0
-        self.beam = None  # BeamSearch state for beam requests (set by the engine)
+        self.beam: BeamSearch | None = None  # beam-search state (set by the engine for beam requests)
         self.aborted = False
 
     @property
