@@ -1,9 +1,11 @@
-"""Model runner: turns scheduled chunks into padded model inputs, runs the forward, returns the needed logits.
+"""Model runner: turns scheduled chunks into padded model inputs, runs the forwards, returns the needed logits.
 
-Decoding sequences (one new token each) run as one ``[B, 1]`` forward; prefill chunks run as a second, padded
-``[B, T]`` forward, so a long prefill never pads the decodes. Only the rows whose logits are used (the last
-token of a completed chunk; every position when prompt logprobs are asked for) go through the LM head: a
-forward pre-hook on ``model.lm_head`` selects them, which saves a ``T x vocab`` matmul per prefill.
+Decoding sequences (one new token each) run as ``[B, 1]`` forwards over their decode-mirror rows (see
+``decode_mirror.py``), or, when the mirror is off or full, gather their keys/values from the block pool.
+Prefill chunks run as separate padded ``[B, T]`` forwards, so a long prefill never pads the decodes. Only the
+rows whose logits are used (the last token of a completed chunk; every position when prompt logprobs are
+asked for) go through the LM head: a forward pre-hook on ``model.lm_head`` selects them, which saves a
+``T x vocab`` matmul per prefill.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ class ModelRunner:
         """Run the chunks; ``all_logits`` holds indices (into ``items``) that need logits at every position."""
         results = [ChunkLogits() for _ in items]
         decodes = [i for i, it in enumerate(items) if it.num_tokens == 1 and i not in all_logits]
-        prefills = [i for i in range(len(items)) if i not in set(decodes)]
+        decode_set = set(decodes)
+        prefills = [i for i in range(len(items)) if i not in decode_set]
         # Padding costs as much as real work on a CPU: prefill chunks are padded to the longest chunk of their
         # batch, and every row gathers and attends over the longest context of its batch. So both kinds are
         # split into batches of similar size; an extra forward costs little next to the padding it saves.
