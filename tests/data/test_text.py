@@ -42,3 +42,31 @@ def test_word_hashes_keep_multibyte_characters_whole():
     hashes, counts = word_hashes(["ÅÅ bÅ", "a\u2003b\u0085c"])
     assert counts.tolist() == [2, 3]
     assert hashes[0] != hashes[1]
+
+
+def reference_word_hash(word: str) -> int:
+    """sum c_j * B^j (mod 2^64) over the word's UTF-8 bytes, avalanched by MurmurHash3's fmix64."""
+    mask, value = (1 << 64) - 1, 0
+    for j, c in enumerate(word.encode()):
+        value = (value + c * pow(0x100000001B3, j, 1 << 64)) & mask
+    for multiplier in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53):
+        value = ((value ^ (value >> 33)) * multiplier) & mask
+    return value ^ (value >> 33)
+
+
+def test_word_hashes_match_a_reference_over_every_separator():
+    from lmforge.data.text import _SEPARATOR_CHARS, fold_case_and_punctuation
+
+    texts = [
+        "Ünïcode wörds"
+        + "".join(f"x{i}{c}Y{i}" for i, c in enumerate(_SEPARATOR_CHARS))
+        + " 中文。日本語、ok",
+        "plain ascii, with punctuation!\tand\ttabs\r\nand\x1cfile\x1fseparators",
+        "",
+        "—“”…",
+        "ΣΑΣ Straße ǅ",
+    ]
+    hashes, counts = word_hashes(texts)
+    words = [w for t in texts for w in fold_case_and_punctuation(t).split()]
+    assert counts.tolist() == [len(fold_case_and_punctuation(t).split()) for t in texts]
+    assert hashes.tolist() == [reference_word_hash(w) for w in words]

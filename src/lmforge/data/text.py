@@ -74,15 +74,19 @@ def fmix64(x: np.ndarray) -> np.ndarray:
 
 # Punctuation and Unicode spaces become ASCII space, so that word boundaries are ASCII bytes.
 _UNICODE_SPACES = "\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u200b\u2028\u2029\u202f\u205f\u3000"
-_SEPARATORS = str.maketrans(
-    dict.fromkeys(
-        string.punctuation + "“”‘’‚„«»‹›—–‐…¿¡·。、，．！？：；（）「」『』【】" + _UNICODE_SPACES, " "
-    )
+_SEPARATOR_CHARS = string.punctuation + "“”‘’‚„«»‹›—–‐…¿¡·。、，．！？：；（）「」『』【】" + _UNICODE_SPACES
+_SEPARATORS = str.maketrans(dict.fromkeys(_SEPARATOR_CHARS, " "))
+# The same folding in two cheap passes (str.translate is slow on any text with a non-ASCII character):
+# a regular expression for the non-ASCII separators, then a byte table for the ASCII ones on the UTF-8.
+_NON_ASCII_SEPARATOR_RE = re.compile(
+    "[" + re.escape("".join(sorted({c for c in _SEPARATOR_CHARS if not c.isascii()}))) + "]"
 )
-# ASCII whitespace (as str.split sees it). Bytes >= 0x80 are never separators: they are parts of
-# multi-byte UTF-8 characters.
-_SPACE_BYTES = np.zeros(256, dtype=bool)
-_SPACE_BYTES[list(b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f")] = True
+_ASCII_SEPARATOR_BYTES = "".join(c for c in _SEPARATOR_CHARS if c.isascii()).encode()
+_ASCII_SEPARATORS_TO_SPACE = bytes.maketrans(_ASCII_SEPARATOR_BYTES, b" " * len(_ASCII_SEPARATOR_BYTES))
+# ASCII whitespace (as str.split sees it) becomes a space before the word boundaries are found. Bytes
+# >= 0x80 are never separators: they are parts of multi-byte UTF-8 characters.
+_WHITESPACE_BYTES = b"\t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
+_WHITESPACE_TO_SPACE = bytes.maketrans(_WHITESPACE_BYTES, b" " * len(_WHITESPACE_BYTES))
 _BYTE_BASE = 0x100000001B3  # odd, so it is invertible modulo 2^64
 _GROUP_BYTES = 1 << 17  # text hashed per vectorized pass: its uint64 temporaries stay in cache
 _PIECE_BYTES = 1 << 20  # longer documents are cut (at whitespace when possible) into pieces this long
@@ -92,6 +96,14 @@ _POWERS: list[np.ndarray] = []  # [B^i, B^-i] modulo 2^64 for i <= _PIECE_BYTES
 def fold_case_and_punctuation(text: str) -> str:
     """Lowercase, with punctuation and Unicode spaces turned into ASCII spaces (the word view of hashing)."""
     return text.lower().translate(_SEPARATORS)
+
+
+def _folded_utf8(text: str) -> bytes:
+    """``fold_case_and_punctuation(text).encode("utf-8")``, computed faster."""
+    text = text.lower()
+    if not text.isascii():
+        text = _NON_ASCII_SEPARATOR_RE.sub(" ", text)
+    return text.encode("utf-8").translate(_ASCII_SEPARATORS_TO_SPACE)
 
 
 def _byte_powers() -> tuple[np.ndarray, np.ndarray]:
@@ -121,13 +133,16 @@ def _hash_group(pieces: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     With prefix sums ``S`` of ``byte_i * B^i`` (mod 2^64), the word spanning ``[s, e)`` hashes to
     ``(S[e] - S[s]) * B^-s = sum c_j * B^j``: the same value wherever the word sits.
     """
-    data = np.frombuffer(b" ".join(pieces), dtype=np.uint8)
+    data = np.frombuffer(b" ".join(pieces).translate(_WHITESPACE_TO_SPACE), dtype=np.uint8)
     up, down = _byte_powers()
-    edges = np.diff((~_SPACE_BYTES[data]).view(np.int8), prepend=0, append=0)
-    word_starts = np.flatnonzero(edges == 1)
-    word_ends = np.flatnonzero(edges == -1)
+    # Word bytes between two non-word sentinels; word edges alternate start, end, start, end...
+    in_word = np.zeros(len(data) + 2, dtype=bool)
+    np.not_equal(data, ord(" "), out=in_word[1:-1])
+    edges = np.flatnonzero(in_word[1:] != in_word[:-1])
+    word_starts, word_ends = edges[0::2], edges[1::2]
     prefix = np.zeros(len(data) + 1, dtype=np.uint64)
-    np.cumsum(data * up[: len(data)], out=prefix[1:])
+    np.multiply(data, up[: len(data)], out=prefix[1:])
+    np.cumsum(prefix[1:], out=prefix[1:])
     hashes = fmix64((prefix[word_ends] - prefix[word_starts]) * down[word_starts])
     piece_starts = np.cumsum([0] + [len(p) + 1 for p in pieces[:-1]])
     return hashes, np.searchsorted(piece_starts, word_starts, side="right") - 1
@@ -144,7 +159,8 @@ def word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     pieces: list[bytes] = []
     piece_doc: list[int] = []
     for doc, text in enumerate(texts):
-        for piece in _pieces(fold_case_and_punctuation(text).encode("utf-8")):
+        encoded = _folded_utf8(text)
+        for piece in _pieces(encoded) if len(encoded) > _PIECE_BYTES else (encoded,):
             pieces.append(piece)
             piece_doc.append(doc)
     hashes: list[np.ndarray] = [np.empty(0, dtype=np.uint64)]

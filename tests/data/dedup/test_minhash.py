@@ -8,8 +8,10 @@ from lmforge.data.dedup.minhash import (
     UnionFind,
     cluster_near_duplicates,
     estimated_jaccard,
+    first_affine_hit,
     jaccard,
     lsh_candidate_pairs,
+    mersenne_folding_fails,
     optimal_lsh_params,
 )
 
@@ -44,6 +46,51 @@ def test_signatures_bit_identical_to_datasketch(scheme):
         if len(hashes):
             reference.update_batch(hashes.tolist())
         np.testing.assert_array_equal(signature, reference.hashvalues)
+
+
+def test_first_affine_hit_matches_brute_force():
+    rng = np.random.default_rng(7)
+    for _ in range(3000):
+        m = int(rng.integers(1, 200))
+        a, b = int(rng.integers(0, 3 * m)), int(rng.integers(0, m))
+        lo = int(rng.integers(0, m))
+        hi = int(rng.integers(lo, m))
+        # (a x + b) mod m has period dividing m: no hit below m means no hit at all.
+        expected = next((x for x in range(m) if lo <= (a * x + b) % m <= hi), None)
+        assert first_affine_hit(a, b, m, lo, hi) == expected, (a, b, m, lo, hi)
+
+
+def test_permutations_where_the_fast_mersenne_reduction_fails_are_computed_exactly():
+    """A permutation made to hit v & (2^61 - 1) == 2^61 - 1 on a shingle, where v + (v >> 61) is off by
+    one (mod 2^32), must still give datasketch's exact values."""
+    text = "the quick brown fox jumps over the lazy dog and runs far away"
+    hasher = MinHasher(num_perm=16, seed=5)
+    assert len(hasher._exact_rows) == 0 and not mersenne_folding_fails(int(hasher.a[0]), int(hasher.b[0]))
+    x0 = int(hasher.shingle_hashes(text)[3])
+    a, b = hasher.a.copy(), hasher.b.copy()
+    b[0] = ((1 << 61) - 1 - int(a[0]) * x0) % (1 << 61)
+    assert mersenne_folding_fails(int(a[0]), int(b[0]))
+    v = (int(a[0]) * x0 + int(b[0])) % (1 << 64)
+    assert (v + (v >> 61)) & 0xFFFFFFFF != v % ((1 << 61) - 1) & 0xFFFFFFFF  # folding alone is wrong here
+    hasher._set_permutations(a, b)
+    assert hasher._exact_rows.tolist() == [0]
+    reference = MinHash(num_perm=16, scheme="legacy", hashfunc=int, permutations=(a, b))
+    reference.update_batch(hasher.shingle_hashes(text).tolist())
+    np.testing.assert_array_equal(hasher.signatures([text, "", "other words here"])[0], reference.hashvalues)
+
+
+def test_signatures_of_many_documents_straddling_chunks_match_datasketch():
+    rng = np.random.default_rng(8)
+    hasher = MinHasher(num_perm=32)  # small chunks: most documents straddle chunk boundaries
+    texts = [random_text(rng, int(rng.integers(0, 3 * hasher._chunk))) for _ in range(40)]
+    hashes, offsets = hasher.shingle_hash_batch(texts)
+    signatures = hasher.signatures_from_hashes(hashes, offsets)
+    for i, signature in enumerate(signatures):
+        reference = MinHash(num_perm=32, scheme="legacy", hashfunc=int)
+        reference.update_batch(hashes[offsets[i] : offsets[i + 1]].tolist())
+        np.testing.assert_array_equal(signature, reference.hashvalues)
+    with pytest.raises(TypeError, match="uint32"):
+        hasher.signatures_from_hashes(hashes.astype(np.uint64), offsets)
 
 
 def test_giant_document_is_sliced_without_changing_the_signature():

@@ -17,6 +17,7 @@ each cluster" is deterministic.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +37,7 @@ from lmforge.data.text import fmix64, word_hashes
 MERSENNE_PRIME = np.uint64((1 << 61) - 1)
 MAX_HASH = np.uint64((1 << 32) - 1)
 _NGRAM_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial combine stays order-sensitive
+_LITTLE_ENDIAN = sys.byteorder == "little"  # where the low 32 bits of a uint64 sit in its uint32 view
 
 
 # ----------------------------------------------------------------------------------------- LSH parameters
@@ -116,6 +118,51 @@ def _fmix32(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint32(16))
 
 
+def _first_multiple_in_range(a: int, m: int, lo: int, hi: int) -> int | None:
+    """Smallest x >= 0 with lo <= (a x) mod m <= hi (0 <= lo <= hi < m), or None if there is none.
+
+    Euclid-style recursion on (a, m) -> (m mod a, a): O(log m) steps.
+    """
+    a %= m
+    if lo == 0:
+        return 0
+    if a == 0:
+        return None
+    x = -(-lo // a)
+    if a * x <= hi:
+        return x
+    # Every solution wraps: a x - m y lies in [lo, hi] for some y >= 1. For a given y an x exists iff
+    # (m y) mod a lies in the cyclic interval [-hi, -lo] (mod a); it does not contain 0 (y = 0 just
+    # failed), so it is an ordinary interval. x grows with y, so the smallest y gives the smallest x.
+    y = _first_multiple_in_range(m % a, a, (-hi) % a, (-lo) % a)
+    return None if y is None else -(-(lo + m * y) // a)
+
+
+def first_affine_hit(a: int, b: int, m: int, lo: int, hi: int) -> int | None:
+    """Smallest x >= 0 with lo <= (a x + b) mod m <= hi (0 <= lo <= hi < m), or None if there is none."""
+    lo, hi = (lo - b) % m, (hi - b) % m
+    if lo <= hi:
+        return _first_multiple_in_range(a, m, lo, hi)
+    hits = [
+        x
+        for x in (_first_multiple_in_range(a, m, lo, m - 1), _first_multiple_in_range(a, m, 0, hi))
+        if x is not None
+    ]
+    return min(hits, default=None)
+
+
+def mersenne_folding_fails(a: int, b: int) -> bool:
+    """Whether some 32-bit x makes the fast Mersenne reduction of ``a x + b`` (mod 2^64) inexact.
+
+    With ``v = (a x + b) mod 2^64`` and ``p = 2^61 - 1``, ``v mod p = (v & p) + (v >> 61)`` minus ``p`` when
+    that sum reaches ``p``; and since ``p = -1 (mod 2^32)``, the low 32 bits of the unreduced sum are just
+    those of ``v + (v >> 61)``. The final subtraction can only be needed when ``v & p >= p - 7``, i.e. the low
+    61 bits of ``a x + b`` fall in ``[2^61 - 8, 2^61 - 1]``: about one permutation in 2^26 has such an x.
+    """
+    hit = first_affine_hit(a, b, 1 << 61, (1 << 61) - 8, (1 << 61) - 1)
+    return hit is not None and hit < 1 << 32
+
+
 class MinHasher:
     """Word n-gram MinHash signatures, computed for many documents at once.
 
@@ -125,8 +172,12 @@ class MinHasher:
 
     ``scheme="mersenne"`` is the classic universal hash ``((a x + b) mod (2^61 - 1)) & (2^32 - 1)``
     (datasketch's ``legacy``); ``scheme="affine32"`` pre-mixes each shingle hash with a bijection and
-    applies ``a x + b mod 2^32`` with odd ``a`` (datasketch's default since 2.0): a third of the
-    arithmetic on half the bytes, and no collisions introduced by the permutation step.
+    applies ``a x + b mod 2^32`` with odd ``a`` (datasketch's default since 2.0).
+
+    Shingles are processed in fixed chunks of ``_chunk`` (documents may straddle chunks: minima of the
+    pieces are combined afterwards). Each chunk is a ``(num_perm, _chunk)`` block worked on in place in
+    cache-sized buffers, with the parameters pre-expanded to the block's shape: numpy's SIMD loops only
+    apply to contiguous operands, not to broadcast ones.
     """
 
     def __init__(
@@ -142,13 +193,22 @@ class MinHasher:
         self.ngram = ngram
         self.seed = seed
         self.scheme = scheme
-        a, b = datasketch_permutations(num_perm, seed, scheme)
-        self.a, self.b = a[:, None], b[:, None]  # (num_perm, 1): broadcast against a row of shingles
-        # Shingles per chunk: the (num_perm x chunk) work arrays stay in cache (1 MB of uint64 for the
-        # eight passes of the Mersenne scheme; 2 MB of uint32 for the three passes of affine32).
-        self._chunk = max(
-            64, (1 << 20) // (8 * num_perm) if scheme == "mersenne" else (1 << 21) // (4 * num_perm)
-        )
+        # Shingles per chunk: each (num_perm x chunk) buffer is 256 KiB of uint64, so the four of the
+        # Mersenne scheme stay in a core's L2 cache.
+        self._chunk = max(16, (1 << 15) // num_perm)
+        self._set_permutations(*datasketch_permutations(num_perm, seed, scheme))
+
+    def _set_permutations(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.a, self.b = a, b
+        self._a_block = np.ascontiguousarray(np.broadcast_to(a[:, None], (self.num_perm, self._chunk)))
+        self._b_block = np.ascontiguousarray(np.broadcast_to(b[:, None], (self.num_perm, self._chunk)))
+        self._values = np.empty((self.num_perm, self._chunk), dtype=a.dtype)
+        if self.scheme == "mersenne":
+            self._high = np.empty_like(self._values)
+            self._exact_rows = np.array(
+                [k for k in range(self.num_perm) if mersenne_folding_fails(int(a[k]), int(b[k]))],
+                dtype=np.int64,
+            )
 
     # -- shingles
     def shingle_hash_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -189,45 +249,62 @@ class MinHasher:
         return self.shingle_hash_batch([text])[0]
 
     # -- signatures
-    def _chunk_minima(self, hashes: np.ndarray, starts: np.ndarray) -> np.ndarray:
-        """(num_perm, len(starts)) minima of the permuted hashes over each segment (segments non-empty)."""
+    def _permuted_chunk(self, hashes: np.ndarray) -> np.ndarray:
+        """(num_perm, _chunk) ``uint32`` view of every permutation applied to a chunk of shingle hashes."""
+        values = self._values
         if self.scheme == "affine32":
-            values = self.a * _fmix32(hashes)[None, :]  # wraps mod 2^32: the affine map is the permutation
-            values += self.b
-            return np.minimum.reduceat(values, starts, axis=1)
-        values = self.a * hashes.astype(np.uint64)[None, :]  # wraps mod 2^64, exactly as datasketch's legacy
-        values += self.b
-        # x mod (2^61 - 1) for any uint64 x: fold the high bits onto the low ones, then one subtraction.
-        high = values >> np.uint64(61)
-        values &= MERSENNE_PRIME
-        values += high
-        np.subtract(values, MERSENNE_PRIME, out=values, where=values >= MERSENNE_PRIME)
-        values &= MAX_HASH
-        return np.minimum.reduceat(values, starts, axis=1)
+            np.copyto(values, _fmix32(hashes)[None, :])
+            np.multiply(
+                values, self._a_block, out=values
+            )  # wraps mod 2^32: the affine map is the permutation
+            np.add(values, self._b_block, out=values)
+            return values
+        np.copyto(values, hashes[None, :], casting="unsafe")
+        np.multiply(values, self._a_block, out=values)  # wraps mod 2^64, exactly as datasketch's legacy
+        np.add(values, self._b_block, out=values)
+        # Low 32 bits of v mod (2^61 - 1) = those of v + (v >> 61), see mersenne_folding_fails; the few
+        # permutations where that can fail are recomputed exactly in signatures_from_hashes.
+        np.right_shift(values, np.uint64(61), out=self._high)
+        np.add(values, self._high, out=values)
+        return values.view(np.uint32)[:, ::2] if _LITTLE_ENDIAN else values.view(np.uint32)[:, 1::2]
+
+    def _exact_mersenne_row(self, k: int, hashes: np.ndarray) -> np.ndarray:
+        """Permutation k over all hashes with datasketch's formula (the reference arithmetic)."""
+        values = self.a[k] * hashes.astype(np.uint64) + self.b[k]
+        return (values % MERSENNE_PRIME & MAX_HASH).astype(np.uint32)
 
     def signatures_from_hashes(self, hashes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """Signatures ``(len(offsets) - 1, num_perm)`` ``uint32`` of the segments ``hashes[offsets[i]:offsets[i+1]]``."""
-        n_docs = len(offsets) - 1
-        out = np.full((self.num_perm, n_docs), MAX_HASH, dtype=np.uint64)
+        """Signatures ``(len(offsets) - 1, num_perm)`` ``uint32`` of the segments ``hashes[offsets[i]:offsets[i+1]]``.
+
+        ``hashes`` are ``uint32`` (as :meth:`shingle_hash_batch` returns them).
+        """
+        hashes = np.asarray(hashes)
+        if hashes.dtype != np.uint32:
+            raise TypeError(f"shingle hashes must be uint32, got {hashes.dtype}")
+        offsets = np.asarray(offsets, dtype=np.int64)
+        n_docs, total, chunk = len(offsets) - 1, len(hashes), self._chunk
+        out = np.full((n_docs, self.num_perm), MAX_HASH, dtype=np.uint32)
         nonempty = np.flatnonzero(offsets[1:] > offsets[:-1])
-        doc = 0
-        while doc < len(nonempty):
-            # Take whole documents until the chunk is full; a giant document is cut into slices.
-            first = nonempty[doc]
-            lo = offsets[first]
-            last = doc
-            while last + 1 < len(nonempty) and offsets[nonempty[last + 1] + 1] - lo <= self._chunk:
-                last += 1
-            docs = nonempty[doc : last + 1]
-            hi = offsets[docs[-1] + 1]
-            if len(docs) == 1 and hi - lo > self._chunk:
-                for start in range(lo, hi, self._chunk):
-                    part = self._chunk_minima(hashes[start : min(start + self._chunk, hi)], np.array([0]))
-                    np.minimum(out[:, first], part[:, 0], out=out[:, first])
-            else:
-                out[:, docs] = self._chunk_minima(hashes[lo:hi], offsets[docs] - lo)
-            doc = last + 1
-        return np.ascontiguousarray(out.T, dtype=np.uint32)
+        if total == 0:
+            return out
+        # Pad to whole chunks with copies of the last shingle: it belongs to the last document, whose
+        # minimum a repeat leaves unchanged.
+        n_chunks = -(-total // chunk)
+        padded = np.concatenate((hashes, np.full(n_chunks * chunk - total, hashes[-1], dtype=np.uint32)))
+        # Segments: pieces of documents cut at chunk boundaries; a document's minimum is that of its pieces.
+        seg_starts = np.union1d(offsets[nonempty], np.arange(0, total, chunk))
+        chunk_first_seg = np.searchsorted(seg_starts, np.arange(0, n_chunks * chunk + 1, chunk))
+        seg_min = np.empty((self.num_perm, len(seg_starts)), dtype=np.uint32)
+        for c in range(n_chunks):
+            lo, s0, s1 = c * chunk, chunk_first_seg[c], chunk_first_seg[c + 1]
+            permuted = self._permuted_chunk(padded[lo : lo + chunk])
+            seg_min[:, s0:s1] = np.minimum.reduceat(permuted, seg_starts[s0:s1] - lo, axis=1)
+        if self.scheme == "mersenne":
+            for k in self._exact_rows:
+                seg_min[k] = np.minimum.reduceat(self._exact_mersenne_row(k, hashes), seg_starts)
+        doc_first_seg = np.searchsorted(seg_starts, offsets[nonempty])
+        out[nonempty] = np.minimum.reduceat(seg_min, doc_first_seg, axis=1).T
+        return out
 
     def signatures(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         parts = []
