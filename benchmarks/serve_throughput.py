@@ -4,8 +4,9 @@ Workload: N requests with mixed prompt and output lengths (seeded), greedy decod
 request produces exactly its requested number of tokens. The engine takes them all at once (continuous
 batching, paged KV cache); transformers runs them in static batches of ``--hf-batch`` left-padded prompts,
 each batch generating until its longest request is done (that is what a static batch costs). Throughput is
-useful output tokens / wall time for both. A second table compares single-stream decode speed with the
-memory-bandwidth bound: (weight bytes + KV bytes read per token) / measured copy bandwidth.
+useful output tokens / wall time for both. A second table compares single-stream decode speed, on a model
+too big for the CPU caches, with the memory-bandwidth bound: (weight bytes + KV bytes read per token) /
+measured copy bandwidth.
 
     .venv/bin/python benchmarks/serve_throughput.py                       # 64 requests, the default model
     .venv/bin/python benchmarks/serve_throughput.py --dist loguniform     # many short requests, few long
@@ -117,12 +118,25 @@ def copy_bandwidth(megabytes: int = 256) -> float:
     return 2 * src.numel() * 4 / best
 
 
-def single_stream(engine, prompt_len: int, new_tokens: int) -> tuple[float, float]:
-    """Decode tokens/s of one request, and its bandwidth bound at the mean context length."""
-    from lmforge.infer import SamplingParams
+def single_stream(args: argparse.Namespace, prompt_len: int, new_tokens: int) -> tuple[float, float, float]:
+    """Decode tokens/s of one request on a model too big for the CPU caches, and its bandwidth bound at the
+    mean context length. Returns (tokens/s, bound tokens/s, parameters)."""
+    from lmforge.infer import EngineConfig, LLMEngine, SamplingParams
+    from lmforge.model import ModelConfig, Transformer
 
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=args.vocab,
+        d_model=args.stream_d_model,
+        n_layers=args.stream_layers,
+        n_heads=args.stream_d_model // 64,
+        n_kv_heads=args.stream_d_model // 256,
+        max_seq_len=2048,
+    )
+    model = Transformer(cfg).eval()
+    engine = LLMEngine(model, None, EngineConfig(enable_prefix_caching=False), eos_token_ids=[])
     prompt = list(range(3, 3 + prompt_len))
-    engine.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    engine.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))  # warm-up
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
     start = time.perf_counter()
     engine.generate([prompt], params)
@@ -131,11 +145,10 @@ def single_stream(engine, prompt_len: int, new_tokens: int) -> tuple[float, floa
     start = time.perf_counter()
     engine.generate([prompt], params)
     decode_rate = (new_tokens - 1) / (time.perf_counter() - start - prefill)
-    cfg = engine.model.cfg
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     context = prompt_len + new_tokens / 2
     kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4 * context
-    return decode_rate, copy_bandwidth() / (weight_bytes + kv_bytes)
+    return decode_rate, copy_bandwidth() / (weight_bytes + kv_bytes), model.num_parameters()
 
 
 def main() -> None:
@@ -159,6 +172,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--stream-d-model", type=int, default=768, help="single-stream model width")
+    parser.add_argument("--stream-layers", type=int, default=12, help="single-stream model depth")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both systems")
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs of each; the best counts")
     parser.add_argument("--quick", action="store_true", help="skip the single-stream table")
@@ -194,9 +209,10 @@ def main() -> None:
     ratio = (engine_tokens / engine_time) / (hf_tokens / hf_time)
     print(f"ratio engine / transformers: {ratio:.2f}x   (identical greedy outputs: {same}/{len(requests)})")
     if not args.quick:
-        rate, bound = single_stream(make_engine(model, args), prompt_len=128, new_tokens=128)
+        rate, bound, size = single_stream(args, prompt_len=128, new_tokens=64)
         print(
-            f"\nsingle-stream decode: {rate:.1f} tokens/s; bandwidth bound {bound:.1f} tokens/s "
+            f"\nsingle-stream decode ({size / 1e6:.0f} M-parameter model, {args.stream_layers} layers, "
+            f"d_model {args.stream_d_model}): {rate:.1f} tokens/s; bandwidth bound {bound:.1f} tokens/s "
             f"({100 * rate / bound:.0f}% of bound)"
         )
 
