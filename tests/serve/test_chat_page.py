@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import time
 
 import httpx
 import pytest
 
-from tests.serve.live_server import MODEL_ID, RunningServer, metric_values, wait_until_idle
+from tests.serve.live_server import (
+    MODEL_ID,
+    build_engine,
+    metric_values,
+    running_server,
+    wait_until_idle,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -43,6 +50,23 @@ def page(tmp_path):
             browser.close()
 
 
+@pytest.fixture
+def slow_server(tokenizer):
+    """A server whose engine steps can be slowed down (a stand-in for a big model), so that a reply is
+    reliably still streaming when the test clicks Stop."""
+    engine = build_engine(tokenizer, max_model_len=512)
+    real_step = engine.step
+    delay = {"s": 0.0}
+
+    def step():
+        time.sleep(delay["s"])
+        return real_step()
+
+    engine.step = step
+    with running_server(lambda: engine) as running:
+        yield running, delay
+
+
 def send(page, text: str) -> str:
     """Type a message, send it with Enter, wait for the streamed reply to finish; return its text."""
     replies_before = page.locator(".message.assistant").count()
@@ -56,15 +80,17 @@ def send(page, text: str) -> str:
     return reply.locator(".content").inner_text()
 
 
-def test_chat_page_streams_a_multi_turn_conversation(page, open_server: RunningServer, tmp_path):
+def test_chat_page_streams_a_multi_turn_conversation(page, slow_server, tmp_path):
+    server, delay = slow_server
+    delay["s"] = 0.01  # 48 tokens take ~0.5 s: the reply reaches the page over many network reads
     requests = []
     page.on("request", lambda r: requests.append(r))
-    page.goto(open_server.base_url + "/")
+    page.goto(server.base_url + "/")
     page.wait_for_function(f"document.getElementById('model-name').textContent === '{MODEL_ID}'")
     page.fill("#system-prompt", "You are a tiny test model.")
     page.fill("#temperature", "0")
     page.dispatch_event("#temperature", "input")
-    page.fill("#max-tokens", "48")  # long enough that the reply arrives over many network reads
+    page.fill("#max-tokens", "48")
 
     # Watch the reply element grow: a streamed reply changes several times before it is done.
     page.evaluate("""() => {
@@ -82,7 +108,7 @@ def test_chat_page_streams_a_multi_turn_conversation(page, open_server: RunningS
         {"role": "user", "content": "Hello there!"},
     ]
     reference = httpx.post(
-        f"{open_server.base_url}/v1/chat/completions",
+        f"{server.base_url}/v1/chat/completions",
         json={"messages": messages, "max_tokens": 48, "temperature": 0, "top_p": 1},
     ).json()["choices"][0]["message"]["content"]
     assert first == reference
@@ -101,24 +127,26 @@ def test_chat_page_streams_a_multi_turn_conversation(page, open_server: RunningS
     assert body["messages"][2]["content"] == first
     assert second
     # everything the page loaded came from this server
-    assert all(r.url.startswith(open_server.base_url) for r in requests)
-    wait_until_idle(open_server)
+    assert all(r.url.startswith(server.base_url) for r in requests)
+    wait_until_idle(server)
 
 
-def test_stop_button_and_new_chat(page, open_server: RunningServer):
+def test_stop_button_and_new_chat(page, slow_server):
     """Stop aborts the reply on the server (its KV blocks come back); New chat starts an empty conversation."""
-    page.goto(open_server.base_url + "/")
+    server, delay = slow_server
+    page.goto(server.base_url + "/")
     page.wait_for_function(f"document.getElementById('model-name').textContent === '{MODEL_ID}'")
     send(page, "Hello there!")
     page.click("#new-chat")
     assert page.locator(".message").count() == 0
-    # Greedy decoding of this conversation runs all 400 tokens (no EOS), so the reply is still streaming
-    # when Stop is clicked.
+    # Greedy decoding of this conversation runs all 400 tokens (no EOS); at 20 ms a step it would take 8 s,
+    # so the reply is still streaming when Stop is clicked.
     story = [{"role": "user", "content": "Tell me a long story."}]
     greedy = {"messages": story, "max_tokens": 400, "temperature": 0, "top_p": 1}
-    full = httpx.post(f"{open_server.base_url}/v1/chat/completions", json=greedy, timeout=60).json()
+    full = httpx.post(f"{server.base_url}/v1/chat/completions", json=greedy, timeout=60).json()
     assert full["choices"][0]["finish_reason"] == "length"
-    before = metric_values(open_server.base_url)["lmforge_requests_aborted_total"]
+    before = metric_values(server.base_url)["lmforge_requests_aborted_total"]
+    delay["s"] = 0.02
     page.fill("#temperature", "0")
     page.dispatch_event("#temperature", "input")
     page.fill("#max-tokens", "400")
@@ -129,8 +157,9 @@ def test_stop_button_and_new_chat(page, open_server: RunningServer):
     page.wait_for_function("document.querySelector('.message.assistant').dataset.done === 'true'")
     assert page.locator(".message.error").count() == 0  # stopping is not an error
     assert page.is_disabled("#stop") and page.is_enabled("#send")
-    wait_until_idle(open_server)
-    assert metric_values(open_server.base_url)["lmforge_requests_aborted_total"] == before + 1
+    wait_until_idle(server)
+    assert metric_values(server.base_url)["lmforge_requests_aborted_total"] == before + 1
+    delay["s"] = 0.0
 
     # a refused turn shows the server's message and leaves the conversation as it was
     page.fill("#max-tokens", "100000")

@@ -4,7 +4,8 @@ budgets, sampling parameters, admission), their outputs handed to ``responses`` 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -156,7 +157,7 @@ class OpenAIServing:
             self._reserved -= unregistered
         return streams
 
-    async def outputs(self, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def outputs(self, streams: list[RequestStream]) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """Outputs of every prompt's engine request as they come, tagged with the prompt's index.
         Leaving early (an error, a disconnect) aborts every request still running."""
         try:
@@ -164,8 +165,9 @@ class OpenAIServing:
                 async for output in streams[0]:
                     yield 0, output
             else:
-                async for item in _merge(streams):
-                    yield item
+                async with aclosing(_merge(streams)) as merged:
+                    async for item in merged:
+                        yield item
         except EngineFailure as err:
             raise APIError(500, str(err), None, "engine_error") from err
         finally:
@@ -239,7 +241,7 @@ class OpenAIServing:
         return JSONResponse(body.model_dump())
 
 
-async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def _merge(streams: list[RequestStream]) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     merged: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
 
     async def pump(index: int) -> None:

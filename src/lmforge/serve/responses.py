@@ -3,7 +3,7 @@ server-sent-event chunks, with usage and logprobs in each API's format."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -145,7 +145,7 @@ class CompletionAssembler:
             return None
         return completion_logprobs(token_ids, entries, self.texts, self.text_bases[index // self.n] + start)
 
-    async def whole(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> CompletionResponse:
+    async def whole(self, outputs: AsyncGenerator[tuple[int, RequestOutput], None]) -> CompletionResponse:
         echoes: dict[int, CompletionLogprobs | None] = {}
         async with aclosing(outputs):
             async for prompt_index, output in outputs:
@@ -184,7 +184,9 @@ class CompletionAssembler:
             )
         )
 
-    async def events(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+    async def events(
+        self, outputs: AsyncGenerator[tuple[int, RequestOutput], None]
+    ) -> AsyncGenerator[str, None]:
         echoed: set[int] = set()
         async with aclosing(outputs):
             async for prompt_index, output in outputs:
@@ -242,7 +244,7 @@ class ChatAssembler:
             total_tokens=prompt_tokens + completion_tokens,
         )
 
-    async def whole(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> ChatCompletionResponse:
+    async def whole(self, outputs: AsyncGenerator[tuple[int, RequestOutput], None]) -> ChatCompletionResponse:
         async with aclosing(outputs):
             async for _, output in outputs:
                 apply_step(self.states, 0, output)
@@ -274,7 +276,9 @@ class ChatAssembler:
             )
         )
 
-    async def events(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+    async def events(
+        self, outputs: AsyncGenerator[tuple[int, RequestOutput], None]
+    ) -> AsyncGenerator[str, None]:
         for index in range(self.req.n):
             yield self._chunk(
                 [ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))]

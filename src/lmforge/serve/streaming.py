@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from lmforge.serve.errors import APIError, error_body
 
@@ -26,21 +28,42 @@ def sse_event(payload: BaseModel | dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def sse_with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+async def sse_with_errors(events: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
     """Pass events through; once the 200 headers are sent, an error can only travel as an event.
 
     OpenAI does the same: the error envelope as a data event, then ``[DONE]``, so clients raise it.
+    Closing this generator closes ``events`` too.
     """
     try:
-        async for event in events:
-            yield event
+        async with aclosing(events):
+            async for event in events:
+                yield event
     except APIError as err:
         yield sse_event(error_body(err.status, err.message, err.param, err.code))
         yield DONE
 
 
-def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(sse_with_errors(events), media_type="text/event-stream", headers=SSE_HEADERS)
+class EventStreamResponse(StreamingResponse):
+    """A streaming response that always closes its event generator when it ends, however it ends.
+
+    When the client disconnects while a chunk is being sent, Starlette cancels the send, not the
+    generator, which stays suspended at its ``yield``; its cleanup (aborting the engine request) would wait
+    for garbage collection. Closing it here runs that cleanup at once.
+    """
+
+    def __init__(self, events: AsyncGenerator[str, None]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.events.aclose()
+
+
+def sse_response(events: AsyncGenerator[str, None]) -> EventStreamResponse:
+    return EventStreamResponse(sse_with_errors(events))
 
 
 async def _wait_for_disconnect(request: Request) -> None:
