@@ -51,6 +51,21 @@ def build_engine(
     return LLMEngine(Transformer(cfg), tokenizer, config)
 
 
+class StepDelay:
+    """Slows an engine's steps by ``seconds`` each (a stand-in for a big model), so that a request is
+    reliably still running when a test acts on it, however fast the machine."""
+
+    def __init__(self, engine: LLMEngine, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        step = engine.step
+
+        def slow_step():
+            time.sleep(self.seconds)
+            return step()
+
+        engine.step = slow_step
+
+
 @dataclass
 class RunningServer:
     base_url: str

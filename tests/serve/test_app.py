@@ -12,6 +12,7 @@ import pytest
 from tests.serve.live_server import (
     MAX_MODEL_LEN,
     MODEL_ID,
+    StepDelay,
     build_engine,
     metric_values,
     running_server,
@@ -137,7 +138,9 @@ def test_metrics_follow_the_traffic(server):
 
 
 def test_requests_beyond_the_limit_get_429(tokenizer):
-    with running_server(lambda: build_engine(tokenizer), max_active_requests=1) as running:
+    engine = build_engine(tokenizer)
+    StepDelay(engine, seconds=0.01)  # the first request runs ~0.8 s: still in flight when the second comes
+    with running_server(lambda: engine, max_active_requests=1) as running:
         client = openai.OpenAI(base_url=f"{running.base_url}/v1", api_key="unused", max_retries=0)
         long_stream = client.completions.create(
             model=MODEL_ID, prompt="Hello", max_tokens=80, stream=True, extra_body={"ignore_eos": True}

@@ -12,7 +12,14 @@ import pytest
 
 from lmforge.infer import SamplingParams
 from lmforge.serve.async_engine import AsyncEngine
-from tests.serve.live_server import MODEL_ID, build_engine, metric_values, running_server, wait_until_idle
+from tests.serve.live_server import (
+    MODEL_ID,
+    StepDelay,
+    build_engine,
+    metric_values,
+    running_server,
+    wait_until_idle,
+)
 
 N_CLIENTS = 40
 DISCONNECT_EVERY = 4  # every 4th client leaves after its first content chunk
@@ -72,19 +79,16 @@ def test_concurrent_streams_with_disconnects_free_every_block(open_server):
     assert delta("lmforge_e2e_request_latency_seconds_count") + aborted == N_CLIENTS
 
 
-def test_non_streaming_client_disconnect_aborts_the_request(open_server):
-    request = {
-        "model": MODEL_ID,
-        "prompt": "Hello",
-        "max_tokens": 400,  # hundreds of steps: still running when the client gives up after 0.3 s
-        "n": 8,
-        "ignore_eos": True,
-    }
-    before = metric_values(open_server.base_url)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{open_server.base_url}/v1/completions", json=request, timeout=0.3)
-    wait_until_idle(open_server)
-    after = metric_values(open_server.base_url)
+def test_non_streaming_client_disconnect_aborts_the_request(tokenizer):
+    engine = build_engine(tokenizer)
+    StepDelay(engine, seconds=0.01)  # 80 steps take ~0.8 s; the client gives up after 0.3 s
+    request = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 80, "n": 4, "ignore_eos": True}
+    with running_server(lambda: engine) as running:
+        before = metric_values(running.base_url)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{running.base_url}/v1/completions", json=request, timeout=0.3)
+        wait_until_idle(running)
+        after = metric_values(running.base_url)
     # the request was abandoned, not completed: it was aborted and no e2e latency was recorded for it
     assert after["lmforge_requests_aborted_total"] == before["lmforge_requests_aborted_total"] + 1
     assert (

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import time
 
 import httpx
 import pytest
 
 from tests.serve.live_server import (
     MODEL_ID,
+    StepDelay,
     build_engine,
     metric_values,
     running_server,
@@ -52,17 +52,10 @@ def page(tmp_path):
 
 @pytest.fixture
 def slow_server(tokenizer):
-    """A server whose engine steps can be slowed down (a stand-in for a big model), so that a reply is
-    reliably still streaming when the test clicks Stop."""
+    """A server whose engine steps can be slowed down, so that replies stream over many network reads and
+    are still running when the test clicks Stop."""
     engine = build_engine(tokenizer, max_model_len=512)
-    real_step = engine.step
-    delay = {"s": 0.0}
-
-    def step():
-        time.sleep(delay["s"])
-        return real_step()
-
-    engine.step = step
+    delay = StepDelay(engine)
     with running_server(lambda: engine) as running:
         yield running, delay
 
@@ -82,7 +75,7 @@ def send(page, text: str) -> str:
 
 def test_chat_page_streams_a_multi_turn_conversation(page, slow_server, tmp_path):
     server, delay = slow_server
-    delay["s"] = 0.01  # 48 tokens take ~0.5 s: the reply reaches the page over many network reads
+    delay.seconds = 0.01  # 48 tokens take ~0.5 s: the reply reaches the page over many network reads
     requests = []
     page.on("request", lambda r: requests.append(r))
     page.goto(server.base_url + "/")
@@ -146,7 +139,7 @@ def test_stop_button_and_new_chat(page, slow_server):
     full = httpx.post(f"{server.base_url}/v1/chat/completions", json=greedy, timeout=60).json()
     assert full["choices"][0]["finish_reason"] == "length"
     before = metric_values(server.base_url)["lmforge_requests_aborted_total"]
-    delay["s"] = 0.02
+    delay.seconds = 0.02
     page.fill("#temperature", "0")
     page.dispatch_event("#temperature", "input")
     page.fill("#max-tokens", "400")
@@ -159,7 +152,7 @@ def test_stop_button_and_new_chat(page, slow_server):
     assert page.is_disabled("#stop") and page.is_enabled("#send")
     wait_until_idle(server)
     assert metric_values(server.base_url)["lmforge_requests_aborted_total"] == before + 1
-    delay["s"] = 0.0
+    delay.seconds = 0.0
 
     # a refused turn shows the server's message and leaves the conversation as it was
     page.fill("#max-tokens", "100000")
