@@ -7,9 +7,10 @@ to end on the same documents written as JSONL.gz files: decompressing, JSON pars
 shards, index and manifest, worker start-up (and, in the ``always`` row, decoding every document to count
 round-trip failures).
 
-Two clocks: wall time, and CPU time (this process plus its finished worker processes). On a shared
-machine the wall clock also measures the neighbours; tokens per CPU-second per worker does not, and is
-the per-worker efficiency. Scaling = wall tokens/s with N workers / with 1 worker.
+Each measurement runs in a fresh process (the same starting state for every variant). Two clocks: wall
+time, and CPU time (the process plus its finished worker processes). On a shared machine the wall clock
+also measures the neighbours; tokens per CPU-second per worker much less so, and is the per-worker
+efficiency. Scaling = wall tokens/s with N workers / with 1 worker.
 
     python benchmarks/tokenize_throughput.py                       # real corpora if built, else synthetic
     python benchmarks/tokenize_throughput.py --mb 20 --workers 1 2 --corpus /tmp/lmforge-corpora
@@ -26,6 +27,8 @@ import gzip
 import json
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -88,25 +91,38 @@ def measure(run: Callable[[], int]) -> tuple[float, float, int]:
     return time.perf_counter() - wall, cpu_seconds() - cpu, tokens
 
 
-def peer(tokenizer_dir: Path, texts: list[str], batch: int, method: str) -> Callable[[], int]:
-    encode = getattr(load_tokenizer(tokenizer_dir).backend, method)
-
-    def run() -> int:
-        tokens = 0
-        for i in range(0, len(texts), batch):
-            tokens += sum(len(e.ids) for e in encode(texts[i : i + batch], add_special_tokens=False))
-        return tokens
-
-    return run
+def read_texts(folder: Path) -> list[str]:
+    """The documents of the input files, in the order the peer encodes them."""
+    texts = []
+    for path in sorted(folder.glob("*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            texts.extend(json.loads(line)["text"] for line in f)
+    return texts
 
 
-def ours(cfg: TokenizeConfig) -> Callable[[], int]:
-    def run() -> int:
-        manifest = tokenize_to_shards(cfg, progress=False)
-        return manifest["totals"]["tokens"] - manifest["totals"]["docs"]  # EOS separators not counted
+def run_one(work: Path, mode: str, workers: int, batch: int) -> None:
+    """One measurement in this (fresh) process; prints wall, CPU and tokens as JSON."""
+    if mode in PEERS:
+        texts = read_texts(work / "docs")  # untimed: the peer starts from texts in memory
+        encode = getattr(load_tokenizer(work / "tok").backend, mode)
 
-    shutil.rmtree(cfg.output, ignore_errors=True)
-    return run
+        def run() -> int:
+            tokens = 0
+            for i in range(0, len(texts), batch):
+                tokens += sum(len(e.ids) for e in encode(texts[i : i + batch], add_special_tokens=False))
+            return tokens
+
+    else:
+        cfg = TokenizeConfig([str(work / "docs")], str(work / "tok"), str(work / "out"), workers)
+        cfg.round_trip_check, cfg.batch_docs = mode, batch
+        shutil.rmtree(cfg.output, ignore_errors=True)
+
+        def run() -> int:
+            manifest = tokenize_to_shards(cfg, progress=False)
+            return manifest["totals"]["tokens"] - manifest["totals"]["docs"]  # EOS separators not counted
+
+    wall, cpu, tokens = measure(run)
+    print(json.dumps({"wall": wall, "cpu": cpu, "tokens": tokens}))
 
 
 def main() -> None:
@@ -120,7 +136,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch", type=int, default=256, help="documents per encode_batch call (both sides)")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many interleaved runs")
+    parser.add_argument("--one", nargs=2, metavar=("WORKDIR", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one:
+        run_one(Path(args.one[0]), args.one[1], args.workers[0], args.batch)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="lmforge-tokbench-"))
     try:
@@ -129,28 +149,26 @@ def main() -> None:
         write_inputs(texts, work / "docs", args.files)
         tok = train_tokenizer(texts[: max(1, len(texts) // 4)], TokenizerTrainConfig(vocab_size=args.vocab))
         tok.save(work / "tok")
-        print(
-            f"{len(texts)} documents, {megabytes:.1f} MB in {args.files} files; byte-level BPE, vocab {args.vocab}"
-        )
+        del texts, tok
+        print(f"{megabytes:.1f} MB of documents in {args.files} files; byte-level BPE, vocab {args.vocab}")
 
         variants = [(f"HF {m} (in memory)", 1, m) for m in PEERS]
         variants += [("lmforge data tokenize", w, "auto") for w in args.workers]
         variants += [("lmforge data tokenize, round-trip check", 1, "always")]
         best: dict[tuple[str, int], tuple[float, float, int]] = {}
-        for _ in range(args.repeats):  # interleaved, so slow phases of the neighbours hit every variant
+        # Every measurement in a fresh process (same starting state for all), interleaved so that slow
+        # phases of the neighbours hit every variant; the best of the repeats is kept.
+        for _ in range(args.repeats):
             for name, workers, mode in variants:
-                if mode in PEERS:
-                    run = peer(work / "tok", texts, args.batch, mode)
-                else:
-                    cfg = TokenizeConfig([str(work / "docs")], str(work / "tok"), str(work / "out"), workers)
-                    cfg.round_trip_check, cfg.batch_docs = mode, args.batch
-                    run = ours(cfg)
-                wall, cpu, tokens = measure(run)
+                command = [sys.executable, __file__, "--one", str(work), mode]
+                command += ["--workers", str(workers), "--batch", str(args.batch)]
+                out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                result = json.loads(out.strip().splitlines()[-1])
                 previous = best.get((name, workers))
                 best[name, workers] = (
-                    min(wall, previous[0]) if previous else wall,
-                    min(cpu, previous[1]) if previous else cpu,
-                    tokens,
+                    min(result["wall"], previous[0]) if previous else result["wall"],
+                    min(result["cpu"], previous[1]) if previous else result["cpu"],
+                    result["tokens"],
                 )
         counts = {tokens for _, _, tokens in best.values()}
         if len(counts) != 1:
