@@ -278,6 +278,11 @@ class Demo:
         ]
         n = results["sft"]["tasks"]["addition"]["n"]
         note = f"{n} held-out examples per task; operand pairs of held-out additions never occur in SFT data."
+        if results["sft"]["perplexity"]["perplexity"] > results["base"]["perplexity"]["perplexity"]:
+            note += (
+                " Perplexity on held-out corpus documents rises after SFT: the fine-tuning data are short chats"
+                " only, so the model forgets part of the corpus distribution (catastrophic forgetting)."
+            )
         return StageCard(
             "eval", STAGES["eval"], tables=tables, images=["plots/eval_base_vs_sft.png"], note=note
         )
