@@ -22,11 +22,3 @@ def server(tokenizer: Tokenizer) -> Iterator[RunningServer]:
     torch.set_num_threads(1)
     with running_server(lambda: build_engine(tokenizer), api_key=API_KEY) as running:
         yield running
-
-
-@pytest.fixture(scope="session")
-def open_server(tokenizer: Tokenizer) -> Iterator[RunningServer]:
-    """A server without an API key and with a longer context (the chat page and the concurrency test)."""
-    torch.set_num_threads(1)
-    with running_server(lambda: build_engine(tokenizer, max_model_len=512)) as running:
-        yield running
