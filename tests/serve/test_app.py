@@ -178,3 +178,37 @@ def test_a_full_engine_queue_gets_429(tokenizer):
                 model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], stream=True
             )
         assert running.state.engine.num_active == 0
+
+
+MALFORMED_BODIES = [
+    b"",
+    b"null",
+    b"[]",
+    b'"text"',
+    b"{}",
+    b'{"prompt": null}',
+    b'{"prompt": [[]]}',
+    b'{"prompt": [1.5]}',
+    b'{"prompt": "x", "n": "many"}',
+    b'{"prompt": "x", "max_tokens": -1}',
+    b'{"prompt": "x", "stop": 3}',
+    b'{"prompt": "x", "logit_bias": {"1": "high"}}',
+    b'{"prompt": "x", "stream_options": {"include_usage": true}}',
+    b'{"messages": []}',
+    b'{"messages": [{"content": "no role"}]}',
+    b'{"messages": "hi"}',
+    b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": -1, "logprobs": true}',
+    b'{"tokens": ["a"]}',
+    b'{"tokens": [-1]}',
+    b'{"prompt": "x", "messages": [{"role": "user", "content": "x"}]}',
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"])
+def test_malformed_requests_never_get_a_5xx(server, path):
+    headers = {**server.headers(), "Content-Type": "application/json"}
+    for body in MALFORMED_BODIES:
+        response = httpx.post(f"{server.base_url}{path}", content=body, headers=headers)
+        assert response.status_code < 500, (body, response.text)
+        if response.status_code >= 400:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}

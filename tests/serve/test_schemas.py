@@ -10,6 +10,7 @@ from lmforge.serve.schemas import (
     CompletionRequest,
     DeltaMessage,
     TokenizeRequest,
+    template_messages,
 )
 
 
@@ -82,7 +83,7 @@ def test_chat_messages_and_max_tokens_aliases():
         ],
         max_tokens=5,
     )
-    assert req.template_messages() == [
+    assert template_messages(req.messages) == [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "hi there"},
     ]
@@ -117,6 +118,8 @@ def test_chat_rejects_invalid_requests(fields):
 def test_tokenize_needs_exactly_one_input():
     with pytest.raises(ValidationError):
         TokenizeRequest()
+    with pytest.raises(ValidationError):
+        TokenizeRequest(messages=[])
     with pytest.raises(ValidationError):
         TokenizeRequest(prompt="a", messages=[{"role": "user", "content": "b"}])
 

@@ -167,10 +167,7 @@ def create_app(
         serving = state.ready()
         serving.check_model(req.model)
         if req.messages is not None:
-            chat = ChatCompletionRequest(
-                messages=req.messages, add_generation_prompt=req.add_generation_prompt
-            )
-            tokens = serving.encode_chat(chat).token_ids
+            tokens = serving.encode_chat(req.messages, req.add_generation_prompt).token_ids
         else:
             tokens = serving.tokenizer.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
         return TokenizeResponse(count=len(tokens), max_model_len=serving.engine.max_model_len, tokens=tokens)

@@ -22,7 +22,6 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from lmforge.infer import EngineStats, LLMEngine, SamplingParams
 from lmforge.infer.outputs import RequestOutput
@@ -98,12 +97,6 @@ class RequestStream:
             self._abort.detach()
         self._observe(item)
         return item
-
-    async def __aenter__(self) -> RequestStream:
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        self.abort()
 
     def _observe(self, output: RequestOutput) -> None:
         metrics = self._metrics

@@ -15,7 +15,14 @@ from lmforge.serve.async_engine import AsyncEngine, EngineFailure, RequestStream
 from lmforge.serve.errors import APIError
 from lmforge.serve.logprobs import TokenTexts
 from lmforge.serve.responses import ChatAssembler, CompletionAssembler, Prompt
-from lmforge.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, random_id
+from lmforge.serve.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingFields,
+    random_id,
+    template_messages,
+)
 from lmforge.serve.streaming import cancel_on_disconnect, sse_response
 
 # End-of-turn markers of common chat formats: a chat reply also stops there (the EOS may come after it).
@@ -213,10 +220,10 @@ class OpenAIServing:
 
     # -- /v1/chat/completions ------------------------------------------------------------------------------
 
-    def encode_chat(self, req: ChatCompletionRequest) -> Prompt:
+    def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> Prompt:
         try:
             text = self.tokenizer.apply_chat_template(
-                req.template_messages(), add_generation_prompt=req.add_generation_prompt
+                template_messages(messages), add_generation_prompt=add_generation_prompt
             )
         except Exception as err:  # template errors (raise_exception in Jinja, no template) are the caller's
             raise APIError(
@@ -227,7 +234,7 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(req.model)
-        prompt = self.encode_chat(req)
+        prompt = self.encode_chat(req.messages, req.add_generation_prompt)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         budget = self.output_budget(prompt, req.requested_max_tokens, param, "messages", req.sequences)
         top = (req.top_logprobs or 0) if req.logprobs else None

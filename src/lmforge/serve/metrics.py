@@ -98,13 +98,13 @@ class ServerMetrics:
         )
         self.time_to_first_token = Histogram(
             f"{PREFIX}_time_to_first_token_seconds",
-            "Seconds from arrival to the first generated token.",
+            "Seconds from a request's admission by the engine to its first generated token.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.e2e_latency = Histogram(
             f"{PREFIX}_e2e_request_latency_seconds",
-            "Seconds from arrival to the last token.",
+            "Seconds from a request's admission by the engine to its last token.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
