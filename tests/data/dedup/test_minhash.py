@@ -79,9 +79,67 @@ def test_permutations_where_the_fast_mersenne_reduction_fails_are_computed_exact
     np.testing.assert_array_equal(hasher.signatures([text, "", "other words here"])[0], reference.hashvalues)
 
 
+def test_low_halves_that_wrap_are_candidates():
+    """Permutations crafted so a shingle's low 32 bits L sit within 7 of 2^32: ``L + (v >> 61)`` wraps to
+    a tiny value (the true minimum) or the candidate bound overflows; the result must still be exact."""
+    long_text = " ".join(f"w{i}" for i in range(300))
+    hasher = MinHasher(num_perm=8, seed=2)
+    (x_single,) = hasher.shingle_hashes("one two")  # fewer words than an n-gram: a single shingle
+    a, b = hasher.a.copy(), hasher.b.copy()
+    rng = np.random.default_rng(9)
+
+    def offset_for(k: int, x: int, low: int) -> int:  # b < 2^61 giving (a_k x + b) a low half of `low`
+        return int(rng.integers(0, 1 << 29)) << 32 | (low - int(a[k]) * x) % (1 << 32)
+
+    for x in hasher.shingle_hashes(long_text).tolist():
+        b[1] = offset_for(1, x, (1 << 32) - 1)
+        if (int(a[1]) * x + int(b[1])) % (1 << 64) >> 61:  # L + h wraps to h - 1
+            break
+    b[2] = offset_for(2, int(x_single), (1 << 32) - 3)  # F = L + 7 wraps
+    b[3] = offset_for(3, int(x_single), (1 << 32) - 10)  # min F + 7 overflows
+    hasher._set_permutations(a, b)
+    assert len(hasher._exact_rows) == 0  # the fast path is what is tested
+    texts = [long_text, "one two"]
+    signatures = hasher.signatures(texts)
+    assert signatures[0, 1] < 7
+    for text, signature in zip(texts, signatures):
+        reference = MinHash(num_perm=8, scheme="legacy", hashfunc=int, permutations=(a, b))
+        reference.update_batch(hasher.shingle_hashes(text).tolist())
+        np.testing.assert_array_equal(signature, reference.hashvalues)
+
+
+def test_minimum_from_a_shingle_whose_low_half_is_not_the_smallest():
+    """A permutation crafted so shingle 1's low 32 bits are one more than shingle 0's (the smallest) but
+    its v >> 61 is smaller by two or more: the minimum comes from shingle 1."""
+    hasher = MinHasher(num_perm=4, seed=4)
+    rng = np.random.default_rng(10)
+    text = next(
+        t
+        for t in (f"a b c d e f{i}" for i in range(100))
+        if np.diff(hasher.shingle_hashes(t).astype(np.int64))[0] % 2
+    )
+    x0, x1 = (int(x) for x in hasher.shingle_hashes(text))
+    a, b = hasher.a.copy(), hasher.b.copy()
+    while True:  # L1 = L0 + 1 needs a (x1 - x0) = 1 (mod 2^32); the high halves are drawn until h0 >= h1 + 2
+        a[0] = int(rng.integers(0, 1 << 28)) << 32 | pow(x1 - x0, -1, 1 << 32)
+        b[0] = int(rng.integers(0, 1 << 28)) << 32 | (1000 - int(a[0]) * x0) % (1 << 32)
+        h0, h1 = ((int(a[0]) * x + int(b[0])) % (1 << 64) >> 61 for x in (x0, x1))
+        if h0 >= h1 + 2:
+            break
+    hasher._set_permutations(a, b)
+    assert len(hasher._exact_rows) == 0
+    signature = hasher.signatures([text])[0]
+    assert signature[0] == 1001 + h1
+    reference = MinHash(num_perm=4, scheme="legacy", hashfunc=int, permutations=(a, b))
+    reference.update_batch([x0, x1])
+    np.testing.assert_array_equal(signature, reference.hashvalues)
+
+
 def test_signatures_of_many_documents_straddling_chunks_match_datasketch():
     rng = np.random.default_rng(8)
-    hasher = MinHasher(num_perm=32)  # small chunks: most documents straddle chunk boundaries
+    hasher = MinHasher(num_perm=32)
+    hasher._chunk = 200  # small chunks: most documents straddle chunk boundaries
+    hasher._set_permutations(hasher.a, hasher.b)
     texts = [random_text(rng, int(rng.integers(0, 3 * hasher._chunk))) for _ in range(40)]
     hashes, offsets = hasher.shingle_hash_batch(texts)
     signatures = hasher.signatures_from_hashes(hashes, offsets)

@@ -17,8 +17,7 @@ each cluster" is deterministic.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from lmforge.data.text import fmix64, word_hashes
 MERSENNE_PRIME = np.uint64((1 << 61) - 1)
 MAX_HASH = np.uint64((1 << 32) - 1)
 _NGRAM_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial combine stays order-sensitive
-_LITTLE_ENDIAN = sys.byteorder == "little"  # where the low 32 bits of a uint64 sit in its uint32 view
+_MAX_HIGH = 7  # largest v >> 61 of a uint64 v
 
 
 # ----------------------------------------------------------------------------------------- LSH parameters
@@ -163,6 +162,25 @@ def mersenne_folding_fails(a: int, b: int) -> bool:
     return hit is not None and hit < 1 << 32
 
 
+class _Segments:
+    """Documents' shingle ranges cut at chunk boundaries: every segment lies inside one chunk."""
+
+    def __init__(self, doc_starts: np.ndarray, total: int, chunk: int):
+        n_chunks = -(-total // chunk)
+        self.padded_length = n_chunks * chunk
+        self.starts = np.union1d(doc_starts, np.arange(0, total, chunk))
+        self.lengths = np.diff(self.starts, append=self.padded_length)
+        self._chunk_first = np.searchsorted(self.starts, np.arange(0, self.padded_length + 1, chunk))
+
+    def chunks(self, chunk: int) -> Iterator[tuple[int, int, int]]:
+        """(first position, first segment, end segment) of every chunk."""
+        for c in range(len(self._chunk_first) - 1):
+            yield c * chunk, int(self._chunk_first[c]), int(self._chunk_first[c + 1])
+
+    def index_of_position(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.starts)), self.lengths)
+
+
 class MinHasher:
     """Word n-gram MinHash signatures, computed for many documents at once.
 
@@ -174,10 +192,10 @@ class MinHasher:
     (datasketch's ``legacy``); ``scheme="affine32"`` pre-mixes each shingle hash with a bijection and
     applies ``a x + b mod 2^32`` with odd ``a`` (datasketch's default since 2.0).
 
-    Shingles are processed in fixed chunks of ``_chunk`` (documents may straddle chunks: minima of the
-    pieces are combined afterwards). Each chunk is a ``(num_perm, _chunk)`` block worked on in place in
-    cache-sized buffers, with the parameters pre-expanded to the block's shape: numpy's SIMD loops only
-    apply to contiguous operands, not to broadcast ones.
+    Shingles are processed in fixed chunks of ``_chunk`` (documents may straddle chunks: the minima of
+    their pieces, "segments", are combined afterwards). A chunk is a ``(num_perm, _chunk)`` ``uint32``
+    block worked on in place, with the parameters pre-expanded to the block's shape: numpy's SIMD loops
+    only apply to contiguous operands, not to broadcast ones.
     """
 
     def __init__(
@@ -193,22 +211,26 @@ class MinHasher:
         self.ngram = ngram
         self.seed = seed
         self.scheme = scheme
-        # Shingles per chunk: each (num_perm x chunk) buffer is 256 KiB of uint64, so the four of the
-        # Mersenne scheme stay in a core's L2 cache.
-        self._chunk = max(16, (1 << 15) // num_perm)
+        # Shingles per chunk: each (num_perm x chunk) uint32 buffer is 512 KiB, so the working set stays
+        # in a core's L2 cache while per-call overheads are spread over many values.
+        self._chunk = max(16, (1 << 17) // num_perm)
         self._set_permutations(*datasketch_permutations(num_perm, seed, scheme))
 
     def _set_permutations(self, a: np.ndarray, b: np.ndarray) -> None:
         self.a, self.b = a, b
-        self._a_block = np.ascontiguousarray(np.broadcast_to(a[:, None], (self.num_perm, self._chunk)))
-        self._b_block = np.ascontiguousarray(np.broadcast_to(b[:, None], (self.num_perm, self._chunk)))
-        self._values = np.empty((self.num_perm, self._chunk), dtype=a.dtype)
         if self.scheme == "mersenne":
-            self._high = np.empty_like(self._values)
+            # Low 32 bits of a x + b (mod 2^64) for 32-bit x, plus the 7 of the candidate bound (see
+            # _mersenne_segment_minima).
+            a, b = a & MAX_HASH, (b + np.uint64(_MAX_HIGH)) & MAX_HASH
             self._exact_rows = np.array(
-                [k for k in range(self.num_perm) if mersenne_folding_fails(int(a[k]), int(b[k]))],
+                [k for k in range(self.num_perm) if mersenne_folding_fails(int(self.a[k]), int(self.b[k]))],
                 dtype=np.int64,
             )
+        shape = (self.num_perm, self._chunk)
+        self._a_block = np.ascontiguousarray(np.broadcast_to(a.astype(np.uint32)[:, None], shape))
+        self._b_block = np.ascontiguousarray(np.broadcast_to(b.astype(np.uint32)[:, None], shape))
+        self._values = np.empty(shape, dtype=np.uint32)
+        self._candidates = np.empty(shape, dtype=bool)
 
     # -- shingles
     def shingle_hash_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -249,24 +271,63 @@ class MinHasher:
         return self.shingle_hash_batch([text])[0]
 
     # -- signatures
-    def _permuted_chunk(self, hashes: np.ndarray) -> np.ndarray:
-        """(num_perm, _chunk) ``uint32`` view of every permutation applied to a chunk of shingle hashes."""
+    def _affine_chunk(self, hashes: np.ndarray) -> np.ndarray:
+        """``a x + b (mod 2^32)`` for every permutation (rows) and shingle hash x of the chunk (columns)."""
         values = self._values
-        if self.scheme == "affine32":
-            np.copyto(values, _fmix32(hashes)[None, :])
-            np.multiply(
-                values, self._a_block, out=values
-            )  # wraps mod 2^32: the affine map is the permutation
-            np.add(values, self._b_block, out=values)
-            return values
-        np.copyto(values, hashes[None, :], casting="unsafe")
-        np.multiply(values, self._a_block, out=values)  # wraps mod 2^64, exactly as datasketch's legacy
+        np.copyto(values, hashes[None, :])
+        np.multiply(values, self._a_block, out=values)  # wraps mod 2^32, as datasketch's arithmetic
         np.add(values, self._b_block, out=values)
-        # Low 32 bits of v mod (2^61 - 1) = those of v + (v >> 61), see mersenne_folding_fails; the few
-        # permutations where that can fail are recomputed exactly in signatures_from_hashes.
-        np.right_shift(values, np.uint64(61), out=self._high)
-        np.add(values, self._high, out=values)
-        return values.view(np.uint32)[:, ::2] if _LITTLE_ENDIAN else values.view(np.uint32)[:, 1::2]
+        return values
+
+    def _affine32_segment_minima(self, padded: np.ndarray, segments: _Segments) -> np.ndarray:
+        seg_min = np.empty((self.num_perm, len(segments.starts)), dtype=np.uint32)
+        mixed = _fmix32(padded)
+        for lo, s0, s1 in segments.chunks(self._chunk):
+            values = self._affine_chunk(mixed[lo : lo + self._chunk])
+            seg_min[:, s0:s1] = np.minimum.reduceat(values, segments.starts[s0:s1] - lo, axis=1)
+        return seg_min
+
+    def _mersenne_segment_minima(self, padded: np.ndarray, segments: _Segments) -> np.ndarray:
+        """Minima of ``((a x + b) mod (2^61 - 1)) & (2^32 - 1)`` over each segment, for every permutation.
+
+        With ``v = (a x + b) mod 2^64`` and ``h = v >> 61`` (0..7), the value is ``L + h (mod 2^32)`` with
+        ``L`` the low 32 bits of ``v`` (see :func:`mersenne_folding_fails` for the rare exception, handled
+        by the caller). ``L`` needs only 32-bit arithmetic on the low halves of ``a`` and ``b``, at twice
+        the SIMD width of 64-bit arithmetic; ``h`` needs the full product. So the chunk is computed in 32
+        bits as ``F = L + 7 (mod 2^32)``, and only candidates get the exact 64-bit treatment: if a segment's
+        smallest F is ``>= 7``, its minimum is at most that F (an element with ``F >= 7`` cannot wrap) and
+        can only come from an element with ``F <= min F + 7`` or with ``F < 7`` (``L`` close enough to
+        ``2^32`` to wrap), so those are the candidates; otherwise every element of the segment is one.
+        A segment has about one candidate per permutation.
+        """
+        chunk, num_perm = self._chunk, self.num_perm
+        candidates = self._candidates
+        found: list[np.ndarray] = []
+        for lo, s0, s1 in segments.chunks(chunk):
+            values = self._affine_chunk(padded[lo : lo + chunk])  # F
+            bound = np.minimum.reduceat(values, segments.starts[s0:s1] - lo, axis=1)
+            bound += np.uint32(_MAX_HIGH)  # below 2 * 7 exactly when min F < 7 or min F + 7 overflows
+            np.putmask(bound, bound < 2 * _MAX_HIGH, MAX_HASH)
+            np.less_equal(values, np.repeat(bound, segments.lengths[s0:s1], axis=1), out=candidates)
+            flat = np.flatnonzero(candidates)
+            flat += lo * num_perm  # index into the (chunk, permutation, column) order of all chunks
+            found.append(flat)
+        flat = np.concatenate(found)
+        chunk_index, within = np.divmod(flat, num_perm * chunk)
+        perm, column = np.divmod(within, chunk)
+        position = chunk_index * chunk + column
+        values = self.a[perm] * padded[position].astype(np.uint64)  # wraps mod 2^64, as datasketch's legacy
+        values += self.b[perm]
+        values += values >> np.uint64(61)
+        exact = values.astype(np.uint32)  # the low 32 bits
+        # Candidates come sorted by (chunk, permutation, column), so by (permutation, segment) within a
+        # chunk: each run of one (permutation, segment) pair is reduced to its minimum.
+        segment = segments.index_of_position()[position]
+        key = segment * num_perm + perm
+        run_starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+        seg_min = np.empty((num_perm, len(segments.starts)), dtype=np.uint32)
+        seg_min[perm[run_starts], segment[run_starts]] = np.minimum.reduceat(exact, run_starts)
+        return seg_min
 
     def _exact_mersenne_row(self, k: int, hashes: np.ndarray) -> np.ndarray:
         """Permutation k over all hashes with datasketch's formula (the reference arithmetic)."""
@@ -282,28 +343,24 @@ class MinHasher:
         if hashes.dtype != np.uint32:
             raise TypeError(f"shingle hashes must be uint32, got {hashes.dtype}")
         offsets = np.asarray(offsets, dtype=np.int64)
-        n_docs, total, chunk = len(offsets) - 1, len(hashes), self._chunk
-        out = np.full((n_docs, self.num_perm), MAX_HASH, dtype=np.uint32)
-        nonempty = np.flatnonzero(offsets[1:] > offsets[:-1])
-        if total == 0:
+        out = np.full((len(offsets) - 1, self.num_perm), MAX_HASH, dtype=np.uint32)
+        if len(hashes) == 0:
             return out
+        nonempty = np.flatnonzero(offsets[1:] > offsets[:-1])
+        segments = _Segments(offsets[nonempty], len(hashes), self._chunk)
         # Pad to whole chunks with copies of the last shingle: it belongs to the last document, whose
         # minimum a repeat leaves unchanged.
-        n_chunks = -(-total // chunk)
-        padded = np.concatenate((hashes, np.full(n_chunks * chunk - total, hashes[-1], dtype=np.uint32)))
-        # Segments: pieces of documents cut at chunk boundaries; a document's minimum is that of its pieces.
-        seg_starts = np.union1d(offsets[nonempty], np.arange(0, total, chunk))
-        chunk_first_seg = np.searchsorted(seg_starts, np.arange(0, n_chunks * chunk + 1, chunk))
-        seg_min = np.empty((self.num_perm, len(seg_starts)), dtype=np.uint32)
-        for c in range(n_chunks):
-            lo, s0, s1 = c * chunk, chunk_first_seg[c], chunk_first_seg[c + 1]
-            permuted = self._permuted_chunk(padded[lo : lo + chunk])
-            seg_min[:, s0:s1] = np.minimum.reduceat(permuted, seg_starts[s0:s1] - lo, axis=1)
-        if self.scheme == "mersenne":
+        padded = np.concatenate(
+            (hashes, np.full(segments.padded_length - len(hashes), hashes[-1], dtype=np.uint32))
+        )
+        if self.scheme == "affine32":
+            seg_min = self._affine32_segment_minima(padded, segments)
+        else:
+            seg_min = self._mersenne_segment_minima(padded, segments)
             for k in self._exact_rows:
-                seg_min[k] = np.minimum.reduceat(self._exact_mersenne_row(k, hashes), seg_starts)
-        doc_first_seg = np.searchsorted(seg_starts, offsets[nonempty])
-        out[nonempty] = np.minimum.reduceat(seg_min, doc_first_seg, axis=1).T
+                seg_min[k] = np.minimum.reduceat(self._exact_mersenne_row(k, hashes), segments.starts)
+        doc_first_segment = np.searchsorted(segments.starts, offsets[nonempty])
+        out[nonempty] = np.minimum.reduceat(seg_min, doc_first_segment, axis=1).T
         return out
 
     def signatures(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
