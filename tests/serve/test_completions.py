@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -202,6 +203,27 @@ def test_chat_stream_follows_openai_chunk_order(client):
     assert usage.choices == [] and usage.usage == whole.usage
     assert "".join(c.choices[0].delta.content for c in content_chunks) == whole.choices[0].message.content
     assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_usage_appears_in_chunks_only_when_asked_for(server):
+    request = {
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+        "stream": True,
+    }
+
+    def chunks(**extra) -> list[dict]:
+        with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json={**request, **extra},
+                          headers=server.headers()) as response:  # fmt: skip
+            lines = [line for line in response.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+    assert all("usage" not in c for c in chunks())
+    with_usage = chunks(stream_options={"include_usage": True})
+    assert all(c["usage"] is None for c in with_usage[:-1])
+    assert with_usage[-1]["choices"] == [] and with_usage[-1]["usage"]["total_tokens"] > 0
 
 
 def test_chat_logprobs_and_top_logprobs(client):

@@ -174,15 +174,11 @@ class CompletionAssembler:
         )
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-        return sse_event(
-            CompletionResponse(
-                id=self.request_id,
-                created=self.created,
-                model=self.model_id,
-                choices=choices,
-                usage=usage,
-            )
+        chunk = CompletionResponse(
+            id=self.request_id, created=self.created, model=self.model_id, choices=choices, usage=usage
         )
+        # As OpenAI: chunks carry "usage" (null until the last) only when stream_options asked for it.
+        return sse_event(chunk, exclude=None if self.req.include_usage else {"usage"})
 
     async def events(
         self, outputs: AsyncGenerator[tuple[int, RequestOutput], None]
@@ -266,15 +262,11 @@ class ChatAssembler:
         )
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-        return sse_event(
-            ChatCompletionChunk(
-                id=self.request_id,
-                created=self.created,
-                model=self.model_id,
-                choices=choices,
-                usage=usage,
-            )
+        chunk = ChatCompletionChunk(
+            id=self.request_id, created=self.created, model=self.model_id, choices=choices, usage=usage
         )
+        # As OpenAI: chunks carry "usage" (null until the last) only when stream_options asked for it.
+        return sse_event(chunk, exclude=None if self.req.include_usage else {"usage"})
 
     async def events(
         self, outputs: AsyncGenerator[tuple[int, RequestOutput], None]

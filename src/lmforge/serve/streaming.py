@@ -21,10 +21,10 @@ DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def sse_event(payload: BaseModel | dict[str, Any]) -> str:
+def sse_event(payload: BaseModel | dict[str, Any], exclude: set[str] | None = None) -> str:
     """One ``data: {json}`` event; JSON never contains a raw newline, so one data line suffices."""
     if isinstance(payload, BaseModel):
-        return f"data: {payload.model_dump_json()}\n\n"
+        return f"data: {payload.model_dump_json(exclude=exclude)}\n\n"
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
