@@ -6,6 +6,8 @@ A killed stage resumes from the trainer's newest checkpoint in its run folder.
 
 from __future__ import annotations
 
+import statistics
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmforge.config import load_config
@@ -31,14 +33,22 @@ def _common(demo: Demo, stage: str) -> dict[str, Any]:
     }
 
 
-def _training_numbers(metrics: dict[str, Any]) -> dict[str, Any]:
-    numbers: dict[str, Any] = {
-        "steps": metrics.get("step"),
-        "tokens seen": metrics.get("tokens"),
-        "final training loss": round(metrics["loss"], 4) if "loss" in metrics else None,
-        "throughput (tokens/s, last window)": round(metrics.get("tokens_per_s", 0.0)),
+def _training_numbers(run_dir: Path) -> dict[str, Any]:
+    """Key numbers from the trainer's metrics log (complete even when a finished run was resumed)."""
+    from lmforge.train.metrics import read_jsonl
+
+    logged = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    if not logged:
+        return {}
+    last = logged[-1]
+    return {
+        "steps": last["step"],
+        "tokens seen": last["tokens"],
+        "final training loss": round(last["loss"], 4),
+        "throughput (tokens/s, median of logged windows)": round(
+            statistics.median(r["tokens_per_s"] for r in logged)
+        ),
     }
-    return {k: v for k, v in numbers.items() if v is not None}
 
 
 def pretrain(demo: Demo) -> StageCard:
@@ -75,7 +85,7 @@ def pretrain(demo: Demo) -> StageCard:
         "parameters": model.num_parameters(),
         "sequence length": cfg.pretrain.seq_len,
         "batch (sequences)": cfg.pretrain.batch_size,
-        **_training_numbers(result.metrics),
+        **_training_numbers(result.run_dir),
     }
     return StageCard("pretrain", "Pretraining", numbers=numbers, images=["pretrain/plots/loss.png"])
 
@@ -102,7 +112,7 @@ def finetune(demo: Demo) -> StageCard:
         "tokens (trained: assistant replies + end of turn)": f"{stats.tokens} ({stats.trained_tokens})",
         "rejected records": sum(stats.rejected.values()),
         "packing": f"rows of {cfg.sft.seq_len} tokens, position ids restart per example, no cross-example attention",
-        **_training_numbers(result.metrics),
+        **_training_numbers(result.run_dir),
     }
     if result.val_loss is not None:
         numbers["held-out chat loss"] = round(result.val_loss, 4)
