@@ -103,7 +103,8 @@ class Trainer:
     ) -> None:
         """``train_data`` must have ``state_dict``/``load_state_dict`` for resume and rollback (PackedLoader
         has); by default a PackedLoader over ``cfg.data`` is built. ``val_data`` makes a fresh iterator of
-        held-out batches; by default the loader's val split when ``data.val_fraction > 0``."""
+        held-out batches; by default one over ``val_shards``, else the loader's val split when
+        ``data.val_fraction > 0``. ``batch_hook`` sees (and may replace) every micro-batch before use."""
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -180,7 +181,7 @@ class Trainer:
     def _data(
         self, train_data: Iterator[Batch] | None, val_data: Callable[[], Iterator[Batch]] | None
     ) -> tuple[Iterator[Batch], Callable[[], Iterator[Batch]] | None]:
-        if train_data is not None:
+        if train_data is not None and val_data is not None:
             return train_data, val_data
         from lmforge.data.loader import PackedLoader
 
@@ -211,9 +212,9 @@ class Trainer:
 
         if val_data is None and cfg.val_shards:
             val_data = held_out
-        elif val_data is None and cfg.data.val_fraction > 0:
+        elif val_data is None and train_data is None and cfg.data.val_fraction > 0:
             val_data = functools.partial(loader, "val")
-        return loader("train"), val_data
+        return (train_data if train_data is not None else loader("train")), val_data
 
     # -- state -----------------------------------------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
