@@ -82,3 +82,11 @@ def test_engine_stop_string_ends_the_request_with_the_text_before_it(tokenizer):
             last = out.outputs[0]
     assert last.finish_reason == "stop" and last.stop_reason == stop
     assert last.text == streamed == text[:cut]
+
+
+@pytest.mark.parametrize("kind", ["byte_bpe", "char_bpe", "wordpiece", "unigram"])
+def test_deltas_add_up_to_the_full_decode_for_every_tokenizer_kind(kind):
+    tokenizer = train_tokenizer(TEXTS, TokenizerTrainConfig(kind=kind, vocab_size=300, min_frequency=1))
+    ids = tokenizer.encode("hello world, the quick brown fox naïve café")
+    deltas, _, full = _stream(tokenizer, ids)
+    assert "".join(deltas) == full == tokenizer.decode(ids)
