@@ -2,10 +2,11 @@
 
 A record is either ``{"messages": [{"role": ..., "content": ...}, ...]}`` (system/user/assistant turns)
 or ``{"prompt": ..., "completion": ...}`` (optionally ``"system"``), which becomes one user turn and one
-assistant turn. The conversation is rendered with the tokenizer's chat template and tokenized once;
-the tokens that carry a loss are exactly those of each assistant turn: its content and the end-of-turn
-text the template appends up to and including the EOS token (``<|im_end|>`` + EOS for the default
-template), so the model learns to stop. The header that opens an assistant turn (``<|im_start|>assistant``)
+assistant turn. The conversation is rendered with the tokenizer's chat template and tokenized once,
+without the tokenizer's automatic BOS (the template writes its special tokens itself, which is also how the
+server's chat endpoint tokenizes). The tokens that carry a loss are exactly those of each assistant turn:
+its content and the end-of-turn text the template appends up to and including the EOS token
+(``<|im_end|>`` + EOS for the default template), so the model learns to stop. The header that opens an assistant turn (``<|im_start|>assistant``)
 is prompt: the engine supplies it as the generation prompt. Turn spans are found by rendering the
 conversation up to each assistant turn with ``add_generation_prompt=True`` and comparing with the full
 rendering; token spans come from the tokenizer's character offsets. Masks are positional, so a pad id
