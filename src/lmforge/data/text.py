@@ -63,13 +63,24 @@ def normalize_for_hash(text: str) -> str:
     return _WHITESPACE_RE.sub(" ", text).strip()
 
 
+_FMIX_SHIFT = np.uint64(33)
+_FMIX_MULTIPLIERS = (np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53))
+
+
 def fmix64(x: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 64-bit finalizer: an avalanching bijection (wrapping uint64 arithmetic)."""
-    x = x ^ (x >> np.uint64(33))
-    x = x * np.uint64(0xFF51AFD7ED558CCD)
-    x = x ^ (x >> np.uint64(33))
-    x = x * np.uint64(0xC4CEB9FE1A85EC53)
-    return x ^ (x >> np.uint64(33))
+    """MurmurHash3's 64-bit finalizer: an avalanching bijection (wrapping uint64 arithmetic).
+
+    Computed in place in two buffers (half the passes over memory of the textbook expression).
+    """
+    x = np.asarray(x, dtype=np.uint64)
+    mixed = x >> _FMIX_SHIFT
+    mixed ^= x
+    shifted = np.empty_like(mixed)
+    for multiplier in _FMIX_MULTIPLIERS:
+        mixed *= multiplier
+        np.right_shift(mixed, _FMIX_SHIFT, out=shifted)
+        mixed ^= shifted
+    return mixed
 
 
 # Punctuation and Unicode spaces become ASCII space, so that word boundaries are ASCII bytes.
@@ -128,7 +139,7 @@ def _pieces(encoded: bytes) -> list[bytes]:
 
 
 def _hash_group(pieces: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """Hashes of the words of the joined pieces, and the piece each word belongs to.
+    """Hashes of the words of the joined pieces, and the number of words in each piece.
 
     With prefix sums ``S`` of ``byte_i * B^i`` (mod 2^64), the word spanning ``[s, e)`` hashes to
     ``(S[e] - S[s]) * B^-s = sum c_j * B^j``: the same value wherever the word sits.
@@ -143,9 +154,11 @@ def _hash_group(pieces: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     prefix = np.zeros(len(data) + 1, dtype=np.uint64)
     np.multiply(data, up[: len(data)], out=prefix[1:])
     np.cumsum(prefix[1:], out=prefix[1:])
-    hashes = fmix64((prefix[word_ends] - prefix[word_starts]) * down[word_starts])
-    piece_starts = np.cumsum([0] + [len(p) + 1 for p in pieces[:-1]])
-    return hashes, np.searchsorted(piece_starts, word_starts, side="right") - 1
+    sums = prefix[word_ends]
+    sums -= prefix[word_starts]
+    sums *= down[word_starts]
+    piece_starts = np.cumsum([0] + [len(p) + 1 for p in pieces])
+    return fmix64(sums), np.diff(np.searchsorted(word_starts, piece_starts))
 
 
 def word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -164,14 +177,15 @@ def word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
             pieces.append(piece)
             piece_doc.append(doc)
     hashes: list[np.ndarray] = [np.empty(0, dtype=np.uint64)]
-    word_docs: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
+    piece_words: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
     start, size = 0, 0
     for end, piece in enumerate(pieces, 1):
         size += len(piece) + 1
         if size >= _GROUP_BYTES or end == len(pieces) or size + len(pieces[end]) > _PIECE_BYTES:
-            group_hashes, group_piece = _hash_group(pieces[start:end])
+            group_hashes, group_words = _hash_group(pieces[start:end])
             hashes.append(group_hashes)
-            word_docs.append(np.asarray(piece_doc[start:end], dtype=np.int64)[group_piece])
+            piece_words.append(group_words)
             start, size = end, 0
-    counts = np.bincount(np.concatenate(word_docs), minlength=len(texts)).astype(np.int64)
+    counts = np.zeros(len(texts), dtype=np.int64)
+    np.add.at(counts, np.asarray(piece_doc, dtype=np.int64), np.concatenate(piece_words))
     return np.concatenate(hashes), counts

@@ -248,10 +248,13 @@ class MinHasher:
         for offset in range(1, n):
             combined *= _NGRAM_MULTIPLIER
             combined += word_hashes_padded[offset : offset + total]
-        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        doc_of_word = np.repeat(np.arange(len(texts)), lengths)
-        position = np.arange(total) - starts[doc_of_word]
-        hashes = combined[position <= lengths[doc_of_word] - n]  # windows that stay inside their document
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        # Windows that stay inside their document: all but those starting in its last n - 1 words.
+        inside = np.ones(total, dtype=bool)
+        tails = ends[:, None] - np.arange(1, n)[None, :]
+        inside[tails[tails >= starts[:, None]]] = False
+        hashes = combined[inside]
         counts = np.maximum(lengths - n + 1, 0)
         short = np.flatnonzero((lengths > 0) & (lengths < n))
         if len(short):  # a document shorter than one n-gram is one shingle of all its words
