@@ -22,6 +22,7 @@ from tests.serve.live_server import (
     SPLIT_CHARACTER,
     RunningServer,
     build_engine,
+    running_server,
 )
 
 
@@ -384,3 +385,47 @@ def test_admission_counts_prompts_still_being_added(tokenizer):
     refused = [r for r in results if isinstance(r, APIError)]
     assert len(admitted) == 1 and len(admitted[0]) == 2
     assert len(refused) == 1 and refused[0].status == 429
+
+
+def test_a_hugging_face_checkpoint_is_served_with_transformers_greedy_tokens(tmp_path, tokenizer):
+    """A Llama folder written by transformers, served from disk: greedy tokens over the API equal
+    transformers' own ``generate`` on the same weights."""
+    import transformers
+
+    from lmforge.infer import LLMEngine
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    hf_model = transformers.LlamaForCausalLM(config).eval()
+    folder = tmp_path / "tiny-hf-llama"
+    hf_model.save_pretrained(folder)
+    tokenizer.save(folder)
+    prompt = tokenizer.encode("The quick brown fox", add_special_tokens=True)
+    with torch.no_grad():
+        input_ids = torch.tensor([prompt])
+        expected = hf_model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(
+                input_ids
+            ),  # the BOS id is 0, which transformers would take for padding
+            max_new_tokens=8,
+            eos_token_id=None,  # like ignore_eos: never stop early, never suppress EOS either
+            do_sample=False,
+            pad_token_id=tokenizer.pad_id,
+        )[0, len(prompt) :].tolist()
+    with running_server(lambda: LLMEngine.from_pretrained(folder)) as running:
+        client = openai.OpenAI(base_url=f"{running.base_url}/v1", api_key="unused", max_retries=0)
+        result = client.completions.create(
+            model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=0, logprobs=0,
+            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+        )  # fmt: skip
+    tokens = [int(t.removeprefix("token_id:")) for t in result.choices[0].logprobs.tokens]
+    assert tokens == expected
