@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from lmforge.config import load_config
@@ -30,6 +31,7 @@ def launch(recipe: Path) -> subprocess.Popen:
     )
 
 
+@pytest.mark.multiprocess
 def test_sigkill_then_relaunch_gives_the_uninterrupted_loss_sequence(tmp_path: Path, shards: Path) -> None:
     overrides = {"max_steps": STEPS, "checkpoint.every_steps": 3, "model.dropout": 0.1}
     straight = train(load_config(TrainConfig, data=tiny_data(tmp_path / "straight", shards, **overrides)))

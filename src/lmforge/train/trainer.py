@@ -456,8 +456,6 @@ class Trainer:
                 continue
             window_tokens += result["batch_tokens"]
             window_losses.append(result["loss"])
-            if progress is not None:
-                progress.update(1)
             if self.step % cfg.log.every_steps == 0 or self.step == cfg.max_steps:
                 elapsed = time.perf_counter() - window_start
                 # the loss is averaged over the steps since the last record: one step's loss is noisy
@@ -471,6 +469,8 @@ class Trainer:
                 self.metrics.log(last_record)
                 if progress is not None:
                     progress.set_postfix(self._postfix(last_record), refresh=False)
+            if progress is not None:
+                progress.update(1)
             every = cfg.checkpoint.every_steps
             if every and self.step % every == 0 and self.step < cfg.max_steps:
                 self.save()
