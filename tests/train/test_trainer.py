@@ -231,6 +231,9 @@ def test_crash_then_resume_repeats_the_exact_loss_sequence(tmp_path: Path, shard
     assert result.step == 10
     assert losses(run) == losses(tmp_path / "straight")  # bitwise: fp32 on CPU
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 11))
+    again = train(tiny_config(run, shards, max_steps=10, **overrides))  # finished: nothing left to do
+    assert again.step == 10 and again.metrics == result.metrics
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 11))
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,7 @@ from lmforge.model.flops import flops_per_token
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import parallel
 from lmforge.train.config import TrainConfig
-from lmforge.train.metrics import MetricsLogger, memory_gib, peak_flops, write_plots
+from lmforge.train.metrics import MetricsLogger, memory_gib, peak_flops, read_jsonl, write_plots
 from lmforge.train.objective import Batch, LMObjective, Objective, lm_loss_sum
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import autocast_factory, grad_scaler, resolve_precision
@@ -441,8 +441,10 @@ class Trainer:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        last_record: dict[str, Any] = {}
-        val_loss = None
+        # a run resumed at its end reports what it logged before
+        logged = [r for r in read_jsonl(self.metrics.path) if "loss" in r] if env.is_main else []
+        last_record: dict[str, Any] = logged[-1] if logged else {}
+        val_loss = last_record.get("val_loss")
         last_saved = self.step if folder is not None else None
         window_start, window_tokens, window_losses = time.perf_counter(), 0, []
         while self.step < cfg.max_steps:
