@@ -43,6 +43,16 @@ def test_budget_decodes_first_then_chunked_prefill():
     assert [(i.seq.prompt_len, i.num_tokens) for i in plan.scheduled] == [(6, 1), (30, 5), (3, 3)]
 
 
+def test_decodes_go_before_unfinished_prefills_whatever_the_admission_order():
+    scheduler = Scheduler(BlockManager(200, 4), max_num_seqs=8, max_num_batched_tokens=16)
+    scheduler.add(_group("short", 4))
+    scheduler.add(_group("long", 40))
+    _run(scheduler, scheduler.schedule())  # short: whole prompt, now decoding; long: first 12 tokens
+    scheduler.running.reverse()  # as if the long prefill had been admitted first
+    plan = scheduler.schedule()
+    assert [(i.seq.prompt_len, i.num_tokens) for i in plan.scheduled] == [(4, 1), (40, 15)]
+
+
 def test_finished_requests_leave_and_free_their_blocks():
     scheduler = Scheduler(BlockManager(50, 4), max_num_seqs=4, max_num_batched_tokens=64)
     scheduler.add(_group("a", 5, max_tokens=1))

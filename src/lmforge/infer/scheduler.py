@@ -1,7 +1,7 @@
 """Continuous-batching scheduler: which sequences compute how many tokens in the next step.
 
-Every step fills a token budget: running requests first (one token per decoding sequence, or the next chunk
-of a prefill that did not fit in one step), then waiting requests in arrival order, the last admitted one
+Every step fills a token budget: decoding requests first (one token per sequence), then the next chunks of
+prefills that did not fit in earlier steps, then waiting requests in arrival order, the last admitted one
 chunked to whatever budget is left. A request joins at the next step after it arrives and leaves as soon as
 it finishes. When the block pool runs dry, the most recently admitted running request is preempted: its
 blocks are freed and it goes back to the head of the queue to be recomputed (its prefix blocks usually
@@ -112,38 +112,41 @@ class Scheduler:
         self.waiting.appendleft(group)
         self.num_preemptions += 1
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        index = 0
-        while index < len(self.running) and budget > 0:
-            group = self.running[index]
+    def _schedule_running(self, out: SchedulerOutput) -> None:
+        """Decoding requests first (in admission order), then the next chunks of unfinished prefills."""
+        decoding = [g for g in self.running if all(s.num_uncomputed == 1 for s in g.live_seqs)]
+        decoding_ids = {id(g) for g in decoding}
+        prefilling = [g for g in self.running if id(g) not in decoding_ids]
+        for group in decoding + prefilling:
+            budget = self.max_num_batched_tokens - out.num_tokens
+            if budget <= 0:
+                return
+            if group not in self.running:
+                continue  # preempted to make room for an earlier one
             seqs = group.live_seqs
             wanted = [min(s.num_uncomputed, budget) if len(seqs) == 1 else s.num_uncomputed for s in seqs]
             if sum(wanted) > budget:
-                break
+                continue
             placed = []
             for seq, n in zip(seqs, wanted):
                 while group in self.running and not self.block_manager.ensure_slots(seq, n):
                     self._preempt(self.running[-1], out)
                 if group not in self.running:
-                    break
+                    break  # it was the most recently admitted: it preempted itself
                 placed.append(ScheduledSeq(seq, n))
-            if group not in self.running:
-                break  # the group preempted itself: every group after it is gone too
-            out.scheduled.extend(placed)
-            budget -= sum(wanted)
-            index += 1
-        return budget
+            if group in self.running:
+                out.scheduled.extend(placed)
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit_waiting(self, out: SchedulerOutput) -> None:
         bm = self.block_manager
-        while self.waiting and budget > 0:
+        while self.waiting and out.num_tokens < self.max_num_batched_tokens:
+            budget = self.max_num_batched_tokens - out.num_tokens
             group = self.waiting[0]
             seqs = group.live_seqs
             if self.num_running_seqs + group.max_seqs > self.max_num_seqs and self.running:
                 break
-            use_cache = (
-                group.params.prompt_logprobs is None
-            )  # prompt logprobs need every prompt position computed
+            # prompt logprobs need every prompt position computed, so those requests skip the prefix cache
+            use_cache = group.params.prompt_logprobs is None
             for seq in seqs:
                 if use_cache:
                     cached = bm.match_prefix(seq)
@@ -162,16 +165,16 @@ class Scheduler:
                     bm.free(seq)
                 break
             for seq, n in zip(seqs, wanted):
-                assert bm.ensure_slots(seq, n)
+                allocated = bm.ensure_slots(seq, n)  # cannot fail: the free blocks were counted above
+                assert allocated
                 seq.status = SequenceStatus.RUNNING
                 out.scheduled.append(ScheduledSeq(seq, n))
-            budget -= sum(wanted)
             self.waiting.popleft()
             self.running.append(group)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        self._schedule_running(out)
         if not out.preempted:
-            self._admit_waiting(out, budget)
+            self._admit_waiting(out)
         return out
