@@ -387,6 +387,7 @@ def test_admission_counts_prompts_still_being_added(tokenizer):
     assert len(refused) == 1 and refused[0].status == 429
 
 
+@pytest.mark.slow
 def test_a_hugging_face_checkpoint_is_served_with_transformers_greedy_tokens(tmp_path, tokenizer):
     """A Llama folder written by transformers, served from disk: greedy tokens over the API equal
     transformers' own ``generate`` on the same weights."""
