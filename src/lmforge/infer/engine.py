@@ -67,7 +67,8 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_seq_len
     enable_prefix_caching: bool = True
     chunked_prefill: bool = True
-    # keep decoding sequences' keys/values contiguous too (faster decoding on CPU, more memory; see kv_cache.py)
+    # decoding sequences keep contiguous copies of their keys/values (no per-step gather; at most as much
+    # memory again as the KV pool; see decode_mirror.py)
     decode_mirror: bool = True
     seed: int | None = None  # the shared generator of unseeded requests
 
