@@ -193,6 +193,8 @@ def test_admission_limits_and_bad_requests(tiny_model):
         _engine(tiny_model, num_blocks=4).make_request("f", [1] * 10, GREEDY)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="block_size"):
+        EngineConfig(block_size=0)
 
 
 def test_pool_is_sized_from_a_memory_budget(tiny_model):

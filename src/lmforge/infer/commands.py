@@ -29,6 +29,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     group.add_argument("--seed", type=int, default=None, help="per-request seed: same seed, same output")
+    parser.add_argument(
+        "--kv-cache-mb", type=int, default=256, help="memory for the paged KV cache, MiB (default: 256)"
+    )
 
 
 def sampling_params_from_args(args: argparse.Namespace, **extra: Any):
@@ -83,14 +86,14 @@ def register(subparsers: Any) -> None:
     chat.set_defaults(handler=run_chat)
 
 
-def _load_engine(model_dir: str):
-    from lmforge.infer import LLMEngine
+def _load_engine(model_dir: str, kv_cache_mb: int):
+    from lmforge.infer import EngineConfig, LLMEngine
 
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise SystemExit(f"lmforge: {folder} is not a model folder (no config.json)")
     try:
-        return LLMEngine.from_pretrained(folder)
+        return LLMEngine.from_pretrained(folder, EngineConfig(kv_cache_memory_bytes=kv_cache_mb * 2**20))
     except (ValueError, OSError) as err:  # a broken folder: say what is wrong, no traceback
         raise SystemExit(f"lmforge: cannot load {folder}: {err}") from err
 
@@ -123,7 +126,7 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"lmforge generate: {err}", file=sys.stderr)
         return 2
-    engine = _load_engine(args.model_dir)
+    engine = _load_engine(args.model_dir, args.kv_cache_mb)
     special = not args.chat  # a chat template writes its own special tokens
     if args.chat:
         prompts = [
@@ -173,7 +176,7 @@ def run_chat(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"lmforge chat: {err}", file=sys.stderr)
         return 2
-    engine = _load_engine(args.model_dir)
+    engine = _load_engine(args.model_dir, args.kv_cache_mb)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     print("lmforge chat: /reset forgets the conversation, /exit or Ctrl-D quits.", file=sys.stderr)

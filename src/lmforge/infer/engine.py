@@ -72,6 +72,19 @@ class EngineConfig:
     decode_mirror: bool = True
     seed: int | None = None  # the shared generator of unseeded requests
 
+    def __post_init__(self) -> None:
+        for name in (
+            "block_size",
+            "kv_cache_memory_bytes",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_waiting",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ValueError(f"num_blocks: need at least 2 (one is the padding block), got {self.num_blocks}")
+
 
 @dataclass
 class EngineStats:
