@@ -148,6 +148,8 @@ class Trainer:
         if env.pp > 1:
             if self.cfg.data.document_masking:
                 raise ValueError("pipeline parallelism passes one tensor between stages: no document_masking")
+            if self.scaler is not None:
+                raise ValueError("pipeline parallelism with fp16 loss scaling is not supported; use bf16")
             if self.cfg.batch.micro_batch_size % pcfg.pp_microbatches:
                 raise ValueError("batch.micro_batch_size must be divisible by parallel.pp_microbatches")
             parallel.split_pipeline_stage(model, env.pp, env.pp_rank)
@@ -304,8 +306,10 @@ class Trainer:
             if self.batch_hook is not None:
                 batch = self.batch_hook(self.step, batch)
             batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-        units = torch.tensor(float(sum(self.objective.count(b) for b in batches)), device=self.device)
-        units = float(parallel.all_reduce_sum(units, env.group("dp")))
+        units = torch.tensor(
+            sum(self.objective.count(b) for b in batches), dtype=torch.int64, device=self.device
+        )
+        units = int(parallel.all_reduce_sum(units, env.group("dp")))
         scale = env.dp / max(units, 1.0)
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
