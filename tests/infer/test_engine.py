@@ -33,10 +33,23 @@ def expected(tiny_model):
         {"max_num_batched_tokens": 24, "max_num_seqs": 4},  # long prompts are chunked over several steps
         {"enable_prefix_caching": False},
         {"num_blocks": 24, "max_num_seqs": 8},  # 23 usable blocks of 4 tokens: forces preemption
+        {
+            "chunked_prefill": False,
+            "max_num_batched_tokens": 24,
+            "max_num_seqs": 4,
+        },  # whole prompts, one by one
         {"decode_mirror": False},  # decodes gather their keys/values from the blocks every step
         {"decode_mirror": False, "num_blocks": 24, "max_num_seqs": 8},
     ],
-    ids=["batched", "chunked-prefill", "no-prefix-cache", "preemption", "gather", "gather-preemption"],
+    ids=[
+        "batched",
+        "chunked-prefill",
+        "no-prefix-cache",
+        "preemption",
+        "unchunked-prefill",
+        "gather",
+        "gather-preemption",
+    ],
 )
 def test_batched_greedy_equals_each_request_alone(tiny_model, expected, settings):
     engine = _engine(tiny_model, **settings)
