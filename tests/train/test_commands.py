@@ -59,3 +59,14 @@ def test_sigkill_then_relaunch_gives_the_uninterrupted_loss_sequence(tmp_path: P
     records = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in records] == expected  # bitwise, CPU fp32
+
+
+def test_bad_recipe_values_are_reported_as_config_errors(tmp_path: Path, capsys) -> None:
+    from lmforge.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"optim": {"name": "sgd"}}))
+    assert main(["train", "--config", str(recipe)]) == 2
+    assert "optim.name" in capsys.readouterr().err
+    assert main(["train", "--config", str(recipe), "optim.name=adamw", "stability.nonfinite=ignore"]) == 2
+    assert "stability.nonfinite" in capsys.readouterr().err

@@ -252,3 +252,16 @@ def test_precision_and_optimizer_variants_train(tmp_path: Path, shards: Path, ov
         assert variant == pytest.approx(reference, rel=rel)
     else:
         assert variant[-1] < variant[0]
+
+
+def test_init_from_a_model_folder_starts_from_its_weights(tmp_path: Path, shards: Path) -> None:
+    first = train(tiny_config(tmp_path / "first", shards, max_steps=8, **{"checkpoint.export": True}))
+    cfg = tiny_config(tmp_path / "second", shards, max_steps=1, init_from=str(first.model_dir))
+    second = train(cfg)
+    model = load_pretrained(first.model_dir)
+    batch = next(PackedLoader.from_config(cfg.data, batch_size=4))
+    with torch.no_grad():
+        logits = model(batch["input_ids"]).logits
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
+    assert second.metrics["loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert second.metrics["loss"] < losses(first.run_dir)[0] - 0.3  # not a fresh random model
