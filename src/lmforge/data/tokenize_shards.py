@@ -129,7 +129,9 @@ def plan_tasks(cfg: TokenizeConfig) -> list[_Task]:
 _worker_state: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_dir: str, cfg_dict: dict[str, Any], tok: Tokenizer | None = None) -> None:
+def _init_worker(
+    tokenizer_dir: str, cfg_dict: dict[str, Any], round_trip: str, tok: Tokenizer | None = None
+) -> None:
     # One thread per worker: parallelism comes from the processes (and the tokenizers thread pool must not
     # oversubscribe the cores the other workers use).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -140,7 +142,7 @@ def _init_worker(tokenizer_dir: str, cfg_dict: dict[str, Any], tok: Tokenizer | 
     tok.backend.encode_special_tokens = not cfg.allow_special_tokens
     _worker_state["tokenizer"] = tok
     _worker_state["cfg"] = cfg
-    _worker_state["round_trip"] = resolve_round_trip_check(cfg.round_trip_check, tok)
+    _worker_state["round_trip"] = round_trip
     _worker_state["special_texts"] = [
         t.content for t in tok.backend.get_added_tokens_decoder().values() if t.special
     ]
@@ -267,9 +269,10 @@ def tokenize_to_shards(cfg: TokenizeConfig, progress: bool = True) -> dict[str, 
     bar = tqdm(total=len(tasks), initial=len(records), desc="tokenize", unit="file", disable=not progress)
     bar.set_postfix(tokens=sum(r["tokens"] for r in records.values()))
     cfg_dict = dict(cfg.__dict__)
+    round_trip = resolve_round_trip_check(cfg.round_trip_check, tok)
     if todo:
         if cfg.workers == 1:
-            _init_worker(cfg.tokenizer, cfg_dict, tok)
+            _init_worker(cfg.tokenizer, cfg_dict, round_trip, tok)
             for task in todo:
                 records[task.name] = _tokenize_task(task, str(out_dir), dtype.name)
                 bar.update(1)
@@ -280,7 +283,7 @@ def tokenize_to_shards(cfg: TokenizeConfig, progress: bool = True) -> dict[str, 
                 max_workers=min(cfg.workers, len(todo)),
                 mp_context=get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(cfg.tokenizer, cfg_dict),
+                initargs=(cfg.tokenizer, cfg_dict, round_trip),
             ) as pool:
                 futures = [pool.submit(_tokenize_task, t, str(out_dir), dtype.name) for t in todo]
                 for task, future in zip(todo, futures):
@@ -295,7 +298,7 @@ def tokenize_to_shards(cfg: TokenizeConfig, progress: bool = True) -> dict[str, 
         tok.eos_id,
         tok.sha256(),
         tokenizer=str(cfg.tokenizer),
-        round_trip_check=resolve_round_trip_check(cfg.round_trip_check, tok),
+        round_trip_check=round_trip,
         special_tokens_in_text="parsed" if cfg.allow_special_tokens else "encoded as text",
     )
     write_manifest(out_dir, manifest)
