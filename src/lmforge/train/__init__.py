@@ -2,6 +2,7 @@
 
 Python::
 
+    from lmforge.config import load_config
     from lmforge.train import TrainConfig, train
     result = train(load_config(TrainConfig, "recipes/train/tiny-cpu.yaml"))  # -> TrainResult
     result.model_dir, result.metrics["loss"], result.val_loss
