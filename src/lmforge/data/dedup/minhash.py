@@ -162,6 +162,15 @@ def mersenne_folding_fails(a: int, b: int) -> bool:
     return hit is not None and hit < 1 << 32
 
 
+@lru_cache(maxsize=16)
+def _mersenne_exact_rows(a_bytes: bytes, b_bytes: bytes) -> np.ndarray:
+    """Rows (permutations) whose values must be computed exactly; cached, as hashers are built per task."""
+    pairs = zip(
+        np.frombuffer(a_bytes, dtype=np.uint64).tolist(), np.frombuffer(b_bytes, dtype=np.uint64).tolist()
+    )
+    return np.array([k for k, (a, b) in enumerate(pairs) if mersenne_folding_fails(a, b)], dtype=np.int64)
+
+
 class _Segments:
     """Documents' shingle ranges cut at chunk boundaries: every segment lies inside one chunk."""
 
@@ -195,7 +204,8 @@ class MinHasher:
     Shingles are processed in fixed chunks of ``_chunk`` (documents may straddle chunks: the minima of
     their pieces, "segments", are combined afterwards). A chunk is a ``(num_perm, _chunk)`` ``uint32``
     block worked on in place, with the parameters pre-expanded to the block's shape: numpy's SIMD loops
-    only apply to contiguous operands, not to broadcast ones.
+    only apply to contiguous operands, not to broadcast ones. An instance reuses these buffers: use one
+    instance per thread.
     """
 
     def __init__(
@@ -222,10 +232,7 @@ class MinHasher:
             # Low 32 bits of a x + b (mod 2^64) for 32-bit x, plus the 7 of the candidate bound (see
             # _mersenne_segment_minima).
             a, b = a & MAX_HASH, (b + np.uint64(_MAX_HIGH)) & MAX_HASH
-            self._exact_rows = np.array(
-                [k for k in range(self.num_perm) if mersenne_folding_fails(int(self.a[k]), int(self.b[k]))],
-                dtype=np.int64,
-            )
+            self._exact_rows = _mersenne_exact_rows(self.a.tobytes(), self.b.tobytes())
         shape = (self.num_perm, self._chunk)
         self._a_block = np.ascontiguousarray(np.broadcast_to(a.astype(np.uint32)[:, None], shape))
         self._b_block = np.ascontiguousarray(np.broadcast_to(b.astype(np.uint32)[:, None], shape))
