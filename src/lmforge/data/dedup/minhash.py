@@ -5,8 +5,11 @@ Pipeline: a document becomes a set of word n-gram hashes (``uint32``); its signa
 over the set. The permutation parameters are drawn exactly as datasketch's ``scheme="legacy"`` MinHash
 draws them and the arithmetic wraps in ``uint64`` as datasketch's does, so for the same input hashes and
 seed the signatures are bit-identical to datasketch's (``scheme="affine32"`` reproduces datasketch's
-default scheme since 2.0 the same way). All permutations are applied in one array operation over a
-batch of documents; nothing loops over permutations in Python.
+default scheme since 2.0 the same way). All permutations are applied in one array operation per
+cache-sized chunk of shingles; nothing loops over permutations in Python. The Mersenne reduction is
+never a division: the low 32 bits of ``v mod (2^61 - 1)`` are those of ``v + (v >> 61)`` (bar a
+provably rare case, detected per permutation), and most of it runs in 32-bit arithmetic (see
+``MinHasher._mersenne_segment_minima``).
 
 Signatures are cut into ``bands`` bands of ``rows`` values; documents that agree on a whole band are
 candidates. (bands, rows) come from a Jaccard threshold by minimising the weighted false-positive and
