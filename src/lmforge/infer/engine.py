@@ -13,9 +13,9 @@ validates and tokenizes without touching scheduler state. The synchronous protoc
     engine.add_request(group)          # or engine.add_request(request_id, prompt, params) in one call;
                                        # raises QueueFullError (-> 429) when max_waiting requests already wait
     while engine.has_unfinished():
-        for out in engine.step():      # one scheduler iteration: at most one batched decode forward and one
-            ...                        # batched prefill forward; returns a RequestOutput for every request
-                                       # that produced tokens, finished, or was aborted in this step
+        for out in engine.step():      # one scheduler iteration: batched forwards for the decodes and the
+            ...                        # prefill chunks it scheduled; returns a RequestOutput for every
+                                       # request that produced tokens, finished, or was aborted in this step
     engine.abort(request_id)           # frees the request's blocks at once; its last output (finish_reason
                                        # "abort") comes from the next step()
 
@@ -24,7 +24,9 @@ A ``RequestOutput`` carries ``outputs: list[CompletionOutput]`` (one per complet
 ``new_text`` (UTF-8 safe, stop strings removed, a possible stop-string prefix held back) and ``new_logprobs``;
 ``finish_reason`` is None while running, then "stop" (EOS, a stop token id or a stop string; ``stop_reason``
 names which), "length" (max_tokens or the context) or "abort". ``RequestOutput.prompt_logprobs`` is set on the
-first output of a request that asked for it. Beam-search requests report only once, when finished.
+first output of a request that asked for it. Log-probabilities are those of the model's raw distribution
+(before penalties and temperature). Beam-search requests report only once, when finished, with the
+length-penalised beam score as ``cumulative_logprob`` and no per-token logprobs.
 ``engine.stats()`` gives the counters a metrics endpoint needs.
 
 ``engine.generate(prompts, params)`` is the offline convenience: it adds everything, steps until done and
