@@ -28,11 +28,11 @@ from lmforge.model.cache import KVView
 class MirrorBin:
     """One contiguous buffer; rows 0..n-1 are in use and serve batch rows 0..n-1 of the bin's forward."""
 
-    MIN_ROWS = 8
     MIN_LENGTH = 128
 
-    def __init__(self, cache: PagedKVCache) -> None:
+    def __init__(self, cache: PagedKVCache, min_rows: int = 8) -> None:
         self.cache = cache
+        self.min_rows = min_rows  # first allocation: room for every sequence that can decode at once
         self.k: Tensor | None = None  # (n_layers, rows, n_kv_heads, length, head_dim)
         self.v: Tensor | None = None
         self.row_of: dict[int, int] = {}  # seq id -> row
@@ -55,7 +55,7 @@ class MirrorBin:
         if rows <= have_rows and length <= have_len:
             return have_rows, have_len
         if growth == "double":
-            return max(rows, 2 * have_rows, self.MIN_ROWS), max(length, 2 * have_len, self.MIN_LENGTH)
+            return max(rows, 2 * have_rows, self.min_rows), max(length, 2 * have_len, self.MIN_LENGTH)
         if growth == "round":
             length = -(-length // self.MIN_LENGTH) * self.MIN_LENGTH
         return max(rows, have_rows), max(length, have_len)
@@ -123,13 +123,20 @@ class MirrorBin:
 
 class DecodeMirror:
     def __init__(
-        self, cache: PagedKVCache, max_bytes: int, max_bins: int = 4, forward_cost: int = 4096
+        self,
+        cache: PagedKVCache,
+        max_bytes: int,
+        max_rows: int = 8,
+        max_bins: int = 4,
+        forward_cost: int = 4096,
     ) -> None:
         """max_bytes: memory the buffers may take (beyond it, decoding falls back to gathering from the
-        pool); forward_cost: padded key slots (summed over rows) judged as costly as one more forward."""
+        pool); max_rows: sequences that may decode at once (buffers start with that many rows when they
+        can afford it); forward_cost: padded key slots (summed over rows) judged as costly as one more
+        forward."""
         self.cache = cache
         self.max_bytes = max_bytes
-        self.bins = [MirrorBin(cache) for _ in range(max_bins)]
+        self.bins = [MirrorBin(cache, max_rows) for _ in range(max_bins)]
         self.forward_cost = forward_cost
         self.bin_of: dict[int, MirrorBin] = {}
 

@@ -147,7 +147,9 @@ class LLMEngine:
             config.max_waiting,
             config.chunked_prefill,
         )
-        self.runner = ModelRunner(model, self.cache, config.block_size, config.decode_mirror)
+        self.runner = ModelRunner(
+            model, self.cache, config.block_size, config.decode_mirror, config.max_num_seqs
+        )
         self.sampler = Sampler(config.seed)
         self._request_ids = itertools.count()
         self._aborted: list[SequenceGroup] = []

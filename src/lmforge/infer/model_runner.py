@@ -32,13 +32,18 @@ class ChunkLogits:
 
 class ModelRunner:
     def __init__(
-        self, model: nn.Module, cache: PagedKVCache, block_size: int, decode_mirror: bool = True
+        self,
+        model: nn.Module,
+        cache: PagedKVCache,
+        block_size: int,
+        decode_mirror: bool = True,
+        max_num_seqs: int = 64,
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device  # index tensors are built on the CPU, then moved here
         # the mirror may take as much memory as the block pool itself
         pool_bytes = 2 * cache.k.numel() * cache.k.element_size()
-        self.mirror = DecodeMirror(cache, max_bytes=pool_bytes) if decode_mirror else None
+        self.mirror = DecodeMirror(cache, pool_bytes, max_num_seqs) if decode_mirror else None
         self.cache = cache
         self.block_size = block_size
         self._logit_rows: Tensor | None = None
