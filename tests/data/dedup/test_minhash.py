@@ -33,15 +33,16 @@ def test_lsh_params_weighted_match_datasketch():
     assert optimal_lsh_params(0.6, 128, 0.2, 0.8) == _optimal_param(0.6, 128, 0.2, 0.8)
 
 
+@pytest.mark.parametrize("num_perm", [112, 128])
 @pytest.mark.parametrize("scheme", ["mersenne", "affine32"])
-def test_signatures_bit_identical_to_datasketch(scheme):
+def test_signatures_bit_identical_to_datasketch(scheme, num_perm):
     """Same shingle hashes + same seed -> exactly datasketch's hash values, for both permutation schemes."""
     rng = np.random.default_rng(0)
-    hasher = MinHasher(num_perm=128, scheme=scheme, seed=3)
+    hasher = MinHasher(num_perm=num_perm, scheme=scheme, seed=3)
     texts = [random_text(rng, int(rng.integers(0, 300))) for _ in range(20)] + ["two words", ""]
     signatures = hasher.signatures(texts, batch_size=7)
     for text, signature in zip(texts, signatures):
-        reference = MinHash(num_perm=128, seed=3, scheme=DATASKETCH_SCHEME[scheme], hashfunc=int)
+        reference = MinHash(num_perm=num_perm, seed=3, scheme=DATASKETCH_SCHEME[scheme], hashfunc=int)
         hashes = hasher.shingle_hashes(text)
         if len(hashes):
             reference.update_batch(hashes.tolist())
@@ -138,7 +139,7 @@ def test_minimum_from_a_shingle_whose_low_half_is_not_the_smallest():
 def test_signatures_of_many_documents_straddling_chunks_match_datasketch():
     rng = np.random.default_rng(8)
     hasher = MinHasher(num_perm=32)
-    hasher._chunk = 200  # small chunks: most documents straddle chunk boundaries
+    hasher._chunk = 128  # small chunks: most documents straddle chunk boundaries
     hasher._set_permutations(hasher.a, hasher.b)
     texts = [random_text(rng, int(rng.integers(0, 3 * hasher._chunk))) for _ in range(40)]
     hashes, offsets = hasher.shingle_hash_batch(texts)

@@ -224,12 +224,15 @@ class MinHasher:
         self.ngram = ngram
         self.seed = seed
         self.scheme = scheme
-        # Shingles per chunk: each (num_perm x chunk) uint32 buffer is 512 KiB, so the working set stays
-        # in a core's L2 cache while per-call overheads are spread over many values.
-        self._chunk = max(16, (1 << 17) // num_perm)
+        # Shingles per chunk: each (num_perm x chunk) uint32 buffer is at most 512 KiB, so the working set
+        # stays in a core's L2 cache while per-call overheads are spread over many values. A power of two,
+        # so that candidate indices are packed and unpacked with shifts.
+        self._chunk = 1 << max(4, 17 - (num_perm - 1).bit_length())
         self._set_permutations(*datasketch_permutations(num_perm, seed, scheme))
 
     def _set_permutations(self, a: np.ndarray, b: np.ndarray) -> None:
+        if self._chunk & (self._chunk - 1):
+            raise ValueError(f"the chunk size must be a power of two, got {self._chunk}")
         self.a, self.b = a, b
         if self.scheme == "mersenne":
             # Low 32 bits of a x + b (mod 2^64) for 32-bit x, plus the 7 of the candidate bound (see
@@ -314,6 +317,7 @@ class MinHasher:
         A segment has about one candidate per permutation.
         """
         chunk, num_perm = self._chunk, self.num_perm
+        column_bits, perm_bits = chunk.bit_length() - 1, (num_perm - 1).bit_length()
         candidates = self._candidates
         found: list[np.ndarray] = []
         for lo, s0, s1 in segments.chunks(chunk):
@@ -322,13 +326,13 @@ class MinHasher:
             bound += np.uint32(_MAX_HIGH)  # below 2 * 7 exactly when min F < 7 or min F + 7 overflows
             np.putmask(bound, bound < 2 * _MAX_HIGH, MAX_HASH)
             np.less_equal(values, np.repeat(bound, segments.lengths[s0:s1], axis=1), out=candidates)
-            flat = np.flatnonzero(candidates)
-            flat += lo * num_perm  # index into the (chunk, permutation, column) order of all chunks
+            flat = np.flatnonzero(candidates)  # permutation * chunk + column
+            flat += lo << perm_bits  # chunk index in the high bits: (chunk, permutation, column) order
             found.append(flat)
         flat = np.concatenate(found)
-        chunk_index, within = np.divmod(flat, num_perm * chunk)
-        perm, column = np.divmod(within, chunk)
-        position = chunk_index * chunk + column
+        column = flat & (chunk - 1)
+        perm = (flat >> column_bits) & ((1 << perm_bits) - 1)
+        position = (flat >> (column_bits + perm_bits) << column_bits) | column
         values = self.a[perm] * padded[position].astype(np.uint64)  # wraps mod 2^64, as datasketch's legacy
         values += self.b[perm]
         values += values >> np.uint64(61)
