@@ -215,3 +215,9 @@ def test_pool_is_sized_from_a_memory_budget(tiny_model):
     per_block = 2 * cfg.n_layers * 16 * cfg.n_kv_heads * cfg.head_dim * 4
     engine = LLMEngine(tiny_model, None, EngineConfig(kv_cache_memory_bytes=per_block * 50))
     assert engine.block_manager.num_blocks == 50
+
+
+def test_the_model_is_left_as_it_was_given(tiny_model):
+    _engine(tiny_model).generate(random_prompts([9, 20]), GREEDY)
+    assert not tiny_model.lm_head._forward_pre_hooks
+    assert not tiny_model.training

@@ -46,19 +46,11 @@ class ModelRunner:
         self.mirror = DecodeMirror(cache, pool_bytes, max_num_seqs) if decode_mirror else None
         self.cache = cache
         self.block_size = block_size
-        self._logit_rows: Tensor | None = None
         # padded key slots a decode batch may waste before it is split (about one forward's fixed cost)
         self.min_decode_bucket = 4096
-        head = getattr(model, "lm_head", None)
-        if head is None:
+        self.lm_head = getattr(model, "lm_head", None)
+        if self.lm_head is None:
             raise ValueError("the model runner needs a model with an lm_head")
-        head.register_forward_pre_hook(self._select_rows)
-
-    def _select_rows(self, module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
-        if self._logit_rows is None:
-            return None
-        hidden = args[0]
-        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, self._logit_rows),)
 
     @torch.inference_mode()
     def execute(self, items: list[ScheduledSeq], all_logits: set[int]) -> list[ChunkLogits]:
@@ -151,12 +143,18 @@ class ModelRunner:
             view_slots.to(dev),
             key_positions.to(dev),
         )
-        rows = torch.cat(logit_rows) if logit_rows else torch.zeros(0, dtype=torch.long)
-        self._logit_rows = rows.to(dev)
+        rows = (torch.cat(logit_rows) if logit_rows else torch.zeros(0, dtype=torch.long)).to(dev)
+
+        def select_rows(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            hidden = args[0]
+            return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),)
+
+        # the hook lives only for this forward: the model is left as it was given
+        hook = self.lm_head.register_forward_pre_hook(select_rows)
         try:
             logits = self.model(input_ids.to(dev), position_ids=positions.to(dev), cache=self.cache).logits
         finally:
-            self._logit_rows = None
+            hook.remove()
         offset = 0
         for b, it in enumerate(items):
             if want_all[b]:
