@@ -148,6 +148,10 @@ def test_signatures_of_many_documents_straddling_chunks_match_datasketch():
         reference = MinHash(num_perm=32, scheme="legacy", hashfunc=int)
         reference.update_batch(hashes[offsets[i] : offsets[i + 1]].tolist())
         np.testing.assert_array_equal(signature, reference.hashvalues)
+    # Hashes outside the documents' ranges are ignored.
+    framed = np.concatenate((hashes[::-1][:5], hashes, np.zeros(3, dtype=np.uint32)))
+    np.testing.assert_array_equal(hasher.signatures_from_hashes(framed, offsets + 5), signatures)
+    np.testing.assert_array_equal(hasher.signatures_from_hashes(hashes, offsets[3:]), signatures[3:])
     with pytest.raises(TypeError, match="uint32"):
         hasher.signatures_from_hashes(hashes.astype(np.uint64), offsets)
 

@@ -361,6 +361,8 @@ class MinHasher:
             raise TypeError(f"shingle hashes must be uint32, got {hashes.dtype}")
         offsets = np.asarray(offsets, dtype=np.int64)
         out = np.full((len(offsets) - 1, self.num_perm), MAX_HASH, dtype=np.uint32)
+        hashes = hashes[offsets[0] : offsets[-1]]  # only what the documents own
+        offsets = offsets - offsets[0]
         if len(hashes) == 0:
             return out
         nonempty = np.flatnonzero(offsets[1:] > offsets[:-1])
