@@ -87,17 +87,18 @@ def fmix64(x: np.ndarray) -> np.ndarray:
 _UNICODE_SPACES = "\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u200b\u2028\u2029\u202f\u205f\u3000"
 _SEPARATOR_CHARS = string.punctuation + "“”‘’‚„«»‹›—–‐…¿¡·。、，．！？：；（）「」『』【】" + _UNICODE_SPACES
 _SEPARATORS = str.maketrans(dict.fromkeys(_SEPARATOR_CHARS, " "))
-# The same folding in two cheap passes (str.translate is slow on any text with a non-ASCII character):
-# a regular expression for the non-ASCII separators, then a byte table for the ASCII ones on the UTF-8.
+# The same folding for hashing in two cheap passes (str.translate is slow on any text with a non-ASCII
+# character): a regular expression for the non-ASCII separators, then a byte table on the UTF-8 for the
+# ASCII ones.
 _NON_ASCII_SEPARATOR_RE = re.compile(
     "[" + re.escape("".join(sorted({c for c in _SEPARATOR_CHARS if not c.isascii()}))) + "]"
 )
 _ASCII_SEPARATOR_BYTES = "".join(c for c in _SEPARATOR_CHARS if c.isascii()).encode()
 _ASCII_SEPARATORS_TO_SPACE = bytes.maketrans(_ASCII_SEPARATOR_BYTES, b" " * len(_ASCII_SEPARATOR_BYTES))
-# ASCII whitespace (as str.split sees it) becomes a space before the word boundaries are found. Bytes
-# >= 0x80 are never separators: they are parts of multi-byte UTF-8 characters.
-_WHITESPACE_BYTES = b"\t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
-_WHITESPACE_TO_SPACE = bytes.maketrans(_WHITESPACE_BYTES, b" " * len(_WHITESPACE_BYTES))
+# ASCII whitespace (as str.split sees it) also becomes a space before the word boundaries are found, in
+# the same table. Bytes >= 0x80 are never separators: they are parts of multi-byte UTF-8 characters.
+_SEPARATOR_BYTES = _ASCII_SEPARATOR_BYTES + b"\t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
+_SEPARATORS_TO_SPACE = bytes.maketrans(_SEPARATOR_BYTES, b" " * len(_SEPARATOR_BYTES))
 _BYTE_BASE = 0x100000001B3  # odd, so it is invertible modulo 2^64
 _GROUP_BYTES = 1 << 17  # text hashed per vectorized pass: its uint64 temporaries stay in cache
 _PIECE_BYTES = 1 << 20  # longer documents are cut (at whitespace when possible) into pieces this long
@@ -109,12 +110,13 @@ def fold_case_and_punctuation(text: str) -> str:
     return text.lower().translate(_SEPARATORS)
 
 
-def _folded_utf8(text: str) -> bytes:
-    """``fold_case_and_punctuation(text).encode("utf-8")``, computed faster."""
+def _lowered_utf8(text: str) -> bytes:
+    """UTF-8 of the lowercased text with its non-ASCII separators turned into spaces: translated with
+    ``_ASCII_SEPARATORS_TO_SPACE``, it is ``fold_case_and_punctuation(text).encode("utf-8")``."""
     text = text.lower()
     if not text.isascii():
         text = _NON_ASCII_SEPARATOR_RE.sub(" ", text)
-    return text.encode("utf-8").translate(_ASCII_SEPARATORS_TO_SPACE)
+    return text.encode("utf-8")
 
 
 def _byte_powers() -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +146,7 @@ def _hash_group(pieces: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     With prefix sums ``S`` of ``byte_i * B^i`` (mod 2^64), the word spanning ``[s, e)`` hashes to
     ``(S[e] - S[s]) * B^-s = sum c_j * B^j``: the same value wherever the word sits.
     """
-    data = np.frombuffer(b" ".join(pieces).translate(_WHITESPACE_TO_SPACE), dtype=np.uint8)
+    data = np.frombuffer(b" ".join(pieces).translate(_SEPARATORS_TO_SPACE), dtype=np.uint8)
     up, down = _byte_powers()
     # Word bytes between two non-word sentinels; word edges alternate start, end, start, end...
     in_word = np.zeros(len(data) + 2, dtype=bool)
@@ -172,8 +174,12 @@ def word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     pieces: list[bytes] = []
     piece_doc: list[int] = []
     for doc, text in enumerate(texts):
-        encoded = _folded_utf8(text)
-        for piece in _pieces(encoded) if len(encoded) > _PIECE_BYTES else (encoded,):
+        encoded = _lowered_utf8(text)
+        if len(encoded) > _PIECE_BYTES:  # cut where punctuation, spaces, newlines or tabs are
+            encoded_pieces = _pieces(encoded.translate(_ASCII_SEPARATORS_TO_SPACE))
+        else:
+            encoded_pieces = [encoded]
+        for piece in encoded_pieces:
             pieces.append(piece)
             piece_doc.append(doc)
     hashes: list[np.ndarray] = [np.empty(0, dtype=np.uint64)]
