@@ -100,9 +100,11 @@ def running_server(
     try:
         while True:
             try:
-                status = httpx.get(f"{base_url}/health", timeout=2).status_code
-                if status == 200 or not wait_healthy:
+                health = httpx.get(f"{base_url}/health", timeout=2)
+                if health.status_code == 200 or not wait_healthy:
                     break
+                if health.json()["error"]["code"] == "model_load_failed":
+                    raise RuntimeError(health.json()["error"]["message"])
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:

@@ -171,13 +171,26 @@ def test_default_max_tokens_fits_the_kv_pool(tokenizer):
 
 
 def test_a_full_engine_queue_gets_429(tokenizer):
-    with running_server(lambda: build_engine(tokenizer, max_waiting=0)) as running:
+    """One sequence may run and one request may wait: a third request finds the engine's queue full."""
+    engine = build_engine(tokenizer, max_num_seqs=1, max_waiting=1)
+    StepDelay(engine, seconds=0.01)  # the running request lasts ~0.8 s
+    with running_server(lambda: engine) as running:
         client = openai.OpenAI(base_url=f"{running.base_url}/v1", api_key="unused", max_retries=0)
-        with pytest.raises(openai.RateLimitError):
+        long = dict(
+            model=MODEL_ID, prompt="Hello", max_tokens=80, stream=True, extra_body={"ignore_eos": True}
+        )
+        running_stream = client.completions.create(**long)
+        next(iter(running_stream))  # running
+        waiting_stream = client.completions.create(**long)  # accepted into the waiting queue
+        assert running.engine.scheduler.waiting
+        with pytest.raises(openai.RateLimitError) as info:
             client.chat.completions.create(
                 model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], stream=True
             )
-        assert running.state.engine.num_active == 0
+        assert info.value.code == "server_overloaded"
+        running_stream.close()
+        waiting_stream.close()
+        wait_until_idle(running)
 
 
 MALFORMED_BODIES = [
