@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import httpx
 import pytest
@@ -162,3 +163,17 @@ def test_stop_button_and_new_chat(page, slow_server):
     assert "context" in page.locator(".message.error").inner_text()  # the server's 400 message
     assert page.input_value("#prompt") == "This asks for too much."  # back in the box for another try
     assert page.locator(".message.user").count() == 1 and page.locator(".message.assistant").count() == 1
+
+
+def test_page_waits_for_the_model_to_load(page, tokenizer):
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(30)
+        return build_engine(tokenizer)
+
+    with running_server(slow_load, wait_healthy=False) as server:
+        page.goto(server.base_url + "/")
+        page.wait_for_function("document.getElementById('model-name').textContent.includes('loading')")
+        release.set()
+        page.wait_for_function(f"document.getElementById('model-name').textContent === '{MODEL_ID}'")
