@@ -233,3 +233,29 @@ def test_only_byte_level_bpe_without_normalizer_is_lossless_by_construction(byte
     assert not is_lossless(nfkc)
     for kind in ("char_bpe", "wordpiece", "unigram"):
         assert not is_lossless(train_tokenizer(corpus(), TokenizerTrainConfig(kind=kind, vocab_size=300)))
+
+
+def test_loads_legacy_folders_and_named_chat_templates(byte_bpe: Tokenizer, tmp_path) -> None:
+    # older transformers folders: named tokens only in special_tokens_map.json (AddedToken dicts allowed),
+    # chat templates as a list of named templates
+    (tmp_path / "tokenizer.json").write_text(byte_bpe.backend.to_str(), encoding="utf-8")
+    eos = {
+        "content": "<|im_end|>",
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "single_word": False,
+    }
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": eos, "pad_token": "<|pad|>"}))
+    templates = [
+        {"name": "tool_use", "template": "tools!"},
+        {"name": "default", "template": "{{ eos_token }}"},
+    ]
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": templates, "model_max_length": 1e30})
+    )
+    tok = load_tokenizer(tmp_path)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_id == byte_bpe.pad_id and tok.bos_token is None
+    assert tok.model_max_length == 8192  # transformers' "unknown" sentinel is not kept
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "<|im_end|>"
+    assert tok.encode("hello world") == byte_bpe.encode("hello world")
