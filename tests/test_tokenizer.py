@@ -8,9 +8,6 @@ from lmforge.tokenizer import (
     TOKENIZER_KINDS,
     Tokenizer,
     TokenizerTrainConfig,
-    fallback_token_ids,
-    inspect_texts,
-    is_lossless,
     load_tokenizer,
     render_chat_template,
     train_tokenizer,
@@ -189,27 +186,6 @@ def test_nfkc_changes_full_width_and_compatibility_characters() -> None:
     assert nfkc.decode(nfkc.encode("ＡＢＣ")) == "ABC"
 
 
-def test_fallback_ids_and_inspect(byte_bpe: Tokenizer) -> None:
-    fallback = fallback_token_ids(byte_bpe)
-    # the lone byte 0xEB (first byte of a 3-byte Hangul character) is a fallback token, 'a' is not
-    assert byte_bpe.token_to_id("ë") in fallback  # GPT-2 byte map: 0xEB -> 'ë'
-    assert byte_bpe.token_to_id("a") not in fallback
-    stats = inspect_texts(byte_bpe, [("en", "the quick brown fox"), ("ko", "뷁뷁"), ("en", "lazy dog")])
-    assert stats["en"].docs == 2 and stats["ko"].docs == 1
-    assert stats["en"].fallback_share == 0.0
-    assert stats["ko"].fallback_share == 1.0  # unseen syllables are byte tokens only
-    assert stats["ko"].bytes == 6 and stats["ko"].tokens == 6
-    assert stats["en"].round_trip_rate == 1.0
-    assert stats["en"].bytes_per_token == stats["en"].bytes / stats["en"].tokens
-
-
-def test_wordpiece_inspect_reports_lossy_round_trip_and_unknowns() -> None:
-    tok = train_tokenizer(corpus(), TokenizerTrainConfig(kind="wordpiece", vocab_size=400, min_frequency=1))
-    stats = inspect_texts(tok, [("x", "hello   world"), ("x", "뷁")])["x"]
-    assert stats.round_trip_rate == 0.0  # WordPiece drops repeated spaces; '뷁' becomes the unknown token
-    assert stats.fallback_tokens >= 1
-
-
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="kind"):
         TokenizerTrainConfig(kind="sentencepiece")
@@ -223,16 +199,6 @@ def test_tokenizer_config_json_fields(byte_bpe: Tokenizer, tmp_path) -> None:
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert config["chat_template"] == DEFAULT_CHAT_TEMPLATE
     assert config["eos_token"] == "<|end_of_text|>" and config["model_max_length"] == 8192
-
-
-def test_only_byte_level_bpe_without_normalizer_is_lossless_by_construction(byte_bpe: Tokenizer) -> None:
-    assert is_lossless(byte_bpe)
-    nfkc = train_tokenizer(
-        corpus(), TokenizerTrainConfig(vocab_size=300, min_frequency=1, normalization="nfkc")
-    )
-    assert not is_lossless(nfkc)
-    for kind in ("char_bpe", "wordpiece", "unigram"):
-        assert not is_lossless(train_tokenizer(corpus(), TokenizerTrainConfig(kind=kind, vocab_size=300)))
 
 
 def test_loads_legacy_folders_and_named_chat_templates(byte_bpe: Tokenizer, tmp_path) -> None:

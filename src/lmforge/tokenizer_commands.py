@@ -78,7 +78,8 @@ def _inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from lmforge.tokenizer import inspect_texts, load_tokenizer
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer_inspect import inspect_texts
 
     tok = load_tokenizer(args.tokenizer)
     skipped: Counter[str] = Counter()

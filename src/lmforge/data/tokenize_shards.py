@@ -59,7 +59,7 @@ ROUND_TRIP_CHECKS = ("auto", "always", "never")
 def resolve_round_trip_check(mode: str, tok: Tokenizer) -> str:
     """What the round-trip count means: "checked" (every document decoded), "lossless" (exact 0 without
     decoding), or "unchecked"."""
-    from lmforge.tokenizer import is_lossless
+    from lmforge.tokenizer_inspect import is_lossless
 
     if mode == "never":
         return "unchecked"
