@@ -265,9 +265,16 @@ def test_tokenizer_hash_mismatch_is_refused(shards: Path) -> None:
         PackedLoader(shards, 8, 2, tokenizer_sha256="0" * 64)
 
 
-def test_domain_too_small_for_one_sequence_is_a_clear_error(shards: Path) -> None:
+def test_domain_too_small_for_one_sequence_is_a_clear_error(shards: Path, tmp_path: Path) -> None:
     with pytest.raises(ShardsError, match="too few"):
         PackedLoader(shards, seq_len=10_000, batch_size=1)
+    # a finite pass (validation) skips a domain smaller than one sequence, as long as another can be read
+    make_shards(tmp_path / "small", {"big": [30] * 10, "tiny": [3]})
+    with pytest.raises(ShardsError, match="too few"):
+        PackedLoader(tmp_path / "small", seq_len=20, batch_size=1)
+    val = PackedLoader(tmp_path / "small", seq_len=20, batch_size=4, num_epochs=1, shuffle=False)
+    rows = [row for batch in val for row in batch["input_ids"]]
+    assert len(rows) == (300 - 1) // 20 and val.samples_drawn["tiny"] == 0
 
 
 def test_data_config_from_yaml_dict_builds_the_loader(shards: Path) -> None:

@@ -246,12 +246,18 @@ class PackedLoader:
         self.mixture = mixture
         self.weights = mixture_weights(mixture, tokens)
         self._active: list[str] | None = None
-        for domain, weight in self.weights.items():
-            if weight > 0 and tokens[domain] < self.seq_len + 1:
-                raise ShardsError(
-                    f"domain {domain!r} ({self.split} split) has {tokens[domain]} tokens, too few for one "
-                    f"sequence of {self.seq_len} + 1; give it weight 0 or use a shorter seq_len"
-                )
+        too_small = [d for d, w in self.weights.items() if w > 0 and tokens[d] < self.seq_len + 1]
+        if too_small and (
+            self.num_epochs is None or len(too_small) == sum(w > 0 for w in self.weights.values())
+        ):
+            raise ShardsError(
+                f"domain(s) {too_small} ({self.split} split) have too few tokens for one sequence of "
+                f"{self.seq_len} + 1 ({', '.join(str(tokens[d]) for d in too_small)}); give them weight 0 "
+                "or use a shorter seq_len"
+            )
+        # A finite pass (validation) just has nothing to read from a domain smaller than one sequence.
+        for domain in too_small:
+            self._streams[domain].exhausted = True
 
     def set_stage(self, index: int) -> None:
         """Switch to curriculum stage ``index``: its mixture and sequence length (stream positions are kept,
