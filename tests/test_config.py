@@ -42,7 +42,7 @@ def test_wrong_type_names_the_key():
 
 
 def test_malformed_override_and_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match="key.sub=value"):
+    with pytest.raises(ConfigError, match=r"key\.sub=value"):
         load_config(Recipe, overrides=["steps"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(Recipe, tmp_path / "nope.yaml")

@@ -36,7 +36,9 @@ COMMAND_MODULES: list[str] = [
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="YAML recipe; omitted keys keep their defaults")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.n_layers=4")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.n_layers=4"
+    )
 
 
 def config_from_args(schema: type[T], args: argparse.Namespace) -> T:
@@ -44,7 +46,9 @@ def config_from_args(schema: type[T], args: argparse.Namespace) -> T:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description="From a raw text corpus to a served chat model.")
+    parser = argparse.ArgumentParser(
+        prog="lmforge", description="From a raw text corpus to a served chat model."
+    )
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
