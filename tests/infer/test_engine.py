@@ -206,6 +206,8 @@ def test_admission_limits_and_bad_requests(tiny_model):
         _engine(tiny_model, num_blocks=4).make_request("f", [1] * 10, GREEDY)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64 - 1, n=2)
     with pytest.raises(ValueError, match="block_size"):
         EngineConfig(block_size=0)
 

@@ -72,6 +72,9 @@ class SamplingParams:
                 "must be true, false or 'never'",
             ),
         ]
+        if self.seed is not None:
+            # per-completion generators are seeded with seed + 1_000_003 * index, which must stay a valid uint64
+            checks.append(("seed", 0 <= self.seed < 2**63, "must be in [0, 2**63)"))
         if self.best_of is not None:
             checks.append(("best_of", self.best_of >= self.n, f"must be >= n={self.n}"))
             checks.append(
