@@ -265,3 +265,15 @@ def test_init_from_a_model_folder_starts_from_its_weights(tmp_path: Path, shards
     expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
     assert second.metrics["loss"] == pytest.approx(float(expected), rel=1e-5)
     assert second.metrics["loss"] < losses(first.run_dir)[0] - 0.3  # not a fresh random model
+
+
+def test_token_accounting_follows_a_curriculum_that_changes_the_sequence_length(
+    tmp_path: Path, shards: Path
+) -> None:
+    # stage 1: 4 steps of 4 x 16 tokens; stage 2: sequences of 32 tokens until the end
+    stages = [{"name": "short", "tokens": 4 * 4 * 16, "seq_len": 16}, {"name": "long", "seq_len": 32}]
+    cfg = tiny_config(tmp_path / "run", shards, max_steps=8, **{"data.curriculum": stages})
+    train(cfg)
+    records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["batch_tokens"] for r in records] == [64] * 4 + [128] * 4
+    assert records[-1]["tokens"] == 4 * 64 + 4 * 128

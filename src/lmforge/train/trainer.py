@@ -132,10 +132,13 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.rollbacks = 0
+        # tokens all dp ranks read per micro-batch; re-measured every step, since a curriculum stage may
+        # change the sequence length
         self.micro_tokens = cfg.batch.micro_batch_size * cfg.data.seq_len * env.dp
+        self.seq_len = cfg.data.seq_len
+        self._train_flops: dict[int, float] = {}  # training FLOPs per token by sequence length
         peak = peak_flops(self.device, cfg.log.peak_flops)
         self.flops_per_s_peak = peak * env.world_size if peak else None
-        self.train_flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)["train"]
         self.metrics = MetricsLogger(self.run_dir, env.is_main, cfg.log.tensorboard, cfg.log.wandb)
 
     # -- set-up ----------------------------------------------------------------------------------------------------
@@ -321,7 +324,9 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = float(parallel.grad_norm(self.params, env.group("pp")))
-        step_tokens = accum * self.micro_tokens
+        self.seq_len = batches[0]["input_ids"].shape[1]
+        step_tokens = sum(b["input_ids"].numel() for b in batches) * env.dp
+        self.micro_tokens = step_tokens // accum
         record: dict[str, Any] = {
             "loss": loss,
             "grad_norm": norm,
@@ -505,7 +510,10 @@ class Trainer:
             "memory_gib": memory_gib(self.device),
         }
         if self.flops_per_s_peak:
-            record["mfu"] = tokens_per_s * self.train_flops_per_token / self.flops_per_s_peak
+            if self.seq_len not in self._train_flops:
+                self._train_flops[self.seq_len] = flops_per_token(self.model_cfg, self.seq_len)["train"]
+            train_flops = self._train_flops[self.seq_len]
+            record["mfu"] = tokens_per_s * train_flops / self.flops_per_s_peak
         return record
 
     @staticmethod
