@@ -60,3 +60,19 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     again = load_config(ModelConfig, tmp_path / "c.yaml")
     assert again == cfg
+
+
+@dataclass
+class WithModel:
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def test_nested_defaults_rederive_fields_the_recipe_did_not_set(tmp_path):
+    # The default ModelConfig has d_model 768 / 12 heads, so head_dim 64, n_kv_heads 12 and d_ff 2048 were
+    # derived; a recipe that changes the shape must get them derived again, not inherited.
+    cfg = load_config(WithModel, data={"model": {"d_model": 192, "n_heads": 6}})
+    assert (cfg.model.head_dim, cfg.model.n_kv_heads, cfg.model.d_ff) == (32, 6, 512)
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  d_model: 192\n  n_heads: 6\n  n_kv_heads: 2\n")
+    cfg = load_config(WithModel, path, ["model.head_dim=48"])
+    assert (cfg.model.head_dim, cfg.model.n_kv_heads, cfg.model.d_ff) == (48, 2, 512)

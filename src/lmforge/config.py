@@ -10,12 +10,12 @@ the same way.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -52,6 +52,35 @@ def _check_override(item: str) -> str:
     return item
 
 
+def _dotted_keys(tree: Any, prefix: str = "") -> set[str]:
+    """Every key path of a nested mapping, as ``a``, ``a.b``, ``a.b.c``."""
+    keys: set[str] = set()
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            path = f"{prefix}{key}"
+            keys.add(path)
+            keys |= _dotted_keys(value, f"{path}.")
+    return keys
+
+
+def _reset_derived(node: Any, explicit: set[str], prefix: str = "") -> None:
+    """Clear the derived fields (``DERIVED_FIELDS``) of nested dataclass defaults that nobody set.
+
+    A nested config default (``field(default_factory=ModelConfig)``) is an instance whose ``__post_init__``
+    has already derived e.g. ``head_dim`` from the default ``d_model``; without this, a recipe that changes
+    ``d_model`` would silently keep the stale ``head_dim``. Unset derived fields go back to None and are
+    derived again, from the final values, when the dataclass is built.
+    """
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    for name in getattr(schema, "DERIVED_FIELDS", ()):
+        if f"{prefix}{name}" not in explicit:
+            node[name] = None
+    for key in node:
+        _reset_derived(node._get_node(key), explicit, f"{prefix}{key}.")
+
+
 def load_config(
     schema: type[T],
     path: str | Path | None = None,
@@ -61,12 +90,19 @@ def load_config(
     """Build a ``schema`` instance from defaults, an optional YAML file or dict, then overrides."""
     try:
         merged = OmegaConf.structured(schema)
+        explicit: set[str] = set()
         if path is not None:
-            merged = OmegaConf.merge(merged, _read_yaml(path))
+            recipe = _read_yaml(path)
+            explicit |= _dotted_keys(recipe)
+            merged = OmegaConf.merge(merged, recipe)
         if data is not None:
+            explicit |= _dotted_keys(data)
             merged = OmegaConf.merge(merged, data)
         if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([_check_override(o) for o in overrides]))
+            dotlist = OmegaConf.from_dotlist([_check_override(o) for o in overrides])
+            explicit |= _dotted_keys(OmegaConf.to_container(dotlist))
+            merged = OmegaConf.merge(merged, dotlist)
+        _reset_derived(merged, explicit)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ConfigError(f"missing required config value(s): {', '.join(missing)}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from lmforge.config import check_choice
 
@@ -19,6 +19,9 @@ ROPE_SCALINGS = ("default", "linear", "llama3")
 @dataclass
 class ModelConfig:
     """Architecture of a decoder-only Transformer (see ``lmforge.model.presets`` for named shapes)."""
+
+    # Filled in by __post_init__ from other fields when left None (see lmforge.config.load_config).
+    DERIVED_FIELDS: ClassVar[tuple[str, ...]] = ("n_kv_heads", "head_dim", "d_ff")
 
     vocab_size: int = 32000
     d_model: int = 768
