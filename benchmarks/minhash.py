@@ -25,7 +25,8 @@ import numpy as np
 from datasketch import MinHash, MinHashLSH
 from doc_corpus import load_documents
 
-from lmforge.data.dedup.minhash import MinHasher, UnionFind, cluster_near_duplicates, optimal_lsh_params
+from lmforge.data.dedup.lsh import UnionFind, cluster_near_duplicates, optimal_lsh_params
+from lmforge.data.dedup.minhash import MinHasher
 from lmforge.data.text import word_hashes
 
 

@@ -20,7 +20,8 @@ import numpy as np
 from datasketch import MinHash, MinHashLSH
 from doc_corpus import load_documents
 
-from lmforge.data.dedup.minhash import MinHasher, UnionFind, cluster_near_duplicates, jaccard
+from lmforge.data.dedup.lsh import UnionFind, cluster_near_duplicates, jaccard
+from lmforge.data.dedup.minhash import MinHasher
 
 PERTURBATIONS = ("swap", "insert", "delete", "truncate")
 

@@ -1,36 +1,21 @@
 import numpy as np
 import pytest
 from datasketch import MinHash, MinHashLSH
-from datasketch.lsh import _optimal_param
 
-from lmforge.data.dedup.minhash import (
-    MinHasher,
-    UnionFind,
+from lmforge.data.dedup.lsh import (
     cluster_near_duplicates,
     estimated_jaccard,
-    first_affine_hit,
     jaccard,
     lsh_candidate_pairs,
-    mersenne_folding_fails,
     optimal_lsh_params,
 )
+from lmforge.data.dedup.minhash import MinHasher, first_affine_hit, mersenne_folding_fails
 
 DATASKETCH_SCHEME = {"mersenne": "legacy", "affine32": "affine32"}
 
 
 def random_text(rng: np.random.Generator, n_words: int, vocab: int = 3000) -> str:
     return " ".join(f"w{rng.integers(vocab)}" for _ in range(n_words))
-
-
-@pytest.mark.parametrize("threshold", [0.5, 0.7, 0.8, 0.9, 0.95])
-@pytest.mark.parametrize("num_perm", [64, 112, 128, 256])
-def test_lsh_params_match_datasketch(threshold, num_perm):
-    assert optimal_lsh_params(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.5, 0.5)
-
-
-def test_lsh_params_weighted_match_datasketch():
-    assert optimal_lsh_params(0.8, 128, 0.9, 0.1) == _optimal_param(0.8, 128, 0.9, 0.1)
-    assert optimal_lsh_params(0.6, 128, 0.2, 0.8) == _optimal_param(0.6, 128, 0.2, 0.8)
 
 
 @pytest.mark.parametrize("num_perm", [112, 128])
@@ -211,16 +196,6 @@ def test_agreement_statistics_comparable_to_datasketch():
         theirs.append(abs(ma.jaccard(mb) - exact))
     assert np.mean(ours) < 0.05 and np.mean(theirs) < 0.05
     assert np.mean(ours) < 2 * np.mean(theirs) + 0.01
-
-
-def test_union_find_roots_are_smallest_members():
-    uf = UnionFind(6)
-    uf.union(4, 2)
-    uf.union(5, 4)
-    uf.union(3, 1)
-    assert uf.roots().tolist() == [0, 1, 2, 1, 2, 2]
-    uf.union(5, 3)
-    assert uf.roots().tolist() == [0, 1, 1, 1, 1, 1]
 
 
 def planted_corpus(rng: np.random.Generator, n_base: int = 40):
