@@ -225,3 +225,21 @@ def test_loads_legacy_folders_and_named_chat_templates(byte_bpe: Tokenizer, tmp_
     assert tok.model_max_length == 8192  # transformers' "unknown" sentinel is not kept
     assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "<|im_end|>"
     assert tok.encode("hello world") == byte_bpe.encode("hello world")
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_split_digits_makes_every_digit_a_token_and_loads_in_transformers(kind: str, tmp_path) -> None:
+    numbers = [f"What is {a} + {b}? It is {a + b} in 2024." for a in range(0, 999, 7) for b in (13, 58, 901)]
+    cfg = TokenizerTrainConfig(kind=kind, vocab_size=400, min_frequency=1, split_digits=True)
+    tok = train_tokenizer(numbers, cfg)
+    text = "What is 123 + 456? It is 579 in 2024."
+    ids = tok.encode(text)
+    pieces = [tok.decode([i]).strip().removeprefix("##") for i in ids]
+    digit_pieces = [p for p in pieces if any(c.isdigit() for c in p)]
+    assert "".join(digit_pieces) == "1234565792024" and all(len(p) == 1 for p in digit_pieces)
+    if kind == "byte_bpe":
+        assert tok.decode(ids) == text
+    tok.save(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)(text, add_special_tokens=False)["input_ids"] == ids
+    without = train_tokenizer(numbers, TokenizerTrainConfig(kind=kind, vocab_size=400, min_frequency=1))
+    assert len(without.encode(text)) < len(ids)  # the default merges digits

@@ -72,6 +72,9 @@ class TokenizerTrainConfig:
     vocab_size: int = 32000
     min_frequency: int = 2
     normalization: str = "none"
+    # Every digit its own pre-token (as LLaMA and PaLM do): numbers are never merged, which keeps arithmetic
+    # uniform across operands.
+    split_digits: bool = False
     bos_token: str = BOS_TOKEN
     eos_token: str = EOS_TOKEN
     pad_token: str = PAD_TOKEN
@@ -149,10 +152,22 @@ def _build_untrained(cfg: TokenizerTrainConfig) -> tuple[BackendTokenizer, train
         trainer = trainers.UnigramTrainer(
             vocab_size=cfg.vocab_size, special_tokens=special, unk_token=cfg.unk_token, show_progress=False
         )
+    if cfg.split_digits:
+        backend.pre_tokenizer = _with_digit_split(backend.pre_tokenizer, cfg.kind)
     normalizer = _normalizer(cfg.normalization)
     if normalizer is not None:
         backend.normalizer = normalizer
     return backend, trainer
+
+
+def _with_digit_split(pre_tokenizer: pre_tokenizers.PreTokenizer, kind: str) -> pre_tokenizers.PreTokenizer:
+    """Add the digit split: after the cl100k regex (before byte mapping) for byte-level BPE, after the word
+    splitter otherwise (so Metaspace still sees whole words and round-trips)."""
+    digits = pre_tokenizers.Digits(individual_digits=True)
+    if kind == "byte_bpe":
+        split, byte_level = pre_tokenizer[0], pre_tokenizer[1]
+        return pre_tokenizers.Sequence([split, digits, byte_level])
+    return pre_tokenizers.Sequence([pre_tokenizer, digits])
 
 
 def train_tokenizer(

@@ -117,7 +117,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train a tokenizer on documents (JSONL/Parquet)",
         description="Overrides are TokenizerTrainConfig fields: kind=byte_bpe|char_bpe|wordpiece|unigram "
-        "vocab_size=32000 normalization=none|nfkc|nfc min_frequency=2 ...",
+        "vocab_size=32000 normalization=none|nfkc|nfc split_digits=false|true min_frequency=2 ...",
     )
     train.add_argument(
         "--input", "-i", nargs="+", required=True, help="documents: files, folders, globs, NAME=PATH"
