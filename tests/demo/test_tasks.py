@@ -3,7 +3,8 @@ import re
 
 import pytest
 
-from lmforge.demo.tasks import TASKS, generate_tasks, multiple_choice_records, write_jsonl
+from lmforge.data.io import write_records
+from lmforge.demo.tasks import TASKS, generate_tasks, multiple_choice_records
 
 
 def test_answers_are_correct_for_every_task():
@@ -53,13 +54,6 @@ def test_small_key_space_yields_what_exists_and_unknown_task_raises():
     assert set(TASKS) == {"addition", "reverse_words", "count_letter", "read_answer"}
 
 
-def test_write_jsonl_round_trips(tmp_path):
-    train, _ = generate_tasks(5, 0)
-    path = tmp_path / "sub" / "train.jsonl"
-    assert write_jsonl(train, path) == len(train)
-    assert [json.loads(line) for line in path.read_text().splitlines()] == train
-
-
 def test_multiple_choice_records_hold_the_answer_once_among_same_kind_choices():
     _, heldout = generate_tasks(0, 40, seed=2)
     mc = multiple_choice_records(heldout)
@@ -70,3 +64,10 @@ def test_multiple_choice_records_hold_the_answer_once_among_same_kind_choices():
         assert record["choices"][record["label"]] == original["answer"]
         assert len(set(record["choices"])) == 4
     assert {r["label"] for r in mc} == {0, 1, 2, 3}
+
+
+def test_task_records_written_as_jsonl_round_trip(tmp_path):
+    train, _ = generate_tasks(5, 0)
+    path = tmp_path / "sub" / "train.jsonl"
+    assert write_records(path, train) == len(train)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == train

@@ -495,14 +495,20 @@ def read_documents(path: str | os.PathLike[str], format: str = "auto") -> Iterat
             yield item
 
 
-def write_jsonl(path: str | os.PathLike[str], docs: Iterable[Document]) -> int:
-    """Write documents to one JSONL file (compressed by its extension); returns the count."""
+def write_records(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> int:
+    """Write JSON records to one JSONL file (compressed by its extension, committed atomically); returns
+    the count."""
     fs, root = url_to_fs(str(path))
     out = JsonlRecordFile(fs, root)
-    for doc in docs:
-        out.write(doc.to_record())
+    for record in records:
+        out.write(record)
     out.commit()
     return out.count
+
+
+def write_jsonl(path: str | os.PathLike[str], docs: Iterable[Document]) -> int:
+    """Write documents to one JSONL file (compressed by its extension); returns the count."""
+    return write_records(path, (doc.to_record() for doc in docs))
 
 
 __all__ = [
@@ -521,4 +527,5 @@ __all__ = [
     "make_reader",
     "read_documents",
     "write_jsonl",
+    "write_records",
 ]

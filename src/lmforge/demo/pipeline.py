@@ -26,6 +26,7 @@ from typing import Any
 from rich.console import Console
 
 from lmforge.config import ConfigError, save_config, to_dict
+from lmforge.data.io import write_jsonl, write_records
 from lmforge.demo.config import DemoConfig
 from lmforge.demo.report import StageCard, Table, format_seconds, plot_comparison, write_report
 from lmforge.demo.stages import StageRunner
@@ -58,12 +59,6 @@ DATA_STEPS: list[dict[str, Any]] = [
         "dup_ngrams": {5: 0.5, 6: 0.45, 7: 0.4, 8: 0.35, 9: 0.3, 10: 0.3},
     },
 ]
-
-
-def _jsonl(path: Path, records: list[dict[str, Any]]) -> int:
-    from lmforge.demo.tasks import write_jsonl
-
-    return write_jsonl(records, path)
 
 
 class Demo:
@@ -108,9 +103,9 @@ class Demo:
         train, heldout = generate_tasks(
             cfg.instruct.train_counts, cfg.instruct.heldout_per_task, seed=cfg.instruct.seed
         )
-        _jsonl(self.path("instruct", "train.jsonl"), train)
-        _jsonl(self.path("instruct", "heldout.jsonl"), heldout)
-        _jsonl(
+        write_records(self.path("instruct", "train.jsonl"), train)
+        write_records(self.path("instruct", "heldout.jsonl"), heldout)
+        write_records(
             self.path("instruct", "heldout_mc.jsonl"),
             multiple_choice_records(heldout, seed=cfg.instruct.seed),
         )
@@ -165,8 +160,8 @@ class Demo:
         docs.sort(key=lambda d: (zlib.crc32(d.id.encode("utf-8")), d.id))
         n_heldout = min(self.cfg.corpus.heldout_documents, len(docs) // 10)
         heldout, train = docs[:n_heldout], docs[n_heldout:]
-        _jsonl(self.path("data", "train.jsonl"), [d.to_record() for d in train])
-        _jsonl(self.path("data", "heldout.jsonl"), [d.to_record() for d in heldout])
+        write_jsonl(self.path("data", "train.jsonl"), train)
+        write_jsonl(self.path("data", "heldout.jsonl"), heldout)
         return len(train), len(heldout)
 
     def _documents(self, name: str) -> list[str]:

@@ -15,10 +15,8 @@ measures generalisation, not recall. Records are JSON-ready dicts in the ``messa
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 TASKS = ("addition", "reverse_words", "count_letter", "read_answer")
@@ -186,17 +184,6 @@ def generate_tasks(
                 made += 1
     random.Random(seed).shuffle(train)
     return train, heldout
-
-
-def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> int:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
-    return count
 
 
 def multiple_choice_records(
