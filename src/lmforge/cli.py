@@ -3,8 +3,8 @@
 Each layer keeps its commands in a ``commands`` module exposing ``register(subparsers)``; a command's
 handler is set with ``parser.set_defaults(handler=...)`` and receives the parsed ``argparse.Namespace``.
 Handlers import heavy dependencies themselves, so ``lmforge --help`` stays quick. Stage commands that
-take a recipe use :func:`add_config_arguments` and :func:`config_from_args`, giving every stage the
-same ``--config recipe.yaml key.sub=value ...`` form.
+take a recipe use :func:`lmforge.config.add_config_arguments` and :func:`lmforge.config.config_from_args`,
+giving every stage the same ``--config recipe.yaml key.sub=value ...`` form.
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from lmforge import __version__
-from lmforge.config import ConfigError, load_config
-
-T = TypeVar("T")
+from lmforge.config import ConfigError
 
 # One line per layer that contributes commands, in the order they appear in ``lmforge --help``.
 COMMAND_MODULES: list[str] = [
@@ -32,17 +30,6 @@ COMMAND_MODULES: list[str] = [
     "lmforge.eval.commands",
     "lmforge.demo.commands",
 ]
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", help="YAML recipe; omitted keys keep their defaults")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.n_layers=4"
-    )
-
-
-def config_from_args(schema: type[T], args: argparse.Namespace) -> T:
-    return load_config(schema, args.config, args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ the same way.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -125,6 +126,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the fully resolved config as YAML (the run folder's record of what ran)."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--config recipe.yaml key.sub=value ...`` arguments every stage command shares."""
+    parser.add_argument("--config", "-c", help="YAML recipe; omitted keys keep their defaults")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.n_layers=4"
+    )
+
+
+def config_from_args(schema: type[T], args: argparse.Namespace) -> T:
+    """The ``schema`` config built from the arguments that :func:`add_config_arguments` added."""
+    return load_config(schema, args.config, args.overrides)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:

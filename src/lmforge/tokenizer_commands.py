@@ -40,7 +40,7 @@ def _report_skipped(skipped: Counter[str]) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lmforge.cli import config_from_args
+    from lmforge.config import config_from_args
     from lmforge.tokenizer import TokenizerTrainConfig, train_tokenizer
 
     cfg = config_from_args(TokenizerTrainConfig, args)
@@ -107,7 +107,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lmforge.cli import add_config_arguments
+    from lmforge.config import add_config_arguments
 
     parser = subparsers.add_parser("tokenizer", help="train, try and inspect tokenizers")
     sub = parser.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND")

@@ -187,8 +187,7 @@ def _mixture(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from lmforge.cli import config_from_args
-    from lmforge.config import save_config
+    from lmforge.config import config_from_args, save_config
     from lmforge.data.loader import DataConfig, mixture_report
     from lmforge.data.shards import ShardsError
 
@@ -213,7 +212,7 @@ def _mixture(args: argparse.Namespace) -> int:
 
 
 def add_mixture(subcommands: argparse._SubParsersAction) -> None:
-    from lmforge.cli import add_config_arguments
+    from lmforge.config import add_config_arguments
 
     parser = subcommands.add_parser(
         "mixture",
@@ -230,7 +229,7 @@ def add_mixture(subcommands: argparse._SubParsersAction) -> None:
 def _doremi(args: argparse.Namespace) -> int:
     import json
 
-    from lmforge.cli import config_from_args
+    from lmforge.config import config_from_args
     from lmforge.train.doremi import DoReMiConfig, run_doremi
 
     weights = run_doremi(config_from_args(DoReMiConfig, args))
@@ -239,7 +238,7 @@ def _doremi(args: argparse.Namespace) -> int:
 
 
 def add_doremi(subcommands: argparse._SubParsersAction) -> None:
-    from lmforge.cli import add_config_arguments
+    from lmforge.config import add_config_arguments
 
     parser = subcommands.add_parser(
         "doremi",

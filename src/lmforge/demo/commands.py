@@ -51,7 +51,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lmforge.cli import add_config_arguments
+    from lmforge.config import add_config_arguments
     from lmforge.demo.pipeline import STAGES
 
     parser = subparsers.add_parser(

@@ -6,7 +6,7 @@ import argparse
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from lmforge.cli import config_from_args
+    from lmforge.config import config_from_args
     from lmforge.eval.runner import EvalConfig, evaluate, results_markdown
 
     cfg = config_from_args(EvalConfig, args)
@@ -17,7 +17,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lmforge.cli import add_config_arguments
+    from lmforge.config import add_config_arguments
 
     parser = subparsers.add_parser(
         "eval", help="evaluate a model: exact-match and multiple-choice tasks, perplexity and bits per byte"

@@ -12,7 +12,7 @@ from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    from lmforge.cli import add_config_arguments
+    from lmforge.config import add_config_arguments
 
     parser = subparsers.add_parser(
         "train",
@@ -29,7 +29,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
-    from lmforge.cli import config_from_args
+    from lmforge.config import config_from_args
     from lmforge.train.config import TrainConfig
     from lmforge.train.trainer import train
 

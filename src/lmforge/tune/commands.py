@@ -9,7 +9,7 @@ import json
 def _sft(args: argparse.Namespace) -> int:
     import logging
 
-    from lmforge.cli import config_from_args
+    from lmforge.config import config_from_args
     from lmforge.tune.finetune import SFTConfig, run_sft
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -28,7 +28,7 @@ def _sft(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lmforge.cli import add_config_arguments
+    from lmforge.config import add_config_arguments
 
     parser = subparsers.add_parser(
         "sft",
