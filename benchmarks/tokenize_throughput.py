@@ -1,8 +1,8 @@
-"""Tokens/s of ``lmforge data tokenize`` vs the HF tokenizer's own batch encode on the same text.
+"""Tokens/s of ``lmforge shards tokenize`` vs the HF tokenizer's own batch encode on the same text.
 
 Peers: ``tokenizers.Tokenizer.encode_batch`` and ``encode_batch_fast`` (no offsets, the call
-``lmforge data tokenize`` makes) on texts already in memory, one thread (``TOKENIZERS_PARALLELISM=false``):
-the bare cost of tokenization. Ratios are against the faster peer. ``lmforge data tokenize`` is timed end
+``lmforge shards tokenize`` makes) on texts already in memory, one thread (``TOKENIZERS_PARALLELISM=false``):
+the bare cost of tokenization. Ratios are against the faster peer. ``lmforge shards tokenize`` is timed end
 to end on the same documents written as JSONL.gz files: decompressing, JSON parsing, encoding, writing
 shards, index and manifest, worker start-up (and, in the ``always`` row, decoding every document to count
 round-trip failures).
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.data.io import looks_binary
-from lmforge.data.tokenize_shards import TokenizeConfig, tokenize_to_shards
+from lmforge.shards.tokenize import TokenizeConfig, tokenize_to_shards
 from lmforge.tokenizer import TokenizerTrainConfig, load_tokenizer, train_tokenizer
 
 PEERS = ("encode_batch", "encode_batch_fast")
@@ -153,8 +153,8 @@ def main() -> None:
         print(f"{megabytes:.1f} MB of documents in {args.files} files; byte-level BPE, vocab {args.vocab}")
 
         variants = [(f"HF {m} (in memory)", 1, m) for m in PEERS]
-        variants += [("lmforge data tokenize", w, "auto") for w in args.workers]
-        variants += [("lmforge data tokenize, round-trip check", 1, "always")]
+        variants += [("lmforge shards tokenize", w, "auto") for w in args.workers]
+        variants += [("lmforge shards tokenize, round-trip check", 1, "always")]
         best: dict[tuple[str, int], tuple[float, float, int]] = {}
         # Every measurement in a fresh process (same starting state for all), interleaved so that slow
         # phases of the neighbours hit every variant; the best of the repeats is kept.
@@ -176,7 +176,7 @@ def main() -> None:
         tokens = counts.pop()
         peer_wall = min(best[f"HF {m} (in memory)", 1][0] for m in PEERS)
         peer_cpu = min(best[f"HF {m} (in memory)", 1][1] for m in PEERS)
-        one_worker_wall = best.get(("lmforge data tokenize", 1), (None,))[0]
+        one_worker_wall = best.get(("lmforge shards tokenize", 1), (None,))[0]
 
         print(f"{tokens:,} tokens; best of {args.repeats} interleaved runs")
         print(
@@ -190,7 +190,7 @@ def main() -> None:
             per_worker_cpu_rate = tokens / cpu
             scaling = (
                 f"{one_worker_wall / wall:.2f}x"
-                if one_worker_wall and name == "lmforge data tokenize"
+                if one_worker_wall and name == "lmforge shards tokenize"
                 else ""
             )
             print(

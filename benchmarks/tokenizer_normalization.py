@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.tokenizer import TokenizerTrainConfig, train_tokenizer
-from lmforge.tokenizer_inspect import inspect_texts
+from lmforge.tokenizer.inspection import inspect_texts
 
 
 def load_corpora(root: Path) -> dict[str, list[str]]:

@@ -21,7 +21,8 @@ from lmforge.config import ConfigError
 # One line per layer that contributes commands, in the order they appear in ``lmforge --help``.
 COMMAND_MODULES: list[str] = [
     "lmforge.data.commands",
-    "lmforge.tokenizer_commands",
+    "lmforge.tokenizer.commands",
+    "lmforge.shards.commands",
     "lmforge.model.commands",
     "lmforge.train.commands",
     "lmforge.tune.commands",
@@ -30,6 +31,22 @@ COMMAND_MODULES: list[str] = [
     "lmforge.eval.commands",
     "lmforge.demo.commands",
 ]
+
+
+# Commands that moved to the layer that owns them; the old spelling keeps working, with a note.
+MOVED_COMMANDS: dict[tuple[str, str], list[str]] = {
+    ("data", "tokenize"): ["shards", "tokenize"],
+    ("data", "mixture"): ["shards", "mixture"],
+    ("data", "doremi"): ["doremi"],
+}
+
+
+def _moved(argv: list[str]) -> list[str]:
+    new = MOVED_COMMANDS.get(tuple(argv[:2]))  # type: ignore[arg-type]
+    if new is None:
+        return argv
+    print(f"lmforge: '{' '.join(argv[:2])}' is now 'lmforge {' '.join(new)}'", file=sys.stderr)
+    return [*new, *argv[2:]]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_moved(list(sys.argv[1:] if argv is None else argv)))
     handler: Any = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()

@@ -17,7 +17,7 @@ from lmforge.data.dedup.minhash import MinHashDedup
 from lmforge.data.extract import HtmlExtractor, UnicodeFixer
 from lmforge.data.filters import C4Filter, FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
 from lmforge.data.langid import LanguageFilter
-from lmforge.data.perplexity import PerplexityFilter
+from lmforge.data.filters.ngram_perplexity import PerplexityFilter
 from lmforge.data.pii import PiiRedactor
 from lmforge.data.pipeline import step_config
 

@@ -97,7 +97,7 @@ def test_uniform_model_gives_vocab_perplexity_and_formula_bits_per_byte(tokenize
 def test_shards_score_uniform_model_and_token_accounting(tmp_path, tokenizer):
     import json
 
-    from lmforge.data.tokenize_shards import TokenizeConfig, tokenize_to_shards
+    from lmforge.shards.tokenize import TokenizeConfig, tokenize_to_shards
 
     texts = ["the sky is blue", "grass is green and the sun is yellow", "what is the sky? blue"] * 4
     docs = tmp_path / "docs.jsonl"

@@ -159,16 +159,16 @@ def test_pipeline_stage_without_embeddings_head_or_some_blocks():
         want = model(ids).logits
         hidden = model.embed_tokens(ids)
         del model.blocks["1"]
-        norm, head = model.norm, model.lm_head
         model.embed_tokens, model.norm, model.lm_head = None, None, None
         # stage 1 (block 0) on hidden states, returns hidden states
         mid = model(hidden).logits
+    # without a final norm and head, a stage hands on un-normalised hidden states, not vocabulary logits
+    assert mid.shape == hidden.shape and not torch.allclose(mid, hidden)
     stage2 = build(n_layers=2)
     del stage2.blocks["0"]
     stage2.embed_tokens = None
     with torch.no_grad():
         got = stage2(mid).logits
-    assert norm is not None and head is not None
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lmforge.config import load_config
-from lmforge.data.shards import ShardStats, build_manifest, write_manifest, write_shard
+from lmforge.shards.format import ShardStats, build_manifest, write_manifest, write_shard
 from lmforge.train.config import TrainConfig
 
 VOCAB = 64

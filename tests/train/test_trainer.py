@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.data.loader import PackedLoader
 from lmforge.model import load_pretrained
+from lmforge.shards.loader import PackedLoader
 from lmforge.train import LMObjective, Trainer, TrainingError, train
 from lmforge.train.checkpoint import NonFiniteCheckpointError, list_checkpoints
 from lmforge.train.metrics import read_jsonl

@@ -190,7 +190,7 @@ class Demo:
         return StageCard("tokenizer", STAGES["tokenizer"], numbers=numbers)
 
     def shards(self) -> StageCard:
-        from lmforge.data.tokenize_shards import TokenizeConfig, tokenize_to_shards
+        from lmforge.shards.tokenize import TokenizeConfig, tokenize_to_shards
 
         manifest = tokenize_to_shards(
             TokenizeConfig(

@@ -25,6 +25,7 @@ from torch import nn
 
 from lmforge.eval.metrics import ChoiceScore, LanguageModelingScore
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.objective import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def shards_language_modeling_score(
     split when ``val_fraction > 0``, the same split the trainer holds out), documents masked from each
     other. Bytes are those of each row's decoded target tokens (special tokens excluded), so a character
     cut by a row boundary may be counted slightly off."""
-    from lmforge.data.loader import PackedLoader
+    from lmforge.shards.loader import PackedLoader
 
     loader = PackedLoader(
         shards,
@@ -174,7 +175,7 @@ def shards_language_modeling_score(
             position_ids=batch["position_ids"].to(device),
             segment_ids=batch["segment_ids"].to(device),
         ).logits.float()
-        mask = labels != -100
+        mask = labels != IGNORE_INDEX
         logprobs = F.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
         nll -= float(logprobs[mask].sum())
         n_tokens += int(mask.sum())

@@ -1,4 +1,5 @@
-"""``lmforge train --config RECIPE.yaml key=value ...``: pretrain (or continue) a model from token shards.
+"""``lmforge train --config RECIPE.yaml key=value ...``: pretrain (or continue) a model from token shards;
+``lmforge doremi``: learn mixture weights with DoReMi.
 
 Multi-process runs are launched with torchrun, e.g.
 ``torchrun --nproc_per_node 4 -m lmforge.cli train --config recipe.yaml parallel.tp=2``.
@@ -10,10 +11,10 @@ import argparse
 import json
 from typing import Any
 
+from lmforge.config import add_config_arguments
+
 
 def register(subparsers: Any) -> None:
-    from lmforge.config import add_config_arguments
-
     parser = subparsers.add_parser(
         "train",
         help="train a model from token shards (resumes from the run folder's newest checkpoint)",
@@ -22,6 +23,7 @@ def register(subparsers: Any) -> None:
     )
     add_config_arguments(parser)
     parser.set_defaults(handler=run_train)
+    _register_doremi(subparsers)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -50,3 +52,26 @@ def run_train(args: argparse.Namespace) -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+def _doremi(args: argparse.Namespace) -> int:
+    import json
+
+    from lmforge.config import config_from_args
+    from lmforge.train.doremi import DoReMiConfig, run_doremi
+
+    weights = run_doremi(config_from_args(DoReMiConfig, args))
+    print(json.dumps({"domain_weights": weights}, indent=2))
+    return 0
+
+
+def _register_doremi(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "doremi",
+        help="learn domain weights with DoReMi (reference model, then a Group-DRO proxy) into a weights file",
+        description="The recipe is a DoReMiConfig: train (a TrainConfig for both models), run_dir, "
+        "reference (optional trained model folder), reference_steps, proxy_steps, eta, smoothing, output. "
+        "Use the weights with mixture.strategy=fixed mixture.weights_file=RUN_DIR/domain_weights.json.",
+    )
+    add_config_arguments(parser)
+    parser.set_defaults(handler=_doremi)

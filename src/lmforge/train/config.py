@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lmforge.config import check_choice
-from lmforge.data.loader import DataConfig
 from lmforge.model.config import ModelConfig
+from lmforge.shards.loader import DataConfig
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "constant", "linear", "wsd")

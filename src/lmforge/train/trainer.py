@@ -188,7 +188,7 @@ class Trainer:
     ) -> tuple[Iterator[Batch], Callable[[], Iterator[Batch]] | None]:
         if train_data is not None and val_data is not None:
             return train_data, val_data
-        from lmforge.data.loader import PackedLoader
+        from lmforge.shards.loader import PackedLoader
 
         cfg, env = self.cfg, self.env
         tokenizer_sha = None

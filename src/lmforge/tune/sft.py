@@ -12,7 +12,7 @@ conversation up to each assistant turn with ``add_generation_prompt=True`` and c
 rendering; token spans come from the tokenizer's character offsets. Masks are positional, so a pad id
 equal to the EOS id can never hide the real EOS.
 
-Batches use the trainer's format (the one :class:`lmforge.data.loader.PackedLoader` yields): LongTensors
+Batches use the trainer's format (the one :class:`lmforge.shards.loader.PackedLoader` yields): LongTensors
 ``input_ids``, ``labels`` (the next token to predict at each position, -100 where nothing is learnt),
 ``position_ids`` (restarting at 0 for every example) and ``segment_ids`` (one id per example in a packed
 row, 0 for padding, so attention never crosses examples).
@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.objective import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 
 

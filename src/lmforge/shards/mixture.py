@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.config import check_choice
+from lmforge.data.atomic import atomic_write_json
 
 MIXTURE_STRATEGIES = ("fixed", "proportional", "temperature")
 
@@ -44,7 +45,7 @@ def read_weights_file(path: str | Path) -> dict[str, float]:
 
 def write_weights_file(path: str | Path, weights: dict[str, float], **extra: object) -> None:
     payload = {"domain_weights": weights, **extra}
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(path, payload)
 
 
 def mixture_weights(cfg: MixtureConfig, domain_tokens: dict[str, int]) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""``lmforge data tokenize``: documents (JSONL/Parquet, the pipeline's output) -> token shards.
+"""``lmforge shards tokenize``: documents (JSONL/Parquet, the pipeline's output) -> token shards.
 
 One task per input file, one shard per task, run by a pool of worker processes; each worker loads the
 tokenizer once and encodes documents in batches through the ``tokenizers`` batch path. Shard ``i`` holds
@@ -9,9 +9,8 @@ Resuming: ``job.json`` records the input files, tokenizer hash and dtype at the 
 same output folder checks them and skips every shard whose completion record (``NAME.json``) exists. A
 killed worker leaves only ``.tmp`` files, which are rewritten.
 
-A domain names each input: ``NAME=PATH`` on the command line, else the first folder of the file's path
-below the inputs' common root (``clean/web/0.jsonl.gz`` and ``clean/code/0.jsonl.gz`` -> ``web`` and
-``code``), else ``default_domain``. The loader's mixtures sample these domains.
+Each input file has a domain (:mod:`lmforge.data.inputs`: ``NAME=PATH``, else the first folder below the
+inputs' common root, else ``default_domain``); the loader's mixtures sample these domains.
 
 Bad input is counted per shard and in the manifest, never silently dropped:
 
@@ -29,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -39,7 +37,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lmforge.config import check_choice
-from lmforge.data.shards import (
+from lmforge.data.atomic import atomic_write_json
+from lmforge.data.inputs import InputFile, plan_inputs
+from lmforge.shards.format import (
     ShardsError,
     ShardStats,
     ShardWriter,
@@ -59,7 +59,7 @@ ROUND_TRIP_CHECKS = ("auto", "always", "never")
 def resolve_round_trip_check(mode: str, tok: Tokenizer) -> str:
     """What the round-trip count means: "checked" (every document decoded), "lossless" (exact 0 without
     decoding), or "unchecked"."""
-    from lmforge.tokenizer_inspect import is_lossless
+    from lmforge.tokenizer.inspection import is_lossless
 
     if mode == "never":
         return "unchecked"
@@ -88,40 +88,12 @@ class TokenizeConfig:
             raise ValueError("workers and batch_docs must be >= 1")
 
 
-@dataclass(frozen=True)
-class _Task:
-    name: str
-    path: str
-    domain: str
-
-
-def _split_domain(spec: str) -> tuple[str | None, str]:
-    # "web=/data/web" names the domain; a bare path (even one containing "=" after a slash) does not.
-    head, sep, tail = spec.partition("=")
-    if sep and head and "/" not in head and ":" not in head:
-        return head, tail
-    return None, spec
-
-
-def plan_tasks(cfg: TokenizeConfig) -> list[_Task]:
+def plan_tasks(cfg: TokenizeConfig) -> list[InputFile]:
     """Every input file with its domain and shard name, in a fixed order."""
-    from lmforge.data.io import make_reader
-
-    found: list[tuple[str, str]] = []
-    for spec in cfg.inputs:
-        domain, path = _split_domain(spec)
-        reader = make_reader(path, cfg.format, text_key=cfg.text_key)
-        for file in reader.files():
-            if domain is not None:
-                found.append((domain, file))
-                continue
-            parts = reader.relative(file).split(posixpath.sep)
-            found.append((parts[0] if len(parts) > 1 else cfg.default_domain, file))
-    found.sort(key=lambda item: (item[0], item[1]))
-    files = [f for _, f in found]
-    if len(set(files)) != len(files):
-        raise ShardsError("an input file is listed twice (check overlapping inputs)")
-    return [_Task(f"{i:05d}", path, domain) for i, (domain, path) in enumerate(found)]
+    try:
+        return plan_inputs(cfg.inputs, cfg.format, cfg.text_key, cfg.default_domain)
+    except ValueError as err:
+        raise ShardsError(str(err)) from err
 
 
 # -- worker side --------------------------------------------------------------------------------------------
@@ -148,7 +120,7 @@ def _init_worker(
     ]
 
 
-def _tokenize_task(task: _Task, out_dir: str, dtype_name: str) -> dict[str, Any]:
+def _tokenize_task(task: InputFile, out_dir: str, dtype_name: str) -> dict[str, Any]:
     from lmforge.data.io import Reject, make_reader
 
     tok = _worker_state["tokenizer"]
@@ -231,7 +203,7 @@ def _check_or_write_job(out_dir: Path, job: dict[str, Any]) -> None:
                     f"{job[key]!r}); use a new output folder"
                 )
         return
-    path.write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(path, job)
 
 
 def tokenize_to_shards(cfg: TokenizeConfig, progress: bool = True) -> dict[str, Any]:

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.data.atomic import atomic_write_json
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "lmforge-shards/1"
 DTYPES = ("auto", "uint16", "uint32")
@@ -93,15 +95,6 @@ class ShardStats:
         )
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class ShardWriter:
     """Streams documents into one shard: tokens go to ``NAME.bin.tmp`` as they come; :meth:`close` renames
     it, writes the index, then the ``.json`` record that marks the shard complete. An unfinished shard
@@ -138,8 +131,7 @@ class ShardWriter:
             np.save(f, offsets)
         os.replace(tmp_idx, self.folder / f"{self.name}.idx.npy")
         record = {"name": self.name, **(info or {}), **stats.to_dict()}
-        data = (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-        _atomic_write_bytes(self.folder / f"{self.name}.json", data)
+        atomic_write_json(self.folder / f"{self.name}.json", record)
         return record
 
     def abort(self) -> None:
@@ -208,15 +200,14 @@ def build_manifest(
 
 
 def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> None:
-    data = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    _atomic_write_bytes(Path(folder) / MANIFEST_NAME, data)
+    atomic_write_json(Path(folder) / MANIFEST_NAME, manifest)
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         raise ShardsError(
-            f"{folder}: no {MANIFEST_NAME} (not a shards folder, or `lmforge data tokenize` unfinished)"
+            f"{folder}: no {MANIFEST_NAME} (not a shards folder, or `lmforge shards tokenize` unfinished)"
         )
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if manifest.get("format") != FORMAT:

@@ -1,7 +1,7 @@
 import pytest
 
-from lmforge.data.curriculum import Curriculum, CurriculumStage
-from lmforge.data.mixture import MixtureConfig
+from lmforge.shards.curriculum import Curriculum, CurriculumStage
+from lmforge.shards.mixture import MixtureConfig
 
 
 def three_stages() -> Curriculum:

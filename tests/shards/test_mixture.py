@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from lmforge.data.mixture import MixtureConfig, mixture_weights, read_weights_file, write_weights_file
+from lmforge.shards.mixture import MixtureConfig, mixture_weights, read_weights_file, write_weights_file
 
 TOKENS = {"web": 9_000_000, "code": 900_000, "math": 100_000}
 

@@ -1,7 +1,7 @@
 import pytest
 
 from lmforge.tokenizer import TOKENIZER_KINDS, Tokenizer, TokenizerTrainConfig, train_tokenizer
-from lmforge.tokenizer_inspect import fallback_token_ids, inspect_texts, is_lossless
+from lmforge.tokenizer.inspection import fallback_token_ids, inspect_texts, is_lossless
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. It's 2024!",
@@ -32,7 +32,11 @@ def test_fallback_ids_and_inspect(byte_bpe: Tokenizer) -> None:
     assert stats["ko"].fallback_share == 1.0  # unseen syllables are byte tokens only
     assert stats["ko"].bytes == 6 and stats["ko"].tokens == 6
     assert stats["en"].round_trip_rate == 1.0
-    assert stats["en"].bytes_per_token == stats["en"].bytes / stats["en"].tokens
+    # English: 27 bytes over the tokens that one-at-a-time encoding gives (batching must not change them)
+    en_tokens = sum(len(byte_bpe.encode(t)) for t in ("the quick brown fox", "lazy dog"))
+    assert stats["en"].bytes == 27 and stats["en"].tokens == en_tokens
+    assert stats["en"].bytes_per_token == pytest.approx(27 / en_tokens)
+    assert stats["en"].to_dict()["bytes_per_token"] == round(27 / en_tokens, 4)
 
 
 def test_wordpiece_inspect_reports_lossy_round_trip_and_unknowns() -> None:

@@ -14,12 +14,12 @@ def iter_input_documents(
     inputs: list[str], text_key: str, max_docs: int | None, skipped: Counter[str]
 ) -> Iterator[tuple[str, Any]]:
     """``(input group, document)`` pairs from documents files; unreadable records are counted in
-    ``skipped`` by reason kind. Groups follow ``lmforge data tokenize``'s domains (``NAME=PATH`` or the
+    ``skipped`` by reason kind. Groups follow ``lmforge shards tokenize``'s domains (``NAME=PATH`` or the
     first folder below the inputs' common root)."""
+    from lmforge.data.inputs import plan_inputs
     from lmforge.data.io import Reject, make_reader
-    from lmforge.data.tokenize_shards import TokenizeConfig, plan_tasks
 
-    tasks = plan_tasks(TokenizeConfig(inputs=inputs, text_key=text_key))
+    tasks = plan_inputs(inputs, text_key=text_key)
     seen = 0
     for task in tasks:
         reader = make_reader(task.path, text_key=text_key)
@@ -79,7 +79,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from lmforge.tokenizer import load_tokenizer
-    from lmforge.tokenizer_inspect import inspect_texts
+    from lmforge.tokenizer.inspection import inspect_texts
 
     tok = load_tokenizer(args.tokenizer)
     skipped: Counter[str] = Counter()

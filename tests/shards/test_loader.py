@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from lmforge.config import load_config
-from lmforge.data.curriculum import Curriculum, CurriculumStage
-from lmforge.data.loader import DataConfig, PackedLoader
-from lmforge.data.mixture import MixtureConfig
-from lmforge.data.shards import ShardsError, ShardStats, build_manifest, write_manifest, write_shard
+from lmforge.shards.curriculum import Curriculum, CurriculumStage
+from lmforge.shards.format import ShardsError, ShardStats, build_manifest, write_manifest, write_shard
+from lmforge.shards.loader import DataConfig, PackedLoader
+from lmforge.shards.mixture import MixtureConfig
 
 EOS = 0
 SHA = "f" * 64
@@ -294,7 +294,7 @@ def test_data_config_from_yaml_dict_builds_the_loader(shards: Path) -> None:
 
 
 def test_mixture_report_gives_target_and_realised_shares_per_stage(shards: Path) -> None:
-    from lmforge.data.loader import mixture_report
+    from lmforge.shards.loader import mixture_report
 
     cfg = DataConfig(
         shards=[str(shards)],

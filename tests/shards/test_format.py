@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmforge.data.shards import (
+from lmforge.shards.format import (
     ShardsError,
     ShardStats,
     ShardWriter,

@@ -12,9 +12,9 @@ import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models, pre_tokenizers
 
-from lmforge.data.loader import PackedLoader
-from lmforge.data.shards import ShardsError, TokenShards, choose_dtype, read_manifest
-from lmforge.data.tokenize_shards import TokenizeConfig, tokenize_to_shards
+from lmforge.shards.format import ShardsError, TokenShards, choose_dtype, read_manifest
+from lmforge.shards.loader import PackedLoader
+from lmforge.shards.tokenize import TokenizeConfig, tokenize_to_shards
 from lmforge.tokenizer import Tokenizer, TokenizerTrainConfig, load_tokenizer, train_tokenizer
 
 WORDS = [
@@ -219,7 +219,7 @@ def test_resume_after_sigkill_skips_finished_shards_and_gives_the_same_bytes(tok
     for f in range(n_files):
         write_jsonl_gz(root / f"{f:05d}.jsonl.gz", random_docs(100 + f, 300, "cc"))
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "lmforge.cli", "data", "tokenize", str(root), "-t", str(tokenizer_dir)]
+    cmd = [sys.executable, "-m", "lmforge.cli", "shards", "tokenize", str(root), "-t", str(tokenizer_dir)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     proc = subprocess.Popen([*cmd, "-o", str(out), "-q"], env=env, start_new_session=True)
     deadline = time.time() + 60
@@ -247,10 +247,10 @@ def test_cli_from_documents_to_shards_and_a_curriculum_config(
 ) -> None:
     from lmforge.cli import main
     from lmforge.config import load_config
-    from lmforge.data.loader import DataConfig
+    from lmforge.shards.loader import DataConfig
 
     out = tmp_path / "shards"
-    assert main(["data", "tokenize", str(corpus), "-t", str(tokenizer_dir), "-o", str(out), "-q"]) == 0
+    assert main(["shards", "tokenize", str(corpus), "-t", str(tokenizer_dir), "-o", str(out), "-q"]) == 0
     assert "from 75 documents in 3 shards (uint16)" in capsys.readouterr().out
     recipe = tmp_path / "data.yaml"
     recipe.write_text(
@@ -261,7 +261,7 @@ def test_cli_from_documents_to_shards_and_a_curriculum_config(
         "  - {name: code-heavy, seq_len: 32, mixture: {strategy: fixed, weights: {code: 0.8, web: 0.2}}}\n"
     )
     written = tmp_path / "resolved.yaml"
-    args = ["data", "mixture", "--config", str(recipe), "--sequences", "4000", "--write", str(written)]
+    args = ["shards", "mixture", "--config", str(recipe), "--sequences", "4000", "--write", str(written)]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "general: seq_len 16, 4,096 tokens" in printed and "code-heavy: seq_len 32" in printed
@@ -271,4 +271,6 @@ def test_cli_from_documents_to_shards_and_a_curriculum_config(
         main(["data", "mixture", f"shards=[{out}]", "mixture.strategy=fixed", "mixture.weights={books: 1}"])
         == 1
     )
-    assert "unknown domain" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "unknown domain" in captured.out
+    assert "'data mixture' is now 'lmforge shards mixture'" in captured.err

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from lmforge.config import check_choice
-from lmforge.data.curriculum import Curriculum, CurriculumStage
-from lmforge.data.mixture import MixtureConfig, mixture_weights
-from lmforge.data.shards import ShardsError, TokenShards
+from lmforge.shards.curriculum import Curriculum, CurriculumStage
+from lmforge.shards.format import ShardsError, TokenShards
+from lmforge.shards.mixture import MixtureConfig, mixture_weights
 
 SPLITS = ("train", "val")
 
@@ -47,7 +47,7 @@ SPLITS = ("train", "val")
 class DataConfig:
     """The data section of a training recipe."""
 
-    shards: list[str] = field(default_factory=list)  # shards folders (``lmforge data tokenize`` outputs)
+    shards: list[str] = field(default_factory=list)  # shards folders (``lmforge shards tokenize`` outputs)
     seq_len: int = 1024
     document_masking: bool = False
     seed: int = 0

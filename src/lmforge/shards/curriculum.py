@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from lmforge.data.mixture import MixtureConfig
+from lmforge.shards.mixture import MixtureConfig
 
 
 @dataclass

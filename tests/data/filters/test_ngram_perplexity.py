@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lmforge.data.document import Document
-from lmforge.data.perplexity import KneserNeyLM, PerplexityFilter, tokenize
+from lmforge.data.filters.ngram_perplexity import KneserNeyLM, PerplexityFilter, tokenize
 from lmforge.data.step import STEPS
 
 
