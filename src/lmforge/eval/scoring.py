@@ -150,19 +150,18 @@ def shards_language_modeling_score(
     split when ``val_fraction > 0``, the same split the trainer holds out), documents masked from each
     other. Bytes are those of each row's decoded target tokens (special tokens excluded), so a character
     cut by a row boundary may be counted slightly off."""
-    from lmforge.shards.loader import PackedLoader
+    from lmforge.shards.loader import DataConfig, PackedLoader
 
-    loader = PackedLoader(
-        shards,
+    data = DataConfig(
+        shards=list(shards),
         seq_len=seq_len,
-        batch_size=batch_size,
         document_masking=True,
-        split="val" if val_fraction > 0 else "train",
         val_fraction=val_fraction,
         split_seed=split_seed,
-        shuffle=False,
-        num_epochs=1,
-        tokenizer_sha256=tokenizer.sha256(),
+    )
+    split = "val" if val_fraction > 0 else "train"
+    loader = PackedLoader.from_config(
+        data, batch_size, split=split, tokenizer_sha256=tokenizer.sha256(), one_pass=True
     )
     device = next(model.parameters()).device
     nll, n_tokens, n_bytes = 0.0, 0, 0

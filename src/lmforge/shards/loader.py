@@ -214,9 +214,12 @@ class PackedLoader:
         world_size: int = 1,
         split: str = "train",
         tokenizer_sha256: str | None = None,
+        one_pass: bool | None = None,
+        return_domain_ids: bool = False,
     ) -> PackedLoader:
-        """Training split: endless, shuffled, with the curriculum; val split: one ordered pass."""
-        is_val = split == "val"
+        """The loader a data config describes. Training split: endless, shuffled, with the curriculum; val
+        split (or ``one_pass=True``): one ordered pass over the documents, the config's mixture only."""
+        one_pass = split == "val" if one_pass is None else one_pass
         return cls(
             cfg.shards,
             seq_len=cfg.seq_len,
@@ -226,13 +229,14 @@ class PackedLoader:
             world_size=world_size,
             document_masking=cfg.document_masking,
             mixture=cfg.mixture,
-            curriculum=Curriculum(cfg.curriculum) if cfg.curriculum and not is_val else None,
+            curriculum=Curriculum(cfg.curriculum) if cfg.curriculum and not one_pass else None,
             split=split,
             val_fraction=cfg.val_fraction,
             split_seed=cfg.split_seed,
-            shuffle=not is_val,
-            num_epochs=1 if is_val else None,
+            shuffle=not one_pass,
+            num_epochs=1 if one_pass else None,
             tokenizer_sha256=tokenizer_sha256,
+            return_domain_ids=return_domain_ids,
         )
 
     # -- mixture and curriculum --------------------------------------------------------------------------------

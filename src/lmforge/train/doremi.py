@@ -26,6 +26,7 @@ eta = 1.0, eps = 1e-4, alpha_0 uniform.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.shards.format import TokenShards
 from lmforge.shards.loader import PackedLoader
 from lmforge.shards.mixture import MixtureConfig, write_weights_file
 from lmforge.train.config import TrainConfig
@@ -221,17 +223,11 @@ def run_doremi(cfg: DoReMiConfig) -> dict[str, float]:
     proxy_cfg.max_steps = cfg.proxy_steps or cfg.train.max_steps
     proxy_cfg.checkpoint.resume = False
     proxy_cfg.checkpoint.export = False
-    data = proxy_cfg.data
-    domains = PackedLoader(data.shards, data.seq_len, 1).domains
-    loader = PackedLoader(
-        data.shards,
-        seq_len=data.seq_len,
-        batch_size=proxy_cfg.batch.micro_batch_size,
-        seed=data.seed,
-        document_masking=data.document_masking,
-        mixture=MixtureConfig("fixed", dict.fromkeys(domains, 1.0)),  # the proxy samples domains uniformly
-        return_domain_ids=True,
-    )
+    domains = TokenShards(proxy_cfg.data.shards).domains
+    # the proxy samples domains uniformly, one stage (no curriculum), from the whole of each domain
+    uniform = MixtureConfig("fixed", dict.fromkeys(domains, 1.0))
+    data = dataclasses.replace(proxy_cfg.data, mixture=uniform, curriculum=[], val_fraction=0.0)
+    loader = PackedLoader.from_config(data, proxy_cfg.batch.micro_batch_size, return_domain_ids=True)
     weights = DoReMiWeights(loader.domains, cfg.eta, cfg.smoothing)
     proxy = Trainer(proxy_cfg, objective=DoReMiObjective(reference, weights), train_data=loader)
     reference.to(proxy.device)
