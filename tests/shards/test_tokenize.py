@@ -108,8 +108,10 @@ def test_shards_hold_each_document_then_eos_and_the_manifest_counts_them(
     assert manifest["totals"]["tokens"] == sum(s["tokens"] for s in manifest["shards"])
     assert manifest["sources"]["gh"] == manifest["domains"]["code"]["tokens"]
     assert manifest["totals"]["non_round_trip_docs"] == 0
-    reject = json.loads((out / "rejects" / "00001.jsonl").read_text().splitlines()[0])
+    with gzip.open(out / "pipeline" / "rejects" / "0" / "00001.jsonl.gz", "rt") as f:
+        reject = json.loads(f.readline())
     assert reject["reason"].startswith("malformed_json")
+    assert manifest["rejects"] == "pipeline/rejects"
     # the loader reads what was written, checking the tokenizer hash
     loader = PackedLoader(out, seq_len=16, batch_size=2, tokenizer_sha256=tok.sha256())
     assert loader.domains == ["code", "web"]
@@ -197,7 +199,8 @@ def test_rerun_with_another_tokenizer_into_the_same_folder_is_refused(
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """The shards and their manifest (the executor's bookkeeping under pipeline/ holds timings)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.glob("*")) if p.is_file()}
 
 
 @pytest.mark.multiprocess
@@ -213,6 +216,24 @@ def test_output_is_identical_with_one_or_two_workers(tokenizer_dir, corpus, tmp_
 
 
 @pytest.mark.multiprocess
+def test_on_ray_the_shards_are_those_of_the_local_executor(tokenizer_dir, corpus, tmp_path) -> None:
+    ray = pytest.importorskip("ray")
+    local = tokenize_to_shards(
+        TokenizeConfig([str(corpus)], str(tokenizer_dir), str(tmp_path / "a")), progress=False
+    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg = TokenizeConfig(
+            [str(corpus)], str(tokenizer_dir), str(tmp_path / "b"), workers=2, executor="ray"
+        )
+        on_ray = tokenize_to_shards(cfg, progress=False)
+    finally:
+        ray.shutdown()
+    assert on_ray == local
+    assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")
+
+
+@pytest.mark.multiprocess
 def test_resume_after_sigkill_skips_finished_shards_and_gives_the_same_bytes(tokenizer_dir, tmp_path) -> None:
     root = tmp_path / "in"
     n_files = 24
@@ -223,14 +244,15 @@ def test_resume_after_sigkill_skips_finished_shards_and_gives_the_same_bytes(tok
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     proc = subprocess.Popen([*cmd, "-o", str(out), "-q"], env=env, start_new_session=True)
     deadline = time.time() + 60
-    while len(list(out.glob("[0-9]*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
+    markers = out / "pipeline" / "stages" / "0" / "done"
+    while len(list(markers.glob("*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = sorted(out.glob("[0-9]*.json"))
+    done_before = sorted(markers.glob("*.json"))
     assert 3 <= len(done_before) < n_files, "the job must be killed midway"
-    # only shards whose marker (written last) exists are finished; a .bin without one may be redone
-    stamps = {p.with_suffix(".bin").name: p.with_suffix(".bin").stat().st_mtime_ns for p in done_before}
+    # only tasks whose executor marker (written last) exists are finished; a shard without one may be redone
+    stamps = {f"{p.stem}.bin": (out / f"{p.stem}.bin").stat().st_mtime_ns for p in done_before}
     tokenize_to_shards(TokenizeConfig([str(root)], str(tokenizer_dir), str(out)), progress=False)
     for name, stamp in stamps.items():
         assert (out / name).stat().st_mtime_ns == stamp  # finished shards were skipped, not rewritten

@@ -19,6 +19,8 @@ def _tokenize(args: argparse.Namespace) -> int:
         text_key=args.text_key,
         round_trip_check=args.round_trip_check,
         allow_special_tokens=args.allow_special_tokens,
+        executor=args.executor,
+        ray_address=args.ray_address,
     )
     try:
         manifest = tokenize_to_shards(cfg, progress=not args.quiet)
@@ -44,7 +46,11 @@ def add_tokenize(subcommands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--tokenizer", "-t", required=True, help="tokenizer folder")
     parser.add_argument("--output", "-o", required=True, help="shards folder")
-    parser.add_argument("--workers", "-w", type=int, default=1, help="tokenizer processes")
+    parser.add_argument("--workers", "-w", type=int, default=1, help="tokenizer processes (or Ray workers)")
+    parser.add_argument(
+        "--executor", default="local", choices=["local", "ray"], help="the data pipeline's executor to run on"
+    )
+    parser.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
     parser.add_argument(
         "--domain", default="default", help="domain of files not in a sub-folder of the inputs"

@@ -6,7 +6,8 @@ A shards folder holds, for each shard ``NAME``:
   flat little-endian ``uint16`` array when the vocabulary fits in 16 bits, else ``uint32``;
 - ``NAME.idx.npy``: ``int64`` document offsets into ``NAME.bin`` (``n_docs + 1`` values, first 0, last the
   token count), so document ``i`` is ``tokens[offsets[i]:offsets[i + 1]]`` (its EOS included);
-- ``NAME.json``: the shard's statistics; written last, it marks the shard complete (a resumed job skips it).
+- ``NAME.json``: the shard's statistics as its writer counted them, written last (``manifest.json`` adds the
+  records that the reader turned away before they reached the writer).
 
 ``manifest.json`` lists the shards with their domain and counts, the dtype, the vocabulary size, the EOS id
 and the sha256 of the ``tokenizer.json`` that produced the ids. Readers refuse a manifest whose tokenizer
