@@ -1,4 +1,5 @@
-"""``lmforge info``: parameters, FLOPs per token and the training memory plan of a model."""
+"""``lmforge info``: parameters, FLOPs per token and the training memory plan of a model;
+``lmforge export gguf``: a model folder as one GGUF file for llama.cpp, Ollama and LM Studio."""
 
 from __future__ import annotations
 
@@ -31,6 +32,41 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--no-flash", action="store_true", help="count materialised attention scores")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(handler=run_info)
+    _register_export(subparsers)
+
+
+def _register_export(subparsers: Any) -> None:
+    parser = subparsers.add_parser("export", help="export a model folder to another format (GGUF)")
+    formats = parser.add_subparsers(dest="export_format", metavar="FORMAT")
+    gguf = formats.add_parser(
+        "gguf",
+        help="one GGUF file (weights, tokenizer, chat template) for llama.cpp, Ollama and LM Studio",
+        description="Families: Llama, Mistral (full attention), Mixtral, Qwen2, GPT-2; byte-level BPE tokenizers. "
+        "Merge an adapter first (lmforge peft merge) to export a fine-tuned model.",
+    )
+    gguf.add_argument("model_dir", help="model folder (lmforge or Hugging Face layout) with its tokenizer")
+    gguf.add_argument("--out", "-o", required=True, help="the .gguf file to write")
+    gguf.add_argument(
+        "--quant",
+        default="f16",
+        choices=["f32", "f16", "q8_0", "q4_0"],
+        help="weight matrices' type (default f16)",
+    )
+    gguf.set_defaults(handler=run_export_gguf)
+    parser.set_defaults(handler=lambda args: parser.print_help() or 2)
+
+
+def run_export_gguf(args: argparse.Namespace) -> int:
+    from lmforge.model.gguf import GGUFExportError, export_gguf_folder
+    from lmforge.model.hf import ModelLoadError
+
+    try:
+        path = export_gguf_folder(args.model_dir, args.out, quant=args.quant)
+    except (GGUFExportError, ModelLoadError, ImportError) as err:
+        print(f"lmforge export gguf: {err}")
+        return 1
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.quant})")
+    return 0
 
 
 def resolve_model_config(spec: str, overrides: list[str] | None = None):

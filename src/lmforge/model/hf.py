@@ -318,7 +318,8 @@ def _gpt2_key(name: str) -> tuple[str, bool]:
     return f"h.{layer}.{_GPT2_RENAMES[module]}.{kind}", conv1d
 
 
-def _to_hf_state(model: Transformer, family: str) -> dict[str, Tensor]:
+def hf_state_dict(model: Transformer, family: str) -> dict[str, Tensor]:
+    """The model's tensors under the Hugging Face ``family``'s checkpoint names (GPT-2 Conv1D weights transposed)."""
     cfg = model.cfg
     state = _own_state(model)
     if family != "gpt2":
@@ -511,7 +512,7 @@ def save_pretrained(
         state = _own_state(model)
         config = {"model_type": "lmforge", "lmforge": dataclasses.asdict(cfg)}
     else:
-        state = _to_hf_state(model, family)
+        state = hf_state_dict(model, family)
         config = config_to_hf(cfg, family)
         torch_dtype = dtype or next(model.parameters()).dtype
         config["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
