@@ -87,9 +87,13 @@ def register(subparsers: Any) -> None:
 
 
 def _load_engine(model_dir: str, kv_cache_mb: int):
+    from lmforge.hub import HubError, resolve_model_dir
     from lmforge.infer import EngineConfig, LLMEngine
 
-    folder = Path(model_dir)
+    try:
+        folder = resolve_model_dir(model_dir)
+    except HubError as err:
+        raise SystemExit(f"lmforge: {err}") from err
     if not (folder / "config.json").is_file():
         raise SystemExit(f"lmforge: {folder} is not a model folder (no config.json)")
     try:

@@ -17,7 +17,8 @@ def register(subparsers: Any) -> None:
         "(2 B weights + 2 B grads + 12 B fp32 copy/momentum/variance per parameter, plus activations).",
     )
     parser.add_argument(
-        "model", help="preset name (see --list), model folder with config.json, or a YAML ModelConfig"
+        "model",
+        help="preset name (see --list), model folder with config.json, Hub id (org/name[@rev]) or a YAML ModelConfig",
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="ModelConfig overrides, e.g. n_layers=4"
@@ -72,13 +73,14 @@ def run_export_gguf(args: argparse.Namespace) -> int:
 def resolve_model_config(spec: str, overrides: list[str] | None = None):
     """A ModelConfig from a preset name, a model folder (config.json) or a YAML file, plus overrides."""
     from lmforge.config import load_config, to_dict
+    from lmforge.hub import parse_hub_id
     from lmforge.model.config import ModelConfig
 
     path = Path(spec)
-    if path.is_dir():
+    if path.is_dir() or (not path.exists() and parse_hub_id(spec) is not None):
         from lmforge.model.hf import read_config
 
-        base = read_config(path)
+        base = read_config(spec)
     elif path.suffix in (".yaml", ".yml") and path.is_file():
         return load_config(ModelConfig, path, overrides or [])
     else:

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from lmforge.hub import HubError, resolve_model_dir
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
 
@@ -68,7 +69,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def read_config(folder: str | Path) -> ModelConfig:
     """The ModelConfig of a model folder: our ``lmforge`` config or a supported Hugging Face config.json."""
-    path = Path(folder) / CONFIG_FILE
+    try:
+        path = resolve_model_dir(folder) / CONFIG_FILE
+    except HubError as err:
+        raise ModelLoadError(str(err)) from err
     hf = _read_json(path)
     try:
         if "lmforge" in hf:
@@ -426,7 +430,10 @@ def load_pretrained(
     folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> Transformer:
     """A Transformer with the weights of a model folder (ours or a supported Hugging Face family)."""
-    folder = Path(folder)
+    try:
+        folder = resolve_model_dir(folder)
+    except HubError as err:
+        raise ModelLoadError(str(err)) from err
     if not folder.is_dir():
         raise ModelLoadError(f"{folder}: model folder not found")
     cfg = read_config(folder)

@@ -19,7 +19,9 @@ def register(subparsers: Any) -> None:
         "/tokenize, /detokenize, /health, /metrics, and a chat web page at /.",
     )
     parser.add_argument(
-        "model_dir", metavar="MODEL_DIR", help="model folder (config.json, weights, tokenizer)"
+        "model_dir",
+        metavar="MODEL_DIR",
+        help="model folder (config.json, weights, tokenizer) or Hugging Face Hub id org/name[@revision]",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -60,10 +62,16 @@ def run_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    from lmforge.hub import HubError, resolve_model_dir
     from lmforge.infer import EngineConfig, LLMEngine
     from lmforge.serve.app import create_app
 
-    model_dir = Path(args.model_dir)
+    try:
+        model_dir = resolve_model_dir(args.model_dir)
+    except HubError as err:
+        print(f"lmforge serve: {err}", file=sys.stderr)
+        return 2
+    from_hub = model_dir != Path(args.model_dir)  # clients then name the model by its Hub id
     if not (model_dir / "config.json").is_file():
         print(f"lmforge serve: {model_dir} is not a model folder (no config.json)", file=sys.stderr)
         return 2
@@ -80,7 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     app = create_app(
         lambda: LLMEngine.from_pretrained(model_dir, config, dtype=dtype, device=args.device),
-        model_id=args.model_name or model_dir.resolve().name,
+        model_id=args.model_name or (args.model_dir if from_hub else model_dir.resolve().name),
         api_key=args.api_key,
         max_active_requests=args.max_active_requests,
     )

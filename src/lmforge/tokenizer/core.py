@@ -19,6 +19,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as BackendTokenizer
 
+from lmforge.hub import resolve_model_dir
 from lmforge.tokenizer.chat import DEFAULT_CHAT_TEMPLATE, render_chat_template
 
 BOS_TOKEN = "<|begin_of_text|>"
@@ -190,8 +191,9 @@ def _token_content(value: Any) -> str | None:
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:
-    """Load a tokenizer folder: ours, or one written by ``transformers`` (``tokenizer.json`` required)."""
-    folder = Path(folder)
+    """Load a tokenizer folder: ours, or one written by ``transformers`` (``tokenizer.json`` required); a
+    Hugging Face Hub id (``org/name[@revision]``) is resolved through the Hub cache."""
+    folder = resolve_model_dir(folder)
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise FileNotFoundError(
