@@ -183,11 +183,12 @@ def test_what_gguf_cannot_hold_is_refused_clearly(tokenizer, tmp_path) -> None:
     assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written
 
 
-def test_llama_cpp_gives_our_logits(tokenizer, tmp_path) -> None:
+@pytest.mark.parametrize("family", sorted(HF_CONFIGS))
+def test_llama_cpp_gives_our_logits(family: str, tokenizer, tmp_path) -> None:
     llama_cpp = pytest.importorskip(
         "llama_cpp", reason="llama-cpp-python is not installed (it builds llama.cpp)"
     )
-    model = build("llama")
+    model = build(family)
     from lmforge.model.hf import save_pretrained
 
     folder = tmp_path / "model"
