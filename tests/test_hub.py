@@ -64,7 +64,7 @@ def test_an_uncached_id_offline_is_a_clear_error(hub_cache: Path) -> None:
         resolve_model_dir("org/missing")
     with pytest.raises(ModelLoadError, match="org/missing"):
         load_pretrained("org/missing")
-    with pytest.raises(HubError, match="no such path"):
+    with pytest.raises(HubError, match="model folder not found"):
         resolve_model_dir("no-such-folder")
 
 

@@ -13,7 +13,14 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "lmforge"
 
 LAYERS = ["config", "data", "tokenizer", "shards", "model", "train", "tune", "infer", "serve", "eval", "demo"]
-TOP_LEVEL = {"__init__": "config", "config": "config", "hub": "config", "cli": "demo", "__main__": "demo"}
+TOP_LEVEL = {
+    "__init__": "config",
+    "config": "config",
+    "hub": "config",
+    "lazy": "config",
+    "cli": "demo",
+    "__main__": "demo",
+}
 
 
 def layer_of(module: str) -> str:

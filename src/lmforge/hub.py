@@ -53,7 +53,7 @@ def resolve_model_dir(spec: str | os.PathLike[str]) -> Path:
     hub_id = parse_hub_id(str(spec))
     if hub_id is None:
         raise HubError(
-            f"{spec}: not a model folder: no such path (nor a Hugging Face Hub id org/name[@revision])"
+            f"{spec}: model folder not found (no such path, nor a Hugging Face Hub id org/name[@revision])"
         )
     repo, revision = hub_id
     try:

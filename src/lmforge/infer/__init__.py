@@ -1,16 +1,16 @@
 """Inference: sampling and beam search, paged KV cache, prefix-caching block manager, continuous batching."""
 
-from lmforge.infer.engine import EngineConfig, EngineStats, LLMEngine, QueueFullError
-from lmforge.infer.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from lmforge.infer.sampling import SamplingParams
+from lmforge.lazy import lazy_exports
 
-__all__ = [
-    "CompletionOutput",
-    "EngineConfig",
-    "EngineStats",
-    "LLMEngine",
-    "QueueFullError",
-    "RequestOutput",
-    "SamplingParams",
-    "TokenLogprob",
-]
+_EXPORTS = {
+    "CompletionOutput": "lmforge.infer.outputs",
+    "EngineConfig": "lmforge.infer.engine",
+    "EngineStats": "lmforge.infer.engine",
+    "LLMEngine": "lmforge.infer.engine",
+    "QueueFullError": "lmforge.infer.engine",
+    "RequestOutput": "lmforge.infer.outputs",
+    "SamplingParams": "lmforge.infer.sampling",
+    "TokenLogprob": "lmforge.infer.outputs",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

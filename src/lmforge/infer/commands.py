@@ -93,7 +93,7 @@ def _load_engine(model_dir: str, kv_cache_mb: int):
     try:
         folder = resolve_model_dir(model_dir)
     except HubError as err:
-        raise SystemExit(f"lmforge: {err}") from err
+        raise SystemExit(f"lmforge: not a model folder: {err}") from err
     if not (folder / "config.json").is_file():
         raise SystemExit(f"lmforge: {folder} is not a model folder (no config.json)")
     try:

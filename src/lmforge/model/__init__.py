@@ -1,23 +1,21 @@
 """The model layer: ``ModelConfig`` selects every component of one ``Transformer``; HF import/export in ``hf``."""
 
-from lmforge.model.cache import ContiguousKVCache, KVCache, KVView
-from lmforge.model.config import ModelConfig
-from lmforge.model.hf import ModelLoadError, load_pretrained, read_config, save_pretrained
-from lmforge.model.presets import get_preset, list_presets
-from lmforge.model.transformer import Block, ModelOutput, Transformer
+from lmforge.lazy import lazy_exports
 
-__all__ = [
-    "Block",
-    "ContiguousKVCache",
-    "KVCache",
-    "KVView",
-    "ModelConfig",
-    "ModelLoadError",
-    "ModelOutput",
-    "Transformer",
-    "get_preset",
-    "list_presets",
-    "load_pretrained",
-    "read_config",
-    "save_pretrained",
-]
+_EXPORTS = {
+    "Block": "lmforge.model.transformer",
+    "ContiguousKVCache": "lmforge.model.cache",
+    "KVCache": "lmforge.model.cache",
+    "KVView": "lmforge.model.cache",
+    "ModelConfig": "lmforge.model.config",
+    "ModelLoadError": "lmforge.model.hf",
+    "ModelOutput": "lmforge.model.transformer",
+    "Transformer": "lmforge.model.transformer",
+    "get_preset": "lmforge.model.presets",
+    "list_presets": "lmforge.model.presets",
+    "load_pretrained": "lmforge.model.hf",
+    "read_config": "lmforge.model.hf",
+    "save_pretrained": "lmforge.model.hf",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

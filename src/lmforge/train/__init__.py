@@ -16,18 +16,18 @@ Post-training plugs in an :class:`Objective` (and its own batch source) into the
 ``train(cfg, objective=..., train_data=..., val_data=...)``.
 """
 
-from lmforge.train.config import TrainConfig
-from lmforge.train.objective import LMObjective, Objective, ObjectiveOutput
-from lmforge.train.trainer import Trainer, TrainingError, TrainResult, build_model, train
+from lmforge.lazy import lazy_exports
 
-__all__ = [
-    "LMObjective",
-    "Objective",
-    "ObjectiveOutput",
-    "TrainConfig",
-    "TrainResult",
-    "Trainer",
-    "TrainingError",
-    "build_model",
-    "train",
-]
+_EXPORTS = {
+    "LMObjective": "lmforge.train.objective",
+    "Objective": "lmforge.train.objective",
+    "ObjectiveOutput": "lmforge.train.objective",
+    "TrainConfig": "lmforge.train.config",
+    "TrainResult": "lmforge.train.trainer",
+    "Trainer": "lmforge.train.trainer",
+    "TrainingError": "lmforge.train.trainer",
+    "build_model": "lmforge.train.trainer",
+    "train": "lmforge.train.trainer",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
