@@ -30,7 +30,8 @@ def test_report_card_markdown_and_html(tmp_path):
 
 
 def test_formatting():
-    assert format_seconds(3.25) == "3.2s" or format_seconds(3.25) == "3.3s"
+    assert format_seconds(3.24) == "3.2s" and format_seconds(3.26) == "3.3s"
+    assert format_seconds(65.04) == "1m 05.0s"
     assert format_seconds(None) == "n/a"
     assert format_value(1234567) == "1,234,567"
     assert format_value(0.5) == "0.5"
