@@ -14,15 +14,21 @@ attention itself; decoding therefore reads from a :class:`~lmforge.infer.decode_
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from lmforge.model.cache import KVView
 
-if TYPE_CHECKING:
-    from lmforge.infer.decode_mirror import MirrorBin
+
+class DecodeRows(Protocol):
+    """Contiguous copies of the decoding sequences' keys/values (a decode mirror's bin): appends a step's
+    new keys/values and returns the view to attend over."""
+
+    def update(
+        self, layer: int, keys: Tensor, values: Tensor, token_positions: Tensor, view_positions: Tensor
+    ) -> KVView: ...
 
 
 def bytes_per_block(
@@ -59,10 +65,10 @@ class PagedKVCache:
         self._view_slots: Tensor | None = None
         self._view_positions: Tensor | None = None
         self._mirror_positions: Tensor | None = None  # (B,) position of each decode token, mirror mode
-        self._mirror_bin: MirrorBin | None = None
+        self._mirror_bin: DecodeRows | None = None
 
     def bind_mirrored(
-        self, mirror_bin: MirrorBin, slot_mapping: Tensor, token_positions: Tensor, view_positions: Tensor
+        self, mirror_bin: DecodeRows, slot_mapping: Tensor, token_positions: Tensor, view_positions: Tensor
     ) -> None:
         """Set up a decode forward whose batch rows are the rows 0..B-1 of ``mirror_bin``."""
         self._slot_mapping = slot_mapping
