@@ -34,6 +34,38 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(handler=run_info)
     _register_export(subparsers)
+    _register_resize(subparsers)
+
+
+def _register_resize(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "resize",
+        help="grow a model's embeddings and output head to an extended tokenizer (old rows untouched)",
+        description="New rows start as the mean of their old sub-tokens' rows (--init subtoken) or of all rows.",
+    )
+    parser.add_argument("model_dir", help="model folder (or Hub id)")
+    parser.add_argument("--tokenizer", required=True, help="the extended tokenizer folder")
+    parser.add_argument("--out", "-o", required=True, help="model folder to write (with the new tokenizer)")
+    parser.add_argument("--init", default="subtoken", choices=["subtoken", "mean"])
+    parser.set_defaults(handler=run_resize)
+
+
+def run_resize(args: argparse.Namespace) -> int:
+    from lmforge.model.hf import ModelLoadError, load_pretrained, save_pretrained
+    from lmforge.model.resize import resize_token_embeddings
+    from lmforge.tokenizer import load_tokenizer
+
+    try:
+        model = load_pretrained(args.model_dir)
+        old, new = load_tokenizer(args.model_dir), load_tokenizer(args.tokenizer)
+        resize_token_embeddings(model, old, new, args.init)
+    except (ModelLoadError, FileNotFoundError, ValueError) as err:
+        print(f"lmforge resize: {err}")
+        return 1
+    save_pretrained(model, args.out)
+    new.save(args.out)
+    print(f"vocabulary {old.vocab_size} -> {model.cfg.vocab_size} rows ({args.init} init) -> {args.out}")
+    return 0
 
 
 def _register_export(subparsers: Any) -> None:

@@ -55,6 +55,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extend(args: argparse.Namespace) -> int:
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenizer.extend import ExtendError, extend_tokenizer, tokens_per_char
+
+    base = load_tokenizer(args.base)
+    skipped: Counter[str] = Counter()
+    texts = [doc.text for _, doc in iter_input_documents(args.corpus, args.text_key, args.max_docs, skipped)]
+    _report_skipped(skipped)
+    try:
+        extended, added = extend_tokenizer(base, texts, args.add, args.min_frequency)
+    except ExtendError as err:
+        print(f"lmforge tokenizer extend: {err}", file=sys.stderr)
+        return 2
+    extended.save(args.output)
+    before, after = tokens_per_char(base, texts), tokens_per_char(extended, texts)
+    print(
+        f"added {len(added)} of {args.add} pieces (ids {base.vocab_size}..{extended.vocab_size - 1}) -> {args.output}; "
+        f"tokens per character on the corpus {before:.3f} -> {after:.3f}"
+    )
+    return 0
+
+
 def _encode(args: argparse.Namespace) -> int:
     from lmforge.tokenizer import load_tokenizer
 
@@ -128,6 +150,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--quiet", "-q", action="store_true")
     add_config_arguments(train)
     train.set_defaults(handler=_train)
+
+    extend = sub.add_parser(
+        "extend",
+        help="append BPE pieces learned on a new language's text to a tokenizer, keeping every old id",
+        description="Then grow a model to the new vocabulary with 'lmforge resize MODEL --tokenizer NEW --out DIR'.",
+    )
+    extend.add_argument("base", help="tokenizer (or model) folder to extend, or a Hub id")
+    extend.add_argument(
+        "--corpus", nargs="+", required=True, help="documents in the new language (files, folders)"
+    )
+    extend.add_argument("--add", type=int, required=True, help="how many pieces to add")
+    extend.add_argument("--output", "-o", required=True, help="tokenizer folder to write")
+    extend.add_argument("--min-frequency", type=int, default=2)
+    extend.add_argument("--text-key", default="text")
+    extend.add_argument("--max-docs", type=int, default=None)
+    extend.set_defaults(handler=_extend)
 
     encode = sub.add_parser("encode", help="print the token ids (or tokens) of a text")
     encode.add_argument("tokenizer", help="tokenizer folder")
