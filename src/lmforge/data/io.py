@@ -26,6 +26,7 @@ from typing import IO, Any, ClassVar
 import fsspec
 from fsspec.core import url_to_fs
 
+from lmforge.data import code
 from lmforge.data.document import Document
 
 DEFAULT_MAX_DOC_BYTES = 10_000_000
@@ -277,6 +278,24 @@ class TextReader(Reader):
         return {"path": self.relative(path)}
 
 
+class CodeReader(TextReader):
+    """Each source file is one document, with ``meta.language``, ``meta.path`` and ``meta.licence`` (the SPDX
+    identifier its header names, or None); files of other extensions in the tree are not read."""
+
+    format = "code"
+    extensions = tuple(code.LANGUAGES)
+    default_files_per_task = 256
+
+    def file_meta(self, path: str) -> dict[str, Any]:
+        return {"path": self.relative(path), "language": code.language_of(path)}
+
+    def document(self, doc_id: str, text: Any, meta: dict[str, Any], where: str) -> Document | Reject:
+        doc = super().document(doc_id, text, meta, where)
+        if isinstance(doc, Document):
+            doc.meta["licence"] = code.licence_of(doc.text)
+        return doc
+
+
 class HtmlReader(TextReader):
     """Each file is one HTML page, passed on raw with ``meta.format = "html"`` for the extraction step."""
 
@@ -335,7 +354,7 @@ class WarcReader(Reader):
 
 
 READERS: dict[str, type[Reader]] = {
-    cls.format: cls for cls in (JsonlReader, ParquetReader, TextReader, HtmlReader, WarcReader)
+    cls.format: cls for cls in (JsonlReader, ParquetReader, TextReader, HtmlReader, WarcReader, CodeReader)
 }
 
 
@@ -514,6 +533,7 @@ def write_jsonl(path: str | os.PathLike[str], docs: Iterable[Document]) -> int:
 __all__ = [
     "DEFAULT_MAX_DOC_BYTES",
     "READERS",
+    "CodeReader",
     "HtmlReader",
     "JsonlReader",
     "ParquetReader",
