@@ -8,6 +8,7 @@ and append it to the list.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -123,7 +124,118 @@ def add_train_ngram(subcommands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_train_ngram)
 
 
-SUBCOMMANDS = [add_run, add_train_classifier, add_train_ngram]
+def _endpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="OpenAI-compatible server (lmforge serve)"
+    )
+    parser.add_argument("--model", default="lmforge", help="model id the server knows")
+    parser.add_argument(
+        "--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key"
+    )
+
+
+def _endpoint(args: argparse.Namespace):
+    import os
+
+    from lmforge.data.synthetic import Endpoint
+
+    return Endpoint(url=args.url, model=args.model, api_key=os.environ.get(args.api_key_env))
+
+
+def _record_sinks(out: str, rejects: str):
+    """Two JSONL files written as records come and committed at the end, or when the run stops early (an
+    interrupted run keeps what it made)."""
+    from fsspec.core import url_to_fs
+
+    from lmforge.data.io import JsonlRecordFile
+
+    return JsonlRecordFile(*url_to_fs(out)), JsonlRecordFile(*url_to_fs(rejects))
+
+
+def _self_instruct(args: argparse.Namespace) -> int:
+    from lmforge.data.io import read_documents
+    from lmforge.data.synthetic import SelfInstructConfig, self_instruct
+
+    seeds = [doc.text for doc in read_documents(args.seeds, text_key=args.seed_key)]
+    cfg = SelfInstructConfig(
+        count=args.count, rouge_threshold=args.rouge_threshold, temperature=args.temperature
+    )
+    out, rejects = _record_sinks(args.out, args.rejects or f"{args.out}.rejects.jsonl")
+    try:
+        report = self_instruct(seeds, _endpoint(args), cfg, out.write, rejects.write)
+    finally:
+        out.commit()
+        rejects.commit()
+    print(json.dumps(report.to_dict()))
+    return 0
+
+
+def add_self_instruct(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "self-instruct",
+        help="grow chat examples from seed instructions with a served model (Self-Instruct; ROUGE-L filter)",
+    )
+    parser.add_argument("--seeds", required=True, help="seed tasks: JSONL with an 'instruction' field")
+    parser.add_argument("--seed-key", default="instruction")
+    parser.add_argument("--out", required=True, help="chat JSONL to write ({'messages': [...]})")
+    parser.add_argument(
+        "--rejects", help="turned-away instructions with their reason (default: OUT.rejects.jsonl)"
+    )
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--rouge-threshold", type=float, default=0.7)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    _endpoint_arguments(parser)
+    parser.set_defaults(handler=_self_instruct)
+
+
+def _label(args: argparse.Namespace) -> int:
+    from lmforge.data.io import Document, make_reader
+    from lmforge.data.synthetic import label_records
+
+    reader = make_reader(args.input, text_key=args.text_key)
+    records = (
+        {**item.meta, "id": item.id, args.text_key: item.text}
+        for item in reader.read(reader.files())
+        if isinstance(item, Document)
+    )
+    examples = [tuple(pair.split("=", 1)[::-1]) for pair in args.example]
+    out, rejects = _record_sinks(args.out, args.rejects or f"{args.out}.rejects.jsonl")
+    try:
+        report = label_records(
+            records,
+            _endpoint(args),
+            args.labels,
+            examples,
+            out.write,
+            rejects.write,
+            args.text_key,
+            args.gold_key,
+        )
+    finally:
+        out.commit()
+        rejects.commit()
+    print(json.dumps(report.to_dict()))
+    return 0
+
+
+def add_label(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "label", help="label texts with a served model (few-shot); agreement with gold labels where present"
+    )
+    parser.add_argument("input", help="documents to label (JSONL/Parquet)")
+    parser.add_argument("--labels", nargs="+", required=True)
+    parser.add_argument(
+        "--example", action="append", default=[], metavar="LABEL=TEXT", help="a few-shot example"
+    )
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--rejects")
+    parser.add_argument("--text-key", default="text")
+    parser.add_argument("--gold-key", default="label")
+    _endpoint_arguments(parser)
+    parser.set_defaults(handler=_label)
+
+
+SUBCOMMANDS = [add_run, add_train_classifier, add_train_ngram, add_self_instruct, add_label]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -506,9 +506,12 @@ class Writer:
         return cls(self.folder, validate=False)
 
 
-def read_documents(path: str | os.PathLike[str], format: str = "auto") -> Iterator[Document]:
-    """Every valid document under ``path`` (a file, folder or glob), in file order; rejects are skipped."""
-    reader = make_reader(str(path), format)
+def read_documents(
+    path: str | os.PathLike[str], format: str = "auto", **reader_options: Any
+) -> Iterator[Document]:
+    """Every valid document under ``path`` (a file, folder or glob), in file order; rejects are skipped.
+    ``reader_options`` go to the reader (``text_key="instruction"``...)."""
+    reader = make_reader(str(path), format, **reader_options)
     for item in reader.read(reader.files()):
         if isinstance(item, Document):
             yield item
