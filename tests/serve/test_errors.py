@@ -13,9 +13,10 @@ def validation_error(**fields) -> RequestValidationError:
 
 
 def test_validation_errors_name_the_field_without_the_body_prefix():
-    message, param = describe_validation_error(validation_error(prompt="x", temperature=9))
+    # (ranges are SamplingParams'; the schema checks types and shapes)
+    message, param = describe_validation_error(validation_error(prompt="x", temperature="hot"))
     assert param == "temperature"
-    assert message.startswith("temperature: ") and "2" in message
+    assert message.startswith("temperature: ") and "number" in message
 
 
 def test_custom_validator_messages_lose_pydantics_prefix():
@@ -24,7 +25,7 @@ def test_custom_validator_messages_lose_pydantics_prefix():
 
 
 def test_several_problems_are_counted():
-    message, _ = describe_validation_error(validation_error(prompt="x", temperature=9, top_p=0))
+    message, _ = describe_validation_error(validation_error(prompt="x", temperature="hot", top_p=[0]))
     assert message.endswith("(and 1 more problem(s))")
 
 

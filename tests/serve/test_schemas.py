@@ -28,27 +28,16 @@ def test_completion_prompt_forms_are_kept_as_given(prompt):
         ({"prompt": []}, "prompt"),
         ({"prompt": [[1], []]}, "prompt"),
         ({"prompt": [-1]}, "prompt"),
-        ({"prompt": "x", "temperature": 2.5}, "temperature"),
-        ({"prompt": "x", "top_p": 0}, "top_p"),
-        ({"prompt": "x", "n": 0}, "n"),
-        ({"prompt": "x", "logprobs": 21}, "logprobs"),
-        ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
-        ({"prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
-        ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
-        ({"prompt": "x", "min_p": 1.5}, "min_p"),
-        ({"prompt": "x", "top_k": -2}, "top_k"),
         ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
-        ({"prompt": "x", "logit_bias": {"3": 101}}, "logit_bias"),
-        ({"prompt": "x", "stop": [""]}, "stop"),
-        ({"prompt": "x", "stop": ["s"] * 17}, "stop"),
+        ({"prompt": "x", "logit_bias": {"١٢": 1}}, "logit_bias"),  # non-ASCII digits are not token ids
+        ({"prompt": "x", "temperature": "hot"}, "temperature"),
         ({"prompt": "x", "max_tokens": 0}, None),  # only allowed with echo
-        ({"prompt": "x", "best_of": 3}, None),  # only as a beam width
         ({"prompt": "x", "use_beam_search": True, "logprobs": 1}, None),
-        ({"prompt": "x", "best_of": 2, "n": 3, "use_beam_search": True}, None),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, None),  # needs stream
     ],
 )
-def test_completion_rejects_invalid_fields(fields, param):
+def test_completion_rejects_malformed_fields(fields, param):
+    """The wire format (types, shapes, combinations); the ranges are SamplingParams' (tests/infer/test_sampling.py)."""
     with pytest.raises(ValidationError) as info:
         CompletionRequest(**fields)
     if param is not None:

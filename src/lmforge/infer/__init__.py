@@ -6,6 +6,7 @@ _EXPORTS = {
     "CompletionOutput": "lmforge.infer.outputs",
     "EngineConfig": "lmforge.infer.engine",
     "EngineStats": "lmforge.infer.engine",
+    "InvalidRequestError": "lmforge.infer.sampling",
     "LLMEngine": "lmforge.infer.engine",
     "QueueFullError": "lmforge.infer.engine",
     "RequestOutput": "lmforge.infer.outputs",

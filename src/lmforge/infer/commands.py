@@ -3,54 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from lmforge.infer.sampling import SamplingParams, describe_range
+
+# the command line's own defaults: a terminal user wants a longer, livelier reply than the API's 16 tokens at T=1
+CLI_DEFAULTS = {"max_tokens": 128, "temperature": 0.7}
+
+
+def _cli_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(SamplingParams) if f.metadata.get("cli")]
+
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sampling flags, generated from ``SamplingParams`` (names, types, ranges and meanings)."""
     group = parser.add_argument_group("sampling")
-    group.add_argument(
-        "--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)"
-    )
-    group.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
-    group.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
-    group.add_argument(
-        "--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability"
-    )
-    group.add_argument(
-        "--repetition-penalty", type=float, default=1.0, help="HF repetition penalty (1 = off)"
-    )
-    group.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty")
-    group.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty")
-    group.add_argument(
-        "--no-repeat-ngram-size", type=int, default=0, help="forbid repeating n-grams of this size"
-    )
+    for f in _cli_fields():
+        default = CLI_DEFAULTS.get(f.name, f.default)
+        kind = int if f.type.startswith("int") else float
+        bounds = describe_range(f.metadata["range"])
+        group.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=kind,
+            default=default,
+            help=f"{f.metadata['help']}; in {bounds} (default: {default})",
+        )
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    group.add_argument("--seed", type=int, default=None, help="per-request seed: same seed, same output")
     parser.add_argument(
         "--kv-cache-mb", type=int, default=256, help="memory for the paged KV cache, MiB (default: 256)"
     )
 
 
-def sampling_params_from_args(args: argparse.Namespace, **extra: Any):
-    from lmforge.infer import SamplingParams
-
-    return SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
-        stop=list(args.stop),
-        seed=args.seed,
-        **extra,
-    )
+def sampling_params_from_args(args: argparse.Namespace, **extra: Any) -> SamplingParams:
+    values = {f.name: getattr(args, f.name) for f in _cli_fields()}
+    return SamplingParams(**values, stop=list(args.stop), **extra)
 
 
 def register(subparsers: Any) -> None:

@@ -8,7 +8,8 @@ through ``loop.call_soon_threadsafe``; requests and aborts reach that thread thr
 server layer's ``AsyncEngine`` does this). ``make_request`` is the one method any thread may call: it
 validates and tokenizes without touching scheduler state. The synchronous protocol is::
 
-    group = engine.make_request(request_id, prompt, params)   # validate + tokenize; raises ValueError (-> 400);
+    group = engine.make_request(request_id, prompt, params)   # validate + tokenize; raises InvalidRequestError
+                                                               # (a ValueError -> 400);
                                                                # thread-safe (touches no scheduler state)
     engine.add_request(group)          # or engine.add_request(request_id, prompt, params) in one call;
                                        # raises QueueFullError (-> 429) when max_waiting requests already wait
@@ -23,7 +24,8 @@ A ``RequestOutput`` carries ``outputs: list[CompletionOutput]`` (one per complet
 ``CompletionOutput`` has cumulative ``token_ids``/``text``/``logprobs`` and this step's ``new_token_ids``,
 ``new_text`` (UTF-8 safe, stop strings removed, a possible stop-string prefix held back) and ``new_logprobs``;
 ``finish_reason`` is None while running, then "stop" (EOS, a stop token id or a stop string; ``stop_reason``
-names which), "length" (max_tokens or the context) or "abort". ``RequestOutput.prompt_logprobs`` is set on the
+names which), "length" (max_tokens or the context), "abort", or "error": a request whose processing raised
+inside a step is failed alone (``RequestOutput.error`` says why) and the step goes on for the others. ``RequestOutput.prompt_logprobs`` is set on the
 first output of a request that asked for it. Log-probabilities are those of the model's raw distribution
 (before penalties and temperature). Beam-search requests report only once, when finished, with the
 length-penalised beam score as ``cumulative_logprob`` and no per-token logprobs.
@@ -35,8 +37,10 @@ returns the final ``RequestOutput`` of each prompt in order.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import logging
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,11 +55,13 @@ from lmforge.infer.kv_cache import PagedKVCache, num_blocks_for_budget
 from lmforge.infer.model_runner import ChunkLogits, ModelRunner
 from lmforge.infer.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from lmforge.infer.sampler import Sampler, process_logits, top_logprobs
-from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.sampling import InvalidRequestError, SamplingParams
 from lmforge.infer.scheduler import QueueFullError, ScheduledSeq, Scheduler
 from lmforge.infer.sequence import Sequence, SequenceGroup
 
-__all__ = ["EngineConfig", "EngineStats", "LLMEngine", "QueueFullError"]
+__all__ = ["EngineConfig", "EngineStats", "InvalidRequestError", "LLMEngine", "QueueFullError"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -153,6 +159,7 @@ class LLMEngine:
         self.sampler = Sampler(config.seed)
         self._request_ids = itertools.count()
         self._aborted: list[SequenceGroup] = []
+        self._failed: list[tuple[SequenceGroup, str]] = []  # requests that broke mid-step, with why
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._requests_finished_total = 0
@@ -184,29 +191,44 @@ class LLMEngine:
         params: SamplingParams | None = None,
         add_special_tokens: bool = True,
     ) -> SequenceGroup:
-        """Validate and tokenize a request (raises ValueError with a client-facing message)."""
+        """Validate and tokenize a request (raises :class:`InvalidRequestError`, a ValueError whose message
+        names the field, for anything the engine cannot serve)."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("prompt: a text prompt needs a tokenizer; pass token ids")
+                raise InvalidRequestError("prompt: a text prompt needs a tokenizer; pass token ids")
             token_ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         else:
             token_ids = [int(t) for t in prompt]
         vocab = self.model.cfg.vocab_size
         if not token_ids:
-            raise ValueError("prompt: must contain at least one token")
+            raise InvalidRequestError("prompt: must contain at least one token")
         if any(t < 0 or t >= vocab for t in token_ids):
-            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+            raise InvalidRequestError(f"prompt: token ids must be in [0, {vocab})")
         if len(token_ids) >= self.max_model_len:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"prompt: {len(token_ids)} tokens leave no room to generate in the context of {self.max_model_len}"
             )
         if any(t < 0 or t >= vocab for t in params.logit_bias):
-            raise ValueError(f"logit_bias: token ids must be in [0, {vocab})")
+            raise InvalidRequestError(f"logit_bias: token ids must be in [0, {vocab})")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids: token ids must be in [0, {vocab})")
+        if params.top_k > vocab or max(params.logprobs or 0, params.prompt_logprobs or 0) > vocab:
+            # the whole vocabulary is all there is to keep or list
+            params = dataclasses.replace(
+                params,
+                top_k=min(params.top_k, vocab),
+                logprobs=None if params.logprobs is None else min(params.logprobs, vocab),
+                prompt_logprobs=None
+                if params.prompt_logprobs is None
+                else min(params.prompt_logprobs, vocab),
+            )
         bm = self.block_manager
         longest = min(len(token_ids) + params.max_tokens, self.max_model_len)
         if bm.blocks_for(longest) * max(params.beam_width, params.n) > bm.num_blocks - 1:
-            raise ValueError("prompt: prompt + max_tokens does not fit in the KV cache; lower max_tokens")
+            raise InvalidRequestError(
+                "prompt: prompt + max_tokens does not fit in the KV cache; lower max_tokens"
+            )
         if request_id is None:
             request_id = f"req-{next(self._request_ids)}"
         group = SequenceGroup(request_id, token_ids, params, self.tokenizer if params.detokenize else None)
@@ -245,7 +267,7 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self._aborted)
+        return self.scheduler.has_work() or bool(self._aborted) or bool(self._failed)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -270,35 +292,88 @@ class LLMEngine:
         self._aborted = []
         plan = self.scheduler.schedule()
         self.cache.copy_blocks(self.block_manager.take_copies())
-        if not plan.scheduled:
-            return outputs
+        if plan.scheduled:
+            outputs += self._run(plan.scheduled)
+        outputs += [self._error_output(group, error) for group, error in self._failed]
+        self._failed = []
+        return outputs
+
+    def _run(self, scheduled: list[ScheduledSeq]) -> list[RequestOutput]:
+        """Forward, sample and report the scheduled chunks. Whatever one request breaks (its settings, its
+        tokens, a bug they reach) fails that request alone: the batch is retried without it."""
+        groups = {s.seq_id: g for g in self.scheduler.running for s in g.seqs}
         wants_prompt_logprobs = {
             i
-            for i, item in enumerate(plan.scheduled)
+            for i, item in enumerate(scheduled)
             if item.seq.params.prompt_logprobs is not None and item.seq.num_computed < item.seq.prompt_len
         }
-        chunk_logits = self.runner.execute(plan.scheduled, wants_prompt_logprobs)
+        chunk_logits = self._execute(scheduled, wants_prompt_logprobs, groups)
         touched: dict[str, SequenceGroup] = {}
-        completed: list[tuple[ScheduledSeq, ChunkLogits]] = []
-        groups = {s.seq_id: g for g in self.scheduler.running for s in g.seqs}
-        for i, (item, logits) in enumerate(zip(plan.scheduled, chunk_logits)):
+        by_group: dict[str, list[tuple[Sequence, torch.Tensor]]] = {}
+        for i, (item, logits) in enumerate(zip(scheduled, chunk_logits)):
+            group = groups[item.seq.seq_id]
+            if logits is None or group.aborted:
+                continue
             if i in wants_prompt_logprobs:
-                self._record_prompt_logprobs(groups[item.seq.seq_id], item, logits)
-            if item.completes:
-                completed.append((item, logits))
+                self._guard(group, self._record_prompt_logprobs, group, item, logits)
+            completes = item.completes  # (read before the chunk is counted as computed)
             item.seq.num_computed += item.num_tokens
             self.block_manager.register_computed(item.seq)
-        by_group: dict[str, list[tuple[Sequence, torch.Tensor]]] = {}
-        for item, logits in completed:
-            group = groups[item.seq.seq_id]
-            by_group.setdefault(group.request_id, []).append((item.seq, logits.last))
-            touched[group.request_id] = group
+            if completes and not group.aborted:
+                by_group.setdefault(group.request_id, []).append((item.seq, logits.last))
+                touched[group.request_id] = group
         self._sample(by_group, touched)
+        outputs = []
         for group in touched.values():
-            out = self._make_output(group)
-            if out is not None:
-                outputs.append(out)
+            if not group.aborted:
+                out = self._guard(group, self._make_output, group)
+                if out is not None:
+                    outputs.append(out)
         return outputs
+
+    def _execute(
+        self, scheduled: list[ScheduledSeq], all_logits: set[int], groups: dict[int, SequenceGroup]
+    ) -> list[ChunkLogits | None]:
+        """The batched forward; if it raises, each request's chunks run alone and those that still raise fail
+        their request (their entries are None)."""
+        try:
+            return list(self.runner.execute(scheduled, all_logits))
+        except Exception as batch_error:
+            logger.warning("a batched forward failed (%s); retrying request by request", batch_error)
+        results: list[ChunkLogits | None] = [None] * len(scheduled)
+        by_request: dict[str, list[int]] = {}
+        for i, item in enumerate(scheduled):
+            by_request.setdefault(groups[item.seq.seq_id].request_id, []).append(i)
+        for indices in by_request.values():
+            group = groups[scheduled[indices[0]].seq.seq_id]
+            wanted = {j for j, i in enumerate(indices) if i in all_logits}
+            logits = self._guard(group, self.runner.execute, [scheduled[i] for i in indices], wanted)
+            if logits is not None:
+                for i, chunk in zip(indices, logits):
+                    results[i] = chunk
+        return results
+
+    def _guard(self, group: SequenceGroup, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` for one request; if it raises, the request is failed (and None returned)."""
+        try:
+            return fn(*args)
+        except Exception as err:
+            self._fail(group, err)
+            return None
+
+    def _fail(self, group: SequenceGroup, err: BaseException) -> None:
+        """Take a request out of the engine after ``err`` broke its processing; its blocks are freed at once
+        and its last output (``finish_reason`` "error", ``error`` set) comes with this step's outputs."""
+        if group.aborted:
+            return
+        logger.error("request %s failed inside an engine step", group.request_id, exc_info=err)
+        self.scheduler.abort(group.request_id)
+        group.aborted = True
+        for seq in group.seqs:
+            if not seq.is_finished:
+                seq.finish("error")
+        self._failed.append((group, f"{type(err).__name__}: {err}"))
+        self._requests_finished_total += 1
 
     def _record_prompt_logprobs(self, group: SequenceGroup, item: ScheduledSeq, logits: ChunkLogits) -> None:
         seq, start = item.seq, item.seq.num_computed
@@ -318,13 +393,11 @@ class LLMEngine:
     def _sample(
         self, by_group: dict[str, list[tuple[Sequence, torch.Tensor]]], touched: dict[str, SequenceGroup]
     ) -> None:
-        rows: list[torch.Tensor] = []
-        seqs: list[Sequence] = []
-        owners: list[SequenceGroup] = []
+        batch: list[tuple[SequenceGroup, Sequence, torch.Tensor]] = []
         for request_id, entries in by_group.items():
             group = touched[request_id]
             if group.beam is not None:
-                self._beam_step(group, entries)
+                self._guard(group, self._beam_step, group, entries)
                 continue
             if group.expands_after_prefill:
                 ((parent, logits),) = entries
@@ -333,15 +406,38 @@ class LLMEngine:
                     self.block_manager.fork(parent, child)
                     group.seqs.append(child)
                     entries.append((child, logits))
-            for seq, logits in entries:
-                seqs.append(seq)
-                owners.append(group)
-                rows.append(logits)
-        if not seqs:
+            batch += [(group, seq, logits) for seq, logits in entries]
+        if not batch:
             return
-        tokens, logprobs = self.sampler(torch.stack(rows), seqs)
-        for seq, group, token, logprob in zip(seqs, owners, tokens, logprobs):
-            self._append(group, seq, token, logprob)
+        try:
+            tokens, logprobs = self.sampler(
+                torch.stack([row for _, _, row in batch]), [s for _, s, _ in batch]
+            )
+        except Exception as batch_error:
+            logger.warning("batched sampling failed (%s); sampling request by request", batch_error)
+            tokens, logprobs = self._sample_each(batch)
+        for (group, seq, _), token, logprob in zip(batch, tokens, logprobs):
+            if token is not None and not group.aborted:
+                self._guard(group, self._append, group, seq, token, logprob)
+
+    def _sample_each(
+        self, batch: list[tuple[SequenceGroup, Sequence, torch.Tensor]]
+    ) -> tuple[list[int | None], list[TokenLogprob | None]]:
+        """Sampling one request at a time: the requests whose rows raise are failed, the rest get tokens."""
+        tokens: list[int | None] = [None] * len(batch)
+        logprobs: list[TokenLogprob | None] = [None] * len(batch)
+        rows_of: dict[str, list[int]] = {}
+        for i, (group, _, _) in enumerate(batch):
+            rows_of.setdefault(group.request_id, []).append(i)
+        for rows in rows_of.values():
+            group = batch[rows[0]][0]
+            got = self._guard(
+                group, self.sampler, torch.stack([batch[i][2] for i in rows]), [batch[i][1] for i in rows]
+            )
+            if got is not None:
+                for i, token, logprob in zip(rows, *got):
+                    tokens[i], logprobs[i] = token, logprob
+        return tokens, logprobs
 
     def _append(self, group: SequenceGroup, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         params = seq.params
@@ -480,6 +576,11 @@ class LLMEngine:
                 )
             )
         return RequestOutput(group.request_id, group.prompt_token_ids, completions, True)
+
+    def _error_output(self, group: SequenceGroup, error: str) -> RequestOutput:
+        out = self._abort_output(group)
+        out.error = error
+        return out
 
     # -- offline use ---------------------------------------------------------------------------------------------
     def generate(

@@ -31,7 +31,7 @@ class CompletionOutput:
     logprobs: list[TokenLogprob] | None
     new_logprobs: list[TokenLogprob] | None
     cumulative_logprob: float
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None = None  # "stop", "length", "abort", "error" or None while running
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
 
     @property
@@ -49,3 +49,4 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one entry per prompt token, the first is None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None  # set when the request failed inside the engine (finish_reason "error")

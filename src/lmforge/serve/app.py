@@ -7,13 +7,12 @@ model endpoints refuse with 503) until it is ready, which lets orchestrators and
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.resources import files
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -21,6 +20,7 @@ from lmforge.infer import EngineStats, LLMEngine
 from lmforge.serve.async_engine import AsyncEngine
 from lmforge.serve.completions import OpenAIServing
 from lmforge.serve.errors import APIError, install_error_handlers
+from lmforge.serve.guard import RequestGuard
 from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.schemas import (
     ChatCompletionRequest,
@@ -89,21 +89,11 @@ class ServerState:
         return self.serving
 
 
-def api_key_checker(api_key: str | None) -> Callable[[Request], None]:
-    def check(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        if not secrets.compare_digest(given.strip().encode(), api_key.encode()):
-            raise APIError(401, "incorrect API key", code="invalid_api_key")
-
-    return check
-
-
 def chat_page() -> str:
     return files("lmforge.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
+
+
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 
 
 def create_app(
@@ -111,9 +101,14 @@ def create_app(
     model_id: str,
     api_key: str | None = None,
     max_active_requests: int = 256,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    protect_metrics: bool = False,
+    protect_docs: bool = False,
 ) -> FastAPI:
     """The server app. ``load_engine`` runs in a background thread at start-up; ``model_id`` is the name
-    clients use in ``model``; requests beyond ``max_active_requests`` in flight get a 429."""
+    clients use in ``model``; requests beyond ``max_active_requests`` in flight get a 429. With ``api_key``
+    the API (and, when asked, ``/metrics`` and the OpenAPI pages) needs ``Authorization: Bearer KEY``,
+    checked before the body is read; bodies over ``max_body_bytes`` get a 413 (see ``guard.py``)."""
     state = ServerState(load_engine, model_id, max_active_requests)
 
     @asynccontextmanager
@@ -125,6 +120,13 @@ def create_app(
     app = FastAPI(title="lmforge", lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
+    app.add_middleware(
+        RequestGuard,
+        api_key=api_key,
+        max_body_bytes=max_body_bytes,
+        protect_metrics=protect_metrics,
+        protect_docs=protect_docs,
+    )
     page = chat_page()
 
     @app.get("/", include_in_schema=False)
@@ -140,7 +142,7 @@ def create_app(
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    api = APIRouter(dependencies=[Depends(api_key_checker(api_key))])
+    api = APIRouter()
 
     @api.get("/v1/models")
     async def list_models() -> ModelList:
@@ -167,9 +169,9 @@ def create_app(
         serving = state.ready()
         serving.check_model(req.model)
         if req.messages is not None:
-            tokens = serving.encode_chat(req.messages, req.add_generation_prompt).token_ids
+            tokens = (await serving.encode_chat(req.messages, req.add_generation_prompt)).token_ids
         else:
-            tokens = serving.tokenizer.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
+            tokens = await serving.encode_text(req.prompt or "", req.add_special_tokens, "prompt")
         return TokenizeResponse(count=len(tokens), max_model_len=serving.engine.max_model_len, tokens=tokens)
 
     @api.post("/detokenize")

@@ -259,7 +259,11 @@ class AsyncEngine:
         outputs = self.engine.step()
         self._stats = self._read_stats()
         for output in outputs:
-            self._deliver(output.request_id, output, last=output.finished)
+            if output.error is not None:  # this request alone broke inside the step; the others go on
+                failure = EngineFailure(f"the request failed in the engine: {output.error}")
+                self._deliver(output.request_id, failure, last=True)
+            else:
+                self._deliver(output.request_id, output, last=output.finished)
 
     def _fail_all(self, error: EngineFailure) -> None:
         with self._lock:

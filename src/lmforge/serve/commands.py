@@ -38,6 +38,18 @@ def register(subparsers: Any) -> None:
         help="requests in flight beyond this get 429 (default: 256)",
     )
     parser.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=8.0,
+        help="largest request body accepted, MiB; larger ones get 413 (default: 8)",
+    )
+    parser.add_argument(
+        "--protect-metrics", action="store_true", help="with --api-key, /metrics needs the key too"
+    )
+    parser.add_argument(
+        "--protect-docs", action="store_true", help="with --api-key, the OpenAPI pages need the key too"
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     engine = parser.add_argument_group("engine")
@@ -90,6 +102,9 @@ def run_serve(args: argparse.Namespace) -> int:
         lambda: LLMEngine.from_pretrained(model_dir, config, dtype=dtype, device=args.device),
         model_id=args.model_name or (args.model_dir if from_hub else model_dir.resolve().name),
         api_key=args.api_key,
+        max_body_bytes=int(args.max_request_mb * 2**20),
+        protect_metrics=args.protect_metrics,
+        protect_docs=args.protect_docs,
         max_active_requests=args.max_active_requests,
     )
     # On Ctrl-C, streams still open get a few seconds to finish before they are cut (and aborted).

@@ -24,9 +24,17 @@ from lmforge.serve.schemas import (
     template_messages,
 )
 from lmforge.serve.streaming import cancel_on_disconnect, sse_response
+from lmforge.tokenizer import Tokenizer
 
 # End-of-turn markers of common chat formats: a chat reply also stops there (the EOS may come after it).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+
+
+def max_prompt_chars(tokenizer: Tokenizer, context: int) -> int:
+    """Characters above which a text cannot fit ``context`` tokens: no token covers more than the longest
+    token's bytes (a character is at least one byte); x4 for normalizers that compose characters."""
+    longest = max(len(tokenizer.id_to_token(i) or "") for i in range(tokenizer.vocab_size))
+    return 4 * max(longest, 1) * context
 
 
 def bad_request(err: ValueError) -> APIError:
@@ -45,6 +53,7 @@ class OpenAIServing:
         self._reserved = 0  # admitted prompts not yet registered with the engine bridge
         self.tokenizer = engine.tokenizer
         self.texts = TokenTexts(self.tokenizer)
+        self.max_prompt_chars = max_prompt_chars(self.tokenizer, engine.max_model_len)
         self.end_of_turn_ids = [
             token_id
             for token_id in map(self.tokenizer.token_to_id, END_OF_TURN_TOKENS)
@@ -63,6 +72,13 @@ class OpenAIServing:
             )
 
     def check_capacity(self, n_requests: int) -> None:
+        if n_requests > self.max_active_requests:  # could never be admitted: retrying cannot help
+            raise APIError(
+                400,
+                f"this request has {n_requests} prompts; the server runs at most {self.max_active_requests} at once",
+                "prompt",
+                "invalid_value",
+            )
         active = self.engine.num_active + self._reserved
         if active + n_requests > self.max_active_requests:
             metrics = self.engine.metrics
@@ -183,14 +199,28 @@ class OpenAIServing:
 
     # -- /v1/completions -----------------------------------------------------------------------------------
 
-    def encode_completion_prompts(self, req: CompletionRequest) -> list[Prompt]:
+    async def encode_text(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        """Token ids of ``text``, tokenized in a worker thread (a long prompt must not stall the event loop,
+        the other streams and ``/health``). A text too long to fit the context whatever its tokens is refused
+        without tokenizing it."""
+        if len(text) > self.max_prompt_chars:
+            raise APIError(
+                400,
+                f"the {param} has {len(text)} characters: more than the model's context of "
+                f"{self.engine.max_model_len} tokens can hold",
+                param,
+                "context_length_exceeded",
+            )
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
+
+    async def encode_completion_prompts(self, req: CompletionRequest) -> list[Prompt]:
         raw = req.prompt
         if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
             raw = [raw]  # one prompt
         prompts = []
         for item in raw:
             if isinstance(item, str):
-                ids = self.tokenizer.encode(item, add_special_tokens=req.add_special_tokens)
+                ids = await self.encode_text(item, req.add_special_tokens, "prompt")
                 prompts.append(Prompt(ids, item))
             else:
                 self.check_token_ids(item, "prompt")
@@ -201,7 +231,9 @@ class OpenAIServing:
 
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
         self.check_model(req.model)
-        prompts = self.encode_completion_prompts(req)
+        one_prompt = isinstance(req.prompt, str) or isinstance(req.prompt[0], int)
+        self.check_capacity(1 if one_prompt else len(req.prompt))  # before any tokenizing
+        prompts = await self.encode_completion_prompts(req)
         # max_tokens=0 (scoring an echoed prompt only): the engine generates at least one token; we drop it.
         score_only = req.max_tokens == 0
         requested = None if req.max_tokens is None else max(req.max_tokens, 1)
@@ -220,7 +252,7 @@ class OpenAIServing:
 
     # -- /v1/chat/completions ------------------------------------------------------------------------------
 
-    def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> Prompt:
+    async def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> Prompt:
         try:
             text = self.tokenizer.apply_chat_template(
                 template_messages(messages), add_generation_prompt=add_generation_prompt
@@ -230,11 +262,11 @@ class OpenAIServing:
                 400, f"cannot apply the chat template: {err}", "messages", "invalid_value"
             ) from err
         # The template writes every special token itself (as transformers' apply_chat_template assumes).
-        return Prompt(self.tokenizer.encode(text, add_special_tokens=False), text)
+        return Prompt(await self.encode_text(text, False, "messages"), text)
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(req.model)
-        prompt = self.encode_chat(req.messages, req.add_generation_prompt)
+        prompt = await self.encode_chat(req.messages, req.add_generation_prompt)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         budget = self.output_budget(prompt, req.requested_max_tokens, param, "messages", req.sequences)
         top = (req.top_logprobs or 0) if req.logprobs else None

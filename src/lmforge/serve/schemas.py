@@ -1,21 +1,45 @@
 """Pydantic schemas of the OpenAI API subset that lmforge serves (plus vLLM-style extensions).
 
-Requests are validated here, so a malformed field becomes a 400 with the offending parameter named
-(see ``lmforge.serve.errors``). Ranges follow the OpenAI reference; sampling fields that OpenAI lacks
-(``top_k``, ``min_p``, ``repetition_penalty``, beam search) use vLLM's names and meanings so that
+The schemas check the wire format (types, shapes, combinations of fields); the ranges of the sampling
+fields are ``SamplingParams``' (the one definition), whose errors name the field, so either way a bad field
+becomes a 400 with the offending parameter named (see ``lmforge.serve.errors``). Sampling fields that OpenAI
+lacks (``top_k``, ``min_p``, ``repetition_penalty``, beam search) use vLLM's names and meanings so that
 clients written for vLLM work unchanged.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-MAX_STOP_SEQUENCES = 16
 MAX_TOP_LOGPROBS = 20
+TOKEN_ID = re.compile(r"[0-9]{1,10}")
+
+
+def _no_lone_surrogates(value: str) -> str:
+    """JSON may carry UTF-16 surrogate escapes (``"\\ud800"``) that pair with nothing: no tokenizer can take them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"contains a lone UTF-16 surrogate ({value[err.start]!r} at character {err.start}); send valid Unicode"
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
 
 
 def random_id(prefix: str) -> str:
@@ -38,22 +62,21 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=64)
-    best_of: int | None = Field(None, ge=1, le=64)  # beam width under use_beam_search
-    max_tokens: int | None = Field(None, ge=0)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    # -1 or 0 disable top-k, as in vLLM and transformers respectively.
-    top_k: int = Field(-1, ge=-1)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    stop: list[str] = Field(default_factory=list)  # a single string is accepted too
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    # int64, as torch generators take it (the engine offsets it per completion, which stays in range)
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    logit_bias: dict[str, float] | None = None
+    # Sampling fields: types here, ranges in ``SamplingParams`` (the one definition; its errors name the field).
+    n: int = 1
+    best_of: int | None = None  # beam width under use_beam_search
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0 disable top-k, as in vLLM and transformers respectively
+    min_p: float = 0.0
+    stop: list[Text] = Field(default_factory=list)  # a single string is accepted too
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string, as JSON keys are) -> bias
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -63,39 +86,24 @@ class SamplingFields(BaseModel):
 
     @field_validator("stop", mode="before")
     @classmethod
-    def _check_stop(cls, value: Any) -> Any:
+    def _one_stop(cls, value: Any) -> Any:
         if value is None:
             return []
-        stops = [value] if isinstance(value, str) else value
-        if not isinstance(stops, list):
-            return stops  # let the type check reject it
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty strings")
-        return stops
+        return [value] if isinstance(value, str) else value
 
     @field_validator("logit_bias")
     @classmethod
     def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value is None:
-            return None
-        for key, bias in value.items():
-            if not key.lstrip("-").isdigit() or int(key) < 0:
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
-            if not -100.0 <= bias <= 100.0:
-                raise ValueError(f"logit_bias values must lie in [-100, 100], got {bias}")
+        # JSON keys are strings: a token id is ASCII digits only ("١٢" would pass int() as 12)
+        for key in value or {}:
+            if not TOKEN_ID.fullmatch(key):
+                raise ValueError(f"logit_bias keys must be token ids (decimal digits), got {key!r}")
         return value
 
     @model_validator(mode="after")
     def _check_combinations(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
-        if self.best_of is not None and not self.use_beam_search:
-            # The engine samples exactly n completions; best-of-k reranking exists only as the beam width.
-            raise ValueError("best_of is only supported with use_beam_search (as the beam width)")
-        if self.best_of is not None and self.best_of < self.n:
-            raise ValueError(f"best_of must be >= n ({self.n})")
         return self
 
     @property
@@ -108,15 +116,15 @@ class SamplingFields(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-Prompt = str | list[str] | list[Annotated[int, Field(ge=0)]] | list[list[Annotated[int, Field(ge=0)]]]
+Prompt = Text | list[Text] | list[Annotated[int, Field(ge=0)]] | list[list[Annotated[int, Field(ge=0)]]]
 
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = 16  # 0 only with echo (scoring the prompt, as lm-evaluation-harness asks)
     echo: bool = False
     # OpenAI allows 0..5 alternatives per position; vLLM and lm-evaluation-harness go up to 20.
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: int | None = None
     add_special_tokens: bool = True
 
     @field_validator("prompt")
@@ -129,6 +137,8 @@ class CompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _check_options(self) -> CompletionRequest:
         # max_tokens=0 only makes sense when scoring the prompt (echo), as lm-evaluation-harness may ask.
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens must be at least 1 unless echo is true")
         if self.use_beam_search and self.logprobs is not None:
@@ -138,14 +148,14 @@ class CompletionRequest(SamplingFields):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -195,7 +205,7 @@ class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    prompt: str | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
