@@ -38,6 +38,8 @@ from tests.train.conftest import tiny_config, tiny_data
         ({"model.norm_eps": 0.0}, "model.norm_eps"),
         ({"model.rope_theta": -1.0}, "model.rope_theta"),
         ({"model.init_std": float("nan")}, "model.init_std"),
+        ({"data.seed": -1}, "data.seed"),
+        ({"data.split_seed": -1}, "data.split_seed"),
         ({"data.seq_len": 128}, "data.seq_len"),  # longer than model.max_seq_len=64 (RoPE)
         ({"data.seq_len": 128, "model.position": "learned"}, "data.seq_len"),
         ({"data.curriculum": [{"tokens": 64, "seq_len": 16}, {"seq_len": 128}]}, r"data.curriculum"),
