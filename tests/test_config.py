@@ -118,3 +118,8 @@ def test_config_errors_name_the_full_key_without_omegaconf_internals(override, k
     message = str(info.value)
     assert message.startswith(f"{key}: ") and "\n" not in message
     assert not any(word in message for word in ("full_key", "reference_type", "object_type"))
+
+
+def test_an_override_below_a_mapping_that_is_none_fills_it():
+    cfg = load_config(ModelConfig, overrides=["rope_scaling.rope_type=linear", "rope_scaling.factor=2"])
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 2}

@@ -61,17 +61,21 @@ def _split_override(item: str) -> tuple[str, Any]:
     return key, OmegaConf.to_container(OmegaConf.from_dotlist([f"value={value}"]))["value"]
 
 
-def _check_indices(merged: DictConfig, key: str) -> None:
-    """Name ``key`` when it indexes past the end of a list (OmegaConf would fail without saying where)."""
+def _prepare_path(merged: DictConfig, key: str) -> None:
+    """Make ``key`` settable by ``OmegaConf.update``: name it when it indexes past the end of a list (OmegaConf
+    would fail without saying where), and turn a None mapping on its way into an empty one."""
     node: Any = merged
     parts = key.split(".")
     for depth, part in enumerate(parts):
+        if isinstance(node, DictConfig) and node._is_none() and depth > 0:
+            OmegaConf.update(merged, ".".join(parts[:depth]), {}, merge=False)
+            return
         if isinstance(node, ListConfig) and part.isdigit():
             if int(part) >= len(node):
                 where = ".".join(parts[:depth])
                 raise ConfigError(f"{key}: {where} has {len(node)} item(s), no index {part}")
             node = node._get_node(int(part))
-        elif isinstance(node, DictConfig) and part in node:
+        elif isinstance(node, DictConfig) and not node._is_none() and part in node:
             node = node._get_node(part)
         else:
             return  # OmegaConf.update names a key that does not exist
@@ -128,7 +132,7 @@ def load_config(
             parts = key.split(".")
             explicit |= {".".join(parts[: i + 1]) for i in range(len(parts))}
             explicit |= _dotted_keys(value, f"{key}.")
-            _check_indices(merged, key)
+            _prepare_path(merged, key)
             OmegaConf.update(merged, key, value, merge=True)
         _reset_derived(merged, explicit)
         missing = sorted(OmegaConf.missing_keys(merged))
