@@ -69,6 +69,10 @@ def test_a_model_vocabulary_smaller_than_the_shards_is_refused_before_training(
     cfg = tiny_config(tmp_path / "run", shards, **{"model.vocab_size": 32})  # the shards' vocabulary: 64
     with pytest.raises(ConfigError, match=r"model\.vocab_size: 32 .* \(64 tokens\)"):
         Trainer(cfg)
+    # held-out shards are checked up front too, not at the first validation
+    overrides = {"model.vocab_size": 32, "val_shards": [str(shards)]}
+    with pytest.raises(ConfigError, match=r"model\.vocab_size: 32 .*\(64 tokens\)"):
+        Trainer(tiny_config(tmp_path / "run", shards, **overrides), train_data=iter([]))
     assert not (tmp_path / "run").exists()
 
 

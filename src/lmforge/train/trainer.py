@@ -261,6 +261,8 @@ class Trainer:
             )
 
         if val_data is None and cfg.val_shards:
+            # opened once now, so that missing or mismatched held-out shards stop the run before it starts
+            self._check_vocab(f"the shards {cfg.val_shards}", held_out().shards.vocab_size)
             val_data = held_out
         elif val_data is None and train_data is None and cfg.data.val_fraction > 0:
             val_data = functools.partial(loader, "val")
