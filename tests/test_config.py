@@ -76,3 +76,50 @@ def test_nested_defaults_rederive_fields_the_recipe_did_not_set(tmp_path):
     path.write_text("model:\n  d_model: 192\n  n_heads: 6\n  n_kv_heads: 2\n")
     cfg = load_config(WithModel, path, ["model.head_dim=48"])
     assert (cfg.model.head_dim, cfg.model.n_kv_heads, cfg.model.d_ff) == (48, 2, 512)
+
+
+CURRICULUM_RECIPE = """
+data:
+  curriculum:
+    - {name: short, tokens: 1024, seq_len: 16}
+    - {name: long, seq_len: 32}
+"""
+
+
+def test_an_override_of_a_list_item_from_the_recipe_is_applied(tmp_path):
+    from lmforge.train.config import TrainConfig
+
+    path = tmp_path / "r.yaml"
+    path.write_text(CURRICULUM_RECIPE)
+    cfg = load_config(TrainConfig, path, ["data.curriculum[1].tokens=4096", "data.curriculum.0.seq_len=8"])
+    assert [(s.name, s.tokens, s.seq_len) for s in cfg.data.curriculum] == [
+        ("short", 1024, 8),
+        ("long", 4096, 32),
+    ]
+    with pytest.raises(ConfigError, match=r"data\.curriculum.*no index 5"):
+        load_config(TrainConfig, path, ["data.curriculum[5].tokens=4096"])
+    with pytest.raises(ConfigError, match=r"data\.curriculum\[1\]\.tokenz"):
+        load_config(TrainConfig, path, ["data.curriculum[1].tokenz=4096"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.dropout=x", "model.dropout"),  # a type error
+        ("model.n_layer=2", "model.n_layer"),  # an unknown key
+        ("model.n_heads=5", "model.d_model"),  # a nested __post_init__ check
+    ],
+)
+def test_config_errors_name_the_full_key_without_omegaconf_internals(override, key):
+    from lmforge.train.config import TrainConfig
+
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, overrides=[override])
+    message = str(info.value)
+    assert message.startswith(f"{key}: ") and "\n" not in message
+    assert not any(word in message for word in ("full_key", "reference_type", "object_type"))
+
+
+def test_an_override_below_a_mapping_that_is_none_fills_it():
+    cfg = load_config(ModelConfig, overrides=["rope_scaling.rope_type=linear", "rope_scaling.factor=2"])
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 2}

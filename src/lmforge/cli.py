@@ -4,13 +4,18 @@ Each layer keeps its commands in a ``commands`` module exposing ``register(subpa
 handler is set with ``parser.set_defaults(handler=...)`` and receives the parsed ``argparse.Namespace``.
 Handlers import heavy dependencies themselves, so ``lmforge --help`` stays quick. Stage commands that
 take a recipe use :func:`lmforge.config.add_config_arguments` and :func:`lmforge.config.config_from_args`,
-giving every stage the same ``--config recipe.yaml key.sub=value ...`` form.
+giving every stage the same ``--config recipe.yaml key.sub=value ... [--print-config]`` form.
+
+Known errors reach the user as one line, ``lmforge: error: ...``: exit status 2 for a recipe or argument
+that does not fit (:class:`~lmforge.config.ConfigError`), 1 for a run that cannot go on (``RUN_ERRORS``).
+``lmforge --debug ...`` shows their tracebacks instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +36,31 @@ COMMAND_MODULES: list[str] = [
     "lmforge.eval.commands",
     "lmforge.demo.commands",
 ]
+
+
+# Errors of a run that cannot go on, by defining module: they are only looked up when that module has been
+# imported (which it has, if it raised one), so ``lmforge --help`` imports none of them.
+RUN_ERRORS: dict[str, tuple[str, ...]] = {
+    "lmforge.train.trainer": ("TrainingError",),
+    "lmforge.train.checkpoint": ("NonFiniteCheckpointError",),
+    "lmforge.shards.format": ("ShardsError",),
+    "lmforge.model.hf": ("ModelLoadError",),
+    "lmforge.model.gguf": ("GGUFExportError",),
+    "lmforge.hub": ("HubError",),
+    "lmforge.data.pipeline": ("PipelineError",),
+}
+
+
+def _is_run_error(err: BaseException) -> bool:
+    loaded = (sys.modules.get(name) for name in RUN_ERRORS)
+    classes = tuple(
+        getattr(module, cls) for module, names in zip(loaded, RUN_ERRORS.values()) if module for cls in names
+    )
+    return isinstance(err, classes)
+
+
+def _error(err: BaseException) -> str:
+    return "lmforge: error: " + " ".join(str(err).split())
 
 
 # Commands that moved to the layer that owns them; the old spelling keeps working, with a note.
@@ -54,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lmforge", description="From a raw text corpus to a served chat model."
     )
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error instead of one line"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -62,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_moved(list(sys.argv[1:] if argv is None else argv)))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = list(itertools.takewhile(lambda arg: arg.startswith("-"), argv))  # e.g. --debug
+    args = parser.parse_args([*options, *_moved(argv[len(options) :])])
     handler: Any = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()
@@ -70,8 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(handler(args) or 0)
     except ConfigError as err:
-        print(f"lmforge: config error: {err}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(_error(err), file=sys.stderr)
         return 2
+    except Exception as err:
+        if args.debug or not _is_run_error(err):
+            raise
+        print(_error(err), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130

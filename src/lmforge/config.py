@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -27,8 +30,9 @@ class ConfigError(ValueError):
 
 
 def _describe(err: OmegaConfBaseException) -> str:
+    """``key: message``, without OmegaConf's ``full_key`` / ``reference_type`` / ``object_type`` lines."""
     key = getattr(err, "full_key", None)
-    msg = getattr(err, "msg", None) or str(err).splitlines()[0]
+    msg = (getattr(err, "msg", None) or str(err)).strip().splitlines()[0]
     return f"{key}: {msg}" if key else msg
 
 
@@ -47,10 +51,34 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _check_override(item: str) -> str:
+def _split_override(item: str) -> tuple[str, Any]:
+    """``data.curriculum[1].tokens=4096`` -> (``data.curriculum.1.tokens``, 4096); the value is parsed as
+    OmegaConf parses a dotlist value (YAML)."""
     if "=" not in item or item.startswith("="):
         raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-    return item
+    key, value = item.split("=", 1)
+    key = re.sub(r"\[(\d+)\]", r".\1", key.strip())
+    return key, OmegaConf.to_container(OmegaConf.from_dotlist([f"value={value}"]))["value"]
+
+
+def _prepare_path(merged: DictConfig, key: str) -> None:
+    """Make ``key`` settable by ``OmegaConf.update``: name it when it indexes past the end of a list (OmegaConf
+    would fail without saying where), and turn a None mapping on its way into an empty one."""
+    node: Any = merged
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if isinstance(node, DictConfig) and node._is_none() and depth > 0:
+            OmegaConf.update(merged, ".".join(parts[:depth]), {}, merge=False)
+            return
+        if isinstance(node, ListConfig) and part.isdigit():
+            if int(part) >= len(node):
+                where = ".".join(parts[:depth])
+                raise ConfigError(f"{key}: {where} has {len(node)} item(s), no index {part}")
+            node = node._get_node(int(part))
+        elif isinstance(node, DictConfig) and not node._is_none() and part in node:
+            node = node._get_node(part)
+        else:
+            return  # OmegaConf.update names a key that does not exist
 
 
 def _dotted_keys(tree: Any, prefix: str = "") -> set[str]:
@@ -99,21 +127,53 @@ def load_config(
         if data is not None:
             explicit |= _dotted_keys(data)
             merged = OmegaConf.merge(merged, data)
-        if overrides:
-            dotlist = OmegaConf.from_dotlist([_check_override(o) for o in overrides])
-            explicit |= _dotted_keys(OmegaConf.to_container(dotlist))
-            merged = OmegaConf.merge(merged, dotlist)
+        for item in overrides:
+            key, value = _split_override(item)
+            parts = key.split(".")
+            explicit |= {".".join(parts[: i + 1]) for i in range(len(parts))}
+            explicit |= _dotted_keys(value, f"{key}.")
+            _prepare_path(merged, key)
+            OmegaConf.update(merged, key, value, merge=True)
         _reset_derived(merged, explicit)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        try:
+            return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        except OmegaConfBaseException:
+            raise
+        except (ValueError, TypeError) as err:  # a __post_init__ check
+            raise ConfigError(_in_section(str(err), _failing_section(merged))) from err
     except OmegaConfBaseException as err:
         raise ConfigError(_describe(err)) from None
-    except (ValueError, TypeError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(str(err)) from err
+
+
+def _failing_section(node: DictConfig | ListConfig, prefix: str = "") -> str:
+    """The dotted path of the innermost nested config whose ``__post_init__`` rejects its values."""
+    keys = range(len(node)) if isinstance(node, ListConfig) else list(node)
+    for key in keys:
+        child = node._get_node(key)
+        if not isinstance(child, DictConfig | ListConfig) or child._is_none() or child._is_missing():
+            continue
+        path = f"{prefix}[{key}]" if isinstance(node, ListConfig) else f"{prefix}.{key}".lstrip(".")
+        try:
+            OmegaConf.to_object(child)
+        except (ValueError, TypeError):
+            return _failing_section(child, path) or path
+    return ""
+
+
+def _in_section(msg: str, section: str) -> str:
+    """Name the full key: ``d_model: ...`` raised by the ``model`` section reads ``model.d_model: ...``, and
+    ``optim.lr: ...`` raised by ``train.optim`` reads ``train.optim.lr: ...``."""
+    if not section:
+        return msg
+    if section.endswith("]"):
+        return f"{section}: {msg}"
+    parent, _, last = section.rpartition(".")
+    if msg.startswith((f"{last}.", f"{last}:")):  # the section already names itself
+        return f"{parent}.{msg}" if parent else msg
+    return f"{section}.{msg}"
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -128,20 +188,66 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--config recipe.yaml key.sub=value ...`` arguments every stage command shares."""
+def add_config_arguments(parser: argparse.ArgumentParser, example: str = "key.sub=value") -> None:
+    """The ``--config recipe.yaml key.sub=value ... [--print-config]`` arguments every stage command shares;
+    ``example`` is an override that fits the stage (shown in its help)."""
     parser.add_argument("--config", "-c", help="YAML recipe; omitted keys keep their defaults")
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.n_layers=4"
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help=f"dotted overrides, e.g. {example} (list items: key[0].sub=value)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (defaults, then the recipe, then the overrides) as YAML and exit",
     )
 
 
-def config_from_args(schema: type[T], args: argparse.Namespace) -> T:
-    """The ``schema`` config built from the arguments that :func:`add_config_arguments` added."""
-    return load_config(schema, args.config, args.overrides)
+def config_from_args(schema: type[T], args: argparse.Namespace, base: dict[str, Any] | None = None) -> T:
+    """The ``schema`` config built from the arguments that :func:`add_config_arguments` added (``base``:
+    a recipe the command already merged from ``--config`` and its own flags). With ``--print-config`` it
+    prints that config as YAML and exits with status 0."""
+    if base is None:
+        cfg = load_config(schema, args.config, args.overrides)
+    else:
+        cfg = load_config(schema, data=base, overrides=args.overrides)
+    if getattr(args, "print_config", False):
+        sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        raise SystemExit(0)
+    return cfg
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     """Raise a ValueError naming ``name`` when ``value`` is not one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def check_range(
+    name: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is finite and within the bounds (closed unless
+    ``low_open`` / ``high_open``)."""
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        if low is not None and high is not None:
+            bounds = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        elif low is not None:
+            bounds = f"{'>' if low_open else '>='} {low}"
+        elif high is not None:
+            bounds = f"{'<' if high_open else '<='} {high}"
+        else:
+            bounds = ""
+        finite = "finite and " if isinstance(value, float) and bounds else "finite" if not bounds else ""
+        raise ValueError(f"{name}: must be {finite}{bounds}, got {value}")

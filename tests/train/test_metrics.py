@@ -54,3 +54,14 @@ def test_truncate_forgets_records_after_a_step_and_plots_are_written(tmp_path: P
     disabled = MetricsLogger(tmp_path / "other-rank", enabled=False)
     disabled.log({"step": 1, "loss": 1.0})
     assert not (tmp_path / "other-rank").exists()
+
+
+def test_a_torn_last_line_is_dropped_and_truncate_still_works(tmp_path: Path) -> None:
+    logger = MetricsLogger(tmp_path, enabled=True)
+    for step in range(1, 4):
+        logger.log({"step": step, "loss": 1.0})
+    with logger.path.open("a") as f:
+        f.write('{"step": 4, "lo')  # the process was killed mid-write
+    assert [r["step"] for r in read_jsonl(logger.path)] == [1, 2, 3]
+    logger.truncate(2)
+    assert logger.path.read_text().splitlines() == ['{"step": 1, "loss": 1.0}', '{"step": 2, "loss": 1.0}']

@@ -160,6 +160,63 @@ def test_rollback_cap_stops_the_run(tmp_path: Path, shards: Path) -> None:
     assert events(tmp_path / "run")[-1]["action"] == "stop"
 
 
+def test_rollbacks_are_counted_within_a_window_of_steps(tmp_path: Path, shards: Path) -> None:
+    # two one-batch spikes 8 steps apart, at most one rollback per 5 steps: the run goes on
+    cap = {"stability.max_rollbacks": 1, "stability.rollback_window": 5}
+    cfg = tiny_config(tmp_path / "run", shards, max_steps=24, **SPIKY, **cap)
+    result = train(cfg, batch_hook=Recorder(corrupt_steps=(14, 22)))
+    assert result.step == 24 and result.rollbacks == 2
+    assert [e["action"] for e in events(tmp_path / "run")] == ["rollback", "rollback"]
+    # within one window of 20 steps they are one rollback too many
+    cfg = tiny_config(
+        tmp_path / "capped", shards, max_steps=24, **SPIKY, **{**cap, "stability.rollback_window": 20}
+    )
+    with pytest.raises(TrainingError, match="rollback_window"):
+        train(cfg, batch_hook=Recorder(corrupt_steps=(14, 22)))
+
+
+def test_skip_batches_skips_more_data_after_the_spike(tmp_path: Path, shards: Path) -> None:
+    clean = Recorder()
+    train(tiny_config(tmp_path / "clean", shards, max_steps=24, **SPIKY), batch_hook=clean)
+    spiky = Recorder(corrupt_steps=(SPIKE_STEP,))
+    skip = {"stability.skip_batches": 2}
+    result = train(tiny_config(tmp_path / "spiky", shards, max_steps=24, **SPIKY, **skip), batch_hook=spiky)
+    assert result.step == 24
+    [event] = events(tmp_path / "spiky")
+    assert event["to_step"] == 16 and event["skipped_batches"] == 2
+    # back at step 16, training resumed 2 batches after the one of the spike
+    assert spiky.seen[SPIKE_STEP + 1] == (16, clean.seen[SPIKE_STEP + 3][1])
+
+
+class Poison:
+    """A batch hook that corrupts one particular batch every time it comes (bad data, not bad luck)."""
+
+    def __init__(self, bad: torch.Tensor) -> None:
+        self.bad = bad
+
+    def __call__(self, step: int, batch: dict) -> dict:
+        if torch.equal(batch["input_ids"], self.bad):
+            batch = {**batch, "labels": torch.full_like(batch["labels"], 50)}
+        return batch
+
+
+def test_a_relaunch_after_the_rollback_cap_skips_the_data_that_spiked(tmp_path: Path, shards: Path) -> None:
+    batches: list[torch.Tensor] = []
+    train(
+        tiny_config(tmp_path / "clean", shards, max_steps=24, **SPIKY),
+        batch_hook=lambda step, batch: batches.append(batch["input_ids"]) or batch,
+    )
+    poison = Poison(batches[SPIKE_STEP])
+    cfg = tiny_config(tmp_path / "run", shards, max_steps=24, **SPIKY, **{"stability.max_rollbacks": 0})
+    with pytest.raises(TrainingError):
+        train(cfg, batch_hook=poison)
+    # the same data would spike at the same step again; the run logged it as skipped, so it goes on
+    result = train(cfg, batch_hook=poison)
+    assert result.step == 24 and result.rollbacks == 1
+    assert [e["action"] for e in events(tmp_path / "run")] == ["stop"]
+    assert max(losses(tmp_path / "run")) < 4.5
+
+
 class NaNOnce(LMObjective):
     """The LM objective, but the loss of one forward is NaN (as an overflow would make it)."""
 

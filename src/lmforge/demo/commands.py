@@ -13,7 +13,7 @@ def build_config(args: argparse.Namespace) -> Any:
     import yaml
     from omegaconf import OmegaConf
 
-    from lmforge.config import ConfigError, load_config
+    from lmforge.config import ConfigError, config_from_args
     from lmforge.demo.config import DemoConfig, size_defaults
 
     recipe: dict[str, Any] = {}
@@ -34,7 +34,7 @@ def build_config(args: argparse.Namespace) -> Any:
     if args.port:
         flags["port"] = args.port
     merged = OmegaConf.to_container(OmegaConf.merge(size_defaults(size), recipe, flags))
-    return load_config(DemoConfig, data=merged, overrides=args.overrides)  # type: ignore[arg-type]
+    return config_from_args(DemoConfig, args, base=merged)  # type: ignore[arg-type]
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -75,5 +75,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-serve", action="store_true", help="stop after the report card")
     parser.add_argument("--port", type=int, help="server port (default: 8000)")
     parser.add_argument("--restart-from", choices=list(STAGES), help="redo this stage and every later one")
-    add_config_arguments(parser)
+    add_config_arguments(parser, example="pretrain.steps=200 model.n_layers=2")
     parser.set_defaults(handler=_demo)

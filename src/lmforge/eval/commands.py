@@ -22,6 +22,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval", help="evaluate a model: exact-match and multiple-choice tasks, perplexity and bits per byte"
     )
-    add_config_arguments(parser)
+    add_config_arguments(parser, example="model=runs/sft/model batch_size=8")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     parser.set_defaults(handler=_eval)

@@ -18,8 +18,10 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "model",
+        nargs="?",
         help="preset name (see --list), model folder with config.json, Hub id (org/name[@rev]) or a YAML ModelConfig",
     )
+    parser.add_argument("--list", action="store_true", help="list the presets with their parameter counts")
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="ModelConfig overrides, e.g. n_layers=4"
     )
@@ -32,7 +34,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     parser.add_argument("--no-flash", action="store_true", help="count materialised attention scores")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(handler=run_info)
+    parser.set_defaults(handler=run_info, parser=parser)
     _register_export(subparsers)
     _register_resize(subparsers)
 
@@ -104,7 +106,7 @@ def run_export_gguf(args: argparse.Namespace) -> int:
 
 def resolve_model_config(spec: str, overrides: list[str] | None = None):
     """A ModelConfig from a preset name, a model folder (config.json) or a YAML file, plus overrides."""
-    from lmforge.config import load_config, to_dict
+    from lmforge.config import ConfigError, load_config, to_dict
     from lmforge.hub import parse_hub_id
     from lmforge.model.config import ModelConfig
 
@@ -118,7 +120,10 @@ def resolve_model_config(spec: str, overrides: list[str] | None = None):
     else:
         from lmforge.model.presets import get_preset
 
-        base = get_preset(spec)
+        try:
+            base = get_preset(spec)
+        except ValueError as err:
+            raise ConfigError(f"{spec}: not a model folder or YAML file, and {err}") from None
     return load_config(ModelConfig, data=to_dict(base), overrides=overrides or [])
 
 
@@ -129,9 +134,35 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:.0f}{unit}"
 
 
+def list_presets_table(as_json: bool) -> None:
+    """Every preset with its total and per-token active parameter counts."""
+    from lmforge.model.flops import count_parameters
+    from lmforge.model.presets import get_preset, list_presets
+
+    counts = {name: count_parameters(get_preset(name)) for name in list_presets()}
+    if as_json:
+        rows = {name: {"total": c.total, "active_per_token": c.active} for name, c in counts.items()}
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="lmforge presets")
+    for column in ("preset", "parameters", "active per token"):
+        table.add_column(column, justify="left" if column == "preset" else "right")
+    for name, c in counts.items():
+        table.add_row(name, _human(c.total), _human(c.active))
+    Console().print(table)
+
+
 def run_info(args: argparse.Namespace) -> int:
     from lmforge.model.flops import count_parameters, flops_per_token, memory_plan
 
+    if args.list:
+        list_presets_table(args.json)
+        return 0
+    if args.model is None:
+        args.parser.error("give a preset name, model folder or YAML ModelConfig (or --list)")
     cfg = resolve_model_config(args.model, args.overrides)
     context = args.seq_len or cfg.max_seq_len
     params = count_parameters(cfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from lmforge.config import check_choice
+from lmforge.config import check_choice, check_range
 
 STRUCTURES = ("causal", "prefix")
 NORMS = ("layernorm", "rmsnorm", "deepnorm")
@@ -95,9 +95,19 @@ class ModelConfig:
         check_choice("mlp", self.mlp, MLPS)
         check_choice("position", self.position, POSITIONS)
         check_choice("attention", self.attention, ATTENTIONS)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "ff_multiple_of"):
+            check_range(name, getattr(self, name), low=1)
+        for name in ("head_dim", "d_ff", "sliding_window"):
+            if getattr(self, name) is not None:
+                check_range(name, getattr(self, name), low=1)
+        for name in ("norm_eps", "rope_theta"):
+            check_range(name, getattr(self, name), low=0.0, low_open=True)
+        for name in ("init_std", "router_init_std", "moe_aux_loss_coef", "moe_z_loss_coef"):
+            check_range(name, getattr(self, name), low=0.0)
+        check_range("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        for name in ("relative_buckets", "relative_max_distance", "moe_every"):
+            check_range(name, getattr(self, name), low=1)
+        check_range("n_experts", self.n_experts, low=0)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:

@@ -108,7 +108,7 @@ def add_mixture(subcommands: argparse._SubParsersAction) -> None:
         description="Overrides are DataConfig fields, e.g. shards=[out/web,out/code] mixture.strategy=temperature "
         "mixture.temperature=2 (or a YAML with a curriculum: list of stages with tokens, seq_len, mixture).",
     )
-    add_config_arguments(parser)
+    add_config_arguments(parser, example="mixture.strategy=temperature mixture.temperature=2")
     parser.add_argument("--sequences", type=int, default=10_000, help="sequences drawn per stage")
     parser.add_argument("--write", metavar="YAML", help="save the resolved data config here")
     parser.set_defaults(handler=_mixture)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.config import check_choice
+from lmforge.config import check_choice, check_range
 from lmforge.shards.curriculum import Curriculum, CurriculumStage
 from lmforge.shards.format import ShardsError, TokenShards
 from lmforge.shards.mixture import MixtureConfig, mixture_weights
@@ -61,6 +61,8 @@ class DataConfig:
             raise ValueError(f"seq_len: must be >= 1, got {self.seq_len}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+        check_range("seed", self.seed, low=0)  # numpy seeds are non-negative
+        check_range("split_seed", self.split_seed, low=0)
 
 
 class _DomainStream:

@@ -148,7 +148,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--text-key", default="text")
     train.add_argument("--max-docs", type=int, default=None, help="train on at most this many documents")
     train.add_argument("--quiet", "-q", action="store_true")
-    add_config_arguments(train)
+    add_config_arguments(train, example="vocab_size=8000 kind=unigram")
     train.set_defaults(handler=_train)
 
     extend = sub.add_parser(

@@ -9,6 +9,10 @@ Layout of ``CKPT_ROOT/step_00000100/``:
 - ``rank_00000.pt`` ...: per-rank RNG states;
 - ``COMPLETE.json``: written last, with the SHA-256 of every other file.
 
+Next to the checkpoints, ``rollbacks.pt`` is the run's rollback log (every rollback, with the data position
+it resumed at, so that a relaunch skips the same data), and ``damaged/`` holds checkpoints moved aside when
+a run whose checkpoints are all unusable is explicitly started over.
+
 A checkpoint is built in ``.tmp_step_*`` and renamed into place, so a crash never leaves a half-written
 ``step_*`` folder; a folder that was damaged afterwards (truncated file) fails its checksum and the newest
 intact one is used instead. Parameters are checked before writing: a NaN/inf model is never saved.
@@ -39,6 +43,8 @@ log = logging.getLogger(__name__)
 PREFIX = "step_"
 MARKER = "COMPLETE.json"
 TRAINER_FILE = "trainer.pt"
+ROLLBACKS_FILE = "rollbacks.pt"
+DAMAGED_DIR = "damaged"
 
 
 class NonFiniteCheckpointError(RuntimeError):
@@ -107,6 +113,41 @@ def verify(folder: Path) -> str | None:
         if _sha256(folder / name) != digest:
             return f"checksum mismatch in {name}"
     return None
+
+
+def verify_all(root: str | Path) -> list[tuple[Path, str | None]]:
+    """Every checkpoint under ``root``, newest first, with what is wrong with it (None: intact)."""
+    return [(folder, verify(folder)) for folder in reversed(list_checkpoints(root))]
+
+
+def move_aside(folders: list[Path], root: str | Path) -> Path:
+    """Move ``folders`` into ``root/damaged/`` (never overwriting an earlier one there); returns that folder."""
+    damaged = Path(root) / DAMAGED_DIR
+    damaged.mkdir(parents=True, exist_ok=True)
+    for folder in folders:
+        target, n = damaged / folder.name, 1
+        while target.exists():
+            target, n = damaged / f"{folder.name}.{n}", n + 1
+        os.replace(folder, target)
+    return damaged
+
+
+def read_rollbacks(root: str | Path) -> list[dict[str, Any]]:
+    """The run's rollback log (oldest first; empty when there is none)."""
+    path = Path(root) / ROLLBACKS_FILE
+    return torch.load(path, weights_only=False) if path.is_file() else []
+
+
+def write_rollbacks(root: str | Path, rollbacks: list[dict[str, Any]]) -> None:
+    """Replace the run's rollback log atomically (rank 0); an empty log removes the file."""
+    path = Path(root) / ROLLBACKS_FILE
+    if not rollbacks:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{ROLLBACKS_FILE}.tmp")
+    torch.save(rollbacks, tmp)
+    os.replace(tmp, path)
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:

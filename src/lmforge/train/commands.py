@@ -21,7 +21,7 @@ def register(subparsers: Any) -> None:
         description="Train a Transformer with the one lmforge trainer. The recipe is a TrainConfig "
         "(model, data, optim, schedule, batch, precision, checkpoint, stability, parallel, log).",
     )
-    add_config_arguments(parser)
+    add_config_arguments(parser, example="max_steps=2000 optim.lr=1e-3")
     parser.set_defaults(handler=run_train)
     _register_doremi(subparsers)
 
@@ -73,5 +73,5 @@ def _register_doremi(subparsers: Any) -> None:
         "reference (optional trained model folder), reference_steps, proxy_steps, eta, smoothing, output. "
         "Use the weights with mixture.strategy=fixed mixture.weights_file=RUN_DIR/domain_weights.json.",
     )
-    add_config_arguments(parser)
+    add_config_arguments(parser, example="proxy_steps=500 train.data.seq_len=512")
     parser.set_defaults(handler=_doremi)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmforge.config import check_choice
+from lmforge.config import check_choice, check_range
 from lmforge.model.config import ModelConfig
 from lmforge.shards.loader import DataConfig
 
@@ -29,10 +29,14 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         check_choice("optim.name", self.name, OPTIMIZERS)
+        check_range("optim.lr", self.lr, low=0.0, low_open=True)
         if len(self.betas) != 2:
             raise ValueError(f"optim.betas: need two values, got {self.betas}")
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr: must be positive, got {self.lr}")
+        for i, beta in enumerate(self.betas):
+            check_range(f"optim.betas[{i}]", beta, low=0.0, high=1.0, high_open=True)
+        check_range("optim.eps", self.eps, low=0.0, low_open=True)
+        check_range("optim.weight_decay", self.weight_decay, low=0.0)
+        check_range("optim.grad_clip", self.grad_clip, low=0.0)
 
 
 @dataclass
@@ -45,10 +49,11 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         check_choice("schedule.name", self.name, SCHEDULES)
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"schedule.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0.0 < self.decay_fraction <= 1.0:
-            raise ValueError(f"schedule.decay_fraction: must be in (0, 1], got {self.decay_fraction}")
+        if self.warmup_steps is not None:
+            check_range("schedule.warmup_steps", self.warmup_steps, low=0)
+        check_range("schedule.warmup_fraction", self.warmup_fraction, low=0.0, high=1.0)
+        check_range("schedule.min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        check_range("schedule.decay_fraction", self.decay_fraction, low=0.0, high=1.0, low_open=True)
 
 
 @dataclass
@@ -61,8 +66,10 @@ class BatchConfig:
     ramp_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if self.micro_batch_size < 1 or self.grad_accum_steps < 1:
-            raise ValueError("batch.micro_batch_size and batch.grad_accum_steps must be >= 1")
+        check_range("batch.micro_batch_size", self.micro_batch_size, low=1)
+        check_range("batch.grad_accum_steps", self.grad_accum_steps, low=1)
+        check_range("batch.ramp_start_tokens", self.ramp_start_tokens, low=0)
+        check_range("batch.ramp_tokens", self.ramp_tokens, low=0)
 
 
 @dataclass
@@ -80,11 +87,17 @@ class CheckpointConfig:
     every_steps: int = 500  # 0: only at the end
     keep_last: int = 3
     resume: bool = True  # continue from the newest complete checkpoint in the run folder
+    # Resuming with a model, data or tokenizer other than the run's config.yaml is refused unless this is set
+    # (the model's parameter shapes must match the checkpoint's either way).
+    allow_config_change: bool = False
+    # With every checkpoint of the run damaged, a relaunch is refused unless this is set: then the damaged
+    # ones are moved to RUN/checkpoints/damaged/ and the run starts over from step 0.
+    restart_if_damaged: bool = False
     export: bool = True  # write the final model in Hugging Face layout to RUN/model
 
     def __post_init__(self) -> None:
-        if self.keep_last < 1:
-            raise ValueError(f"checkpoint.keep_last: must be >= 1, got {self.keep_last}")
+        check_range("checkpoint.every_steps", self.every_steps, low=0)
+        check_range("checkpoint.keep_last", self.keep_last, low=1)
 
 
 @dataclass
@@ -93,13 +106,20 @@ class StabilityConfig:
     window: int = 50  # recent step losses that define "normal"
     min_history: int = 20  # no verdict before this many losses
     z_threshold: float = 6.0  # robust z-score (median / MAD) above which a loss is a spike
-    max_rollbacks: int = 5
+    max_rollbacks: int = 5  # the run stops at the rollback after this many within rollback_window steps
+    rollback_window: int = 1000
+    # After a rollback, also skip this many batches after the one that caused it (PaLM skipped ~200-500).
+    skip_batches: int = 0
     nonfinite: str = "rollback"  # non-finite loss/gradients outside fp16: skip the step or roll back
 
     def __post_init__(self) -> None:
         check_choice("stability.nonfinite", self.nonfinite, NONFINITE_ACTIONS)
         if self.window < 3 or self.min_history < 3 or self.min_history > self.window:
             raise ValueError("stability: need 3 <= min_history <= window")
+        check_range("stability.z_threshold", self.z_threshold, low=0.0, low_open=True)
+        check_range("stability.max_rollbacks", self.max_rollbacks, low=0)
+        check_range("stability.rollback_window", self.rollback_window, low=1)
+        check_range("stability.skip_batches", self.skip_batches, low=0)
 
 
 @dataclass
@@ -129,6 +149,13 @@ class LogConfig:
     progress: bool = True
     peak_flops: float | None = None  # per device, for MFU; None: a table by device type
 
+    def __post_init__(self) -> None:
+        check_range("log.every_steps", self.every_steps, low=1)
+        check_range("log.val_every_steps", self.val_every_steps, low=0)
+        check_range("log.val_batches", self.val_batches, low=1)
+        if self.peak_flops is not None:
+            check_range("log.peak_flops", self.peak_flops, low=0.0, low_open=True)
+
 
 @dataclass
 class TrainConfig:
@@ -156,5 +183,17 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads; None leaves torch's default
 
     def __post_init__(self) -> None:
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps: must be >= 1, got {self.max_steps}")
+        check_range("max_steps", self.max_steps, low=1)
+        if self.threads is not None:
+            check_range("threads", self.threads, low=1)
+        if not self.init_from:  # a preset or model folder brings its own shape: checked once it is loaded
+            self.check_model(self.model)
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Raise a ValueError naming the keys when the data does not fit ``model``."""
+        longest = max([self.data.seq_len, *(stage.seq_len for stage in self.data.curriculum)])
+        if longest > model.max_seq_len:
+            key = "data.seq_len" if longest == self.data.seq_len else "data.curriculum[].seq_len"
+            raise ValueError(
+                f"{key}: sequences of {longest} tokens do not fit model.max_seq_len={model.max_seq_len}"
+            )

@@ -10,8 +10,11 @@ One optimizer step (``Trainer.train_step``):
 3. global gradient norm; a non-finite value or a loss spike is handled (skip / roll back) before any
    update is applied; then clipping, the learning rate of this step, and the optimizer update.
 
-Checkpoints every ``checkpoint.every_steps`` and at the end; a run resumes from its newest intact
-checkpoint, and the final model is exported in Hugging Face layout to ``RUN/model``.
+Checkpoints every ``checkpoint.every_steps`` and at the end; a run resumes from its newest checkpoint that
+verifies and loads, and the final model is exported in Hugging Face layout to ``RUN/model``. A relaunch
+whose model, data or tokenizer differ from the run's ``config.yaml``, or whose checkpoints are all damaged,
+is refused before anything is written unless the recipe says otherwise (``checkpoint.allow_config_change``,
+``checkpoint.restart_if_damaged``).
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from torch import Tensor
 
-from lmforge.config import save_config
-from lmforge.model import Transformer, get_preset, load_pretrained, save_pretrained
+from lmforge.config import ConfigError, load_config, save_config, to_dict
+from lmforge.model import ModelConfig, Transformer, get_preset, load_pretrained, save_pretrained
 from lmforge.model.flops import flops_per_token
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import parallel
@@ -52,8 +56,12 @@ log = logging.getLogger(__name__)
 BatchHook = Callable[[int, Batch], Batch]  # (0-based step, micro-batch) -> micro-batch; tests inject faults
 
 
+# Sections of the recipe that make a run what it is: resuming with other values is refused unless allowed.
+RUN_IDENTITY = ("model", "data", "tokenizer")
+
+
 class TrainingError(RuntimeError):
-    """The run cannot go on (rollback cap reached, non-finite state with nothing to roll back to)."""
+    """The run cannot go on (rollback cap reached, every checkpoint damaged, ...)."""
 
 
 @dataclass
@@ -72,8 +80,35 @@ def build_model(cfg: TrainConfig) -> Transformer:
     if cfg.init_from:
         if Path(cfg.init_from).is_dir():
             return load_pretrained(cfg.init_from).train()
-        return Transformer(get_preset(cfg.init_from))
+        try:
+            preset = get_preset(cfg.init_from)
+        except ValueError as err:
+            raise ConfigError(f"init_from: not a model folder, and {err}") from None
+        return Transformer(preset)
     return Transformer(cfg.model)
+
+
+def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}.{key}").items()}
+    return {prefix: tree}
+
+
+def _changed_keys(saved: dict[str, Any], new: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
+    """Dotted keys of ``sections`` whose values differ between two config dicts."""
+    changed = []
+    for section in sections:
+        old_keys, new_keys = _flatten(saved.get(section), section), _flatten(new.get(section), section)
+        changed += [
+            k for k in sorted(old_keys.keys() | new_keys.keys()) if old_keys.get(k) != new_keys.get(k)
+        ]
+    return changed
+
+
+def _parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter of the model ``cfg`` describes (built on the meta device)."""
+    with torch.device("meta"):
+        return {name: tuple(p.shape) for name, p in Transformer(cfg).named_parameters()}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -114,8 +149,18 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = model if model is not None else build_model(cfg)
+        try:
+            cfg.check_model(model.cfg)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         cfg.model = model.cfg
         self.model_cfg = model.cfg
+        self.tokenizer = None
+        if cfg.tokenizer:
+            from lmforge.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(cfg.tokenizer)
+            self._check_vocab(f"the tokenizer {cfg.tokenizer}", len(self.tokenizer))
         self.objective: Objective = objective or LMObjective()
         self.precision = resolve_precision(cfg.precision.dtype, self.device)
         self.autocast = autocast_factory(self.precision, self.device)
@@ -131,7 +176,9 @@ class Trainer:
         self.train_data, self.val_data = self._data(train_data, val_data)
         self.step = 0
         self.tokens = 0
-        self.rollbacks = 0
+        # every rollback of the run (also those before a relaunch): step, to_step, reason, and the data
+        # position training went on from (see _rollback)
+        self.rollback_log: list[dict[str, Any]] = []
         # tokens all dp ranks read per micro-batch; re-measured every step, since a curriculum stage may
         # change the sequence length
         self.micro_tokens = cfg.batch.micro_batch_size * cfg.data.seq_len * env.dp
@@ -191,16 +238,14 @@ class Trainer:
         from lmforge.shards.loader import PackedLoader
 
         cfg, env = self.cfg, self.env
-        tokenizer_sha = None
-        if cfg.tokenizer:
-            from lmforge.tokenizer import load_tokenizer
-
-            tokenizer_sha = load_tokenizer(cfg.tokenizer).sha256()
+        tokenizer_sha = self.tokenizer.sha256() if self.tokenizer is not None else None
 
         def loader(split: str) -> PackedLoader:
-            return PackedLoader.from_config(
+            found = PackedLoader.from_config(
                 cfg.data, cfg.batch.micro_batch_size, env.dp_rank, env.dp, split, tokenizer_sha
             )
+            self._check_vocab(f"the shards {cfg.data.shards}", found.shards.vocab_size)
+            return found
 
         def held_out() -> PackedLoader:
             return PackedLoader(
@@ -216,17 +261,25 @@ class Trainer:
             )
 
         if val_data is None and cfg.val_shards:
+            # opened once now, so that missing or mismatched held-out shards stop the run before it starts
+            self._check_vocab(f"the shards {cfg.val_shards}", held_out().shards.vocab_size)
             val_data = held_out
         elif val_data is None and train_data is None and cfg.data.val_fraction > 0:
             val_data = functools.partial(loader, "val")
         return (train_data if train_data is not None else loader("train")), val_data
+
+    def _check_vocab(self, what: str, size: int) -> None:
+        if size > self.model_cfg.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size: {self.model_cfg.vocab_size} is smaller than the vocabulary of {what} "
+                f"({size} tokens); token ids beyond it would not fit the embedding"
+            )
 
     # -- state -----------------------------------------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "tokens": self.tokens,
-            "rollbacks": self.rollbacks,
             "loader": self.train_data.state_dict(),
             "detector": self.detector.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -250,10 +303,22 @@ class Trainer:
             dist.broadcast_object_list(found, src=0)
         return Path(found[0]) if found[0] else None
 
+    def _verified(self) -> list[tuple[Path, str | None]]:
+        """Every checkpoint, newest first, with its problem (None: intact), as rank 0 verified them."""
+        found = [ckpt.verify_all(self.ckpt_root) if self.env.is_main else None]
+        if self.env.world_size > 1:
+            dist.broadcast_object_list(found, src=0)
+        return found[0]
+
     def restore(self, folder: Path) -> None:
+        """Continue from checkpoint ``folder``; when a rollback to it was logged, from the data position the
+        rollback chose (after the batches it skipped)."""
         state, rank_state = ckpt.load_checkpoint(folder, self.model, self.optimizer)
-        self.step, self.tokens, self.rollbacks = state["step"], state["tokens"], state["rollbacks"]
+        self.step, self.tokens = state["step"], state["tokens"]
         self.train_data.load_state_dict(state["loader"])
+        skips = [r for r in self.rollback_log if r["to_step"] == self.step]
+        if skips:
+            self.train_data.load_state_dict(skips[-1]["data"])
         self.detector.load_state_dict(state["detector"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
@@ -372,26 +437,44 @@ class Trainer:
         return {**record, "lr": lr}
 
     def _rollback(self, reason: str, loss: float, z: float, record: dict[str, Any]) -> dict[str, Any]:
-        """Back to the last good checkpoint, skipping the batches between it and this one (PaLM)."""
+        """Back to the last good checkpoint, skipping the data from it to this batch and ``skip_batches``
+        more (PaLM). The rollback is logged in the run with the data position training goes on from, so a
+        relaunch resumes there too. More than ``max_rollbacks`` within ``rollback_window`` steps stop the run.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        self.rollbacks += 1
-        event = {"event": reason, "step": self.step, "loss": loss, "z": z, "rollbacks": self.rollbacks}
-        if self.rollbacks > self.cfg.stability.max_rollbacks:
+        stability = self.cfg.stability
+        recent = [r for r in self.rollback_log if r["step"] > self.step - stability.rollback_window]
+        event = {"event": reason, "step": self.step, "loss": loss, "z": z, "rollbacks": len(recent) + 1}
+        folder = self._latest()
+        entry: dict[str, Any] = {"step": self.step, "reason": reason, "to_step": None, "data": None}
+        if folder is not None:
+            accum = accumulation_steps(self.cfg.batch, self.tokens, self.micro_tokens)
+            for _ in range(stability.skip_batches * accum):
+                next(self.train_data)
+            entry.update(to_step=ckpt.step_of(folder), data=self.train_data.state_dict())
+        self.rollback_log.append(entry)
+        if self.env.is_main:
+            ckpt.write_rollbacks(self.ckpt_root, self.rollback_log)
+        if len(recent) + 1 > stability.max_rollbacks:
             self.metrics.event({**event, "action": "stop"})
             raise TrainingError(
-                f"step {self.step}: {reason} after {self.cfg.stability.max_rollbacks} rollbacks"
+                f"step {self.step}: {reason}; {len(recent) + 1} rollbacks within {stability.rollback_window} "
+                f"steps exceed stability.max_rollbacks={stability.max_rollbacks} (stability.rollback_window). "
+                "The data up to this batch is logged as skipped: a relaunch resumes after it"
             )
-        folder = self._latest()
         if folder is None:
             self.metrics.event({**event, "action": "skip_step", "note": "no checkpoint yet"})
             return {**record, "skipped": True}
-        resume_data_at = self.train_data.state_dict()  # just after the offending batch
-        spike_step, rollbacks = self.step, self.rollbacks
+        spike_step = self.step
         self.restore(folder)
-        self.rollbacks = rollbacks
-        self.train_data.load_state_dict(resume_data_at)
         self.metrics.event(
-            {**event, "action": "rollback", "to_step": self.step, "skipped_steps": spike_step - self.step + 1}
+            {
+                **event,
+                "action": "rollback",
+                "to_step": self.step,
+                "skipped_steps": spike_step - self.step + 1,
+                "skipped_batches": stability.skip_batches,
+            }
         )
         self.metrics.truncate(self.step)
         return {**record, "skipped": True, "rolled_back_to": self.step}
@@ -436,14 +519,91 @@ class Trainer:
         }
         (self.run_dir / "versions.json").write_text(json.dumps(versions, indent=2), encoding="utf-8")
 
+    def _check_run_config(self) -> None:
+        """Refuse (ConfigError) to resume a run with another model, data or tokenizer than its config.yaml
+        says, unless ``checkpoint.allow_config_change``; even then the model's parameter shapes must match."""
+        saved_path = self.run_dir / "config.yaml"
+        if not saved_path.is_file() or not ckpt.list_checkpoints(self.ckpt_root):
+            return
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+        changed = _changed_keys(saved, to_dict(self.cfg), RUN_IDENTITY)
+        if not changed:
+            return
+        if not self.cfg.checkpoint.allow_config_change:
+            raise ConfigError(
+                f"{self.run_dir} was trained with other settings than this recipe: {', '.join(changed)} "
+                f"differ from its config.yaml. Use another run_dir for a new run, or set "
+                "checkpoint.allow_config_change=true to continue this one with the new settings"
+            )
+        saved_model = load_config(ModelConfig, data=saved.get("model", {}))
+        if _parameter_shapes(saved_model) != _parameter_shapes(self.model_cfg):
+            model_keys = [k for k in changed if k.startswith("model.")]
+            raise ConfigError(
+                f"{', '.join(model_keys)}: the checkpoints of {self.run_dir} hold a model of another shape; "
+                "continue with the saved model settings, or start a new run (init_from=RUN/model to start "
+                "from its weights)"
+            )
+        log.warning("resuming %s with changed settings: %s", self.run_dir, ", ".join(changed))
+        self.metrics.event({"event": "config_change", "keys": changed})
+
+    def _resume(self) -> Path | None:
+        """Restore the newest checkpoint that verifies and loads (older ones are tried in turn, with a
+        warning); None when the run has none. With every checkpoint unusable, refuse to start over unless
+        ``checkpoint.restart_if_damaged``, which first moves them to ``checkpoints/damaged/``."""
+        unusable: list[tuple[Path, str]] = []
+        load_failed = False
+        for folder, problem in self._verified():
+            if problem is None:
+                try:
+                    self.restore(folder)
+                    return folder
+                # whatever a checkpoint that passed its checksum fails with (a pickle, DCP or shape error)
+                except Exception as err:
+                    problem, load_failed = f"does not load: {type(err).__name__}: {err}", True
+            log.warning("checkpoint %s is unusable (%s); trying an older one", folder, problem)
+            unusable.append((folder, problem))
+        if not unusable:
+            return None
+        listing = "; ".join(f"{folder.name} ({problem})" for folder, problem in unusable)
+        if not self.cfg.checkpoint.restart_if_damaged:
+            raise TrainingError(
+                f"every checkpoint of {self.run_dir} is unusable: {listing}. Set "
+                "checkpoint.restart_if_damaged=true to move them to checkpoints/damaged/ and start over "
+                "from step 0"
+            )
+        if self.env.is_main:
+            damaged = ckpt.move_aside([folder for folder, _ in unusable], self.ckpt_root)
+            log.warning("every checkpoint was unusable (%s); moved them to %s", listing, damaged)
+            self.metrics.event(
+                {"event": "damaged_checkpoints", "moved_to": str(damaged), "checkpoints": listing}
+            )
+        if self.env.world_size > 1:
+            dist.barrier()
+        if load_failed:  # a failed load may have filled part of the model and optimizer
+            raise TrainingError(
+                f"every checkpoint of {self.run_dir} was unusable; they were moved to checkpoints/damaged/. "
+                "Relaunch to start over from step 0"
+            )
+        log.warning("starting %s over from step 0", self.run_dir)
+        return None
+
     def fit(self) -> TrainResult:
         cfg, env = self.cfg, self.env
+        folder = None
+        if cfg.checkpoint.resume:
+            self._check_run_config()
+            self.rollback_log = ckpt.read_rollbacks(self.ckpt_root)
+            folder = self._resume()
+            if folder is not None:
+                log.info("resumed from %s at step %d", folder, self.step)
+        if folder is None:  # a run from scratch: an old rollback log no longer applies
+            self.rollback_log = []
+        if env.world_size > 1:
+            dist.barrier()  # every rank has compared with the saved config before rank 0 rewrites it
         if env.is_main:
+            if folder is None:
+                ckpt.write_rollbacks(self.ckpt_root, [])
             self._write_run_info()
-        folder = self._latest() if cfg.checkpoint.resume else None
-        if folder is not None:
-            self.restore(folder)
-            log.info("resumed from %s at step %d", folder, self.step)
         self.metrics.truncate(self.step)
         progress = None
         if env.is_main and cfg.log.progress:
@@ -499,7 +659,9 @@ class Trainer:
         if env.is_main and cfg.log.plots:
             write_plots(self.run_dir)
         self.metrics.close()
-        return TrainResult(self.run_dir, self.step, last_record, val_loss, final, model_dir, self.rollbacks)
+        return TrainResult(
+            self.run_dir, self.step, last_record, val_loss, final, model_dir, len(self.rollback_log)
+        )
 
     def _log_record(self, result: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:
         record = {
@@ -536,10 +698,8 @@ class Trainer:
             model = Transformer(self.model_cfg)
             ckpt.load_model_weights(folder, model)
             save_pretrained(model, out)
-            if self.cfg.tokenizer:
-                from lmforge.tokenizer import load_tokenizer
-
-                load_tokenizer(self.cfg.tokenizer).save(out)
+            if self.tokenizer is not None:
+                self.tokenizer.save(out)
         if self.env.world_size > 1:
             dist.barrier()
         return out if folder is not None else None

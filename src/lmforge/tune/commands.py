@@ -37,5 +37,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "prompt/completion pairs, with the trainer of 'lmforge train'. The recipe is a TrainConfig plus an "
         "'sft' section (paths, val_paths, pack, group_by_length).",
     )
-    add_config_arguments(parser)
+    add_config_arguments(parser, example="optim.lr=2e-5 sft.pack=false")
     parser.set_defaults(handler=_sft)
