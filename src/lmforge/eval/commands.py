@@ -1,8 +1,16 @@
-"""``lmforge eval --config eval.yaml [key=value ...]``: tasks and perplexity for one model folder."""
+"""Evaluation commands.
+
+- ``lmforge eval --config eval.yaml [key=value ...]``: tasks and perplexity for one model folder;
+- ``lmforge scaling fit RUN_DIR...``: fit loss-vs-compute and Chinchilla laws to a ladder of runs and
+  predict the largest run's loss from the others;
+- ``lmforge plan --flops C | --params N``: compute-optimal model and data size, with the memory plan.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -16,6 +24,86 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scaling_fit(args: argparse.Namespace) -> int:
+    from lmforge.eval.scaling import predict_largest, read_run
+
+    report = predict_largest([read_run(run) for run in args.runs]).to_dict()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{'run':40} {'N (non-emb.)':>14} {'D (tokens)':>12} {'C (FLOPs)':>12} {'loss':>8}")
+    for p in report["points"]:
+        print(
+            f"{p['run'][-40:]:40} {p['params']:14.4g} {p['tokens']:12.4g} {p['flops']:12.4g} {p['loss']:8.4f}"
+        )
+    law = report["power_law"]
+    print(f"\nL(C) = {law['a']:.4g} * C^-{law['b']:.4f} + {law['c']:.4f}  (fitted without the last run)")
+    target = report["target"]
+    print(
+        f"largest run: loss {target['loss']:.4f}, predicted {report['predicted_power_law']:.4f} "
+        f"(error {report['error_power_law']:+.4f})"
+    )
+    chin = report["chinchilla"]
+    if chin is None:
+        print("Chinchilla L(N, D): needs at least five fitted runs")
+    else:
+        print(
+            f"L(N, D) = {chin['E']:.4f} + {chin['A']:.4g}/N^{chin['alpha']:.4f} + {chin['B']:.4g}/D^{chin['beta']:.4f}"
+            f": predicted {report['predicted_chinchilla']:.4f} (error {report['error_chinchilla']:+.4f})"
+        )
+    return 0
+
+
+def plan_report(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from lmforge.eval.scaling import plan, shape_for_params
+    from lmforge.model.flops import count_parameters, memory_plan
+
+    rows = []
+    for alloc in plan(flops=args.flops, params=args.params, tokens_per_param=args.tokens_per_param):
+        cfg = shape_for_params(alloc.params, args.vocab_size, args.seq_len)
+        count = count_parameters(cfg)
+        memory = memory_plan(
+            cfg,
+            micro_batch=args.micro_batch,
+            context=args.seq_len,
+            dp=args.dp,
+            zero_stage=args.zero,
+            activation_checkpointing=args.checkpointing,
+            params=count,
+        )
+        rows.append(
+            {
+                "method": alloc.method,
+                "params": alloc.params,
+                "tokens": alloc.tokens,
+                "flops": alloc.flops,
+                "model": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads},
+                "model_params": count.total,
+                "model_non_embedding_params": count.active - count.embedding,
+                "memory_gib": memory.as_gib(),
+            }
+        )
+    return rows
+
+
+def _plan(args: argparse.Namespace) -> int:
+    rows = plan_report(args)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        shape = row["model"]
+        mem = row["memory_gib"]
+        print(
+            f"{row['method']:>16}: N {row['params']:.3g}, D {row['tokens']:.3g} tokens, C {row['flops']:.3g} FLOPs"
+            f" | model d_model={shape['d_model']} n_layers={shape['n_layers']} n_heads={shape['n_heads']}"
+            f" ({row['model_non_embedding_params']:.3g} non-embedding, {row['model_params']:.3g} total)"
+            f" | memory per GPU {mem['total']:.1f} GiB (weights {mem['weights']:.1f}, grads"
+            f" {mem['gradients']:.1f}, optimizer {mem['optimizer']:.1f}, activations {mem['activations']:.1f})"
+        )
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from lmforge.config import add_config_arguments
 
@@ -25,3 +113,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(parser)
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     parser.set_defaults(handler=_eval)
+
+    scaling = subparsers.add_parser("scaling", help="scaling laws over a ladder of training runs")
+    scaling_commands = scaling.add_subparsers(dest="scaling_command", metavar="COMMAND", required=True)
+    fit = scaling_commands.add_parser(
+        "fit",
+        help="fit L(C) and L(N, D) to the runs but the largest; predict the largest run's loss",
+        description="Each RUN_DIR is a finished training run (config.yaml, metrics.jsonl).",
+    )
+    fit.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    fit.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    fit.set_defaults(handler=_scaling_fit)
+
+    plan = subparsers.add_parser(
+        "plan",
+        help="compute-optimal parameters and tokens (Chinchilla fit, tokens/param rule) with the memory plan",
+    )
+    budget = plan.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--flops", type=float, help="training compute budget C (FLOPs)")
+    budget.add_argument("--params", type=float, help="model size N: the budget and data that make it optimal")
+    plan.add_argument("--tokens-per-param", type=float, default=20.0, help="the rule of thumb's ratio")
+    plan.add_argument("--vocab-size", type=int, default=32000, help="vocabulary of the planned model")
+    plan.add_argument("--seq-len", type=int, default=2048, help="training context length")
+    plan.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step")
+    plan.add_argument("--dp", type=int, default=1, help="data-parallel size")
+    plan.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage")
+    plan.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    plan.set_defaults(handler=_plan)
