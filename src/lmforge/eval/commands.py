@@ -3,7 +3,8 @@
 - ``lmforge eval --config eval.yaml [key=value ...]``: tasks and perplexity for one model folder;
 - ``lmforge scaling fit RUN_DIR...``: fit loss-vs-compute and Chinchilla laws to a ladder of runs and
   predict the largest run's loss from the others;
-- ``lmforge plan --flops C | --params N``: compute-optimal model and data size, with the memory plan.
+- ``lmforge plan --flops C | --params N``: compute-optimal model and data size, with the memory plan;
+- ``lmforge judge single|pairwise``: LLM-as-a-judge over an OpenAI-compatible endpoint.
 """
 
 from __future__ import annotations
@@ -104,6 +105,70 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _judge_client(args: argparse.Namespace) -> Any:
+    import os
+
+    from lmforge.eval.judge import JudgeClient
+
+    return JudgeClient(
+        url=args.judge_url,
+        model=args.judge_model,
+        api_key=os.environ.get(args.api_key_env),
+        cache_dir=args.cache or os.path.join(args.out, "cache"),
+        max_retries=args.max_retries,
+    )
+
+
+def _write_judgments(out: str, summary: dict[str, Any], judgments: list[dict[str, Any]]) -> None:
+    from pathlib import Path
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with (folder / "judgments.jsonl").open("w", encoding="utf-8") as f:
+        for judgment in judgments:
+            f.write(json.dumps(judgment, ensure_ascii=False) + "\n")
+    print(json.dumps(summary, indent=2))
+    print(f"judgments written to {folder}/judgments.jsonl")
+
+
+def _judge(args: argparse.Namespace) -> int:
+    from lmforge.eval.judge import JudgeError, compare_pairwise, grade_single
+
+    client = _judge_client(args)
+    try:
+        if args.judge_command == "single":
+            summary, judgments = grade_single(client, _read_jsonl(args.answers))
+        else:
+            a, b = _read_jsonl(args.answers_a), _read_jsonl(args.answers_b)
+            questions = [item["question"] for item in a]
+            if questions != [item["question"] for item in b]:
+                raise SystemExit("judge: the two answer files must hold the same questions in the same order")
+            summary, judgments = compare_pairwise(
+                client, questions, [item["answer"] for item in a], [item["answer"] for item in b]
+            )
+    except JudgeError as err:
+        raise SystemExit(f"judge: {err}") from err
+    _write_judgments(args.out, summary, judgments)
+    return 0
+
+
+def _add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--judge-url", required=True, help="OpenAI-compatible base URL, e.g. http://host:8000/v1"
+    )
+    parser.add_argument("--judge-model", required=True, help="model name sent to the endpoint")
+    parser.add_argument(
+        "--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (if any)"
+    )
+    parser.add_argument("--max-retries", type=int, default=5, help="retries on 429/5xx, with backoff")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from lmforge.config import add_config_arguments
 
@@ -141,3 +206,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     plan.add_argument("--json", action="store_true", help="print JSON instead of lines")
     plan.set_defaults(handler=_plan)
+
+    judge = subparsers.add_parser("judge", help="LLM-as-a-judge: rate answers or compare two models")
+    judge_commands = judge.add_subparsers(dest="judge_command", metavar="COMMAND", required=True)
+    single = judge_commands.add_parser(
+        "single",
+        help="rate each answer 1-10",
+        description='ANSWERS is JSONL of {"question", "answer", "reference" (optional)}.',
+    )
+    single.add_argument("--answers", required=True)
+    pairwise = judge_commands.add_parser(
+        "pairwise",
+        help="model A vs model B, judged in both orders (an order-dependent verdict is a tie)",
+        description='Both files are JSONL of {"question", "answer"}, the same questions in the same order.',
+    )
+    pairwise.add_argument("--answers-a", required=True)
+    pairwise.add_argument("--answers-b", required=True)
+    for command in (single, pairwise):
+        _add_endpoint_arguments(command)
+        command.add_argument("--out", required=True, help="folder for summary.json and judgments.jsonl")
+        command.add_argument("--cache", default=None, help="judgment cache folder (default: OUT/cache)")
+        command.set_defaults(handler=_judge)
