@@ -4,7 +4,7 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.eval.judge import (
-    JudgeClient,
+    ChatClient,
     JudgeError,
     compare_pairwise,
     grade_single,
@@ -57,7 +57,7 @@ def test_single_grading_with_cache_and_api_key(tmp_path):
         {"question": "q4", "answer": "good again"},
     ]
     with fake_openai(judge_reply) as (url, received):
-        client = JudgeClient(url, "judge-1", api_key="sk-test", cache_dir=tmp_path / "cache")
+        client = ChatClient(url, "judge-1", api_key="sk-test", cache_dir=tmp_path / "cache")
         summary, judgments = grade_single(client, items)
         assert len(received) == 4 and received[0]["authorization"] == "Bearer sk-test"
         assert received[0]["model"] == "judge-1"
@@ -77,7 +77,7 @@ def test_pairwise_swaps_positions_and_counts_order_dependent_verdicts_as_ties(tm
     answers_a = ["correct", "wrong", "correct", "correct too"]
     answers_b = ["wrong", "correct", "wrong", "correct"]
     with fake_openai(judge_reply) as (url, received):
-        summary, judgments = compare_pairwise(JudgeClient(url, "j"), questions, answers_a, answers_b)
+        summary, judgments = compare_pairwise(ChatClient(url, "j"), questions, answers_a, answers_b)
     assert len(received) == 8
     # the second request of each pair shows B's answer first
     assert _answer_a_and_b(received[1]["messages"][1]["content"]) == ("wrong", "correct")
@@ -101,18 +101,18 @@ def test_retries_429_and_5xx_with_backoff_then_fails_clearly_on_4xx():
 
     waits: list[float] = []
     with fake_openai(flaky) as (url, received):
-        client = JudgeClient(url, "j", backoff_s=0.25, sleep=waits.append)
+        client = ChatClient(url, "j", backoff_s=0.25, sleep=waits.append)
         assert client.complete("rate the response", "x") == "Rating: [[6]]"
     assert len(received) == 3 and waits == [0.0, 0.5]  # Retry-After: 0, then 0.25 * 2**1
 
     with fake_openai(lambda payload: (401, "invalid api key")) as (url, received):
         with pytest.raises(JudgeError, match=r"401: .*invalid api key"):
-            JudgeClient(url, "j", sleep=waits.append).complete("s", "u")
+            ChatClient(url, "j", sleep=waits.append).complete("s", "u")
         assert len(received) == 1  # a client error is not retried
 
     with fake_openai(lambda payload: (500, "boom")) as (url, received):
         with pytest.raises(JudgeError, match=r"after 2 retries .*500"):
-            JudgeClient(url, "j", max_retries=2, sleep=lambda s: None).complete("s", "u")
+            ChatClient(url, "j", max_retries=2, sleep=lambda s: None).complete("s", "u")
         assert len(received) == 3
 
 

@@ -4,7 +4,8 @@
 - ``lmforge scaling fit RUN_DIR...``: fit loss-vs-compute and Chinchilla laws to a ladder of runs and
   predict the largest run's loss from the others;
 - ``lmforge plan --flops C | --params N``: compute-optimal model and data size, with the memory plan;
-- ``lmforge judge single|pairwise``: LLM-as-a-judge over an OpenAI-compatible endpoint.
+- ``lmforge judge single|pairwise``: LLM-as-a-judge over an OpenAI-compatible endpoint;
+- ``lmforge redteam``: the red-teaming suite against an endpoint, refusal rates per category.
 """
 
 from __future__ import annotations
@@ -110,37 +111,37 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _judge_client(args: argparse.Namespace) -> Any:
+def _client(args: argparse.Namespace, url: str, model: str, cache: str) -> Any:
     import os
 
-    from lmforge.eval.judge import JudgeClient
+    from lmforge.eval.judge import ChatClient
 
-    return JudgeClient(
-        url=args.judge_url,
-        model=args.judge_model,
+    return ChatClient(
+        url=url,
+        model=model,
         api_key=os.environ.get(args.api_key_env),
-        cache_dir=args.cache or os.path.join(args.out, "cache"),
+        cache_dir=args.cache or os.path.join(args.out, cache),
         max_retries=args.max_retries,
     )
 
 
-def _write_judgments(out: str, summary: dict[str, Any], judgments: list[dict[str, Any]]) -> None:
+def _write_results(out: str, summary: dict[str, Any], records: list[dict[str, Any]], name: str) -> None:
     from pathlib import Path
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    with (folder / "judgments.jsonl").open("w", encoding="utf-8") as f:
-        for judgment in judgments:
-            f.write(json.dumps(judgment, ensure_ascii=False) + "\n")
+    with (folder / f"{name}.jsonl").open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     print(json.dumps(summary, indent=2))
-    print(f"judgments written to {folder}/judgments.jsonl")
+    print(f"{name} written to {folder}/{name}.jsonl")
 
 
 def _judge(args: argparse.Namespace) -> int:
     from lmforge.eval.judge import JudgeError, compare_pairwise, grade_single
 
-    client = _judge_client(args)
+    client = _client(args, args.judge_url, args.judge_model, "cache")
     try:
         if args.judge_command == "single":
             summary, judgments = grade_single(client, _read_jsonl(args.answers))
@@ -154,7 +155,28 @@ def _judge(args: argparse.Namespace) -> int:
             )
     except JudgeError as err:
         raise SystemExit(f"judge: {err}") from err
-    _write_judgments(args.out, summary, judgments)
+    _write_results(args.out, summary, judgments, "judgments")
+    return 0
+
+
+def _redteam(args: argparse.Namespace) -> int:
+    from lmforge.eval.judge import JudgeError
+    from lmforge.eval.redteam import load_suite, run_redteam
+
+    if bool(args.judge_url) != bool(args.judge_model):
+        raise SystemExit("redteam: --judge-url and --judge-model go together")
+    prompts = load_suite(args.suite)
+    if args.categories:
+        prompts = [p for p in prompts if p.category in args.categories]
+        if not prompts:
+            raise SystemExit(f"redteam: no prompts in categories {args.categories}")
+    target = _client(args, args.url, args.model, "cache")
+    judge = _client(args, args.judge_url, args.judge_model, "judge-cache") if args.judge_url else None
+    try:
+        summary, records = run_redteam(target, prompts, system=args.system, judge=judge)
+    except JudgeError as err:
+        raise SystemExit(f"redteam: {err}") from err
+    _write_results(args.out, summary, records, "replies")
     return 0
 
 
@@ -227,3 +249,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         command.add_argument("--out", required=True, help="folder for summary.json and judgments.jsonl")
         command.add_argument("--cache", default=None, help="judgment cache folder (default: OUT/cache)")
         command.set_defaults(handler=_judge)
+
+    redteam = subparsers.add_parser(
+        "redteam",
+        help="red-team an OpenAI-compatible endpoint: refusal, attack-success and over-refusal rates",
+    )
+    redteam.add_argument("--url", required=True, help="the model's OpenAI-compatible base URL (.../v1)")
+    redteam.add_argument("--model", required=True, help="model name sent to the endpoint")
+    redteam.add_argument("--suite", default=None, help="suite JSON (default: the shipped lmforge suite)")
+    redteam.add_argument("--categories", nargs="*", default=None, help="only these categories")
+    redteam.add_argument("--system", default="", help="system prompt for the red-teamed model")
+    redteam.add_argument("--judge-url", default=None, help="grade replies with this judge instead of rules")
+    redteam.add_argument("--judge-model", default=None)
+    redteam.add_argument(
+        "--api-key-env", default="OPENAI_API_KEY", help="environment variable with the API key"
+    )
+    redteam.add_argument("--max-retries", type=int, default=5, help="retries on 429/5xx, with backoff")
+    redteam.add_argument("--out", required=True, help="folder for summary.json and replies.jsonl")
+    redteam.add_argument("--cache", default=None, help="reply cache folder (default: OUT/cache)")
+    redteam.set_defaults(handler=_redteam)

@@ -53,8 +53,9 @@ class JudgeError(RuntimeError):
 
 
 @dataclass
-class JudgeClient:
-    """Chat completions from ``{url}/chat/completions`` (``url`` ends in ``/v1``), cached in ``cache_dir``."""
+class ChatClient:
+    """Greedy chat completions from ``{url}/chat/completions`` (``url`` ends in ``/v1``), cached in
+    ``cache_dir``; the judge's client, and the red-teamed model's."""
 
     url: str
     model: str
@@ -67,9 +68,14 @@ class JudgeClient:
     sleep: Callable[[float], None] = time.sleep
 
     def complete(self, system: str, user: str) -> str:
+        """The reply to one user message under a system prompt (none when ``system`` is empty)."""
+        messages = [{"role": "system", "content": system}] if system else []
+        return self.chat([*messages, {"role": "user", "content": user}])
+
+    def chat(self, messages: list[dict[str, str]]) -> str:
         payload = {
             "model": self.model,
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "messages": messages,
             "temperature": 0.0,
             "max_tokens": self.max_tokens,
         }
@@ -155,7 +161,7 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
 
 
 def grade_single(
-    client: JudgeClient, items: Sequence[dict[str, Any]]
+    client: ChatClient, items: Sequence[dict[str, Any]]
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Rate each ``{"question", "answer", "reference"?}``; the mean rating with a 95% normal interval."""
     judgments, ratings = [], []
@@ -190,7 +196,7 @@ def _outcome(first: str | None, second_swapped: str | None) -> str:
 
 
 def compare_pairwise(
-    client: JudgeClient, questions: Sequence[str], answers_a: Sequence[str], answers_b: Sequence[str]
+    client: ChatClient, questions: Sequence[str], answers_a: Sequence[str], answers_b: Sequence[str]
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Win/tie/loss of model A against model B, judged in both orders, with 95% Wilson intervals."""
     if not len(questions) == len(answers_a) == len(answers_b):
