@@ -142,3 +142,35 @@ def test_plan_for_a_size_and_for_a_budget(capsys):
     assert "20 tokens/param: N 6.93e+10" in out and "memory per GPU" in out
     with pytest.raises(ValueError, match="exactly one"):
         plan()
+
+
+def test_ladder_trains_four_sizes_through_the_trainer_and_predicts_the_largest(tmp_path, capsys):
+    from tests.train.conftest import make_shards, tiny_data
+
+    shards = make_shards(tmp_path / "shards")
+    recipe = {
+        "train": tiny_data(tmp_path / "ladder", shards, **{"log.every_steps": 2}),
+        "sizes": [
+            {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32},
+            {"d_model": 24, "n_layers": 2, "n_heads": 2, "d_ff": 48},
+            {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64},
+            {"d_model": 48, "n_layers": 3, "n_heads": 4, "d_ff": 96},
+        ],
+        "tokens_per_param": 0.1,
+    }
+    (tmp_path / "ladder.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+    assert main(["scaling", "ladder", "--config", str(tmp_path / "ladder.yaml")]) == 0
+    report = json.loads((tmp_path / "ladder" / "ladder.json").read_text())
+    points = report["points"]
+    assert [p["run"] for p in points] == [str(tmp_path / "ladder" / f"rung-{i}") for i in range(4)]
+    tokens_per_step = 4 * 16
+    for i, point in enumerate(points):
+        assert point == pytest.approx(read_run(tmp_path / "ladder" / f"rung-{i}").__dict__)
+        steps = max(1, round(0.1 * point["params"] / tokens_per_step))
+        assert point["tokens"] == steps * tokens_per_step  # the rung trained for its token budget
+    assert [p["params"] for p in points] == sorted(p["params"] for p in points)
+    law = PowerLaw(**report["power_law"])
+    assert report["predicted_power_law"] == pytest.approx(law(points[-1]["flops"]))
+    assert report["error_power_law"] == pytest.approx(report["predicted_power_law"] - points[-1]["loss"])
+    assert report["chinchilla"] is None  # five parameters need at least five fitted runs
+    assert "largest rung" in capsys.readouterr().out

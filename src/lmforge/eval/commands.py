@@ -2,7 +2,7 @@
 
 - ``lmforge eval --config eval.yaml [key=value ...]``: tasks and perplexity for one model folder;
 - ``lmforge scaling fit RUN_DIR...``: fit loss-vs-compute and Chinchilla laws to a ladder of runs and
-  predict the largest run's loss from the others;
+  predict the largest run's loss from the others; ``lmforge scaling ladder`` trains the ladder first;
 - ``lmforge plan --flops C | --params N``: compute-optimal model and data size, with the memory plan;
 - ``lmforge judge single|pairwise``: LLM-as-a-judge over an OpenAI-compatible endpoint;
 - ``lmforge redteam``: the red-teaming suite against an endpoint, refusal rates per category.
@@ -53,6 +53,23 @@ def _scaling_fit(args: argparse.Namespace) -> int:
             f"L(N, D) = {chin['E']:.4f} + {chin['A']:.4g}/N^{chin['alpha']:.4f} + {chin['B']:.4g}/D^{chin['beta']:.4f}"
             f": predicted {report['predicted_chinchilla']:.4f} (error {report['error_chinchilla']:+.4f})"
         )
+    return 0
+
+
+def _scaling_ladder(args: argparse.Namespace) -> int:
+    from lmforge.config import config_from_args
+    from lmforge.eval.scaling import LadderConfig, run_ladder
+
+    report = run_ladder(config_from_args(LadderConfig, args)).to_dict()
+    target = report["target"]
+    for p in report["points"]:
+        print(
+            f"{p['run']}: N {p['params']:.4g}, D {p['tokens']:.4g}, C {p['flops']:.4g}, loss {p['loss']:.4f}"
+        )
+    print(
+        f"largest rung: loss {target['loss']:.4f}, L(C) fit on the others predicts "
+        f"{report['predicted_power_law']:.4f} (error {report['error_power_law']:+.4f})"
+    )
     return 0
 
 
@@ -211,6 +228,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("runs", nargs="+", metavar="RUN_DIR")
     fit.add_argument("--json", action="store_true", help="print JSON instead of a table")
     fit.set_defaults(handler=_scaling_fit)
+    ladder = scaling_commands.add_parser(
+        "ladder",
+        help="train a ladder of sizes through the trainer, fit on all but the largest, predict it",
+        description="The recipe is a LadderConfig: train (a TrainConfig), sizes (d_model, n_layers, n_heads, "
+        "d_ff per rung, smallest first), tokens_per_param.",
+    )
+    add_config_arguments(ladder)
+    ladder.set_defaults(handler=_scaling_ladder)
 
     plan = subparsers.add_parser(
         "plan",

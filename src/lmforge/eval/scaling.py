@@ -23,13 +23,16 @@ Compute-optimal allocation under ``C = 6 N D`` (Chinchilla, approach 3):
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lmforge.train.config import TrainConfig
 
 TOKENS_PER_PARAM = 20.0
 TAIL_STEPS = 5  # training losses averaged when a run logged no validation loss
@@ -177,7 +180,6 @@ def read_run(run_dir: str | Path) -> ScalingPoint:
     """The (N, D, C, loss) point of one finished training run folder."""
     from lmforge.config import load_config
     from lmforge.model.flops import count_parameters, flops_per_token
-    from lmforge.train.config import TrainConfig
     from lmforge.train.metrics import read_jsonl
 
     run_dir = Path(run_dir)
@@ -281,3 +283,62 @@ def plan(
         Allocation("chinchilla", params, d_law, c_law),
         Allocation(rule, params, d_rule, 6 * params * d_rule),
     ]
+
+
+# -- ladder ----------------------------------------------------------------------------------------------------
+@dataclass
+class RungConfig:
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    d_ff: int | None = None  # None: derived from d_model as ModelConfig does
+
+
+@dataclass
+class LadderConfig:
+    """A base training recipe trained at several sizes, each for ``tokens_per_param`` tokens per
+    non-embedding parameter; the rungs go to ``train.run_dir/rung-<i>``, the report to
+    ``train.run_dir/ladder.json``."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sizes: list[RungConfig] = field(default_factory=list)
+    tokens_per_param: float = TOKENS_PER_PARAM
+
+
+def rung_config(ladder: LadderConfig, index: int) -> TrainConfig:
+    """The TrainConfig of rung ``index``: the base recipe at that size, its steps set by the token budget."""
+    from lmforge.model.flops import count_parameters
+
+    rung = ladder.sizes[index]
+    base = ladder.train
+    model = replace(
+        base.model,
+        d_model=rung.d_model,
+        n_layers=rung.n_layers,
+        n_heads=rung.n_heads,
+        n_kv_heads=None,
+        head_dim=None,
+        d_ff=rung.d_ff,
+    )
+    count = count_parameters(model)
+    tokens_per_step = base.batch.micro_batch_size * base.batch.grad_accum_steps * base.data.seq_len
+    steps = max(1, round(ladder.tokens_per_param * (count.active - count.embedding) / tokens_per_step))
+    return replace(base, run_dir=str(Path(base.run_dir) / f"rung-{index}"), model=model, max_steps=steps)
+
+
+def run_ladder(ladder: LadderConfig) -> ScalingReport:
+    """Train every rung through the trainer (a finished rung resumes to its end at once), then fit the
+    laws to all but the largest and predict it; the report is written to ``ladder.json``."""
+    from lmforge.train.trainer import train
+
+    if len(ladder.sizes) < 4:
+        raise ValueError("a ladder needs at least four sizes: three to fit L(C), one to predict")
+    runs = []
+    for index in range(len(ladder.sizes)):
+        cfg = rung_config(ladder, index)
+        train(cfg)
+        runs.append(read_run(cfg.run_dir))
+    report = predict_largest(runs)
+    out = Path(ladder.train.run_dir) / "ladder.json"
+    out.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return report
