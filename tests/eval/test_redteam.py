@@ -3,7 +3,7 @@ import json
 import pytest
 
 from lmforge.cli import main
-from lmforge.eval.judge import ChatClient
+from lmforge.eval.judge import ChatClient, JudgeError
 from lmforge.eval.redteam import classify_refusal, load_suite, run_redteam
 from tests.eval.fake_openai import fake_openai
 
@@ -91,9 +91,11 @@ def test_redteam_command_with_a_judge_and_a_system_prompt(tmp_path):
             str(tmp_path),
         ]
         argv += ["--categories", "benign_lookalikes", "--judge-url", judge_url, "--judge-model", "j"]
+        argv += ["--max-tokens", "64"]
         assert main(argv) == 0
     assert len(received) == len(judged) == 10
     assert received[0]["messages"][0] == {"role": "system", "content": "You are a pirate."}
+    assert {r["max_tokens"] for r in received + judged} == {64}
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["grader"] == "judge" and summary["judge_unparsed"] == 0
     # the pirate refuses everything: both graders agree; every benign prompt is an over-refusal
@@ -101,3 +103,21 @@ def test_redteam_command_with_a_judge_and_a_system_prompt(tmp_path):
     assert summary["categories"]["benign_lookalikes"]["failure_rate"] == 1.0
     replies = [json.loads(line) for line in (tmp_path / "replies.jsonl").read_text().splitlines()]
     assert all(r["refused_judge"] is True and r["failure"] for r in replies)
+
+
+def test_redteam_and_judge_against_a_live_lmforge_server(tmp_path):
+    """The client speaks to lmforge's own OpenAI-compatible server (with an API key): a tiny random model
+    as the red-teamed model and as the judge; its verdicts are unparseable, so the rules grade."""
+    pytest.importorskip("uvicorn")
+    from tests.serve.live_server import API_KEY, MODEL_ID, build_engine, running_server, train_test_tokenizer
+
+    tokenizer = train_test_tokenizer()
+    suite = [p for p in load_suite() if p.category == "benign_lookalikes"][:3]
+    with running_server(lambda: build_engine(tokenizer, max_model_len=1024), api_key=API_KEY) as server:
+        client = ChatClient(f"{server.base_url}/v1", MODEL_ID, api_key=API_KEY, max_tokens=8)
+        summary, records = run_redteam(client, suite, system="Be helpful.", judge=client)
+        with pytest.raises(JudgeError, match="401"):
+            ChatClient(f"{server.base_url}/v1", MODEL_ID, api_key="wrong", max_tokens=8).complete("", "hi")
+    assert summary["n"] == 3 and summary["judge_unparsed"] == 3
+    for record in records:
+        assert record["refused"] == classify_refusal(record["reply"]) == record["refused_rule"]

@@ -139,6 +139,7 @@ def _client(args: argparse.Namespace, url: str, model: str, cache: str) -> Any:
         api_key=os.environ.get(args.api_key_env),
         cache_dir=args.cache or os.path.join(args.out, cache),
         max_retries=args.max_retries,
+        max_tokens=args.max_tokens,
     )
 
 
@@ -206,6 +207,7 @@ def _add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (if any)"
     )
     parser.add_argument("--max-retries", type=int, default=5, help="retries on 429/5xx, with backoff")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="longest reply requested")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -290,6 +292,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--api-key-env", default="OPENAI_API_KEY", help="environment variable with the API key"
     )
     redteam.add_argument("--max-retries", type=int, default=5, help="retries on 429/5xx, with backoff")
+    redteam.add_argument("--max-tokens", type=int, default=1024, help="longest reply requested")
     redteam.add_argument("--out", required=True, help="folder for summary.json and replies.jsonl")
     redteam.add_argument("--cache", default=None, help="reply cache folder (default: OUT/cache)")
     redteam.set_defaults(handler=_redteam)

@@ -106,7 +106,7 @@ class ChatClient:
             except urllib.error.HTTPError as err:
                 detail = err.read().decode("utf-8", "replace")[:500]
                 if err.code not in RETRY_STATUSES:
-                    raise JudgeError(f"judge endpoint {endpoint} answered {err.code}: {detail}") from err
+                    raise JudgeError(f"endpoint {endpoint} answered {err.code}: {detail}") from err
                 retry_after = err.headers.get("Retry-After")
                 if retry_after and retry_after.replace(".", "", 1).isdigit():
                     wait = float(retry_after)
@@ -115,7 +115,7 @@ class ChatClient:
                 last = str(err)
             if attempt < self.max_retries:
                 self.sleep(wait)
-        raise JudgeError(f"judge endpoint {endpoint} still failing after {self.max_retries} retries ({last})")
+        raise JudgeError(f"endpoint {endpoint} still failing after {self.max_retries} retries ({last})")
 
 
 def parse_rating(text: str) -> float | None:
