@@ -120,16 +120,17 @@ def _write_tasks(folder: Path) -> None:
     )
 
 
-def _per_item(model, tasks_dir: Path, tasks: list[str]) -> dict[str, list]:
+def _per_item(model, tasks_dir: Path, tasks: list[str], chat: bool = False) -> dict[str, list]:
     results = lm_eval.simple_evaluate(
         model=model,
         tasks=tasks,
         task_manager=TaskManager(include_path=str(tasks_dir)),
         log_samples=True,
         num_fewshot=0,
+        apply_chat_template=chat,
     )
     return {
-        task: [s["resps"] for s in sorted(samples, key=lambda s: s["doc_id"])]
+        task: [(s["arguments"], s["resps"]) for s in sorted(samples, key=lambda s: s["doc_id"])]
         for task, samples in results["samples"].items()
     }
 
@@ -141,6 +142,8 @@ def test_lm_eval_tasks_match_hf_backend(tmp_path, llama_folder):
     reference = HFLM(pretrained=str(llama_folder), device="cpu", dtype="float32", batch_size=4)
     assert reference.max_length == ours.max_length == MAX_LEN
     got, want = _per_item(ours, tmp_path, tasks), _per_item(reference, tmp_path, tasks)
+    got = {task: [resps for _, resps in items] for task, items in got.items()}
+    want = {task: [resps for _, resps in items] for task, items in want.items()}
 
     # multiple choice: every (context, choice) log-likelihood and greedy flag
     assert len(got["lmf_mc"]) == 8
@@ -159,6 +162,27 @@ def test_lm_eval_tasks_match_hf_backend(tmp_path, llama_folder):
         assert abs(float(ours_item[0][0]) - float(ref_item[0][0])) <= TOLERANCE
     # generation: the engine's greedy replies equal transformers' greedy replies
     assert [r[0] for r in got["lmf_gen"]] == [r[0] for r in want["lmf_gen"]]
+
+
+def test_chat_template_requests_match_hf_backend(tmp_path, llama_folder):
+    """With --apply_chat_template both backends render the same prompts (the rendering starts without a
+    BOS text here, so tok_encode adds the tokenizer's BOS as hf does) and score and generate alike."""
+    _write_tasks(tmp_path)
+    ours = LmforgeLM(pretrained=str(llama_folder), batch_size=4)
+    reference = HFLM(pretrained=str(llama_folder), device="cpu", dtype="float32", batch_size=4)
+    got = _per_item(ours, tmp_path, ["lmf_mc", "lmf_gen"], chat=True)
+    want = _per_item(reference, tmp_path, ["lmf_mc", "lmf_gen"], chat=True)
+    assert got["lmf_gen"][0][0][0][0].startswith("<|im_start|>user\n")
+    for task in ("lmf_mc", "lmf_gen"):
+        for (ours_args, ours_resps), (ref_args, ref_resps) in zip(got[task], want[task], strict=True):
+            assert ours_args == ref_args
+            if task == "lmf_gen":
+                assert ours_resps == ref_resps
+                continue
+            for (ours_lp, ours_greedy), (ref_lp, ref_greedy) in zip(
+                (r[0] for r in ours_resps), (r[0] for r in ref_resps), strict=True
+            ):
+                assert abs(float(ours_lp) - float(ref_lp)) <= TOLERANCE and ours_greedy == ref_greedy
 
 
 def test_empty_context_and_truncated_context_match_hf(llama_folder):
