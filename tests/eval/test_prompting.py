@@ -172,3 +172,21 @@ def test_sweep_reports_score_vs_shots_for_direct_and_chain_of_thought(tmp_path, 
             assert task_result is None  # sweeps report separately from the task table
             lines = (run / "samples" / f"sums@{shots}shot-{style}.jsonl").read_text().splitlines()
             assert score == sum(json.loads(line)["correct"] for line in lines) / len(lines)
+
+
+def test_self_consistency_samples_differ_and_are_reproducible(tmp_path, model_folder):
+    path = tmp_path / "t.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": f"What is {a} + 1?", "answer": str(a + 1)}) + "\n" for a in range(3))
+    )
+    task = TaskConfig(name="sc", path=str(path), cot=True, self_consistency=3, temperature=1.0, max_tokens=5)
+    runs = []
+    for name in ("a", "b"):
+        evaluate(
+            EvalConfig(model=str(model_folder), run_dir=str(tmp_path / name), tasks=[task]), progress=False
+        )
+        runs.append([json.loads(line) for line in (tmp_path / name / "samples" / "sc.jsonl").open()])
+    assert runs[0] == runs[1]  # request i is seeded with seed + i
+    for sample in runs[0]:
+        assert len(sample["predictions"]) == 3 and len(set(sample["predictions"])) > 1
+        assert sample["answer"] == majority_vote([extract_answer(p) for p in sample["predictions"]])
