@@ -5,23 +5,6 @@ import torch
 
 from lmforge.eval.runner import EvalConfig, PerplexityConfig, TaskConfig, evaluate
 from lmforge.eval.scoring import LoglikelihoodRequest, continuation_logprobs
-from lmforge.model import ModelConfig, Transformer
-from lmforge.model.hf import save_pretrained
-from lmforge.tokenizer import TokenizerTrainConfig, train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    texts = ["What is 12 + 34? 46. The sky is blue and the grass is green."] * 30
-    tokenizer = train_tokenizer(texts, TokenizerTrainConfig(vocab_size=300, add_bos_token=True))
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=tokenizer.vocab_size, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=128
-    )
-    save_pretrained(Transformer(cfg), folder)
-    tokenizer.save(folder)
-    return folder
 
 
 def greedy(model, ids, max_tokens, stop_ids):
@@ -64,7 +47,7 @@ def test_evaluate_generation_multiple_choice_and_perplexity(tmp_path, model_fold
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["tasks"].keys() == {"gen", "gen_chat_1shot", "mc"}
     assert (
-        "| gen_chat_1shot | generate | 1 | True | 6 | exact_match |"
+        "| gen_chat_1shot | generate | 1 | True | False | 1 | 6 | exact_match |"
         in (tmp_path / "run" / "results.md").read_text()
     )
 

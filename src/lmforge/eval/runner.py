@@ -8,6 +8,9 @@
       - {name: addition, path: heldout.jsonl, where: {task: addition}, chat: true}
       - {name: addition-3shot, path: heldout.jsonl, where: {task: addition}, num_fewshot: 3}
       - {name: colors, path: colors_mc.jsonl}            # records with choices -> multiple choice
+      - {name: sums-cot, path: sums.jsonl, cot: true, self_consistency: 5, max_tokens: 96}
+    sweeps:                                              # score vs shots, chain of thought vs direct
+      - {task: addition, shots: [0, 1, 5], cot: true}
     perplexity:
       documents: [heldout_docs.jsonl]                    # JSONL/Parquet documents ("text" field)
       shards: [shards/]                                  # and/or token shards (val split with val_fraction)
@@ -16,13 +19,22 @@ Generation tasks run through the inference engine with greedy decoding; a reply 
 (EOS, end of turn) or, for plain prompts, at the end of the line. Multiple-choice tasks are scored by
 log-likelihood (see :mod:`lmforge.eval.scoring`). ``run_dir`` receives ``results.json``, ``results.md`` and
 ``samples/<task>.jsonl`` (every prompt, prediction and verdict, for reading the model's mistakes).
+
+A chain-of-thought task (``cot: true``, see :mod:`lmforge.eval.prompting`) lets the reply run over several
+lines (it ends at the few-shot delimiter) and scores the extracted answer: ``exact_match`` with flexible
+extraction, ``exact_match_strict`` with strict. ``self_consistency: k`` samples k replies per question at
+``temperature`` and scores the majority answer. A sweep runs one task again at each shot count, directly
+and (for generation tasks, with ``cot``) with chain of thought; ``results.md`` shows the curves as a plot
+(``sweep_<task>.png``) and a table.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +47,7 @@ from lmforge.eval.metrics import (
     multiple_choice_predictions,
     stderr_of_mean,
 )
+from lmforge.eval.prompting import chain_of_thought, extract_answer, majority_vote
 from lmforge.eval.tasks import TaskExample, TaskFile, load_task
 
 
@@ -49,7 +62,12 @@ class TaskConfig:
     template: str = "{prompt}\nAnswer:"  # plain prompts only
     target_delimiter: str = " "
     fewshot_delimiter: str = "\n\n"
-    description: str = ""
+    description: str = ""  # persona / system prompt
+    instruction: str = ""
+    context: str = ""
+    cot: bool = False  # chain of thought: reason first, then extract the answer (generation tasks)
+    self_consistency: int = 1  # > 1: sample this many replies and vote on their answers
+    temperature: float = 0.7  # sampling temperature for self-consistency
     max_tokens: int = 32
     limit: int = 0  # 0: every example
     ignore_case: bool = True
@@ -58,10 +76,26 @@ class TaskConfig:
     def __post_init__(self) -> None:
         if self.num_fewshot < 0 or self.limit < 0 or self.max_tokens < 1:
             raise ValueError(f"task {self.name}: num_fewshot and limit must be >= 0, max_tokens >= 1")
+        if self.self_consistency < 1 or (self.self_consistency > 1 and self.temperature <= 0):
+            raise ValueError(f"task {self.name}: self_consistency >= 1, and > 1 needs temperature > 0")
 
     @property
     def prompt_format(self) -> PromptFormat:
-        return PromptFormat(self.template, self.target_delimiter, self.fewshot_delimiter, self.description)
+        return PromptFormat(
+            self.template,
+            self.target_delimiter,
+            self.fewshot_delimiter,
+            self.description,
+            self.instruction,
+            self.context,
+        )
+
+
+@dataclass
+class SweepConfig:
+    task: str = MISSING  # the name of one of the tasks
+    shots: list[int] = field(default_factory=lambda: [0, 1, 5])
+    cot: bool = True  # also run each shot count with chain of thought (generation tasks)
 
 
 @dataclass
@@ -81,6 +115,7 @@ class EvalConfig:
     run_dir: str = MISSING
     tasks: list[TaskConfig] = field(default_factory=list)
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    sweeps: list[SweepConfig] = field(default_factory=list)
     batch_size: int = 16
     seed: int = 1234
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
@@ -88,11 +123,12 @@ class EvalConfig:
 
 def build_prompt(task: TaskConfig, tokenizer: Any, example: TaskExample, shots: list[TaskExample]) -> str:
     """The text the model continues: a chat rendering with the generation prompt, or a plain prompt."""
+    fmt = task.prompt_format
+    if task.cot:
+        fmt, example, shots = chain_of_thought(fmt, example, shots, task.chat)
     if task.chat:
-        return tokenizer.apply_chat_template(
-            chat_messages(example, shots, task.prompt_format), add_generation_prompt=True
-        )
-    return plain_prompt(example, shots, task.prompt_format)
+        return tokenizer.apply_chat_template(chat_messages(example, shots, fmt), add_generation_prompt=True)
+    return plain_prompt(example, shots, fmt)
 
 
 def _prompts(
@@ -105,34 +141,52 @@ def _prompts(
 
 
 def run_generation_task(
-    task: TaskConfig, engine: Any, tokenizer: Any, data: TaskFile, prompts: list[str]
+    task: TaskConfig, engine: Any, tokenizer: Any, data: TaskFile, prompts: list[str], seed: int = 0
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Exact match of each reply (chain of thought: of the answer extracted from it; self-consistency: of
+    the majority answer over ``task.self_consistency`` sampled replies, request ``i`` seeded ``seed + i``)."""
     from lmforge.infer import SamplingParams
 
-    params = SamplingParams(
-        max_tokens=task.max_tokens,
-        temperature=0.0,
-        stop=[] if task.chat else ["\n"],
-        stop_token_ids=sorted(tokenizer.special_ids),
-    )
+    k = task.self_consistency
+    params = [
+        SamplingParams(
+            n=k,
+            max_tokens=task.max_tokens,
+            temperature=task.temperature if k > 1 else 0.0,
+            stop=[] if task.chat else [task.fewshot_delimiter if task.cot else "\n"],
+            stop_token_ids=sorted(tokenizer.special_ids),
+            seed=seed + i if k > 1 else None,
+        )
+        for i in range(len(prompts))
+    ]
     # Chat renderings carry their special tokens; plain prompts get the tokenizer's (as the server does).
     token_ids = [tokenizer.encode(p, add_special_tokens=not task.chat) for p in prompts]
     outputs = engine.generate(token_ids, params)
-    samples, correct = [], []
+    modes = ("flexible", "strict") if task.cot else ("flexible",)
+    correct: dict[str, list[float]] = {mode: [] for mode in modes}
+    samples = []
     for example, prompt, output in zip(data.examples, prompts, outputs, strict=True):
-        prediction = output.outputs[0].text
-        ok = exact_match(prediction, example.answers, task.ignore_case, task.ignore_punctuation)
-        correct.append(float(ok))
-        samples.append(
-            {
-                "question": example.prompt,
-                "prompt": prompt,
-                "prediction": prediction,
-                "answers": list(example.answers),
-                "correct": ok,
-            }
-        )
-    return {"exact_match": mean(correct), "exact_match_stderr": stderr_of_mean(correct)}, samples
+        replies = [completion.text for completion in output.outputs]
+        sample: dict[str, Any] = {"question": example.prompt, "prompt": prompt}
+        sample["prediction" if k == 1 else "predictions"] = replies[0] if k == 1 else replies
+        sample["answers"] = list(example.answers)
+        for mode in modes:
+            answer = majority_vote([extract_answer(r, mode) if task.cot else r for r in replies])
+            ok = answer is not None and exact_match(
+                answer, example.answers, task.ignore_case, task.ignore_punctuation
+            )
+            correct[mode].append(float(ok))
+            suffix = "" if mode == "flexible" else f"_{mode}"
+            if task.cot or k > 1:
+                sample[f"answer{suffix}"] = answer
+            sample[f"correct{suffix}"] = ok
+        samples.append(sample)
+    metrics = {}
+    for mode, values in correct.items():
+        name = "exact_match" if mode == "flexible" else f"exact_match_{mode}"
+        metrics[name] = mean(values)
+        metrics[f"{name}_stderr"] = stderr_of_mean(values)
+    return metrics, samples
 
 
 def run_multiple_choice_task(
@@ -215,30 +269,18 @@ def evaluate(
     run_dir = Path(cfg.run_dir)
     (run_dir / "samples").mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"model": cfg.model, "tasks": {}}
-    engine = None
+    engine = cache(lambda: LLMEngine(model, tokenizer))  # built when a generation task first needs it
     started = time.perf_counter()
+    by_name = {task.name: task for task in cfg.tasks}
+    for sweep in cfg.sweeps:
+        if sweep.task not in by_name:
+            raise ValueError(f"sweep: no task named {sweep.task!r}")
     for task in _progress(cfg.tasks, progress, "eval tasks"):
-        data = load_task(task.path, task.where or None)
-        if task.limit:
-            data.examples = data.examples[: task.limit]
-        pool = load_task(task.fewshot_path).examples if task.fewshot_path else data.examples
-        prompts = _prompts(task, tokenizer, data, pool, cfg.seed)
-        if data.kind == "generate":
-            engine = engine or LLMEngine(model, tokenizer)
-            metrics, samples = run_generation_task(task, engine, tokenizer, data, prompts)
-        else:
-            metrics, samples = run_multiple_choice_task(task, model, tokenizer, data, prompts, cfg.batch_size)
-        results["tasks"][task.name] = {
-            "kind": data.kind,
-            "num_fewshot": task.num_fewshot,
-            "chat": task.chat,
-            "n": len(data.examples),
-            "rejected": data.rejected,
-            "metrics": metrics,
-        }
-        with (run_dir / "samples" / f"{task.name}.jsonl").open("w", encoding="utf-8") as f:
-            for sample in samples:
-                f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+        results["tasks"][task.name] = _run_task(task, cfg, model, tokenizer, engine, run_dir)
+    for sweep in cfg.sweeps:
+        results.setdefault("sweeps", {})[sweep.task] = _run_sweep(
+            sweep, by_name[sweep.task], cfg, model, tokenizer, engine, run_dir
+        )
     if cfg.perplexity.documents:
         from lmforge.eval.scoring import language_modeling_score
 
@@ -267,6 +309,89 @@ def evaluate(
     return results
 
 
+def _run_task(
+    task: TaskConfig, cfg: EvalConfig, model: Any, tokenizer: Any, engine: Callable[[], Any], run_dir: Path
+) -> dict[str, Any]:
+    """Score one task; its samples go to ``run_dir/samples/<task>.jsonl``."""
+    data = load_task(task.path, task.where or None)
+    # demonstrations come from the whole file (never the question itself), not only the first `limit`
+    pool = load_task(task.fewshot_path).examples if task.fewshot_path else list(data.examples)
+    if task.limit:
+        data.examples = data.examples[: task.limit]
+    prompts = _prompts(task, tokenizer, data, pool, cfg.seed)
+    if data.kind == "generate":
+        metrics, samples = run_generation_task(task, engine(), tokenizer, data, prompts, cfg.seed)
+    elif task.cot or task.self_consistency > 1:
+        raise ValueError(f"task {task.name}: chain of thought and self-consistency need a generation task")
+    else:
+        metrics, samples = run_multiple_choice_task(task, model, tokenizer, data, prompts, cfg.batch_size)
+    with (run_dir / "samples" / f"{task.name}.jsonl").open("w", encoding="utf-8") as f:
+        for sample in samples:
+            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    return {
+        "kind": data.kind,
+        "num_fewshot": task.num_fewshot,
+        "chat": task.chat,
+        "cot": task.cot,
+        "self_consistency": task.self_consistency,
+        "n": len(data.examples),
+        "rejected": data.rejected,
+        "metrics": metrics,
+    }
+
+
+def _run_sweep(
+    sweep: SweepConfig,
+    task: TaskConfig,
+    cfg: EvalConfig,
+    model: Any,
+    tokenizer: Any,
+    engine: Callable[[], Any],
+    run_dir: Path,
+) -> dict[str, Any]:
+    """The task's headline score at each shot count, directly and with chain of thought; writes the plot."""
+    sweep_result: dict[str, Any] = {"shots": list(sweep.shots)}
+    for style in ("direct", "cot"):
+        if style == "cot" and not (sweep.cot and sweep_result["kind"] == "generate"):
+            break  # chain of thought applies to generation tasks only
+        scores = []
+        for shots in sweep.shots:
+            variant = replace(
+                task, name=f"{task.name}@{shots}shot-{style}", num_fewshot=shots, cot=style == "cot"
+            )
+            result = _run_task(variant, cfg, model, tokenizer, engine, run_dir)
+            sweep_result["kind"] = result["kind"]
+            sweep_result["metric"], score = headline_metric(result)
+            scores.append(score)
+        sweep_result[style] = scores
+    sweep_result["plot"] = plot_sweep(task.name, sweep_result, run_dir / f"sweep_{task.name}.png")
+    return sweep_result
+
+
+def plot_sweep(name: str, sweep: dict[str, Any], path: Path) -> str:
+    """Score vs number of shots, one line per prompting style; returns the file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for style in ("direct", "cot"):
+        if style in sweep:
+            label = "chain of thought" if style == "cot" else "direct"
+            ax.plot(sweep["shots"], sweep[style], marker="o", label=label)
+    ax.set_xlabel("demonstrations (shots)")
+    ax.set_ylabel(sweep["metric"])
+    ax.set_xticks(sweep["shots"])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{name}: score vs shots")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
 def _progress(items: list[Any], enabled: bool, desc: str) -> Any:
     if not enabled:
         return items
@@ -283,7 +408,7 @@ def headline_metric(task_result: dict[str, Any]) -> tuple[str, float]:
 
 
 def results_table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    columns = ["task", "kind", "shots", "chat", "n", "metric", "value", "stderr"]
+    columns = ["task", "kind", "shots", "chat", "cot", "samples", "n", "metric", "value", "stderr"]
     rows = []
     for name, result in results["tasks"].items():
         metric, value = headline_metric(result)
@@ -293,6 +418,8 @@ def results_table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
                 result["kind"],
                 result["num_fewshot"],
                 result["chat"],
+                result["cot"],
+                result["self_consistency"],
                 result["n"],
                 metric,
                 round(value, 4),
@@ -315,4 +442,16 @@ def results_markdown(results: dict[str, Any]) -> str:
                 f"{what}: {ppl['tokens']} tokens, {ppl['bytes']} bytes: "
                 f"perplexity {ppl['perplexity']:.3f}, bits per byte {ppl['bits_per_byte']:.4f}.",
             ]
+    for name, sweep in results.get("sweeps", {}).items():
+        lines += [
+            "",
+            f"## {name}: {sweep['metric']} vs shots",
+            "",
+            f"![{name}: score vs shots]({sweep['plot']})",
+        ]
+        lines += ["", "| prompting | " + " | ".join(f"{k} shots" for k in sweep["shots"]) + " |"]
+        lines += ["|" + " --- |" * (len(sweep["shots"]) + 1)]
+        for style, label in (("direct", "direct"), ("cot", "chain of thought")):
+            if style in sweep:
+                lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in sweep[style]) + " |")
     return "\n".join(lines) + "\n"

@@ -52,11 +52,12 @@ def split_request(
 
 
 @torch.no_grad()
-def sequence_logprobs(
+def token_logprobs(
     model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int = 0, batch_size: int = 16
-) -> list[torch.Tensor]:
-    """For each sequence, the log-probability of tokens 1..n-1 given their prefix (length n-1)."""
-    results: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each sequence of n tokens, the log-probabilities of tokens 1..n-1 given their prefix and whether
+    each of those tokens is the model's most likely one (both of length n-1)."""
+    results: list[tuple[torch.Tensor, torch.Tensor]] = [(torch.empty(0), torch.empty(0))] * len(sequences)
     # Longest first, so the padding within a batch stays small.
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     device = next(model.parameters()).device
@@ -67,11 +68,21 @@ def sequence_logprobs(
         for row, i in enumerate(chunk):
             ids[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
         ids = ids.to(device)
-        logits = model(ids).logits.float()
-        logprobs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
+        logprobs = F.log_softmax(model(ids).logits[:, :-1].float(), dim=-1)
+        targets = ids[:, 1:]
+        chosen = logprobs.gather(-1, targets[..., None])[..., 0].cpu()
+        greedy = (logprobs.argmax(-1) == targets).cpu()
         for row, i in enumerate(chunk):
-            results[i] = logprobs[row, : len(sequences[i]) - 1]
+            n = len(sequences[i]) - 1
+            results[i] = (chosen[row, :n], greedy[row, :n])
     return results
+
+
+def sequence_logprobs(
+    model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int = 0, batch_size: int = 16
+) -> list[torch.Tensor]:
+    """For each sequence, the log-probability of tokens 1..n-1 given their prefix (length n-1)."""
+    return [lp for lp, _ in token_logprobs(model, sequences, pad_id, batch_size)]
 
 
 def continuation_logprobs(

@@ -6,6 +6,8 @@ Two kinds of task, told apart by the record's fields:
   a list of accepted answers;
 - multiple choice (scored by log-likelihood): ``{"prompt": "...", "choices": ["a", "b"], "label": 0}``.
 
+Either may carry a ``rationale`` (the worked reasoning a chain-of-thought demonstration shows).
+
 A record may instead carry ``messages`` (chat format) whose last turn is the assistant's answer; the
 preceding user turn is then the prompt. Malformed lines are counted and skipped, never fatal.
 """
@@ -24,6 +26,7 @@ class TaskExample:
     answers: tuple[str, ...] = ()  # generation: accepted answers
     choices: tuple[str, ...] = ()  # multiple choice: the options
     label: int = -1  # multiple choice: index of the right option
+    rationale: str = ""  # worked reasoning shown when the example is a chain-of-thought demonstration
 
     @property
     def is_multiple_choice(self) -> bool:
@@ -63,17 +66,20 @@ def parse_example(record: Any) -> TaskExample:
         answer = answer if answer is not None else last.get("content")
     if not isinstance(prompt, str):
         raise ValueError("no prompt")
+    rationale = record.get("rationale", "")
+    if not isinstance(rationale, str):
+        raise ValueError("rationale must be a string")
     if "choices" in record:
         choices, label = record["choices"], record.get("label")
         if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
             raise ValueError("choices must be a non-empty list of strings")
         if not isinstance(label, int) or not 0 <= label < len(choices):
             raise ValueError("label must index into choices")
-        return TaskExample(prompt=prompt, choices=tuple(choices), label=label)
+        return TaskExample(prompt=prompt, choices=tuple(choices), label=label, rationale=rationale)
     answers = [answer] if isinstance(answer, str) else answer
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         raise ValueError("answer must be a string or a non-empty list of strings")
-    return TaskExample(prompt=prompt, answers=tuple(answers))
+    return TaskExample(prompt=prompt, answers=tuple(answers), rationale=rationale)
 
 
 def load_task(path: str | Path, where: dict[str, Any] | None = None) -> TaskFile:
