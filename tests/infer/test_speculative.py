@@ -59,3 +59,23 @@ def test_stop_tokens_end_generation():
     params = SamplingParams(max_tokens=12, temperature=0.0)
     result = speculative_generate(target, draft, prompt, params, eos_token_ids=[free[4]])
     assert result.token_ids == free[: free.index(free[4]) + 1] and result.finish_reason == "stop"
+
+
+def decode(ids: list[int]) -> str:
+    """A toy decoder: token i is the letter 'a' + i % 26 (no tokenizer needed)."""
+    return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_stop_strings_end_generation_where_the_engine_would():
+    target, draft = _model(0, 2), _model(1, 1)
+    prompt = random_prompts([9])[0]
+    free = reference_greedy(target, prompt, 12)
+    stop = decode(free[5:7])  # completed by the 7th token
+    params = SamplingParams(max_tokens=12, temperature=0.0, stop=[stop])
+    result = speculative_generate(target, draft, prompt, params, decode=decode)
+    first = decode(free).index(stop)
+    assert result.finish_reason == "stop" and result.stop_reason == stop
+    assert result.text == decode(free)[:first]  # cut before the stop string
+    assert decode(result.token_ids).endswith(stop) and len(result.token_ids) <= 7
+    with pytest.raises(ValueError, match="decoder"):
+        speculative_generate(target, draft, prompt, params)

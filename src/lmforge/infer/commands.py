@@ -152,12 +152,13 @@ def _speculative(engine, args: argparse.Namespace, prompts: list[str], params, s
         ids = engine.tokenizer.encode(prompt, add_special_tokens=special)
         try:
             result = speculative_generate(
-                engine.model, draft, ids, params, args.num_draft_tokens, engine.eos_token_ids
-            )
+                engine.model, draft, ids, params, args.num_draft_tokens, engine.eos_token_ids,
+                decode=lambda out: engine.tokenizer.decode(out, skip_special_tokens=True),
+            )  # fmt: skip
         except ValueError as err:
             print(f"lmforge generate: {err}", file=sys.stderr)
             return 2
-        text = engine.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        text = result.text if result.text is not None else ""
         print(f"[{number}] {text}" if len(prompts) > 1 else text)
         print(f"draft acceptance: {result.accepted}/{result.proposed}", file=sys.stderr)
     return 0

@@ -13,6 +13,7 @@ stream when the draft agrees often, which is the setting where it pays off on a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +28,11 @@ from lmforge.model.cache import ContiguousKVCache
 @dataclass
 class SpeculativeResult:
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop token id) or "length"
+    finish_reason: str  # "stop" (EOS, a stop token id or a stop string) or "length"
     proposed: int  # draft tokens proposed
     accepted: int  # of which accepted
+    text: str | None = None  # the decoded output (without the stop string) when a decoder was given
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
 
     @property
     def acceptance_rate(self) -> float:
@@ -103,7 +106,13 @@ def speculative_generate(
     params: SamplingParams,
     num_draft_tokens: int = 4,
     eos_token_ids: list[int] | None = None,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> SpeculativeResult:
+    """Generate with ``target``, drafting with ``draft``. Stop strings (``params.stop``) need ``decode``
+    (token ids -> text); the output then ends at the token that completes one, and ``text`` is cut before it,
+    as the engine does."""
+    if params.stop and decode is None:
+        raise ValueError("stop: stop strings need a decoder (pass decode=tokenizer.decode)")
     if params.needs_token_history or params.logit_bias or params.use_beam_search or params.n != 1:
         raise ValueError(
             "speculative decoding supports temperature/top-k/top-p/min-p sampling of one sequence"
@@ -117,6 +126,21 @@ def speculative_generate(
     target_stream, draft_stream = _Stream(target, max_len), _Stream(draft, max_len)
     tokens = list(prompt)
     proposed = accepted = 0
+
+    def finished(reason: str, stop: str | int | None = None) -> SpeculativeResult:
+        output = tokens[len(prompt) :]
+        text = decode(output) if decode is not None else None
+        if isinstance(stop, str) and text is not None:
+            text = text[: text.index(stop)]
+        return SpeculativeResult(output, reason, proposed, accepted, text, stop)
+
+    def stop_string() -> str | None:
+        if not params.stop:
+            return None
+        text = decode(tokens[len(prompt) :])
+        found = [(text.index(s), s) for s in params.stop if s in text]
+        return min(found)[1] if found else None
+
     while len(tokens) < limit:
         k = max(0, min(num_draft_tokens, limit - len(tokens) - 1))
         drafted: list[int] = []
@@ -136,7 +160,10 @@ def speculative_generate(
         for token in new:
             tokens.append(token)
             if token in stops:
-                return SpeculativeResult(tokens[len(prompt) :], "stop", proposed, accepted)
+                return finished("stop", token)
+            stop = stop_string()
+            if stop is not None:
+                return finished("stop", stop)
             if len(tokens) >= limit:
                 break
-    return SpeculativeResult(tokens[len(prompt) :], "length", proposed, accepted)
+    return finished("length")
