@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmforge.config import load_config, to_dict
 from lmforge.model import load_pretrained
 from lmforge.shards.loader import PackedLoader
 from lmforge.train import LMObjective, Trainer, TrainingError, train
 from lmforge.train.checkpoint import NonFiniteCheckpointError, list_checkpoints
+from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import read_jsonl
 from lmforge.train.objective import IGNORE_INDEX
 from tests.train.conftest import tiny_config
@@ -334,3 +336,16 @@ def test_token_accounting_follows_a_curriculum_that_changes_the_sequence_length(
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert [r["batch_tokens"] for r in records] == [64] * 4 + [128] * 4
     assert records[-1]["tokens"] == 4 * 64 + 4 * 128
+
+
+def test_the_callers_config_is_not_changed_by_a_run(tmp_path, shards) -> None:
+    import copy
+
+    from lmforge.model import ModelConfig, Transformer
+
+    cfg = tiny_config(tmp_path / "run", shards, max_steps=2)
+    before = copy.deepcopy(cfg)
+    other = ModelConfig(**{**to_dict(cfg.model), "n_layers": cfg.model.n_layers + 1})
+    result = train(cfg, model=Transformer(other))
+    assert cfg == before  # the model given is recorded in the run's config, not written into ours
+    assert load_config(TrainConfig, result.run_dir / "config.yaml").model.n_layers == other.n_layers

@@ -20,6 +20,7 @@ is refused before anything is written unless the recipe says otherwise (``checkp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -153,7 +154,9 @@ class Trainer:
             cfg.check_model(model.cfg)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        cfg.model = model.cfg
+        # the run's config records the model actually trained (from init_from or a preset); the caller's
+        # config object is left as it was given
+        self.cfg = cfg = dataclasses.replace(cfg, model=model.cfg)
         self.model_cfg = model.cfg
         self.tokenizer = None
         if cfg.tokenizer:

@@ -24,6 +24,7 @@ The exported model (``RUN/model``) is in Hugging Face layout with the tokenizer 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -108,7 +109,8 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> tuple[TrainResult, SFTData
             f"SFT data: {stats.examples} conversations, {stats.tokens} tokens ({stats.trained_tokens} trained), "
             f"{rejected} rejected, {stats.truncated} truncated; {source.batches_per_epoch()} batches per epoch"
         )
-    cfg.tokenizer = str(tokenizer_dir)  # exported next to the model, chat template included
-    cfg.log.progress = cfg.log.progress and progress
-    result = train(cfg, objective=LMObjective(), train_data=source, val_data=val_data)
+    # the tokenizer is exported next to the model (chat template included); the caller's config is not changed
+    log = dataclasses.replace(cfg.log, progress=cfg.log.progress and progress)
+    run_cfg = dataclasses.replace(cfg, tokenizer=str(tokenizer_dir), log=log)
+    result = train(run_cfg, objective=LMObjective(), train_data=source, val_data=val_data)
     return result, stats
