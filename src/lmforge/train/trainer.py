@@ -239,6 +239,7 @@ class Trainer:
         if train_data is not None and val_data is not None:
             return train_data, val_data
         from lmforge.shards.loader import PackedLoader
+        from lmforge.shards.mixture import MixtureConfig
 
         cfg, env = self.cfg, self.env
         tokenizer_sha = self.tokenizer.sha256() if self.tokenizer is not None else None
@@ -250,17 +251,25 @@ class Trainer:
             self._check_vocab(f"the shards {cfg.data.shards}", found.shards.vocab_size)
             return found
 
+        # held-out shards: one ordered pass over all of them, domains in their natural proportions
+        held_out_data = dataclasses.replace(
+            cfg.data,
+            shards=list(cfg.val_shards),
+            val_fraction=0.0,
+            curriculum=[],
+            mixture=MixtureConfig(),
+            seed=0,
+        )
+
         def held_out() -> PackedLoader:
-            return PackedLoader(
-                cfg.val_shards,
-                seq_len=cfg.data.seq_len,
-                batch_size=cfg.batch.micro_batch_size,
-                rank=env.dp_rank,
-                world_size=env.dp,
-                document_masking=cfg.data.document_masking,
-                shuffle=False,
-                num_epochs=1,
-                tokenizer_sha256=tokenizer_sha,
+            return PackedLoader.from_config(
+                held_out_data,
+                cfg.batch.micro_batch_size,
+                env.dp_rank,
+                env.dp,
+                "train",
+                tokenizer_sha,
+                one_pass=True,
             )
 
         if val_data is None and cfg.val_shards:
