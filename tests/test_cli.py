@@ -109,3 +109,17 @@ def test_info_list_shows_the_presets_with_parameter_counts(capsys) -> None:
     assert main(["info", "--list", "--json"]) == 0
     presets = json.loads(capsys.readouterr().out)
     assert presets["gpt2"]["total"] == 124_439_808 and "tiny-llama" in presets
+
+
+def test_a_missing_extra_is_named_with_the_command_that_installs_it(monkeypatch, capsys) -> None:
+    import sys
+
+    from lmforge.cli import missing_extra
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the serve extra were not installed
+    assert main(["serve", "some-model-folder"]) == 1
+    err = capsys.readouterr().err
+    assert "needs the 'serve' extra (uvicorn is not installed): pip install 'lmforge[serve]'" in err
+    assert "Traceback" not in err
+    assert missing_extra(ModuleNotFoundError("No module named 'foo'", name="foo")) is None  # bugs still raise
+    assert "lmforge[data]" in missing_extra(ModuleNotFoundError("x", name="pyarrow.parquet"))

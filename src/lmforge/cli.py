@@ -59,6 +59,26 @@ def _is_run_error(err: BaseException) -> bool:
     return isinstance(err, classes)
 
 
+# Optional dependencies, by top-level module, and the extra that installs each (pyproject.toml).
+EXTRAS: dict[str, str] = {
+    **dict.fromkeys(("pyarrow", "fsspec", "zstandard", "trafilatura", "py3langid", "warcio", "ftfy"), "data"),
+    **dict.fromkeys(("fastapi", "uvicorn", "prometheus_client", "httpx", "starlette"), "serve"),
+    "ray": "ray",
+    "gguf": "export",
+    **dict.fromkeys(("transformers", "peft", "datasketch", "openai", "lm_eval", "hypothesis"), "test"),
+}
+
+
+def missing_extra(err: BaseException) -> str | None:
+    """The message for a command whose optional dependency is not installed, or None."""
+    if not isinstance(err, ModuleNotFoundError) or not err.name:
+        return None
+    extra = EXTRAS.get(err.name.split(".")[0])
+    if extra is None:
+        return None
+    return f"lmforge: this needs the '{extra}' extra ({err.name} is not installed): pip install 'lmforge[{extra}]'"
+
+
 def _error(err: BaseException) -> str:
     return "lmforge: error: " + " ".join(str(err).split())
 
@@ -110,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_error(err), file=sys.stderr)
         return 2
     except Exception as err:
+        if not args.debug and missing_extra(err):
+            print(missing_extra(err), file=sys.stderr)
+            return 1
         if args.debug or not _is_run_error(err):
             raise
         print(_error(err), file=sys.stderr)
