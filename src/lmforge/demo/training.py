@@ -54,7 +54,7 @@ class TrainingEstimate:
         return self.tokens / self.tokens_per_s
 
 
-def probe_tokens_per_s(model: dict[str, Any], batch_size: int, seq_len: int, steps: int = 3) -> float:
+def probe_tokens_per_s(model: dict[str, Any], batch_size: int, seq_len: int, steps: int = 2) -> float:
     """Training throughput of a freshly initialised model of this shape on this machine: tokens/s of full
     steps (forward, backward, the trainer's AdamW), timed after one warm-up step."""
     import torch
