@@ -337,9 +337,9 @@ class Demo:
                 f"{estimate.seq_len} tokens at {estimate.tokens_per_s:,.0f} tokens/s: "
                 f"about {format_seconds(estimate.seconds)}"
             )
-        if not self.cfg.corpus.paths:
+        if self.cfg.size == "tiny" and not self.cfg.corpus.paths:
             # measured: docs/benchmarks.md, demo section (a corpus of one's own takes time with its size)
-            self.console.print("  the other stages together: 25 s on a 2-core CPU at the default size")
+            self.console.print("  the other stages together: about 25 s on a 2-core CPU")
 
     def run(self) -> tuple[Path, Path]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
