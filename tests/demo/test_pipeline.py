@@ -1,7 +1,11 @@
 import argparse
+import io
 import json
 import random
+import shlex
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -12,7 +16,7 @@ import uvicorn
 
 from lmforge.config import ConfigError
 from lmforge.demo.commands import build_config
-from lmforge.demo.pipeline import MODEL_ID, STAGES, Demo
+from lmforge.demo.pipeline import MODEL_ID, STAGES, Demo, usage_hint
 
 
 def args(**kw):
@@ -79,6 +83,33 @@ def test_user_corpus_goes_through_the_data_pipeline(tmp_path):
     assert n_train + n_heldout == card.numbers["kept"] and n_heldout >= 1
 
 
+def test_usage_hint_runs_this_interpreter_or_only_curl(monkeypatch):
+    lines = usage_hint("http://127.0.0.1:8000")
+    assert any(line.startswith("curl http://127.0.0.1:8000/v1/chat/completions") for line in lines)
+    (python,) = [line for line in lines if "openai" in line]
+    assert shlex.split(python)[0] == sys.executable  # not a bare `python`, which may lack the package
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # an interpreter without openai
+    assert not any("python" in line or "openai" in line for line in usage_hint("http://127.0.0.1:8000"))
+
+
+def test_training_estimates_are_printed_from_a_timing_probe(tmp_path):
+    from rich.console import Console
+
+    from lmforge.demo.training import estimate_training
+
+    cfg = build_config(
+        args(size="micro", run_dir=str(tmp_path / "run"), no_serve=True, overrides=["threads=1"])
+    )
+    out = io.StringIO()
+    demo = Demo(cfg, Console(file=out, width=200))
+    pretrain, sft = estimate_training(demo, ["pretrain", "sft"])
+    assert pretrain.tokens == cfg.pretrain.steps * cfg.pretrain.batch_size * cfg.pretrain.seq_len
+    assert pretrain.tokens_per_s > 0 and sft.seconds == sft.tokens / sft.tokens_per_s
+    demo.print_estimates(["sft"])
+    printed = out.getvalue()
+    assert "Supervised fine-tuning: 4 steps x 4 x 128 tokens" in printed and "Pretraining" not in printed
+
+
 @pytest.mark.slow
 def test_micro_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     run_dir = tmp_path / "demo"
@@ -97,6 +128,12 @@ def test_micro_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     sft_model = run_dir / "sft" / "model"
     assert (sft_model / "tokenizer_config.json").is_file() and (sft_model / "model.safetensors").is_file()
     assert "<img src='pretrain/plots/loss.png'" in html_path.read_text()
+    # pretraining is validated on the held-out documents, so its loss plot has a validation curve
+    from lmforge.train.metrics import read_jsonl
+
+    val_points = [r for r in read_jsonl(run_dir / "pretrain" / "metrics.jsonl") if "val_loss" in r]
+    assert len(val_points) >= 2
+    assert "held-out document loss" in report
 
     # A rerun skips every finished stage; --restart-from redoes the chosen stage onwards only.
     markers = {p.name: p.stat().st_mtime_ns for p in (run_dir / "stages").glob("*.json")}
@@ -122,6 +159,12 @@ def test_micro_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
         assert isinstance(reply.choices[0].message.content, str) and reply.usage.completion_tokens >= 1
         page = httpx.get(f"{base_url}/", timeout=10)
         assert page.status_code == 200 and "<html" in page.text.lower()
+
+        # The closing hint's commands work as printed: curl, and the one-liner run by this interpreter.
+        curl, python = [line for line in usage_hint(base_url) if line.startswith(("curl ", sys.executable))]
+        done = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=120, check=True)
+        assert json.loads(done.stdout)["choices"][0]["message"]["role"] == "assistant"
+        subprocess.run(["bash", "-c", python], capture_output=True, text=True, timeout=120, check=True)
 
 
 @contextmanager

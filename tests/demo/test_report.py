@@ -1,13 +1,24 @@
 from lmforge.demo.report import StageCard, Table, format_seconds, format_value, plot_comparison, write_report
 
 
-def test_report_card_markdown_and_html(tmp_path):
+def test_report_card_markdown_and_html(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    labels = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(
+        Figure,
+        "savefig",
+        lambda fig, *a, **k: labels.append(fig.axes[0].get_ylabel()) or savefig(fig, *a, **k),
+    )
     png = plot_comparison(
         {"addition": {"base": 0.0, "SFT": 0.9}, "reverse": {"base": 0.1}},
         tmp_path / "plots" / "loss.png",
         "eval",
+        ylabel="exact match",
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert labels == ["exact match"]  # the axis says what the bars measure
     cards = [
         StageCard("data", "Data pipeline", 12.5, {"documents kept": 1200, "removed: dedup": 34}),
         StageCard(

@@ -177,3 +177,20 @@ def test_page_waits_for_the_model_to_load(page, tokenizer):
         page.wait_for_function("document.getElementById('model-name').textContent.includes('loading')")
         release.set()
         page.wait_for_function(f"document.getElementById('model-name').textContent === '{MODEL_ID}'")
+
+
+def test_untouched_defaults_fit_a_short_context(page, tokenizer):
+    """With the page as it loads, a message to a model whose context is short still gets a reply: the page
+    asks for no fixed reply length, so the server gives what the context leaves after the prompt."""
+    with running_server(lambda: build_engine(tokenizer, max_model_len=64)) as server:
+        requests = []
+        page.on("request", lambda r: requests.append(r))
+        page.goto(server.base_url + "/")
+        page.wait_for_function(f"document.getElementById('model-name').textContent === '{MODEL_ID}'")
+        assert "64" in page.get_attribute("#max-tokens", "placeholder")
+        reply = send(page, "Hello there!")
+        assert page.locator(".message.error").all_inner_texts() == []
+        assert reply
+        (post,) = [r for r in requests if r.url.endswith("/v1/chat/completions")]
+        assert "max_tokens" not in post.post_data_json
+        wait_until_idle(server)

@@ -93,7 +93,13 @@ class RunReport:
 
         table = Table(title="data pipeline", show_footer=False)
         for column in ("#", "step", "in", "kept", "removed", "errors", "top removal reasons", "s"):
-            table.add_column(column, justify="left" if column in ("step", "top removal reasons") else "right")
+            # fold: a narrow terminal wraps a long reason (even inside a word) instead of cutting it
+            overflow = "fold" if column in ("step", "top removal reasons") else "ellipsis"
+            table.add_column(
+                column,
+                justify="left" if column in ("step", "top removal reasons") else "right",
+                overflow=overflow,
+            )
         if self.reader_rejects:
             reasons = ", ".join(f"{k} {v}" for k, v in self.reader_rejects.most_common(3))
             table.add_row(
@@ -112,6 +118,10 @@ class RunReport:
                 f"{s.seconds:.2f}",
             )
         console = Console()
+        if not console.is_terminal:
+            # Piped or redirected output has no width to respect (rich would assume 80 columns): the table
+            # takes the width its cells need, so a log file holds every reason whole, on one row.
+            console = Console(width=Console(width=100_000).measure(table).maximum)
         console.print(table)
         check = "balanced" if self.balanced else "NOT BALANCED"
         console.print(

@@ -9,6 +9,7 @@ inputs and outputs together inside one run folder and writes the report card::
     RUN/data/          pipeline run (stats, exclusions), clean/ output, train.jsonl and heldout.jsonl
     RUN/tokenizer/     tokenizer.json + tokenizer_config.json (chat template included)
     RUN/shards/        token shards of data/train.jsonl
+    RUN/heldout_shards/  token shards of data/heldout.jsonl (validation loss during pretraining)
     RUN/pretrain/      trainer run folder; the base model in pretrain/model
     RUN/sft/           trainer run folder; the chat model in sft/model
     RUN/eval/base, RUN/eval/sft   results.json, results.md, samples/
@@ -18,7 +19,10 @@ inputs and outputs together inside one run folder and writes the report card::
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shlex
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -192,17 +196,22 @@ class Demo:
     def shards(self) -> StageCard:
         from lmforge.shards.tokenize import TokenizeConfig, tokenize_to_shards
 
-        manifest = tokenize_to_shards(
-            TokenizeConfig(
-                inputs=[str(self.path("data", "train.jsonl"))],
-                tokenizer=str(self.path("tokenizer")),
-                output=str(self.path("shards")),
+        manifests = {
+            documents: tokenize_to_shards(
+                TokenizeConfig(
+                    inputs=[str(self.path("data", f"{documents}.jsonl"))],
+                    tokenizer=str(self.path("tokenizer")),
+                    output=str(self.path(folder)),
+                )
             )
-        )
+            for documents, folder in (("train", "shards"), ("heldout", "heldout_shards"))
+        }
+        manifest = manifests["train"]
         totals = manifest["totals"]
         numbers = {
             "tokens (EOS separators included)": totals["tokens"],
             "documents": totals["docs"],
+            "held-out tokens (validation during pretraining)": manifests["heldout"]["totals"]["tokens"],
             "tokens per source": ", ".join(f"{k}: {v}" for k, v in manifest["sources"].items()),
             "token dtype": manifest["dtype"],
         }
@@ -262,10 +271,13 @@ class Demo:
             ]
             for key in ("perplexity", "bits_per_byte")
         ]
+        # Every task's bar is its headline metric (exact match, or acc_norm for multiple choice), named
+        # under the task; both are fractions of the held-out examples.
         plot_comparison(
-            {name: {"base": base, "SFT": sft} for name, _, base, sft in task_rows},
+            {f"{name}\n({metric})": {"base": base, "SFT": sft} for name, metric, base, sft in task_rows},
             self.path("plots", "eval_base_vs_sft.png"),
             "held-out tasks: base vs SFT",
+            ylabel="score (exact_match, or acc_norm: 0 to 1)",
         )
         tables = [
             Table("Held-out evaluation", ["task", "metric", "base", "SFT"], task_rows + text_rows),
@@ -314,10 +326,28 @@ class Demo:
                 )
         saved.write_text(json.dumps(current, indent=2) + "\n", encoding="utf-8")
 
+    def print_estimates(self, stages: list[str]) -> None:
+        """Before anything runs: how long the training ``stages`` will take here, from a timing probe."""
+        from lmforge.demo.training import estimate_training
+
+        self.console.print("timing a few training steps to estimate the run's duration on this machine")
+        for estimate in estimate_training(self, stages):
+            self.console.print(
+                f"  {STAGES[estimate.stage]}: {estimate.steps} steps x {estimate.batch_size} x "
+                f"{estimate.seq_len} tokens at {estimate.tokens_per_s:,.0f} tokens/s: "
+                f"about {format_seconds(estimate.seconds)}"
+            )
+        if self.cfg.size == "tiny" and not self.cfg.corpus.paths:
+            # measured: docs/benchmarks.md, demo section (a corpus of one's own takes time with its size)
+            self.console.print("  the other stages together: about 25 s on a 2-core CPU")
+
     def run(self) -> tuple[Path, Path]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.check_settings()
         save_config(self.cfg, self.run_dir / "config.yaml")
+        training = [name for name in ("pretrain", "sft") if not self.stages.done(name)]
+        if training:
+            self.print_estimates(training)
         for name in STAGES:
             self.stages.run(name, STAGES[name], getattr(self, name))
         cards = [self.stages.cards[name] for name in STAGES]
@@ -347,19 +377,31 @@ class Demo:
         import uvicorn
 
         cfg = self.cfg
-        url = f"http://{cfg.host}:{cfg.port}"
-        question = "What is 37 + 48?"
         self.console.rule("[bold]Serving the chat model")
-        body = json.dumps({"model": MODEL_ID, "messages": [{"role": "user", "content": question}]})
-        lines = [
-            f"chat page: {url}/",
-            f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'",
-            f"python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='none'); "
-            f"print(c.chat.completions.create(model='{MODEL_ID}', messages=[{{'role': 'user', "
-            f"'content': '{question}'}}]).choices[0].message.content)\"",
-            "press Ctrl+C to stop",
-        ]
-        for line in lines:  # printed verbatim, never wrapped, so they can be copied
+        for line in usage_hint(f"http://{cfg.host}:{cfg.port}"):  # printed verbatim, never wrapped, to copy
             self.console.print(line, markup=False, highlight=False, soft_wrap=True)
         uvicorn.run(self.serve_app(), host=cfg.host, port=cfg.port, log_level="warning")
         return 0
+
+
+def usage_hint(url: str) -> list[str]:
+    """How to talk to the demo's server at ``url``: the chat page, a curl command, and (when this
+    interpreter has the ``openai`` package) a one-liner run by this very interpreter, since the system
+    python usually lacks the package."""
+    question = "What is 37 + 48?"
+    messages = [{"role": "user", "content": question}]
+    body = json.dumps({"model": MODEL_ID, "messages": messages})
+    lines = [
+        f"chat page: {url}/",
+        f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}",
+    ]
+    if importlib.util.find_spec("openai") is not None:
+        # Python strings in double quotes (JSON's are valid Python here), so the shell quoting stays plain.
+        code = (
+            f'from openai import OpenAI; c = OpenAI(base_url={json.dumps(url + "/v1")}, api_key="none"); '
+            f"print(c.chat.completions.create(model={json.dumps(MODEL_ID)}, messages={json.dumps(messages)})"
+            ".choices[0].message.content)"
+        )
+        lines.append(f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}")
+    lines.append("press Ctrl+C to stop")
+    return lines

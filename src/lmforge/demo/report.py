@@ -124,8 +124,11 @@ def render_html(title: str, cards: Sequence[StageCard], summary: Mapping[str, An
     return "\n".join(parts)
 
 
-def plot_comparison(groups: Mapping[str, Mapping[str, float]], path: str | Path, title: str) -> Path:
-    """A grouped bar chart: one group per row name, one bar per series (e.g. base and SFT scores)."""
+def plot_comparison(
+    groups: Mapping[str, Mapping[str, float]], path: str | Path, title: str, ylabel: str
+) -> Path:
+    """A grouped bar chart: one group per row name, one bar per series (e.g. base and SFT scores); the
+    y axis is labelled ``ylabel`` (say what the bars measure when groups use different metrics)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,6 +143,7 @@ def plot_comparison(groups: Mapping[str, Mapping[str, float]], path: str | Path,
         ax.bar(xs, [groups[n].get(label, 0.0) for n in names], width, label=label)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
     ax.set_title(title)
+    ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()

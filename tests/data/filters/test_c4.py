@@ -89,3 +89,48 @@ def test_bad_words(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_text("sandbags\n", encoding="utf-8")
     assert run(C4Filter(bad_words=str(path)), SENTENCES)[0] == "c4_bad_words"
+
+
+# A licence as plain text: sentences run across hard-wrapped lines; paragraphs are separated by blank lines.
+LICENCE = """\
+PERMISSION NOTICE
+
+Permission is hereby granted, free of charge, to any person obtaining a
+copy of this software and associated documentation files, to deal in the
+Software without restriction. The above copyright notice and this
+permission notice shall be included in all copies or substantial portions
+of the Software.
+
+The software is provided as is, without warranty of any kind, express or
+implied, including but not limited to the warranties of merchantability.
+In no event shall the authors be liable for any claim, damages or other
+liability, whether in an action of contract, tort or otherwise, arising
+from, out of or in connection with the software or its use. You use it
+at your own risk.
+"""
+
+
+def test_paragraph_mode_keeps_hard_wrapped_sentences_whole():
+    # Line by line, only the lines that happen to end a sentence survive, as fragments.
+    reason, text = run(C4Filter(min_sentences=1), LICENCE.splitlines())
+    assert reason is None and text.splitlines()[0] == "of the Software."
+    # Paragraph mode judges whole paragraphs: every sentence is kept, the heading (no punctuation) is not.
+    reason, text = run(C4Filter(paragraphs=True), LICENCE.splitlines())
+    paragraphs = text.split("\n\n")
+    assert reason is None and len(paragraphs) == 2
+    assert paragraphs[0].startswith("Permission is hereby granted") and paragraphs[0].endswith(
+        "of the Software."
+    )
+    assert paragraphs[1].startswith("The software is provided") and paragraphs[1].endswith("at your own risk.")
+    assert " ".join(text.split()) == " ".join(LICENCE.split("\n\n", 1)[1].split())  # nothing else is lost
+    # Line rules still apply, to a paragraph as a whole.
+    step = C4Filter(paragraphs=True)
+    reason, _ = run(step, [*LICENCE.splitlines(), "", "Please enable", "JavaScript to see this page."])
+    assert reason is None and step.stats.counters["c4_line_javascript"] == 1
+    assert step.stats.counters["c4_line_no_terminal_punct"] == 1  # the heading
+
+
+def test_paragraph_mode_reads_windows_line_ends():
+    text = "\r\n".join(LICENCE.splitlines())
+    doc = Document("d", text)
+    assert C4Filter(paragraphs=True).decide(doc) is None and len(doc.text.split("\n\n")) == 2

@@ -4,6 +4,11 @@ Lines are dropped when they do not end in terminal punctuation, have fewer than 
 javascript or a cookie/privacy policy; citation markers such as ``[1]`` and ``[edit]`` are removed. A
 document is dropped when it contains "lorem ipsum", a curly brace, fewer than 5 sentences after line
 cleaning, or (optionally) a word from a bad-words list. Kept documents carry the cleaned text.
+
+The rules assume web text, where a line is a paragraph. Hard-wrapped plain text (licences, books, e-mail)
+breaks sentences across lines, and line rules would keep only the lines that happen to end a sentence;
+``paragraphs=True`` first joins the lines of each blank-line-separated paragraph, so the rules judge whole
+paragraphs.
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ _CITATION_RE = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.IGNORECASE
 # A sentence ends at terminal punctuation (optionally closed by a quote/bracket) followed by space or end.
 _SENTENCE_END_RE = re.compile(r"[.!?]+['\")\]]*(?=\s|$)")
 _END_PUNCTUATION = (".", "?", "!", '"', "'")
+_BLANK_LINE_RE = re.compile(r"\n\s*\n")  # \s also takes the \r of Windows line ends
+
+
+def join_paragraphs(text: str) -> list[str]:
+    """The paragraphs of hard-wrapped text (separated by blank lines), each joined into one line."""
+    return [" ".join(block.split()) for block in _BLANK_LINE_RE.split(text) if block.strip()]
 
 
 def count_sentences(line: str) -> int:
@@ -36,7 +47,8 @@ def count_sentences(line: str) -> int:
 
 @register_step("c4")
 class C4Filter(Filter):
-    """C4 line cleaning and document rules; ``decide`` rewrites ``doc.text`` to the kept lines."""
+    """C4 line cleaning and document rules; ``decide`` rewrites ``doc.text`` to the kept lines (with
+    ``paragraphs``: the kept paragraphs, each on one line, separated by blank lines)."""
 
     def __init__(
         self,
@@ -51,6 +63,7 @@ class C4Filter(Filter):
         filter_curly_bracket: bool = True,
         min_sentences: int = 5,
         bad_words: Sequence[str] | str | None = None,
+        paragraphs: bool = False,
     ) -> None:
         super().__init__()
         self.remove_citations = remove_citations
@@ -65,6 +78,7 @@ class C4Filter(Filter):
         self.min_sentences = min_sentences
         self.bad_words = bad_words
         self._bad_words_re = _bad_words_regex(bad_words)
+        self.paragraphs = paragraphs
 
     def decide(self, doc: Document) -> str | None:
         # Rule order follows the original C4 code: the document-level lorem-ipsum and curly-brace rules
@@ -72,7 +86,8 @@ class C4Filter(Filter):
         kept: list[str] = []
         sentences = 0
         counters = self.stats.counters
-        for raw in doc.text.splitlines():
+        units = join_paragraphs(doc.text) if self.paragraphs else doc.text.splitlines()
+        for raw in units:
             line = raw.strip()
             words = line.split()
             if self.max_word_length is not None and any(len(w) > self.max_word_length for w in words):
@@ -103,7 +118,7 @@ class C4Filter(Filter):
             kept.append(line)
         if sentences < self.min_sentences:
             return "c4_too_few_sentences"
-        cleaned = "\n".join(kept)
+        cleaned = ("\n\n" if self.paragraphs else "\n").join(kept)
         if self._bad_words_re is not None and self._bad_words_re.search(cleaned):
             return "c4_bad_words"
         doc.text = cleaned
