@@ -121,7 +121,9 @@ def test_paragraph_mode_keeps_hard_wrapped_sentences_whole():
     assert paragraphs[0].startswith("Permission is hereby granted") and paragraphs[0].endswith(
         "of the Software."
     )
-    assert paragraphs[1].startswith("The software is provided") and paragraphs[1].endswith("at your own risk.")
+    assert paragraphs[1].startswith("The software is provided") and paragraphs[1].endswith(
+        "at your own risk."
+    )
     assert " ".join(text.split()) == " ".join(LICENCE.split("\n\n", 1)[1].split())  # nothing else is lost
     # Line rules still apply, to a paragraph as a whole.
     step = C4Filter(paragraphs=True)
