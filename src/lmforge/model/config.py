@@ -13,7 +13,14 @@ NORM_POSITIONS = ("pre", "post", "sandwich")
 MLPS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
 POSITIONS = ("learned", "sinusoidal", "relative", "rope", "alibi", "none")
 ATTENTIONS = ("full", "sliding", "sparse")
-ROPE_SCALINGS = ("default", "linear", "llama3")
+ROPE_SCALINGS = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "truncate")
+# keys each rope_type cannot do without (the others have defaults, see lmforge.model.rope_scaling)
+ROPE_REQUIRED = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor",),
+    "longrope": ("short_factor", "long_factor"),
+}
 
 
 @dataclass
@@ -56,8 +63,9 @@ class ModelConfig:
     position: str = "rope"
     rope_theta: float = 10000.0
     rotary_pct: float = 1.0  # fraction of head_dim that is rotated (partial rotary)
-    # e.g. Llama 3.1: {rope_type: llama3, factor: 8, low_freq_factor: 1, high_freq_factor: 4,
-    # original_max_position_embeddings: 8192}; also {rope_type: linear, factor: F}
+    # context extension, as transformers spells it (see lmforge.model.rope_scaling), e.g. Llama 3.1:
+    # {rope_type: llama3, factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192};
+    # also linear, dynamic, yarn, longrope, and truncate (base truncation)
     rope_scaling: dict[str, Any] | None = None
     relative_buckets: int = 32
     relative_max_distance: int = 128
@@ -121,6 +129,15 @@ class ModelConfig:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             check_choice("rope_scaling.rope_type", kind, ROPE_SCALINGS)
+            for key in ROPE_REQUIRED.get(kind, ()):
+                if self.rope_scaling.get(key) is None:
+                    raise ValueError(f"rope_scaling.{key}: required for rope_type={kind}")
+            if kind == "longrope":
+                for key in ("short_factor", "long_factor"):
+                    if len(self.rope_scaling[key]) != self.rotary_dim // 2:
+                        raise ValueError(
+                            f"rope_scaling.{key}: needs rotary_dim/2 = {self.rotary_dim // 2} values"
+                        )
         if self.attention == "sparse" and self.sparse_block <= 0:
             raise ValueError(f"sparse_block: must be positive, got {self.sparse_block}")
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
