@@ -17,6 +17,7 @@ from lmforge.model.cache import KVCache
 from lmforge.model.config import ModelConfig
 from lmforge.model.norms import build_norm
 from lmforge.model.positions import RelativePositionBias, alibi_bias, alibi_slopes, apply_rope
+from lmforge.model.rerope import ReRoPE
 
 
 def attention_mask(
@@ -60,6 +61,7 @@ class AttentionContext:
     prefix_lengths: Tensor | None = None
     cache: KVCache | None = None
     rope: tuple[Tensor, Tensor] | None = None
+    rerope: ReRoPE | None = None  # replaces rope: keys are cached unrotated, attention takes two passes
     causal_kernel: bool = False  # use SDPA's is_causal path: no mask at all
     _memo: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
@@ -116,6 +118,9 @@ class Attention(nn.Module):
             view = ctx.cache.update(self.layer, k, v, ctx.positions)
             k, v, k_pos = view.keys.to(q.dtype), view.values.to(q.dtype), view.positions
         mask = None if ctx.causal_kernel else self._mask(ctx, k_pos, q.dtype)
+        if ctx.rerope is not None:
+            y = ctx.rerope(q, k, v, ctx.positions, k_pos, mask, self.dropout if self.training else 0.0)
+            return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
         grouped = k.shape[1] != q.shape[1]
         if grouped and mask is not None and q.device.type != "cpu":
             # GPU kernels that take a mask do not take grouped heads (SDPA would fall back to the slow

@@ -67,6 +67,10 @@ class ModelConfig:
     # {rope_type: llama3, factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192};
     # also linear, dynamic, yarn, longrope, and truncate (base truncation)
     rope_scaling: dict[str, Any] | None = None
+    # position truncation (lmforge.model.rerope): beyond rerope_window query-key distances clamp (ReRoPE) or
+    # grow at 1 / rerope_leak (Leaky ReRoPE); attention then takes two passes over materialised scores
+    rerope_window: int | None = None
+    rerope_leak: float | None = None
     relative_buckets: int = 32
     relative_max_distance: int = 128
 
@@ -138,6 +142,15 @@ class ModelConfig:
                         raise ValueError(
                             f"rope_scaling.{key}: needs rotary_dim/2 = {self.rotary_dim // 2} values"
                         )
+        if self.rerope_window is not None:
+            if self.position != "rope" or self.rerope_window <= 0:
+                raise ValueError(
+                    f"rerope_window: needs position=rope and a positive window, got {self.rerope_window}"
+                )
+            if self.rerope_leak is not None and self.rerope_leak < 1:
+                raise ValueError(f"rerope_leak: must be >= 1 (1 is plain RoPE), got {self.rerope_leak}")
+        elif self.rerope_leak is not None:
+            raise ValueError("rerope_leak: needs rerope_window")
         if self.attention == "sparse" and self.sparse_block <= 0:
             raise ValueError(f"sparse_block: must be positive, got {self.sparse_block}")
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:

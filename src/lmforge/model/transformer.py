@@ -15,6 +15,7 @@ from lmforge.model.mlp import MLP
 from lmforge.model.moe import MoE
 from lmforge.model.norms import build_norm
 from lmforge.model.positions import SinusoidalPositions, rope_cos_sin
+from lmforge.model.rerope import ReRoPE
 from lmforge.model.rope_scaling import LENGTH_DEPENDENT, rope_frequencies, rope_type
 
 
@@ -202,8 +203,10 @@ class Transformer(nn.Module):
         else:
             x = input_ids
 
-        rope = None
-        if cfg.position == "rope":
+        rope, rerope = None, None
+        if cfg.position == "rope" and cfg.rerope_window is not None:
+            rerope = ReRoPE(*self._rope_frequencies(position_ids), cfg.rerope_window, cfg.rerope_leak)
+        elif cfg.position == "rope":
             cos, sin = rope_cos_sin(position_ids, *self._rope_frequencies(position_ids))
             rope = (cos.to(x.dtype), sin.to(x.dtype))
         needs_mask = (
@@ -213,6 +216,7 @@ class Transformer(nn.Module):
             or prefix_lengths is not None
             or cfg.attention != "full"
             or cfg.position in ("alibi", "relative")
+            or rerope is not None
         )
         ctx = AttentionContext(
             cfg,
@@ -221,6 +225,7 @@ class Transformer(nn.Module):
             prefix_lengths=prefix_lengths,
             cache=cache,
             rope=rope,
+            rerope=rerope,
             causal_kernel=not needs_mask,
         )
 
