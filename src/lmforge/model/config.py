@@ -12,7 +12,7 @@ NORMS = ("layernorm", "rmsnorm", "deepnorm")
 NORM_POSITIONS = ("pre", "post", "sandwich")
 MLPS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
 POSITIONS = ("learned", "sinusoidal", "relative", "rope", "alibi", "none")
-ATTENTIONS = ("full", "sliding", "sparse")
+ATTENTIONS = ("full", "sliding", "sparse", "lambda")
 ROPE_SCALINGS = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "truncate")
 # keys each rope_type cannot do without (the others have defaults, see lmforge.model.rope_scaling)
 ROPE_REQUIRED = {
@@ -77,6 +77,10 @@ class ModelConfig:
     # attention
     attention: str = "full"
     sliding_window: int | None = None
+    # attention=lambda, LM-Infinite's Λ-shaped mask (Han et al. 2024): each query sees the keys within
+    # sliding_window of it plus the first global_tokens positions; with rerope_window=sliding_window (ReRoPE)
+    # distances also stop growing at the window, which is LM-Infinite's distance limit
+    global_tokens: int = 0
     # sparse attention, the strided factorized pattern of Child et al. 2019: each query sees the previous
     # sparse_block positions (local) and every sparse_block-th position before them (strided)
     sparse_block: int = 16
@@ -126,8 +130,10 @@ class ModelConfig:
                 self.d_ff = 4 * self.d_model
         if self.norm == "deepnorm" and self.norm_position != "post":
             raise ValueError("norm: deepnorm is defined for norm_position=post")
-        if self.attention == "sliding" and not self.sliding_window:
-            raise ValueError("sliding_window: required when attention=sliding")
+        if self.attention in ("sliding", "lambda") and not self.sliding_window:
+            raise ValueError(f"sliding_window: required when attention={self.attention}")
+        if self.global_tokens < 0:
+            raise ValueError(f"global_tokens: must be >= 0, got {self.global_tokens}")
         if not 0.0 < self.rotary_pct <= 1.0:
             raise ValueError(f"rotary_pct: must be in (0, 1], got {self.rotary_pct}")
         if self.rope_scaling is not None:

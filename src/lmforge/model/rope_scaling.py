@@ -22,6 +22,8 @@ With s = factor and L = original_max_position_embeddings (the training length):
 ``dynamic`` and ``longrope`` depend on the current sequence length n = max(position id) + 1 of the forward.
 Like transformers, keys already in a KV cache keep the rotation of the step that computed them, so a cached
 decode past L is not identical to a full forward at the final length (both are the same as in transformers).
+A cache that stores keys before RoPE (``unrotated_keys``, e.g. ``SinkKVCache``) does better: every cached key
+is rotated at the current frequencies, so q·k stays a function of the distance at every step.
 """
 
 from __future__ import annotations

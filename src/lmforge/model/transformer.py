@@ -203,12 +203,14 @@ class Transformer(nn.Module):
         else:
             x = input_ids
 
-        rope, rerope = None, None
+        rope, rerope, key_rope = None, None, None
         if cfg.position == "rope" and cfg.rerope_window is not None:
             rerope = ReRoPE(*self._rope_frequencies(position_ids), cfg.rerope_window, cfg.rerope_leak)
         elif cfg.position == "rope":
             cos, sin = rope_cos_sin(position_ids, *self._rope_frequencies(position_ids))
             rope = (cos.to(x.dtype), sin.to(x.dtype))
+            if getattr(cache, "unrotated_keys", False):
+                key_rope = self._rope_frequencies(position_ids)
         needs_mask = (
             explicit_positions
             or cache is not None
@@ -226,6 +228,7 @@ class Transformer(nn.Module):
             cache=cache,
             rope=rope,
             rerope=rerope,
+            key_rope=key_rope,
             causal_kernel=not needs_mask,
         )
 
