@@ -16,7 +16,12 @@ def test_defaults_fill_derived_fields():
     [
         ({"n_kv_heads": 3}, "n_kv_heads"),
         ({"attention": "sliding"}, "sliding_window"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_type"),
+        ({"rope_scaling": {"rope_type": "ntk-by-parts", "factor": 2.0}}, "rope_type"),
+        ({"rope_scaling": {"rope_type": "dynamic"}}, "rope_scaling.factor"),
+        (
+            {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
+            "short_factor",
+        ),
         ({"n_experts": 2, "moe_top_k": 3}, "moe_top_k"),
         ({"moe_capacity_factor": 0.0}, "moe_capacity_factor"),
         ({"position": "absolute"}, "position"),

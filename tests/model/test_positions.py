@@ -13,9 +13,9 @@ from lmforge.model.positions import (
     apply_rope,
     relative_position_bucket,
     rope_cos_sin,
-    rope_inv_freq,
     sinusoidal_embedding,
 )
+from lmforge.model.rope_scaling import rope_frequencies
 
 
 def test_sinusoidal_matches_vaswani_formula():
@@ -29,7 +29,7 @@ def test_sinusoidal_matches_vaswani_formula():
 
 
 def _rotate(x, position, cfg):
-    cos, sin = rope_cos_sin(torch.tensor([[position]]), rope_inv_freq(cfg))
+    cos, sin = rope_cos_sin(torch.tensor([[position]]), *rope_frequencies(cfg))
     return apply_rope(x[None, None, None], cos, sin)[0, 0, 0]
 
 
@@ -59,26 +59,105 @@ def test_rope_is_a_rotation_and_partial_rotary_keeps_the_tail():
     torch.testing.assert_close(_rotate(x, 0, cfg), x)
 
 
-def test_rope_inv_freq_matches_transformers_llama3_scaling():
-    from transformers import LlamaConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    scaling = {
-        "rope_type": "llama3",
+HALF = 32  # rotated pairs of a 64-dim head
+SCALINGS = {
+    "linear": {"factor": 4.0},
+    "dynamic": {"factor": 4.0},
+    "yarn": {"factor": 8.0, "original_max_position_embeddings": 1024, "beta_fast": 32, "beta_slow": 1},
+    "yarn-mscale": {
+        "factor": 8.0,
+        "original_max_position_embeddings": 1024,
+        "mscale": 1.0,
+        "mscale_all_dim": 0.5,
+    },
+    "yarn-attention-factor-untruncated": {
+        "factor": 4.0,
+        "original_max_position_embeddings": 2048,
+        "attention_factor": 1.3,
+        "truncate": False,
+    },
+    "llama3": {
         "factor": 8.0,
         "low_freq_factor": 1.0,
         "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    }
+        "original_max_position_embeddings": 1024,
+    },
+    "longrope": {
+        "short_factor": [1.0 + i / HALF for i in range(HALF)],
+        "long_factor": [1.0 + 8 * i / HALF for i in range(HALF)],
+        "original_max_position_embeddings": 1024,
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCALINGS))
+@pytest.mark.parametrize("seq_len", [None, 1000, 3000, 9000])
+def test_rope_frequencies_match_transformers(name, seq_len):
+    """inv_freq and the attention factor equal transformers' ROPE_INIT_FUNCTIONS, within and past the
+    training length (the length-dependent types change there, the others must not)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    kind = name.split("-")[0]
+    scaling = {"rope_type": kind, **SCALINGS[name]}
     hf = LlamaConfig(
-        hidden_size=4096, num_attention_heads=32, rope_parameters={"rope_theta": 500000.0, **scaling}
+        hidden_size=1024,
+        num_attention_heads=16,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_theta": 50000.0, **scaling},
     )
-    want, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
-    cfg = ModelConfig(d_model=4096, n_heads=32, rope_theta=500000.0, rope_scaling=scaling)
-    torch.testing.assert_close(rope_inv_freq(cfg), want.float())
-    plain = rope_inv_freq(ModelConfig(d_model=4096, n_heads=32, rope_theta=500000.0))
-    assert torch.equal(rope_inv_freq(cfg)[:10], plain[:10])  # high frequencies untouched
-    torch.testing.assert_close(rope_inv_freq(cfg)[-5:], plain[-5:] / 8)  # low ones divided by factor
+    want, want_factor = ROPE_INIT_FUNCTIONS[kind](hf, "cpu", seq_len=seq_len)
+    cfg = ModelConfig(
+        d_model=1024, n_heads=16, max_seq_len=4096, rope_theta=50000.0, rope_scaling=dict(scaling)
+    )
+    got, factor = rope_frequencies(cfg, seq_len)
+    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=0)
+    assert factor == pytest.approx(float(want_factor), rel=1e-7)
+    plain, _ = rope_frequencies(ModelConfig(d_model=1024, n_heads=16, rope_theta=50000.0))
+    assert not torch.equal(got, plain) or (kind == "dynamic" and (seq_len or 0) <= 4096)
+
+
+def test_llama3_keeps_high_frequencies_and_divides_low_ones():
+    scaling = {"rope_type": "llama3", **SCALINGS["llama3"]}
+    got, _ = rope_frequencies(
+        ModelConfig(d_model=1024, n_heads=16, rope_theta=500000.0, rope_scaling=scaling)
+    )
+    plain, _ = rope_frequencies(ModelConfig(d_model=1024, n_heads=16, rope_theta=500000.0))
+    assert torch.equal(got[:5], plain[:5])
+    torch.testing.assert_close(got[-5:], plain[-5:] / 8)
+
+
+def test_base_truncation_clamps_wavelengths_beyond_the_training_length():
+    scaling = {"rope_type": "truncate", "original_max_position_embeddings": 512, "rho": 1e-4}
+    cfg = ModelConfig(d_model=1024, n_heads=16, rope_theta=10000.0, rope_scaling=scaling)
+    got, factor = rope_frequencies(cfg)
+    plain, _ = rope_frequencies(ModelConfig(d_model=1024, n_heads=16, rope_theta=10000.0))
+    long = 2 * math.pi / plain > 512
+    assert 0 < int(long.sum()) < HALF and factor == 1.0
+    assert torch.equal(got[~long], plain[~long])
+    assert torch.equal(got[long], torch.full_like(got[long], 1e-4))
+
+
+def test_base_modification_is_rope_theta():
+    """Raising the base (e.g. NTK-aware base * s^(d/(d-2))) slows every pair but the first."""
+    small, _ = rope_frequencies(ModelConfig(d_model=1024, n_heads=16, rope_theta=10000.0))
+    big, _ = rope_frequencies(ModelConfig(d_model=1024, n_heads=16, rope_theta=10000.0 * 4 ** (64 / 62)))
+    assert big[0] == small[0] and bool((big[1:] < small[1:]).all())
+
+
+def test_attention_factor_scales_the_rotated_dot_product_by_its_square():
+    cfg = ModelConfig(d_model=64, n_heads=4)
+    inv_freq, _ = rope_frequencies(cfg)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    plain = (
+        apply_rope(q, *rope_cos_sin(torch.tensor([[9]]), inv_freq)).flatten()
+        @ apply_rope(k, *rope_cos_sin(torch.tensor([[2]]), inv_freq)).flatten()
+    )
+    scaled = (
+        apply_rope(q, *rope_cos_sin(torch.tensor([[9]]), inv_freq, 1.5)).flatten()
+        @ apply_rope(k, *rope_cos_sin(torch.tensor([[2]]), inv_freq, 1.5)).flatten()
+    )
+    torch.testing.assert_close(scaled, plain * 2.25)
 
 
 def test_alibi_slopes_for_eight_heads_are_the_published_values():

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from lmforge.model.cache import KVCache
 from lmforge.model.config import ModelConfig
 from lmforge.model.norms import build_norm
-from lmforge.model.positions import RelativePositionBias, alibi_bias, alibi_slopes, apply_rope
+from lmforge.model.positions import RelativePositionBias, alibi_bias, alibi_slopes, apply_rope, rope_cos_sin
+from lmforge.model.rerope import ReRoPE
 
 
 def attention_mask(
@@ -30,7 +31,8 @@ def attention_mask(
     """Which keys each query may see, (batch, 1, n_q, n_k) bool, from absolute positions.
 
     Causal (key position <= query position) or, for a prefix decoder, also every key inside the sequence's
-    prefix; restricted by the sliding window or the strided sparse pattern; keys at position -1 are empty slots.
+    prefix; restricted by the sliding window, the strided sparse pattern or the Λ shape (window + global_tokens
+    first positions); keys at position -1 are empty slots.
     A query that sees nothing (padding) is allowed everything, so its (discarded) output stays finite.
     """
     q, k = q_pos[:, :, None], k_pos[:, None, :]
@@ -40,6 +42,8 @@ def attention_mask(
     distance = (q - k).abs()
     if cfg.attention == "sliding":
         visible = visible & (distance < cfg.sliding_window)
+    elif cfg.attention == "lambda":
+        visible = visible & ((distance < cfg.sliding_window) | (k < cfg.global_tokens))
     elif cfg.attention == "sparse":
         # Child et al. 2019, strided pattern: the last `block` positions plus every `block`-th one before them
         visible = visible & ((distance < cfg.sparse_block) | (distance % cfg.sparse_block == 0))
@@ -60,6 +64,10 @@ class AttentionContext:
     prefix_lengths: Tensor | None = None
     cache: KVCache | None = None
     rope: tuple[Tensor, Tensor] | None = None
+    rerope: ReRoPE | None = None  # replaces rope: keys are cached unrotated, attention takes two passes
+    # (inv_freq, attention factor) when the cache stores keys unrotated (cache.unrotated_keys, e.g. attention
+    # sinks): keys are rotated after the cache, at the positions it reports
+    key_rope: tuple[Tensor, float] | None = None
     causal_kernel: bool = False  # use SDPA's is_causal path: no mask at all
     _memo: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
@@ -110,12 +118,18 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if ctx.rope is not None:
-            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+            q = apply_rope(q, *ctx.rope)
+            k = k if ctx.key_rope is not None else apply_rope(k, *ctx.rope)
         k_pos = ctx.positions
         if ctx.cache is not None:
             view = ctx.cache.update(self.layer, k, v, ctx.positions)
             k, v, k_pos = view.keys.to(q.dtype), view.values.to(q.dtype), view.positions
+        if ctx.key_rope is not None:
+            k = apply_rope(k, *(t.to(q.dtype) for t in rope_cos_sin(k_pos, *ctx.key_rope)))
         mask = None if ctx.causal_kernel else self._mask(ctx, k_pos, q.dtype)
+        if ctx.rerope is not None:
+            y = ctx.rerope(q, k, v, ctx.positions, k_pos, mask, self.dropout if self.training else 0.0)
+            return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
         grouped = k.shape[1] != q.shape[1]
         if grouped and mask is not None and q.device.type != "cpu":
             # GPU kernels that take a mask do not take grouped heads (SDPA would fall back to the slow

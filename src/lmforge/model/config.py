@@ -12,8 +12,15 @@ NORMS = ("layernorm", "rmsnorm", "deepnorm")
 NORM_POSITIONS = ("pre", "post", "sandwich")
 MLPS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
 POSITIONS = ("learned", "sinusoidal", "relative", "rope", "alibi", "none")
-ATTENTIONS = ("full", "sliding", "sparse")
-ROPE_SCALINGS = ("default", "linear", "llama3")
+ATTENTIONS = ("full", "sliding", "sparse", "lambda")
+ROPE_SCALINGS = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "truncate")
+# keys each rope_type cannot do without (the others have defaults, see lmforge.model.rope_scaling)
+ROPE_REQUIRED = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor",),
+    "longrope": ("short_factor", "long_factor"),
+}
 
 
 @dataclass
@@ -56,15 +63,24 @@ class ModelConfig:
     position: str = "rope"
     rope_theta: float = 10000.0
     rotary_pct: float = 1.0  # fraction of head_dim that is rotated (partial rotary)
-    # e.g. Llama 3.1: {rope_type: llama3, factor: 8, low_freq_factor: 1, high_freq_factor: 4,
-    # original_max_position_embeddings: 8192}; also {rope_type: linear, factor: F}
+    # context extension, as transformers spells it (see lmforge.model.rope_scaling), e.g. Llama 3.1:
+    # {rope_type: llama3, factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192};
+    # also linear, dynamic, yarn, longrope, and truncate (base truncation)
     rope_scaling: dict[str, Any] | None = None
+    # position truncation (lmforge.model.rerope): beyond rerope_window query-key distances clamp (ReRoPE) or
+    # grow at 1 / rerope_leak (Leaky ReRoPE); attention then takes two passes over materialised scores
+    rerope_window: int | None = None
+    rerope_leak: float | None = None
     relative_buckets: int = 32
     relative_max_distance: int = 128
 
     # attention
     attention: str = "full"
     sliding_window: int | None = None
+    # attention=lambda, LM-Infinite's Λ-shaped mask (Han et al. 2024): each query sees the keys within
+    # sliding_window of it plus the first global_tokens positions; with rerope_window=sliding_window (ReRoPE)
+    # distances also stop growing at the window, which is LM-Infinite's distance limit
+    global_tokens: int = 0
     # sparse attention, the strided factorized pattern of Child et al. 2019: each query sees the previous
     # sparse_block positions (local) and every sparse_block-th position before them (strided)
     sparse_block: int = 16
@@ -124,13 +140,33 @@ class ModelConfig:
                 self.d_ff = 4 * self.d_model
         if self.norm == "deepnorm" and self.norm_position != "post":
             raise ValueError("norm: deepnorm is defined for norm_position=post")
-        if self.attention == "sliding" and not self.sliding_window:
-            raise ValueError("sliding_window: required when attention=sliding")
+        if self.attention in ("sliding", "lambda") and not self.sliding_window:
+            raise ValueError(f"sliding_window: required when attention={self.attention}")
+        if self.global_tokens < 0:
+            raise ValueError(f"global_tokens: must be >= 0, got {self.global_tokens}")
         if not 0.0 < self.rotary_pct <= 1.0:
             raise ValueError(f"rotary_pct: must be in (0, 1], got {self.rotary_pct}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             check_choice("rope_scaling.rope_type", kind, ROPE_SCALINGS)
+            for key in ROPE_REQUIRED.get(kind, ()):
+                if self.rope_scaling.get(key) is None:
+                    raise ValueError(f"rope_scaling.{key}: required for rope_type={kind}")
+            if kind == "longrope":
+                for key in ("short_factor", "long_factor"):
+                    if len(self.rope_scaling[key]) != self.rotary_dim // 2:
+                        raise ValueError(
+                            f"rope_scaling.{key}: needs rotary_dim/2 = {self.rotary_dim // 2} values"
+                        )
+        if self.rerope_window is not None:
+            if self.position != "rope" or self.rerope_window <= 0:
+                raise ValueError(
+                    f"rerope_window: needs position=rope and a positive window, got {self.rerope_window}"
+                )
+            if self.rerope_leak is not None and self.rerope_leak < 1:
+                raise ValueError(f"rerope_leak: must be >= 1 (1 is plain RoPE), got {self.rerope_leak}")
+        elif self.rerope_leak is not None:
+            raise ValueError("rerope_leak: needs rerope_window")
         if self.attention == "sparse" and self.sparse_block <= 0:
             raise ValueError(f"sparse_block: must be positive, got {self.sparse_block}")
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from lmforge.hub import HubError, resolve_model_dir
 from lmforge.model.config import ModelConfig
+from lmforge.model.rope_scaling import rope_type
 from lmforge.model.transformer import Transformer
 
 CONFIG_FILE = "config.json"
@@ -44,6 +45,8 @@ _GPT2_ACTIVATIONS = {
     "relu": "relu",
 }
 _GLU_ACTIVATIONS = {"silu": "swiglu", "gelu": "geglu"}
+# rope_type values transformers implements for these families (ours adds "truncate", which it does not)
+HF_ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
 # buffers some checkpoints carry that are recomputed here
 _IGNORED_KEYS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$")
 
@@ -85,17 +88,25 @@ def read_config(folder: str | Path) -> ModelConfig:
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """theta and scaling from transformers 5 ``rope_parameters`` or the older ``rope_theta``/``rope_scaling``."""
+    """theta and scaling from transformers 5 ``rope_parameters`` or the older ``rope_theta``/``rope_scaling``.
+
+    The training length of llama3/yarn/longrope is made explicit as transformers does: a top-level
+    ``original_max_position_embeddings`` (Phi-3 style) wins, else the scaling's own, else max_position_embeddings.
+    """
     params = dict(hf.get("rope_parameters") or {})
     theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     scaling = params or dict(hf.get("rope_scaling") or {})
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
     if kind == "default":
         return theta, None
-    if kind not in ("linear", "llama3"):
-        raise ModelLoadError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
-    scaling.pop("type", None)
-    return theta, {**scaling, "rope_type": kind}
+    if kind not in HF_ROPE_TYPES:
+        raise ModelLoadError(f"rope scaling type {kind!r} is not supported ({', '.join(HF_ROPE_TYPES)})")
+    if kind in ("llama3", "yarn", "longrope"):
+        original = hf.get("original_max_position_embeddings") or scaling.get(
+            "original_max_position_embeddings"
+        )
+        scaling["original_max_position_embeddings"] = original or hf.get("max_position_embeddings", 2048)
+    return theta, {"rope_type": kind, **scaling}
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -201,17 +212,17 @@ def _family_problems(cfg: ModelConfig, family: str) -> list[str]:
         return problems
     need(cfg.norm == "rmsnorm" and cfg.mlp in _GLU_ACTIVATIONS.values(), "RMSNorm and a SwiGLU/GeGLU MLP")
     need(cfg.position == "rope" and cfg.rotary_pct == 1.0, "full-width RoPE")
+    need(rope_type(cfg) in ("default", *HF_ROPE_TYPES), f"a RoPE scaling of {', '.join(HF_ROPE_TYPES)}")
+    need(cfg.rerope_window is None, "no ReRoPE")
     if family == "llama":
         need(cfg.qkv_bias == cfg.out_bias, "the same bias on q/k/v and o")
         need(cfg.attention == "full" and not cfg.n_experts, "full attention, dense MLP")
     elif family == "qwen2":
         need(cfg.qkv_bias and not cfg.out_bias and not cfg.mlp_bias, "q/k/v biases only")
         need(cfg.attention == "full" and not cfg.n_experts, "full attention, dense MLP")
-        need(cfg.rope_scaling is None, "no RoPE scaling")
     else:  # mistral, mixtral
         need(not (cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias), "no biases")
         need(cfg.attention in ("full", "sliding"), "full or sliding-window attention")
-        need(cfg.rope_scaling is None, "no RoPE scaling")
         if family == "mistral":
             need(not cfg.n_experts, "a dense MLP")
         else:

@@ -33,35 +33,12 @@ class SinusoidalPositions(nn.Module):
         return sinusoidal_embedding(positions.clamp(min=0), self.dim)
 
 
-def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> Tensor:
-    """Rotation frequencies theta_i = base^(-2i/d) of the rotated dims, with optional context-extension scaling."""
-    dim = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
-    scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "linear":
-        return inv_freq / scaling["factor"]
-    if kind == "llama3":
-        return _llama3_scaled(inv_freq, scaling)
-    return inv_freq
-
-
-def _llama3_scaled(inv_freq: Tensor, scaling: dict) -> Tensor:
-    """Llama 3.1 frequency scaling: long wavelengths divided by factor, short ones kept, a smooth ramp between."""
-    factor = scaling["factor"]
-    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-    old_context = scaling.get("original_max_position_embeddings", 8192)
-    wavelen = 2 * math.pi / inv_freq
-    smooth = ((old_context / wavelen - low) / (high - low)).clamp(0.0, 1.0)
-    ramped = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    return torch.where(wavelen > old_context / low, inv_freq / factor, ramped)
-
-
-def rope_cos_sin(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
-    """cos/sin tables (batch, 1, seq, rotary_dim) for ``apply_rope``, in fp32."""
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, attention_factor: float = 1.0) -> tuple[Tensor, Tensor]:
+    """a·cos/a·sin tables (batch, 1, seq, rotary_dim) for ``apply_rope``, in fp32 (a: the attention factor of
+    YaRN / LongRoPE, see ``lmforge.model.rope_scaling``; it scales q·k by a^2)."""
     angles = positions.float()[..., None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)[:, None]
-    return angles.cos(), angles.sin()
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -14,7 +14,9 @@ from lmforge.model.config import ModelConfig
 from lmforge.model.mlp import MLP
 from lmforge.model.moe import MoE
 from lmforge.model.norms import build_norm
-from lmforge.model.positions import SinusoidalPositions, rope_cos_sin, rope_inv_freq
+from lmforge.model.positions import SinusoidalPositions, rope_cos_sin
+from lmforge.model.rerope import ReRoPE
+from lmforge.model.rope_scaling import LENGTH_DEPENDENT, rope_frequencies, rope_type
 
 
 @dataclass
@@ -104,7 +106,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm = build_norm(cfg) if cfg.final_norm else None
         self.lm_head: nn.Linear | None = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self._inv_freq: Tensor | None = None
+        self._rope_memo: tuple[tuple, tuple[Tensor, float]] | None = None
         self.reset_parameters()
         self.tie_weights()
 
@@ -140,12 +142,15 @@ class Transformer(nn.Module):
             elif hasattr(module, "reset_parameters") and module is not self:
                 module.reset_parameters()  # norms: unit scale, zero shift
 
-    def _rope_inv_freq(self, device: torch.device) -> Tensor:
-        # computed once per device; deliberately not a buffer, so meta-device construction and
-        # load_state_dict(assign=True) need no special care
-        if self._inv_freq is None or self._inv_freq.device != device:
-            self._inv_freq = rope_inv_freq(self.cfg, device)
-        return self._inv_freq
+    def _rope_frequencies(self, position_ids: Tensor) -> tuple[Tensor, float]:
+        """(inv_freq, attention factor) for this forward, memoised on (device, sequence length); the length
+        (max position + 1, one host sync) only matters to the length-dependent rope types. Deliberately not a
+        buffer, so meta-device construction and load_state_dict(assign=True) need no special care."""
+        seq_len = int(position_ids.max()) + 1 if rope_type(self.cfg) in LENGTH_DEPENDENT else None
+        key = (position_ids.device, seq_len)
+        if self._rope_memo is None or self._rope_memo[0] != key:
+            self._rope_memo = (key, rope_frequencies(self.cfg, seq_len, position_ids.device))
+        return self._rope_memo[1]
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied head counts once); optionally without token/position embeddings."""
@@ -198,10 +203,14 @@ class Transformer(nn.Module):
         else:
             x = input_ids
 
-        rope = None
-        if cfg.position == "rope":
-            cos, sin = rope_cos_sin(position_ids, self._rope_inv_freq(device))
+        rope, rerope, key_rope = None, None, None
+        if cfg.position == "rope" and cfg.rerope_window is not None:
+            rerope = ReRoPE(*self._rope_frequencies(position_ids), cfg.rerope_window, cfg.rerope_leak)
+        elif cfg.position == "rope":
+            cos, sin = rope_cos_sin(position_ids, *self._rope_frequencies(position_ids))
             rope = (cos.to(x.dtype), sin.to(x.dtype))
+            if getattr(cache, "unrotated_keys", False):
+                key_rope = self._rope_frequencies(position_ids)
         needs_mask = (
             explicit_positions
             or cache is not None
@@ -209,6 +218,7 @@ class Transformer(nn.Module):
             or prefix_lengths is not None
             or cfg.attention != "full"
             or cfg.position in ("alibi", "relative")
+            or rerope is not None
         )
         ctx = AttentionContext(
             cfg,
@@ -217,6 +227,8 @@ class Transformer(nn.Module):
             prefix_lengths=prefix_lengths,
             cache=cache,
             rope=rope,
+            rerope=rerope,
+            key_rope=key_rope,
             causal_kernel=not needs_mask,
         )
 
