@@ -233,3 +233,23 @@ def test_missing_input_is_a_clear_error(tmp_path):
         JsonlReader(str(tmp_path / "nope.jsonl")).files()
     with pytest.raises(FileNotFoundError, match="no jsonl files match"):
         JsonlReader(str(tmp_path / "*.jsonl")).files()
+
+
+def test_truncated_zstd_is_an_unreadable_file_after_the_records_read(tmp_path):
+    import zstandard
+
+    data = zstandard.ZstdCompressor().compress(b"".join(b'{"text": "doc %d"}\n' % i for i in range(20000)))
+    (tmp_path / "cut.jsonl.zst").write_bytes(data[: len(data) // 2])
+    items = read_all(JsonlReader(str(tmp_path / "cut.jsonl.zst")))
+    docs = [i for i in items if isinstance(i, Document)]
+    assert isinstance(items[-1], Reject) and items[-1].reason.startswith("unreadable_file: EOFError")
+    assert items[-1].reason.endswith(f"(after {len(docs)} records)") and len(items) == len(docs) + 1
+
+
+def test_multi_frame_zstd_reads_every_frame(tmp_path):
+    import zstandard
+
+    frames = [zstandard.ZstdCompressor().compress(b'{"text": "frame %d"}\n' % i) for i in range(3)]
+    (tmp_path / "multi.jsonl.zst").write_bytes(b"".join(frames))
+    items = read_all(JsonlReader(str(tmp_path / "multi.jsonl.zst")))
+    assert [i.text for i in items] == ["frame 0", "frame 1", "frame 2"]

@@ -70,6 +70,54 @@ def _decode_html(raw: bytes) -> str:
         return raw.decode(declared.group(1).decode("ascii"))
 
 
+class _ZstdFrames(io.RawIOBase):
+    """Decompressed bytes of a .zst file (all its frames); a file cut inside a frame raises ``EOFError``
+    at the cut, as ``gzip`` does (zstandard's stream reader just stops there)."""
+
+    chunk_bytes = 1 << 17
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        import zstandard
+
+        self._raw = raw
+        self._new_frame = zstandard.ZstdDecompressor().decompressobj
+        self._frame = self._new_frame()
+        self._frame_started = False
+        self._buffer = b""
+        self._offset = 0  # of the first byte in _buffer not yet read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        while self._offset == len(self._buffer):
+            compressed = self._raw.read(self.chunk_bytes)
+            if not compressed:
+                if self._frame_started:
+                    raise EOFError("zstd file ended before the end of its last frame")
+                return 0
+            self._buffer, self._offset = self._decompress(compressed), 0
+        size = min(len(target), len(self._buffer) - self._offset)
+        target[:size] = self._buffer[self._offset : self._offset + size]
+        self._offset += size
+        return size
+
+    def _decompress(self, compressed: bytes) -> bytes:
+        out = []
+        while compressed:
+            self._frame_started = True
+            out.append(self._frame.decompress(compressed))
+            if not self._frame.eof:
+                break
+            compressed = self._frame.unused_data  # the next frame starts here
+            self._frame, self._frame_started = self._new_frame(), False
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 class Reader:
     """Lists the files of one input (globs, folders, single files) and reads documents from them.
 
@@ -135,10 +183,13 @@ class Reader:
             if not self.validate:  # the pipeline's own files: a failure is a bug to surface, not bad input
                 yield from self.read_file(path)
                 continue
+            records = 0
             try:
-                yield from self.read_file(path)
+                for item in self.read_file(path):
+                    records += 1
+                    yield item
             except Exception as err:  # a truncated archive or unreadable file ends that file, not the run
-                yield Reject(path, f"unreadable_file: {type(err).__name__}: {err}")
+                yield Reject(path, f"unreadable_file: {type(err).__name__}: {err} (after {records} records)")
 
     def read_file(self, path: str) -> Iterator[Document | Reject]:
         raise NotImplementedError
@@ -146,11 +197,7 @@ class Reader:
     def open_binary(self, path: str) -> IO[bytes]:
         """The file's bytes, decompressed by extension (.gz, .zst), readable line by line."""
         if path.endswith(".zst"):
-            import zstandard
-
-            raw = self.fs.open(path, "rb")
-            stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-            return io.BufferedReader(stream)  # type: ignore[arg-type]
+            return io.BufferedReader(_ZstdFrames(self.fs.open(path, "rb")), buffer_size=1 << 16)
         return self.fs.open(path, "rb", compression="infer")
 
     def document(self, doc_id: str, text: Any, meta: dict[str, Any], where: str) -> Document | Reject:
