@@ -1,7 +1,9 @@
-"""Text extraction from HTML (trafilatura) and Unicode repair/normalization (ftfy + ``unicodedata``)."""
+"""Text extraction from HTML (trafilatura), control-character cleaning, and Unicode repair/normalization
+(ftfy + ``unicodedata``)."""
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 from lmforge.data.document import Document
@@ -50,6 +52,45 @@ class HtmlExtractor(Step):
         doc.text = text.strip()
         doc.meta["format"] = "text"
         self.stats.counters["html_extracted"] += 1
+        return doc
+
+
+# A character struck over with backspace: "X\bX" (bold), "_\bX" or "X\b_" (underline) show one X.
+_OVERSTRIKE_RE = re.compile(r"([^\x00-\x1f\x7f])\x08([^\x00-\x1f\x7f])")
+_ANSI_ESCAPE_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")  # CSI sequences (colours), 2-byte ones
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")  # all but tab, newline, form feed, CR
+
+
+def _overstruck(match: re.Match[str]) -> str:
+    first, second = match.group(1), match.group(2)
+    return first if second == "_" else second  # bold and underline keep the letter; else what shows last
+
+
+def strip_control_chars(text: str) -> tuple[str, int]:
+    """``text`` as it reads on a terminal: overstrikes resolved to their letter, ANSI escape sequences
+    and other control characters (backspace, bell, NUL...) removed; tab, newline, CR and form feed kept.
+    Returns the text and how many overstrikes were resolved."""
+    text, overstrikes = _OVERSTRIKE_RE.subn(_overstruck, text)
+    while "\x08" in text and _OVERSTRIKE_RE.search(text):  # "_\b_\bX" and other stacked overstrikes
+        text, more = _OVERSTRIKE_RE.subn(_overstruck, text)
+        overstrikes += more
+    text = _ANSI_ESCAPE_RE.sub("", text)
+    return _CONTROL_RE.sub("", text), overstrikes
+
+
+@register_step("control_chars")
+class ControlCharCleaner(Step):
+    r"""Cleans terminal-era text (man pages, old mail, logs): "_\bw" underline and "w\bw" bold become "w",
+    ANSI colour codes and stray control characters (bell, backspace, NUL...) go. Run it before
+    ``unicode_fix``: ftfy drops a lone backspace but keeps the underscore it struck over."""
+
+    def process(self, doc: Document) -> Document | None:
+        if _CONTROL_RE.search(doc.text) is None:
+            return doc
+        text, overstrikes = strip_control_chars(doc.text)
+        self.stats.counters["control_docs_changed"] += 1
+        self.stats.counters["control_overstrikes"] += overstrikes
+        doc.text = text
         return doc
 
 

@@ -30,7 +30,9 @@ from lmforge.data.document import Document
 
 DEFAULT_MAX_DOC_BYTES = 10_000_000
 PREVIEW_CHARS = 200
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+# Control characters that do not occur in text, even old terminal text: backspace (overstrike: "_\bw"),
+# bell and escape (ANSI colours) do, and the cleaning step ``control_chars`` handles them.
+_BINARY_CONTROL_CHARS = re.compile(r"[\x00-\x06\x0e-\x1a\x1c-\x1f\x7f]")
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset=["']?([A-Za-z0-9_.:-]+)""", re.IGNORECASE)
 
 
@@ -54,9 +56,10 @@ def preview(raw: bytes | str) -> str:
 
 
 def looks_binary(text: str) -> bool:
-    """NUL bytes or many control characters (beyond tab/newline/CR/form feed) in the first 4 KiB."""
+    """NUL bytes or many control characters in the first 4 KiB (tab, newline, CR, form feed, backspace,
+    bell and escape are text: terminal output and nroff pages use them)."""
     head = text[:4096]
-    return "\x00" in head or len(_CONTROL_CHARS.findall(head)) > 0.05 * max(len(head), 1)
+    return "\x00" in head or len(_BINARY_CONTROL_CHARS.findall(head)) > 0.05 * max(len(head), 1)
 
 
 def _decode_html(raw: bytes) -> str:
