@@ -99,10 +99,16 @@ class UnicodeFixer(Step):
     """Repairs mojibake and other Unicode damage with ftfy, then normalizes (NFC by default, or NFKC...).
 
     Typographic quotes are kept unless ``uncurl_quotes`` (ftfy's own default is to straighten them).
+    ftfy costs 1-5 s per million characters of lines (it works line by line), so a document longer than
+    ``max_fix_chars`` is only normalized, and counted in ``unicode_fix_skipped_large`` (None: no limit).
     """
 
     def __init__(
-        self, normalization: str | None = "NFC", fix_text: bool = True, uncurl_quotes: bool = False
+        self,
+        normalization: str | None = "NFC",
+        fix_text: bool = True,
+        uncurl_quotes: bool = False,
+        max_fix_chars: int | None = 1_000_000,
     ) -> None:
         super().__init__()
         if normalization is not None and normalization not in NORMALIZATION_FORMS:
@@ -112,10 +118,15 @@ class UnicodeFixer(Step):
         self.normalization = normalization
         self.fix_text = fix_text
         self.uncurl_quotes = uncurl_quotes
+        self.max_fix_chars = max_fix_chars
 
     def process(self, doc: Document) -> Document | None:
         text = doc.text
-        if self.fix_text:
+        fix_text = self.fix_text
+        if fix_text and self.max_fix_chars is not None and len(text) > self.max_fix_chars:
+            self.stats.counters["unicode_fix_skipped_large"] += 1
+            fix_text = False
+        if fix_text:
             import ftfy
 
             text = ftfy.fix_text(text, normalization=None, uncurl_quotes=self.uncurl_quotes)
