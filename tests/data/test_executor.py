@@ -96,3 +96,44 @@ def test_missing_ray_is_a_clear_error(tmp_path, monkeypatch):
     make_inputs(tmp_path / "raw", files=1, docs=1)
     with pytest.raises(ImportError, match=r"pip install 'lmforge\[ray\]'"):
         run_recipe(write_recipe(tmp_path, "noray", 0.0, 1), ["executor=ray"], progress=False)
+
+
+def minhash_pipeline(raw: Path, out: Path):
+    from lmforge.data.dedup.minhash import MinHashDedup
+    from lmforge.data.io import JsonlReader, Writer
+    from lmforge.data.pipeline import Pipeline
+
+    return Pipeline(JsonlReader(f"{raw}/*.jsonl"), [MinHashDedup(threshold=0.7)], Writer(str(out), "jsonl"),
+                    keep_intermediate=True)  # fmt: skip
+
+
+def make_near_duplicates(raw: Path, files: int = 4) -> None:
+    raw.mkdir(parents=True)
+    words = [f"w{i}" for i in range(4000)]
+    for f in range(files):
+        lines = []
+        for d in range(20):
+            base = words[
+                (d * 40) % 3000 : (d * 40) % 3000 + 120
+            ]  # every document of file f has copies in others
+            text = " ".join(base[: 100 + f])
+            lines.append(json.dumps({"id": f"{f}-{d}", "text": text}))
+        (raw / f"{f:03d}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.multiprocess
+def test_minhash_reduce_is_sharded_across_local_workers_with_the_same_result(tmp_path):
+    make_near_duplicates(tmp_path / "raw")
+    one = minhash_pipeline(tmp_path / "raw", tmp_path / "one").run(
+        tmp_path / "run1", workers=1, progress=False
+    )
+    two = minhash_pipeline(tmp_path / "raw", tmp_path / "two").run(
+        tmp_path / "run2", workers=2, progress=False
+    )
+    assert one.removed == two.removed > 0
+    assert tree(tmp_path / "one") == tree(tmp_path / "two")
+    for sub in ("excluded", "stages/0/decision"):
+        assert tree(tmp_path / "run1" / sub) == tree(tmp_path / "run2" / sub)
+    parts = sorted(p.name for p in (tmp_path / "run2" / "stages" / "0" / "reduce-parts").iterdir())
+    assert parts == ["000-of-002", "001-of-002"]
+    assert not (tmp_path / "run1" / "stages" / "0" / "reduce-parts").exists()

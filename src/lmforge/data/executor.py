@@ -132,7 +132,23 @@ class Executor:
         raise NotImplementedError
 
     def reduce(self, pipeline: Pipeline, run_dir: str, stage: int) -> None:
-        pipeline.reduce(run_dir, stage)
+        """The barrier; a sharded one runs its parts on the workers (one part each), then the merge."""
+        n_parts = self.workers if pipeline.global_step(stage).sharded_reduce and self.workers > 1 else 0
+        if n_parts:
+            failures = self.run_reduce_parts(pipeline, run_dir, stage, n_parts)
+            if failures:
+                lines = "\n".join(f"  part {k}: {err}" for k, err in sorted(failures.items()))
+                raise PipelineError(
+                    f"{len(failures)} reduce part(s) of stage {stage} failed; relaunch to redo only those:\n{lines}"
+                )
+        self.merge(pipeline, run_dir, stage, n_parts)
+
+    def run_reduce_parts(self, pipeline: Pipeline, run_dir: str, stage: int, n_parts: int) -> dict[int, str]:
+        """Run the ``n_parts`` parts of a sharded barrier; return the failures as ``{part: error}``."""
+        raise NotImplementedError
+
+    def merge(self, pipeline: Pipeline, run_dir: str, stage: int, n_parts: int) -> None:
+        pipeline.reduce(run_dir, stage, n_parts)
 
 
 # --- local ----------------------------------------------------------------------------------------------
@@ -160,6 +176,11 @@ def _die_with_parent() -> None:
 def _run_in_worker(run_dir: str, stage: int, task: int) -> dict[str, Any]:
     assert _WORKER_PIPELINE is not None
     return _WORKER_PIPELINE.run_task(run_dir, stage, task)
+
+
+def _reduce_part_in_worker(run_dir: str, stage: int, part: int, n_parts: int) -> None:
+    assert _WORKER_PIPELINE is not None
+    _WORKER_PIPELINE.reduce_part(run_dir, stage, part, n_parts)
 
 
 class LocalExecutor(Executor):
@@ -210,6 +231,20 @@ class LocalExecutor(Executor):
             finished(marker)
         return failures
 
+    def run_reduce_parts(self, pipeline: Pipeline, run_dir: str, stage: int, n_parts: int) -> dict[int, str]:
+        assert self._pool is not None  # parts are only asked for with several workers
+        futures = {
+            self._pool.submit(_reduce_part_in_worker, run_dir, stage, part, n_parts): part
+            for part in range(n_parts)
+        }
+        failures: dict[int, str] = {}
+        for future in as_completed(futures):
+            try:
+                future.result()
+            except Exception as err:
+                failures[futures[future]] = f"{type(err).__name__}: {err}"
+        return failures
+
 
 # --- Ray ------------------------------------------------------------------------------------------------
 
@@ -232,8 +267,11 @@ class _RayWorker:
     def run(self, run_dir: str, stage: int, task: int) -> dict[str, Any]:
         return self.pipeline.run_task(run_dir, stage, task)
 
-    def reduce(self, run_dir: str, stage: int) -> None:
-        self.pipeline.reduce(run_dir, stage)
+    def reduce_part(self, run_dir: str, stage: int, part: int, n_parts: int) -> None:
+        self.pipeline.reduce_part(run_dir, stage, part, n_parts)
+
+    def reduce(self, run_dir: str, stage: int, n_parts: int) -> None:
+        self.pipeline.reduce(run_dir, stage, n_parts)
 
 
 class RayExecutor(Executor):
@@ -309,6 +347,22 @@ class RayExecutor(Executor):
                 running[self._actor(index).run.remote(run_dir, stage, next_task)] = (index, next_task)
         return failures
 
-    def reduce(self, pipeline: Pipeline, run_dir: str, stage: int) -> None:
+    def run_reduce_parts(self, pipeline: Pipeline, run_dir: str, stage: int, n_parts: int) -> dict[int, str]:
         ray = _import_ray()
-        ray.get(self._actor(0).reduce.remote(run_dir, stage))
+        from ray.exceptions import RayError
+
+        refs = {
+            self._actor(part).reduce_part.remote(run_dir, stage, part, n_parts): part
+            for part in range(n_parts)
+        }
+        failures: dict[int, str] = {}
+        for ref, part in refs.items():
+            try:
+                ray.get(ref)
+            except RayError as err:
+                failures[part] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}"
+        return failures
+
+    def merge(self, pipeline: Pipeline, run_dir: str, stage: int, n_parts: int) -> None:
+        ray = _import_ray()
+        ray.get(self._actor(0).reduce.remote(run_dir, stage, n_parts))
