@@ -86,16 +86,15 @@ def jaccard(a: np.ndarray, b: np.ndarray, assume_unique: bool = False) -> float:
 
 def _band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """(bands, N) uint64 bucket keys; a band of <= 2 rows is packed exactly, longer bands are hashed."""
-    sig = signatures.astype(np.uint64)
-    keys = np.empty((bands, len(sig)), dtype=np.uint64)
+    keys = np.empty((bands, len(signatures)), dtype=np.uint64)
     for band in range(bands):
-        block = sig[:, band * rows : (band + 1) * rows]
+        block = signatures[:, band * rows : (band + 1) * rows].astype(np.uint64)  # one band at a time
         if rows == 1:
             keys[band] = block[:, 0]
         elif rows == 2:
             keys[band] = (block[:, 0] << np.uint64(32)) | block[:, 1]
         else:
-            key = np.zeros(len(sig), dtype=np.uint64)
+            key = np.zeros(len(signatures), dtype=np.uint64)
             for col in range(rows):
                 key = fmix64(key ^ block[:, col]) + np.uint64(col)
             keys[band] = key
@@ -123,35 +122,37 @@ def candidate_edges(
     pairs (smallest member, other member): enough for connected components with far fewer pairs.
     ``all_pairs`` yields every pair in a bucket (needed when each pair is verified on its own).
     """
-    band_ids, keys, indices = [], [], []
+    keys: list[list[np.ndarray]] = [[] for _ in range(bands)]  # this part's keys, band by band
+    indices: list[list[np.ndarray]] = [[] for _ in range(bands)]
     for index, signatures in blocks:
         if bands * rows > signatures.shape[1]:
             raise ValueError(f"bands * rows = {bands * rows} exceeds num_perm = {signatures.shape[1]}")
+        index = np.asarray(index, dtype=np.int64)
         for band, band_keys in enumerate(_band_keys(signatures, bands, rows)):
             mine = bucket_part(band_keys, band, n_parts) == part if n_parts > 1 else slice(None)
-            keys.append(band_keys[mine])
-            indices.append(np.asarray(index, dtype=np.int64)[mine])
-            band_ids.append(np.full(len(keys[-1]), band, dtype=np.int64))
-    if not keys:
-        return np.empty((0, 2), dtype=np.int64)
-    band_id, key, index = np.concatenate(band_ids), np.concatenate(keys), np.concatenate(indices)
-    order = np.lexsort((index, key, band_id))
-    band_id, key, index = band_id[order], key[order], index[order]
-    run_start = np.concatenate(([True], (key[1:] != key[:-1]) | (band_id[1:] != band_id[:-1])))
-    if not all_pairs:
-        first = index[run_start][np.cumsum(run_start) - 1]
-        members = ~run_start
-        pairs = np.stack([first[members], index[members]], axis=1)
-    else:
+            keys[band].append(band_keys[mine])
+            indices[band].append(index[mine])
+    found = [np.empty((0, 2), dtype=np.int64)]
+    for band in range(bands):  # buckets never span bands: sort one band at a time
+        key = np.concatenate(keys[band] or [np.empty(0, np.uint64)])
+        index = np.concatenate(indices[band] or [np.empty(0, np.int64)])
+        keys[band] = indices[band] = []
+        order = np.lexsort((index, key))
+        key, index = key[order], index[order]
+        run_start = np.concatenate(([True], key[1:] != key[:-1]))[: len(key)]
+        if not all_pairs:
+            first = index[run_start][np.cumsum(run_start) - 1]
+            members = ~run_start
+            found.append(np.stack([first[members], index[members]], axis=1))
+            continue
         starts = np.flatnonzero(run_start)
         ends = np.append(starts[1:], len(index))
-        found = [np.empty((0, 2), dtype=np.int64)]
         for lo, hi in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
             group = index[lo:hi]
             i, j = np.triu_indices(len(group), k=1)
             found.append(np.stack([group[i], group[j]], axis=1))
-        pairs = np.concatenate(found)
-    return np.unique(pairs, axis=0) if len(pairs) else pairs.reshape(0, 2)
+    pairs = np.concatenate(found)
+    return np.unique(pairs, axis=0) if len(pairs) else pairs
 
 
 def lsh_candidate_pairs(signatures: np.ndarray, bands: int, rows: int, all_pairs: bool = False) -> np.ndarray:
