@@ -15,6 +15,7 @@ import os
 import pickle
 import platform
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -257,12 +258,48 @@ def _import_ray() -> Any:
     return ray
 
 
+DriverIdentity = tuple[str, int, str]  # (host, pid, process start time)
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a live process (``/proc/<pid>/stat`` field 22), None once it has exited; with
+    the pid it identifies a process even after the pid is reused."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def driver_identity() -> DriverIdentity | None:
+    """This process, as a worker on the same machine can watch it (None where /proc is missing)."""
+    started = _process_start(os.getpid())
+    return None if started is None else (platform.node(), os.getpid(), started)
+
+
+def _exit_with_driver(driver: DriverIdentity | None, interval_s: float = 0.5) -> None:
+    """Exit this worker process as soon as the driver is gone (killed with its process group, say), so
+    no worker goes on writing into a run folder that a relaunch is redoing. A worker on another machine
+    cannot see the driver's pid and relies on Ray's own fate sharing."""
+    if driver is None or driver[0] != platform.node():
+        return
+    _, pid, started = driver
+
+    def watch() -> None:
+        while _process_start(pid) == started:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lmforge-driver-watch", daemon=True).start()
+
+
 class _RayWorker:
     """One Ray actor per worker: the pipeline (and whatever its steps load lazily) lives across tasks
-    and stages."""
+    and stages. It exits when the driver process dies (see :func:`_exit_with_driver`)."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, driver: DriverIdentity | None = None) -> None:
         self.pipeline = pipeline
+        _exit_with_driver(driver)
 
     def run(self, run_dir: str, stage: int, task: int) -> dict[str, Any]:
         return self.pipeline.run_task(run_dir, stage, task)
@@ -310,7 +347,7 @@ class RayExecutor(Executor):
         """The ``index``-th actor, started on first use (or again after it died)."""
         ray = _import_ray()
         if index == len(self._actors) or replace:
-            actor = ray.remote(num_cpus=1)(_RayWorker).remote(self._pipeline_ref)
+            actor = ray.remote(num_cpus=1)(_RayWorker).remote(self._pipeline_ref, driver_identity())
             if replace:
                 ray.kill(self._actors[index])
                 self._actors[index] = actor
