@@ -64,7 +64,7 @@ _NATIONAL_PHONE_RE = re.compile(
 )
 # Ten digits with no separator at all (4155550132, 1 4155550132) are a phone number only when a phone
 # word comes shortly before them: on their own they are as likely an order number or a count.
-_BARE_US_PHONE_RE = re.compile(r"(?<![\w.+-])(?:1 ?)?[2-9]\d{9}(?![\w-]|\.\d)")
+_BARE_US_PHONE_RE = re.compile(r"\d(?<![\w.+-]\d)(?:(?<=1) ?[2-9]\d{9}|(?<=[2-9])\d{9})(?![\w-]|\.\d)")
 _PHONE_CONTEXT_RE = re.compile(
     r"\b(?:phone|tel|telephone|mobile|cell|fax|call|contact|whatsapp|sms|전화|휴대폰|연락처)", re.IGNORECASE
 )
