@@ -96,3 +96,115 @@ def test_missing_ray_is_a_clear_error(tmp_path, monkeypatch):
     make_inputs(tmp_path / "raw", files=1, docs=1)
     with pytest.raises(ImportError, match=r"pip install 'lmforge\[ray\]'"):
         run_recipe(write_recipe(tmp_path, "noray", 0.0, 1), ["executor=ray"], progress=False)
+
+
+def minhash_pipeline(raw: Path, out: Path):
+    from lmforge.data.dedup.minhash import MinHashDedup
+    from lmforge.data.io import JsonlReader, Writer
+    from lmforge.data.pipeline import Pipeline
+
+    return Pipeline(JsonlReader(f"{raw}/*.jsonl"), [MinHashDedup(threshold=0.7)], Writer(str(out), "jsonl"),
+                    keep_intermediate=True)  # fmt: skip
+
+
+def make_near_duplicates(raw: Path, files: int = 4) -> None:
+    raw.mkdir(parents=True)
+    words = [f"w{i}" for i in range(4000)]
+    for f in range(files):
+        lines = []
+        for d in range(20):
+            base = words[
+                (d * 40) % 3000 : (d * 40) % 3000 + 120
+            ]  # every document of file f has copies in others
+            text = " ".join(base[: 100 + f])
+            lines.append(json.dumps({"id": f"{f}-{d}", "text": text}))
+        (raw / f"{f:03d}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.multiprocess
+def test_minhash_reduce_is_sharded_across_local_workers_with_the_same_result(tmp_path):
+    make_near_duplicates(tmp_path / "raw")
+    one = minhash_pipeline(tmp_path / "raw", tmp_path / "one").run(
+        tmp_path / "run1", workers=1, progress=False
+    )
+    two = minhash_pipeline(tmp_path / "raw", tmp_path / "two").run(
+        tmp_path / "run2", workers=2, progress=False
+    )
+    assert one.removed == two.removed > 0
+    assert tree(tmp_path / "one") == tree(tmp_path / "two")
+    for sub in ("excluded", "stages/0/decision"):
+        assert tree(tmp_path / "run1" / sub) == tree(tmp_path / "run2" / sub)
+    parts = sorted(p.name for p in (tmp_path / "run2" / "stages" / "0" / "reduce-parts").iterdir())
+    assert parts == ["000-of-002", "001-of-002"]
+    assert not (tmp_path / "run1" / "stages" / "0" / "reduce-parts").exists()
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent has not collected it yet
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ray_workers_exit_when_the_driver_is_killed(tmp_path):
+    pytest.importorskip("ray")
+    make_inputs(tmp_path / "raw")
+    pid_log = tmp_path / "worker-pids"
+    recipe = write_recipe(tmp_path, "ray", 20.0, 2)  # a task outlasts the test
+    text = recipe.read_text().replace("steps:\n", f'steps:\n  - {{step: toy_pid_log, path: "{pid_log}"}}\n')
+    recipe.write_text(text + "executor: ray\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmforge.cli", "data", "run", str(recipe), "--quiet"],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180  # a local Ray starts slowly on a busy machine
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            workers = {int(p) for p in pid_log.read_text().split()} if pid_log.exists() else set()
+        assert len(workers) == 2 and proc.poll() is None, "both Ray workers should be running a task"
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver's process group, as a Ctrl-C'd shell or a scheduler
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in workers), "Ray workers outlived the driver"
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_ray_worker_exits_when_its_driver_process_is_gone():
+    ray = pytest.importorskip("ray")
+    from lmforge.data.executor import _RayWorker
+
+    # A stand-in driver we can kill; the real driver (this process) stays alive throughout.
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    started = Path(f"/proc/{stand_in.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        actor = ray.remote(num_cpus=1)(_RayWorker).remote(None, (os.uname().nodename, stand_in.pid, started))
+        worker_pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+        time.sleep(1.5)
+        assert alive(worker_pid), "the worker must live while its driver does"
+        stand_in.kill()
+        stand_in.wait()
+        deadline = time.monotonic() + 20
+        while alive(worker_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(worker_pid)
+    finally:
+        stand_in.kill()
+        ray.shutdown()

@@ -46,3 +46,26 @@ def test_unicode_fix_and_normalization():
     assert step.stats.counters["unicode_docs_changed"] == 1
     with pytest.raises(ValueError):
         UnicodeFixer(normalization="NFX")
+
+
+def test_control_chars_resolves_overstrikes_and_strips_controls():
+    step = STEPS["control_chars"]()
+    man = "N\bNA\bAM\bME\bE\n\tls - _\bl_\bi_\bs_\bt files\x07\fpage 2\r\n\x1b[1mbold\x1b[0m x\b_ _\b_\bY"
+    out = step.process(Document("m", man))
+    assert out.text == "NAME\n\tls - list files\fpage 2\r\nbold x Y"
+    assert step.stats.counters == {"control_docs_changed": 1, "control_overstrikes": 11}
+    plain = Document("p", "Plain text\twith tabs\nand lines.")
+    assert step.process(plain).text == plain.text and step.stats.counters["control_docs_changed"] == 1
+
+
+def test_unicode_fix_bounds_the_work_on_giant_documents():
+    step = UnicodeFixer()
+    giant = "cafÃ© naÃ¯ve ﬁle\n" * 70_000  # 1.12 M characters: ftfy would take seconds
+    out = step.process(Document("g", giant))
+    assert out.text == giant  # NFC only: the mojibake is left as it is
+    assert step.stats.counters == {"unicode_fix_skipped_large": 1}
+    small = UnicodeFixer(max_fix_chars=100)
+    assert small.process(Document("s", "cafÃ© " * 10)).text == "café " * 10
+    assert small.process(Document("b", "cafÃ© " * 30)).text == "cafÃ© " * 30
+    assert small.stats.counters == {"unicode_docs_changed": 1, "unicode_fix_skipped_large": 1}
+    assert UnicodeFixer(max_fix_chars=None).process(Document("n", "cafÃ© " * 30)).text == "café " * 30

@@ -233,3 +233,33 @@ def test_missing_input_is_a_clear_error(tmp_path):
         JsonlReader(str(tmp_path / "nope.jsonl")).files()
     with pytest.raises(FileNotFoundError, match="no jsonl files match"):
         JsonlReader(str(tmp_path / "*.jsonl")).files()
+
+
+def test_truncated_zstd_is_an_unreadable_file_after_the_records_read(tmp_path):
+    data = zstandard.ZstdCompressor().compress(b"".join(b'{"text": "doc %d"}\n' % i for i in range(20000)))
+    (tmp_path / "cut.jsonl.zst").write_bytes(data[: len(data) // 2])
+    items = read_all(JsonlReader(str(tmp_path / "cut.jsonl.zst")))
+    docs = [i for i in items if isinstance(i, Document)]
+    assert isinstance(items[-1], Reject) and items[-1].reason.startswith("unreadable_file: EOFError")
+    assert items[-1].reason.endswith(f"(after {len(docs)} records)") and len(items) == len(docs) + 1
+
+
+def test_multi_frame_zstd_reads_every_frame(tmp_path):
+    frames = [zstandard.ZstdCompressor().compress(b'{"text": "frame %d"}\n' % i) for i in range(3)]
+    (tmp_path / "multi.jsonl.zst").write_bytes(b"".join(frames))
+    items = read_all(JsonlReader(str(tmp_path / "multi.jsonl.zst")))
+    assert [i.text for i in items] == ["frame 0", "frame 1", "frame 2"]
+
+
+def test_terminal_text_with_overstrikes_and_bells_is_not_binary(tmp_path):
+    man_page = "N\bNA\bAM\bME\bE\n     ls - list _\bd_\bi_\br_\be_\bc_\bt_\bo_\br_\by contents\x07\n"
+    colours = "\x1b[1;31merror:\x1b[0m build failed\x07\n" * 20
+    rows = [
+        {"text": man_page},
+        {"text": colours},
+        {"text": "\x01\x02\x03\x04\x05\x06\x0e\x0f" * 10 + " data"},
+    ]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    items = read_all(JsonlReader(str(tmp_path / "t.jsonl")))
+    assert [i.text for i in items[:2]] == [man_page, colours]
+    assert isinstance(items[2], Reject) and items[2].reason == "binary"

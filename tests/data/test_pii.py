@@ -35,6 +35,16 @@ def redact(text: str, **kwargs) -> str:
         ("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "AWS_SECRET_ACCESS_KEY=<SECRET>"),
         ("key id AKIAIOSFODNN7EXAMPLE in logs", "key id <SECRET> in logs"),
         ("ghp_" + "a" * 36 + " leaked", "<SECRET> leaked"),
+        ("Call 415 555 0132 today", "Call <PHONE> today"),
+        ("or 1 415 555 0132.", "or <PHONE>."),
+        ("Phone: 4155550132", "Phone: <PHONE>"),
+        ("call me at 14155550132!", "call me at <PHONE>!"),
+        ("tel. no. 2125550199", "tel. no. <PHONE>"),
+        ("휴대폰 01023456789 로 연락", "휴대폰 <PHONE> 로 연락"),
+        ("mobile 0111234567", "mobile <PHONE>"),
+        ("주민등록번호 9001011234568 입니다", "주민등록번호 <KR_RRN> 입니다"),
+        ("RRN 0002293234563", "RRN <KR_RRN>"),
+        ("Server 4.1.2.3 is down", "Server <IP> is down"),
     ],
 )
 def test_positives(text, expected):
@@ -57,6 +67,12 @@ def test_positives(text, expected):
         "user@localhost and @handle on social media",
         "pi is 3.14159265 and population 1,234,567",
         "password=<PASSWORD>",
+        "Upgrade to version 1.2.3.4 now; see Section 4.1.2.3 and § 8.8.8.8.",
+        "Released v. 2.0.1.5 (build 5.6.7.8), Rev 3.3.3.3, table 9.1.2.3",
+        "Order 4155550132 shipped; 12 items, total 2125550199 units",  # bare digits, no phone word
+        "Serial 9001011234567 fails the RRN check digit",
+        "ID 9013321234568 is no birth date",
+        "Count 0102345678901 is too long for a mobile",
     ],
 )
 def test_tricky_negatives_are_kept(text):

@@ -87,3 +87,20 @@ class TextDedup(GlobalFilter):
 
     def decide(self, doc: Document) -> str | None:
         return "duplicate" if self.position in self.drop else None
+
+
+@register_step("toy_pid_log")
+class PidLog(Step):
+    """Appends the pid of every worker process that runs it to ``path`` (once per process)."""
+
+    def __init__(self, path: str = "") -> None:
+        super().__init__()
+        self.path = path
+        self._logged = False
+
+    def process(self, doc: Document) -> Document | None:
+        if not self._logged:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(f"{os.getpid()}\n")
+            self._logged = True
+        return doc

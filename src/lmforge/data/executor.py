@@ -15,6 +15,7 @@ import os
 import pickle
 import platform
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -132,7 +133,23 @@ class Executor:
         raise NotImplementedError
 
     def reduce(self, pipeline: Pipeline, run_dir: str, stage: int) -> None:
-        pipeline.reduce(run_dir, stage)
+        """The barrier; a sharded one runs its parts on the workers (one part each), then the merge."""
+        n_parts = self.workers if pipeline.global_step(stage).sharded_reduce and self.workers > 1 else 0
+        if n_parts:
+            failures = self.run_reduce_parts(pipeline, run_dir, stage, n_parts)
+            if failures:
+                lines = "\n".join(f"  part {k}: {err}" for k, err in sorted(failures.items()))
+                raise PipelineError(
+                    f"{len(failures)} reduce part(s) of stage {stage} failed; relaunch to redo only those:\n{lines}"
+                )
+        self.merge(pipeline, run_dir, stage, n_parts)
+
+    def run_reduce_parts(self, pipeline: Pipeline, run_dir: str, stage: int, n_parts: int) -> dict[int, str]:
+        """Run the ``n_parts`` parts of a sharded barrier; return the failures as ``{part: error}``."""
+        raise NotImplementedError
+
+    def merge(self, pipeline: Pipeline, run_dir: str, stage: int, n_parts: int) -> None:
+        pipeline.reduce(run_dir, stage, n_parts)
 
 
 # --- local ----------------------------------------------------------------------------------------------
@@ -160,6 +177,11 @@ def _die_with_parent() -> None:
 def _run_in_worker(run_dir: str, stage: int, task: int) -> dict[str, Any]:
     assert _WORKER_PIPELINE is not None
     return _WORKER_PIPELINE.run_task(run_dir, stage, task)
+
+
+def _reduce_part_in_worker(run_dir: str, stage: int, part: int, n_parts: int) -> None:
+    assert _WORKER_PIPELINE is not None
+    _WORKER_PIPELINE.reduce_part(run_dir, stage, part, n_parts)
 
 
 class LocalExecutor(Executor):
@@ -210,6 +232,20 @@ class LocalExecutor(Executor):
             finished(marker)
         return failures
 
+    def run_reduce_parts(self, pipeline: Pipeline, run_dir: str, stage: int, n_parts: int) -> dict[int, str]:
+        assert self._pool is not None  # parts are only asked for with several workers
+        futures = {
+            self._pool.submit(_reduce_part_in_worker, run_dir, stage, part, n_parts): part
+            for part in range(n_parts)
+        }
+        failures: dict[int, str] = {}
+        for future in as_completed(futures):
+            try:
+                future.result()
+            except Exception as err:
+                failures[futures[future]] = f"{type(err).__name__}: {err}"
+        return failures
+
 
 # --- Ray ------------------------------------------------------------------------------------------------
 
@@ -222,18 +258,57 @@ def _import_ray() -> Any:
     return ray
 
 
+DriverIdentity = tuple[str, int, str]  # (host, pid, process start time)
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a live process (``/proc/<pid>/stat`` field 22), None once it has exited; with
+    the pid it identifies a process even after the pid is reused."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def driver_identity() -> DriverIdentity | None:
+    """This process, as a worker on the same machine can watch it (None where /proc is missing)."""
+    started = _process_start(os.getpid())
+    return None if started is None else (platform.node(), os.getpid(), started)
+
+
+def _exit_with_driver(driver: DriverIdentity | None, interval_s: float = 0.5) -> None:
+    """Exit this worker process as soon as the driver is gone (killed with its process group, say), so
+    no worker goes on writing into a run folder that a relaunch is redoing. A worker on another machine
+    cannot see the driver's pid and relies on Ray's own fate sharing."""
+    if driver is None or driver[0] != platform.node():
+        return
+    _, pid, started = driver
+
+    def watch() -> None:
+        while _process_start(pid) == started:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lmforge-driver-watch", daemon=True).start()
+
+
 class _RayWorker:
     """One Ray actor per worker: the pipeline (and whatever its steps load lazily) lives across tasks
-    and stages."""
+    and stages. It exits when the driver process dies (see :func:`_exit_with_driver`)."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, driver: DriverIdentity | None = None) -> None:
         self.pipeline = pipeline
+        _exit_with_driver(driver)
 
     def run(self, run_dir: str, stage: int, task: int) -> dict[str, Any]:
         return self.pipeline.run_task(run_dir, stage, task)
 
-    def reduce(self, run_dir: str, stage: int) -> None:
-        self.pipeline.reduce(run_dir, stage)
+    def reduce_part(self, run_dir: str, stage: int, part: int, n_parts: int) -> None:
+        self.pipeline.reduce_part(run_dir, stage, part, n_parts)
+
+    def reduce(self, run_dir: str, stage: int, n_parts: int) -> None:
+        self.pipeline.reduce(run_dir, stage, n_parts)
 
 
 class RayExecutor(Executor):
@@ -272,7 +347,7 @@ class RayExecutor(Executor):
         """The ``index``-th actor, started on first use (or again after it died)."""
         ray = _import_ray()
         if index == len(self._actors) or replace:
-            actor = ray.remote(num_cpus=1)(_RayWorker).remote(self._pipeline_ref)
+            actor = ray.remote(num_cpus=1)(_RayWorker).remote(self._pipeline_ref, driver_identity())
             if replace:
                 ray.kill(self._actors[index])
                 self._actors[index] = actor
@@ -309,6 +384,22 @@ class RayExecutor(Executor):
                 running[self._actor(index).run.remote(run_dir, stage, next_task)] = (index, next_task)
         return failures
 
-    def reduce(self, pipeline: Pipeline, run_dir: str, stage: int) -> None:
+    def run_reduce_parts(self, pipeline: Pipeline, run_dir: str, stage: int, n_parts: int) -> dict[int, str]:
         ray = _import_ray()
-        ray.get(self._actor(0).reduce.remote(run_dir, stage))
+        from ray.exceptions import RayError
+
+        refs = {
+            self._actor(part).reduce_part.remote(run_dir, stage, part, n_parts): part
+            for part in range(n_parts)
+        }
+        failures: dict[int, str] = {}
+        for ref, part in refs.items():
+            try:
+                ray.get(ref)
+            except RayError as err:
+                failures[part] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1]}"
+        return failures
+
+    def merge(self, pipeline: Pipeline, run_dir: str, stage: int, n_parts: int) -> None:
+        ray = _import_ray()
+        ray.get(self._actor(0).reduce.remote(run_dir, stage, n_parts))

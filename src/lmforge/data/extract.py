@@ -1,7 +1,9 @@
-"""Text extraction from HTML (trafilatura) and Unicode repair/normalization (ftfy + ``unicodedata``)."""
+"""Text extraction from HTML (trafilatura), control-character cleaning, and Unicode repair/normalization
+(ftfy + ``unicodedata``)."""
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 from lmforge.data.document import Document
@@ -53,15 +55,60 @@ class HtmlExtractor(Step):
         return doc
 
 
+# A character struck over with backspace: "X\bX" (bold), "_\bX" or "X\b_" (underline) show one X.
+_OVERSTRIKE_RE = re.compile(r"([^\x00-\x1f\x7f])\x08([^\x00-\x1f\x7f])")
+_ANSI_ESCAPE_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")  # CSI sequences (colours), 2-byte ones
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")  # all but tab, newline, form feed, CR
+
+
+def _overstruck(match: re.Match[str]) -> str:
+    first, second = match.group(1), match.group(2)
+    return first if second == "_" else second  # bold and underline keep the letter; else what shows last
+
+
+def strip_control_chars(text: str) -> tuple[str, int]:
+    """``text`` as it reads on a terminal: overstrikes resolved to their letter, ANSI escape sequences
+    and other control characters (backspace, bell, NUL...) removed; tab, newline, CR and form feed kept.
+    Returns the text and how many overstrikes were resolved."""
+    text, overstrikes = _OVERSTRIKE_RE.subn(_overstruck, text)
+    while "\x08" in text and _OVERSTRIKE_RE.search(text):  # "_\b_\bX" and other stacked overstrikes
+        text, more = _OVERSTRIKE_RE.subn(_overstruck, text)
+        overstrikes += more
+    text = _ANSI_ESCAPE_RE.sub("", text)
+    return _CONTROL_RE.sub("", text), overstrikes
+
+
+@register_step("control_chars")
+class ControlCharCleaner(Step):
+    r"""Cleans terminal-era text (man pages, old mail, logs): "_\bw" underline and "w\bw" bold become "w",
+    ANSI colour codes and stray control characters (bell, backspace, NUL...) go. Run it before
+    ``unicode_fix``: ftfy drops a lone backspace but keeps the underscore it struck over."""
+
+    def process(self, doc: Document) -> Document | None:
+        if _CONTROL_RE.search(doc.text) is None:
+            return doc
+        text, overstrikes = strip_control_chars(doc.text)
+        self.stats.counters["control_docs_changed"] += 1
+        self.stats.counters["control_overstrikes"] += overstrikes
+        doc.text = text
+        return doc
+
+
 @register_step("unicode_fix")
 class UnicodeFixer(Step):
     """Repairs mojibake and other Unicode damage with ftfy, then normalizes (NFC by default, or NFKC...).
 
     Typographic quotes are kept unless ``uncurl_quotes`` (ftfy's own default is to straighten them).
+    ftfy costs 1-5 s per million characters of lines (it works line by line), so a document longer than
+    ``max_fix_chars`` is only normalized, and counted in ``unicode_fix_skipped_large`` (None: no limit).
     """
 
     def __init__(
-        self, normalization: str | None = "NFC", fix_text: bool = True, uncurl_quotes: bool = False
+        self,
+        normalization: str | None = "NFC",
+        fix_text: bool = True,
+        uncurl_quotes: bool = False,
+        max_fix_chars: int | None = 1_000_000,
     ) -> None:
         super().__init__()
         if normalization is not None and normalization not in NORMALIZATION_FORMS:
@@ -71,10 +118,15 @@ class UnicodeFixer(Step):
         self.normalization = normalization
         self.fix_text = fix_text
         self.uncurl_quotes = uncurl_quotes
+        self.max_fix_chars = max_fix_chars
 
     def process(self, doc: Document) -> Document | None:
         text = doc.text
-        if self.fix_text:
+        fix_text = self.fix_text
+        if fix_text and self.max_fix_chars is not None and len(text) > self.max_fix_chars:
+            self.stats.counters["unicode_fix_skipped_large"] += 1
+            fix_text = False
+        if fix_text:
             import ftfy
 
             text = ftfy.fix_text(text, normalization=None, uncurl_quotes=self.uncurl_quotes)

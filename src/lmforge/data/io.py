@@ -31,7 +31,9 @@ from lmforge.data.document import Document
 
 DEFAULT_MAX_DOC_BYTES = 10_000_000
 PREVIEW_CHARS = 200
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+# Control characters that do not occur in text, even old terminal text: backspace (overstrike: "_\bw"),
+# bell and escape (ANSI colours) do, and the cleaning step ``control_chars`` handles them.
+_BINARY_CONTROL_CHARS = re.compile(r"[\x00-\x06\x0e-\x1a\x1c-\x1f\x7f]")
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset=["']?([A-Za-z0-9_.:-]+)""", re.IGNORECASE)
 
 
@@ -55,9 +57,10 @@ def preview(raw: bytes | str) -> str:
 
 
 def looks_binary(text: str) -> bool:
-    """NUL bytes or many control characters (beyond tab/newline/CR/form feed) in the first 4 KiB."""
+    """NUL bytes or many control characters in the first 4 KiB (tab, newline, CR, form feed, backspace,
+    bell and escape are text: terminal output and nroff pages use them)."""
     head = text[:4096]
-    return "\x00" in head or len(_CONTROL_CHARS.findall(head)) > 0.05 * max(len(head), 1)
+    return "\x00" in head or len(_BINARY_CONTROL_CHARS.findall(head)) > 0.05 * max(len(head), 1)
 
 
 def _decode_html(raw: bytes) -> str:
@@ -69,6 +72,54 @@ def _decode_html(raw: bytes) -> str:
         if declared is None:
             raise
         return raw.decode(declared.group(1).decode("ascii"))
+
+
+class _ZstdFrames(io.RawIOBase):
+    """Decompressed bytes of a .zst file (all its frames); a file cut inside a frame raises ``EOFError``
+    at the cut, as ``gzip`` does (zstandard's stream reader just stops there)."""
+
+    chunk_bytes = 1 << 17
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        import zstandard
+
+        self._raw = raw
+        self._new_frame = zstandard.ZstdDecompressor().decompressobj
+        self._frame = self._new_frame()
+        self._frame_started = False
+        self._buffer = b""
+        self._offset = 0  # of the first byte in _buffer not yet read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        while self._offset == len(self._buffer):
+            compressed = self._raw.read(self.chunk_bytes)
+            if not compressed:
+                if self._frame_started:
+                    raise EOFError("zstd file ended before the end of its last frame")
+                return 0
+            self._buffer, self._offset = self._decompress(compressed), 0
+        size = min(len(target), len(self._buffer) - self._offset)
+        target[:size] = self._buffer[self._offset : self._offset + size]
+        self._offset += size
+        return size
+
+    def _decompress(self, compressed: bytes) -> bytes:
+        out = []
+        while compressed:
+            self._frame_started = True
+            out.append(self._frame.decompress(compressed))
+            if not self._frame.eof:
+                break
+            compressed = self._frame.unused_data  # the next frame starts here
+            self._frame, self._frame_started = self._new_frame(), False
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 class Reader:
@@ -136,10 +187,13 @@ class Reader:
             if not self.validate:  # the pipeline's own files: a failure is a bug to surface, not bad input
                 yield from self.read_file(path)
                 continue
+            records = 0
             try:
-                yield from self.read_file(path)
+                for item in self.read_file(path):
+                    records += 1
+                    yield item
             except Exception as err:  # a truncated archive or unreadable file ends that file, not the run
-                yield Reject(path, f"unreadable_file: {type(err).__name__}: {err}")
+                yield Reject(path, f"unreadable_file: {type(err).__name__}: {err} (after {records} records)")
 
     def read_file(self, path: str) -> Iterator[Document | Reject]:
         raise NotImplementedError
@@ -147,11 +201,7 @@ class Reader:
     def open_binary(self, path: str) -> IO[bytes]:
         """The file's bytes, decompressed by extension (.gz, .zst), readable line by line."""
         if path.endswith(".zst"):
-            import zstandard
-
-            raw = self.fs.open(path, "rb")
-            stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-            return io.BufferedReader(stream)  # type: ignore[arg-type]
+            return io.BufferedReader(_ZstdFrames(self.fs.open(path, "rb")), buffer_size=1 << 16)
         return self.fs.open(path, "rb", compression="infer")
 
     def document(self, doc_id: str, text: Any, meta: dict[str, Any], where: str) -> Document | Reject:

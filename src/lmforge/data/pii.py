@@ -4,7 +4,9 @@ registration numbers and secrets are replaced by type tokens (``<EMAIL>``, ``<PH
 Every detector is a candidate regular expression followed by a validation that removes look-alikes:
 IP addresses must parse (``ipaddress``) and, by default, be public; card numbers must pass the Luhn check
 and be written contiguously or in card-style groups; resident registration numbers must carry a real
-birth date; phone numbers must have a plausible number of digits and phone-like grouping. All detectors
+birth date (and, without the hyphen, a valid check digit); phone numbers must have a plausible number of
+digits and phone-like grouping, or a phone word before them when written as bare digits; a dotted quad
+after "version", "section" and the like is a number, not an address. All detectors
 run on the original text; overlapping matches are resolved by detector priority, then position.
 """
 
@@ -53,12 +55,24 @@ def find_emails(text: str) -> Iterator[Span]:
 
 # International: +CC then groups (an optional parenthesised area code), separated by space, dot or dash.
 _INTL_PHONE_RE = re.compile(r"\+(?<![\w+]\+)\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{1,5}){2,5}(?![\w-])")
-# National: (415) 555-0132 / 415-555-0132 / 415.555.0132 (optionally after the "1" trunk code), and
-# trunk-prefixed 010-1234-5678, 020 7946 0958.
+# National: (415) 555-0132 / 415-555-0132 / 415.555.0132 / 415 555 0132 (optionally after the "1" trunk
+# code), trunk-prefixed 010-1234-5678, 020 7946 0958, and Korean mobiles written without separators
+# (01023456789: the 010/011/016-019 prefix is specific enough on its own).
 _NATIONAL_PHONE_RE = re.compile(
-    r"(?<![\w.+-])(?:(?:1[ .-]?)?\(\d{3}\) ?\d{3}[ .-]\d{4}|(?:1[.-])?\d{3}([.-])\d{3}\1\d{4}"
-    r"|0\d{1,2}([ -])\d{3,4}\2\d{4})(?![\w-]|\.\d)"
+    r"(?<![\w.+-])(?:(?:1[ .-]?)?\(\d{3}\) ?\d{3}[ .-]\d{4}|(?:1[ .-])?\d{3}([ .-])\d{3}\1\d{4}"
+    r"|0\d{1,2}([ -])\d{3,4}\2\d{4}|01[016-9]\d{7,8})(?![\w-]|\.\d)"
 )
+# Ten digits with no separator at all (4155550132, 1 4155550132) are a phone number only when a phone
+# word comes shortly before them: on their own they are as likely an order number or a count.
+_BARE_US_PHONE_RE = re.compile(r"\d(?<![\w.+-]\d)(?:(?<=1) ?[2-9]\d{9}|(?<=[2-9])\d{9})(?![\w-]|\.\d)")
+_PHONE_CONTEXT_RE = re.compile(
+    r"\b(?:phone|tel|telephone|mobile|cell|fax|call|contact|whatsapp|sms|전화|휴대폰|연락처)", re.IGNORECASE
+)
+_CONTEXT_CHARS = 24  # how far before a match its context word is looked for
+
+
+def _preceded_by(pattern: re.Pattern[str], text: str, start: int) -> bool:
+    return pattern.search(text, max(0, start - _CONTEXT_CHARS), start) is not None
 
 
 def find_phones(text: str) -> Iterator[Span]:
@@ -68,6 +82,9 @@ def find_phones(text: str) -> Iterator[Span]:
             yield m.span()
     for m in _NATIONAL_PHONE_RE.finditer(text):
         yield m.span()
+    for m in _BARE_US_PHONE_RE.finditer(text):
+        if _preceded_by(_PHONE_CONTEXT_RE, text, m.start()):
+            yield m.span()
 
 
 # ---------------------------------------------------------------------------------------------- IPs
@@ -75,6 +92,14 @@ def find_phones(text: str) -> Iterator[Span]:
 _IPV4_RE = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.(?:\d{1,3}\.){2}\d{1,3}(?![\w]|\.\d)")
 _IPV6_RE = re.compile(
     r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])"
+)
+
+
+# A dotted quad after one of these words is a version or section number, not an address.
+_NUMBERING_CONTEXT_RE = re.compile(
+    r"(?:\b(?:version|ver|v|release|rev|revision|build|patch|firmware|section|sec|chapter|clause|"
+    r"article|art|paragraph|para|item|figure|fig|table|appendix|step|rule|no)\.?|§)\s*$",
+    re.IGNORECASE,
 )
 
 
@@ -89,6 +114,8 @@ def find_ips(text: str, public_only: bool = True) -> Iterator[Span]:
             except ValueError:  # 999.1.1.1, a clock time 12:30:45, ...
                 continue
             if public_only and not address.is_global:
+                continue
+            if address.version == 4 and _preceded_by(_NUMBERING_CONTEXT_RE, text, m.start()):
                 continue
             yield m.span()
 
@@ -122,18 +149,29 @@ def find_credit_cards(text: str) -> Iterator[Span]:
 
 # ----------------------------------------------------------------- Korean resident registration numbers
 
-_KR_RRN_RE = re.compile(r"\d(?<![\d-]\d)\d{5}-[1-8]\d{6}(?![\d-])")
+_KR_RRN_RE = re.compile(r"\d(?<![\d-]\d)\d{5}(-?)[1-8]\d{6}(?![\d-])")
 _RRN_CENTURY = {"1": 1900, "2": 1900, "5": 1900, "6": 1900, "3": 2000, "4": 2000, "7": 2000, "8": 2000}
+_RRN_WEIGHTS = (2, 3, 4, 5, 6, 7, 8, 9, 2, 3, 4, 5)
+
+
+def rrn_check_digit_valid(digits: str) -> bool:
+    """The 13th digit of a resident registration number is ``(11 - sum(w_i d_i) mod 11) mod 10``."""
+    total = sum(int(d) * w for d, w in zip(digits, _RRN_WEIGHTS, strict=False))
+    return (11 - total % 11) % 10 == int(digits[12])
 
 
 def find_kr_rrns(text: str) -> Iterator[Span]:
-    """YYMMDD-GXXXXXX where G (sex/century/nationality digit) and YYMMDD form a real birth date."""
+    """YYMMDD-GXXXXXX where G (sex/century/nationality digit) and YYMMDD form a real birth date. Written
+    without the hyphen, 13 digits are one only when the check digit is right as well (numbers issued
+    since October 2020 have none, so with the hyphen the date alone decides)."""
     for m in _KR_RRN_RE.finditer(text):
-        number = m.group()
-        yy, mm, dd, g = number[0:2], number[2:4], number[4:6], number[7]
+        digits = m.group().replace("-", "")
+        yy, mm, dd, g = digits[0:2], digits[2:4], digits[4:6], digits[6]
         try:
             datetime.date(_RRN_CENTURY[g] + int(yy), int(mm), int(dd))
         except ValueError:
+            continue
+        if not m.group(1) and not rrn_check_digit_valid(digits):
             continue
         yield m.span()
 

@@ -13,6 +13,7 @@ Run folder layout (all of it is what a relaunch resumes from)::
     stages/<s>/done/<task>.json          completion marker of a task, with its stats
     stages/<s>/docs/<task>.jsonl.zst     documents between stages      (deleted at the end unless
     stages/<s>/artifacts/<task>          pass-1 artifacts of the global step ending stage s   keep_intermediate)
+    stages/<s>/reduce-parts/<k>-of-<n>   edges etc. of part k of a sharded reduce (deleted at the end too)
     stages/<s>/decision/                 what its reduce decided (complete once it exists)
     stages/<s>/reduce.json               which step reduced, in how many seconds
     excluded/<step#>_<step>/<task>.jsonl.gz  removed documents with step and reason (``exclusions``)
@@ -84,6 +85,9 @@ class RunPaths:
 
     def decision(self, stage: int) -> Path:
         return self.stage(stage) / "decision"
+
+    def reduce_part(self, stage: int, part: int, n_parts: int) -> Path:
+        return self.stage(stage) / "reduce-parts" / f"{part:03d}-of-{n_parts:03d}"
 
     def reduced(self, stage: int) -> Path:
         return self.stage(stage) / "reduce.json"
@@ -246,6 +250,7 @@ class Pipeline:
         for stage in range(len(self.stages) - 1):
             shutil.rmtree(paths.docs(stage), ignore_errors=True)
             shutil.rmtree(paths.artifact(stage, 0).parent, ignore_errors=True)
+            shutil.rmtree(paths.reduce_part(stage, 0, 1).parent, ignore_errors=True)
 
     def run(
         self,
@@ -339,17 +344,40 @@ class Pipeline:
         write_json_atomic(paths.done(stage, task), marker)
         return marker
 
-    def reduce(self, run_dir: str | os.PathLike[str], stage: int) -> None:
-        """The barrier after ``stage``: its global step's reduce over every task's artifact."""
-        paths = RunPaths(run_dir)
+    def global_step(self, stage: int) -> GlobalStep:
+        """The dataset-level step whose barrier ends ``stage``."""
         step = self.stages[stage][-1].step
         assert isinstance(step, GlobalStep)
+        return step
+
+    def reduce_part(self, run_dir: str | os.PathLike[str], stage: int, part: int, n_parts: int) -> None:
+        """One part of a sharded barrier (see :meth:`GlobalStep.reduce_part`); a finished part is kept."""
+        paths = RunPaths(run_dir)
+        out = paths.reduce_part(stage, part, n_parts)
+        if out.exists():
+            return
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(out.name + ".partial")
+        artifacts = [paths.artifact(stage, t) for t in range(len(self.tasks()))]
+        self.global_step(stage).reduce_part(artifacts, part, n_parts, partial)
+        os.replace(partial, out)
+
+    def reduce(self, run_dir: str | os.PathLike[str], stage: int, n_parts: int = 0) -> None:
+        """The barrier after ``stage``: its global step's reduce over every task's artifact, or with
+        ``n_parts`` the merge of that many finished :meth:`reduce_part` outputs."""
+        paths = RunPaths(run_dir)
+        step = self.global_step(stage)
         decision = paths.decision(stage)
         partial = decision.with_name("decision.partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         start = time.perf_counter()
-        step.reduce([paths.artifact(stage, t) for t in range(len(self.tasks()))], partial)
+        artifacts = [paths.artifact(stage, t) for t in range(len(self.tasks()))]
+        if n_parts:
+            parts = [paths.reduce_part(stage, k, n_parts) for k in range(n_parts)]
+            step.merge_parts(artifacts, parts, partial)
+        else:
+            step.reduce(artifacts, partial)
         seconds = round(time.perf_counter() - start, 4)
         write_json_atomic(paths.reduced(stage), {"step": self.stages[stage][-1].index, "seconds": seconds})
         os.replace(partial, decision)

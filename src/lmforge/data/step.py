@@ -49,7 +49,10 @@ pass 2 sees exactly the same documents in the same order.
 Barrier (once): ``reduce(artifacts, decision_dir)`` where ``artifacts[task]`` is the artifact path of
 task ``task`` (all tasks, in task order, so "keep the first occurrence" is deterministic across the
 dataset); it writes its decision (e.g. per task the positions to drop, or a set of boilerplate line
-hashes) into the existing folder ``decision_dir``.
+hashes) into the existing folder ``decision_dir``. A step whose reduce splits into independent parts
+(``sharded_reduce = True``, e.g. MinHash by LSH bucket) also implements ``reduce_part(artifacts, part,
+n_parts, out)`` and ``merge_parts(artifacts, parts, decision_dir)``: an executor with ``n`` workers runs
+the ``n`` parts on them, then the (cheap) merge, so no process holds the whole reduce's memory.
 
 Pass 2 (per task): ``load_decision(decision_dir, task)`` then the usual ``process``/``decide``; during
 those calls ``self.position`` is the document's position within this task (the same ``position`` that
@@ -65,7 +68,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from lmforge.data.document import Document
 
@@ -198,6 +201,7 @@ class GlobalStep(Step):
     """A dataset-level step, run in two passes around a barrier (see the module docstring)."""
 
     position: int = -1
+    sharded_reduce: ClassVar[bool] = False  # reduce_part + merge_parts may replace reduce
 
     def start_collect(self, task: int) -> None:
         """Pass 1: reset the per-task collection state."""
@@ -212,6 +216,16 @@ class GlobalStep(Step):
 
     def reduce(self, artifacts: list[Path], decision_dir: Path) -> None:
         """Barrier: from every task's artifact (``artifacts[task]``) write the decision into ``decision_dir``."""
+        raise NotImplementedError
+
+    def reduce_part(self, artifacts: list[Path], part: int, n_parts: int, out: Path) -> None:
+        """Sharded barrier (steps with ``sharded_reduce``): part ``part`` of ``n_parts`` independent slices
+        of the reduce work, written to ``out``; the executor runs the parts on its workers."""
+        raise NotImplementedError
+
+    def merge_parts(self, artifacts: list[Path], parts: list[Path], decision_dir: Path) -> None:
+        """Sharded barrier: from every part's output (``parts[part]``) write the decision, as ``reduce``
+        would have."""
         raise NotImplementedError
 
     def load_decision(self, decision_dir: Path, task: int) -> None:

@@ -298,3 +298,75 @@ def test_minhash_dedup_configuration_is_checked():
         MinHashDedup(num_perm=64, bands=20, rows=5)
     with pytest.raises(ValueError, match="scheme"):
         MinHashDedup(scheme="sha1")
+
+
+def test_minhash_removals_name_the_kept_document_and_cluster(two_passes):
+    from lmforge.data.dedup.minhash import MinHashDedup
+    from lmforge.data.document import Document
+
+    rng = np.random.default_rng(7)
+    base = [random_text(rng, 150, vocab=100_000) for _ in range(2)]
+    tasks = [
+        [Document("b", base[0]), Document("x", base[1])],
+        [Document("a", base[0] + " end"), Document("c", base[0].replace(base[0].split()[5], "new", 1))],
+        [Document("y", base[1])],
+    ]
+    step = MinHashDedup(threshold=0.7)
+    removed = []
+    step.exclude = lambda doc, name, reason: removed.append((doc.id, reason, dict(doc.meta)))
+    kept = two_passes(step, tasks)
+    assert [[d.id for d in task] for task in kept] == [["x"], ["a"], []]
+    # "a" (task 1, position 0) is kept for its cluster, "x" (task 0, position 1) for the other.
+    cluster_a = {"duplicate_of": "a", "minhash_cluster": "1:0"}
+    assert sorted(removed) == [
+        ("b", "minhash_near_duplicate", cluster_a),
+        ("c", "minhash_near_duplicate", cluster_a),
+        ("y", "minhash_near_duplicate", {"duplicate_of": "x", "minhash_cluster": "0:1"}),
+    ]
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_sharded_reduce_writes_the_same_decision(tmp_path, verify):
+    from lmforge.data.dedup.minhash import MinHashDedup
+    from lmforge.data.document import Document
+
+    rng = np.random.default_rng(8)
+    texts, _ = planted_corpus(rng, n_base=40)
+    step = MinHashDedup(threshold=0.7, verify=verify)
+    artifacts = []
+    for t in range(4):
+        docs = [Document(f"d{i}", text) for i, text in enumerate(texts) if i % 4 == t]
+        artifacts.append(tmp_path / f"artifact-{t}")
+        list(step.collect_stream(iter(docs), t, artifacts[-1]))
+    (tmp_path / "whole").mkdir()
+    step.reduce(artifacts, tmp_path / "whole")
+    for n_parts in (2, 3):
+        parts = [tmp_path / f"part-{k}-of-{n_parts}" for k in range(n_parts)]
+        for k, part in enumerate(parts):
+            step.reduce_part(artifacts, k, n_parts, part)
+        merged = tmp_path / f"merged-{n_parts}"
+        merged.mkdir()
+        step.merge_parts(artifacts, parts, merged)
+        for t in range(4):
+            with (
+                np.load(tmp_path / "whole" / f"task-{t:05d}.npz") as a,
+                np.load(merged / f"task-{t:05d}.npz") as b,
+            ):
+                assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    with np.load(tmp_path / "whole" / "task-00000.npz") as a:
+        assert len(a["drop"]) > 0
+
+
+def test_banding_presets():
+    from lmforge.data.dedup.minhash import MinHashDedup
+
+    assert (MinHashDedup(banding="balanced").bands, MinHashDedup(banding="balanced").rows) == (9, 13)
+    recall = MinHashDedup(banding="recall")
+    assert (recall.bands, recall.rows) == optimal_lsh_params(0.8, 128, 0.1, 0.9) == (14, 9)
+    assert (MinHashDedup(banding="precision").bands, MinHashDedup(banding="precision").rows) == (
+        optimal_lsh_params(0.8, 128, 0.9, 0.1)
+    )
+    with pytest.raises(ValueError, match="banding must be one of"):
+        MinHashDedup(banding="fast")
+    with pytest.raises(ValueError, match="not two"):
+        MinHashDedup(banding="recall", false_negative_weight=0.7)

@@ -30,25 +30,41 @@ def dataset_ranks(ids_per_task: list[np.ndarray]) -> tuple[np.ndarray, np.ndarra
 
 @dataclass(frozen=True)
 class ClusterDecision:
-    """What a dedup step decided for one task: positions to drop, and the cluster size of each kept
-    document that had duplicates (recorded in its meta, so a mixture can up-weight it again)."""
+    """What a dedup step decided for one task. ``drops``: position -> (id of the document kept in its
+    place, cluster id), so every removal can be audited; ``sizes``: the cluster size of each kept
+    document that had duplicates (recorded in its meta, so a mixture can up-weight it again). A cluster id
+    is ``"<task>:<position>"`` of the cluster's kept document: unique in the run even where ids repeat."""
 
-    drops: frozenset[int]
+    drops: dict[int, tuple[str, str]]
     sizes: dict[int, int]
+
+    @classmethod
+    def empty(cls) -> ClusterDecision:
+        return cls({}, {})
 
 
 def write_cluster_decision(
-    decision_dir: Path, n_tasks: int, task: np.ndarray, position: np.ndarray, root: np.ndarray
+    decision_dir: Path,
+    n_tasks: int,
+    task: np.ndarray,
+    position: np.ndarray,
+    root: np.ndarray,
+    ids: np.ndarray,
 ) -> None:
-    """``root[k]`` is the index of the document kept for ``k``'s cluster (``k`` itself when kept)."""
+    """``root[k]`` is the index of the document kept for ``k``'s cluster (``k`` itself when kept);
+    ``ids[k]`` is document ``k``'s id."""
     kept = root == np.arange(len(root))
     sizes = np.bincount(root, minlength=len(root))
     for t in range(n_tasks):
         mine = task == t
+        dropped = np.flatnonzero(mine & ~kept)
         shared = mine & kept & (sizes > 1)
         np.savez(
             Path(decision_dir) / f"task-{t:05d}.npz",
-            drop=np.sort(position[mine & ~kept]),
+            drop=position[dropped],
+            drop_kept_id=np.asarray(ids)[root[dropped]],
+            drop_kept_task=task[root[dropped]],
+            drop_kept_position=position[root[dropped]],
             kept=position[shared],
             size=sizes[shared],
         )
@@ -56,5 +72,8 @@ def write_cluster_decision(
 
 def load_cluster_decision(decision_dir: Path, task: int) -> ClusterDecision:
     with np.load(Path(decision_dir) / f"task-{task:05d}.npz") as data:
-        sizes = dict(zip(data["kept"].tolist(), data["size"].tolist()))
-        return ClusterDecision(frozenset(data["drop"].tolist()), sizes)
+        clusters = [
+            f"{t}:{p}" for t, p in zip(data["drop_kept_task"].tolist(), data["drop_kept_position"].tolist())
+        ]
+        drops = dict(zip(data["drop"].tolist(), zip(data["drop_kept_id"].tolist(), clusters)))
+        return ClusterDecision(drops, dict(zip(data["kept"].tolist(), data["size"].tolist())))

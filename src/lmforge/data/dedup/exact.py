@@ -2,7 +2,9 @@
 
 Two documents are duplicates when their normalized texts (NFKC, lowercase, punctuation stripped,
 whitespace collapsed) have the same 128-bit BLAKE2b digest. Of each group the document with the smallest
-id is kept (ties: the first in dataset order), with the group's size in ``meta.exact_cluster_size``.
+id is kept (ties: the first in dataset order), with the group's size in ``meta.exact_cluster_size``; a
+removed document records the kept one's id in ``meta.duplicate_of`` and the group in ``meta.exact_cluster``
+(``"<task>:<position>"`` of the kept document), which the exclusions output shows.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class ExactDedup(GlobalFilter):
         self.normalize = normalize
         self._ids: list[str] = []
         self._digests: list[bytes] = []
-        self._decision = ClusterDecision(frozenset(), {})
+        self._decision = ClusterDecision.empty()
 
     def start_collect(self, task: int) -> None:
         self._ids, self._digests = [], []
@@ -67,13 +69,16 @@ class ExactDedup(GlobalFilter):
         loaded = [np.load(p) for p in artifacts]
         rank, task, position = dataset_ranks([a["ids"] for a in loaded])
         digests = np.concatenate([a["digests"] for a in loaded] or [np.empty((0, 2), np.uint64)])
-        write_cluster_decision(decision_dir, len(artifacts), task, position, digest_roots(digests, rank))
+        ids = np.concatenate([a["ids"] for a in loaded] or [np.array([], str)])
+        roots = digest_roots(digests, rank)
+        write_cluster_decision(decision_dir, len(artifacts), task, position, roots, ids)
 
     def load_decision(self, decision_dir: Path, task: int) -> None:
         self._decision = load_cluster_decision(decision_dir, task)
 
     def decide(self, doc: Document) -> str | None:
         if self.position in self._decision.drops:
+            doc.meta["duplicate_of"], doc.meta["exact_cluster"] = self._decision.drops[self.position]
             return "exact_duplicate"
         if self.position in self._decision.sizes:
             doc.meta["exact_cluster_size"] = self._decision.sizes[self.position]

@@ -28,7 +28,7 @@ from lmforge.data.dedup.common import (
     load_cluster_decision,
     write_cluster_decision,
 )
-from lmforge.data.dedup.lsh import cluster_near_duplicates, optimal_lsh_params
+from lmforge.data.dedup.lsh import candidate_edges, component_roots, optimal_lsh_params, verified_edges
 from lmforge.data.document import Document
 from lmforge.data.step import GlobalFilter, register_step
 from lmforge.data.text import fmix64, word_hashes
@@ -345,16 +345,34 @@ class MinHasher:
 
 # ------------------------------------------------------------------------------------------ pipeline step
 
+# (false-positive weight, false-negative weight) of each banding preset.
+BANDINGS: dict[str, tuple[float, float]] = {
+    "precision": (0.9, 0.1),
+    "balanced": (0.5, 0.5),
+    "recall": (0.1, 0.9),
+}
+
 
 @register_step("minhash_dedup")
 class MinHashDedup(GlobalFilter):
     """Near-duplicate removal: MinHash-LSH clusters over the whole dataset, one document kept per cluster.
 
     The kept document is the one with the smallest id (ties: first in dataset order); it records its
-    cluster's size in ``meta.minhash_cluster_size`` (as FineWeb-2 does, for re-weighting). ``verify`` checks
-    every candidate pair with the exact Jaccard similarity of the shingle sets (they are then stored in
-    the pass-1 artifacts). ``bands``/``rows`` override the values derived from ``threshold``.
+    cluster's size in ``meta.minhash_cluster_size`` (as FineWeb-2 does, for re-weighting). A removed
+    document records the kept one's id in ``meta.duplicate_of`` and its cluster in ``meta.minhash_cluster``
+    (``"<task>:<position>"`` of the kept document), which the exclusions output shows.
+
+    ``banding`` picks (bands, rows) for the threshold: ``"balanced"`` weighs the false-positive and
+    false-negative areas under the S-curve equally (datasketch's default), ``"recall"`` weighs false
+    negatives 9:1 (more candidates: pairs just above the threshold are found far more often) and
+    ``"precision"`` the reverse; ``false_positive_weight``/``false_negative_weight`` set the weights
+    directly, ``bands``/``rows`` the banding itself. ``verify`` checks every candidate pair with the exact
+    Jaccard similarity of the shingle sets (stored in the pass-1 artifacts), which removes every false
+    positive: use it with ``banding: recall``. The reduce splits by LSH bucket across the executor's
+    workers (see ``lmforge.data.dedup.lsh``).
     """
+
+    sharded_reduce = True
 
     def __init__(
         self,
@@ -365,6 +383,7 @@ class MinHashDedup(GlobalFilter):
         scheme: str = "mersenne",
         bands: int | None = None,
         rows: int | None = None,
+        banding: str | None = None,
         false_positive_weight: float = 0.5,
         false_negative_weight: float = 0.5,
         verify: bool = False,
@@ -375,6 +394,12 @@ class MinHashDedup(GlobalFilter):
             raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
         if (bands is None) != (rows is None):
             raise ValueError("give both bands and rows, or neither")
+        if banding is not None:
+            if banding not in BANDINGS:
+                raise ValueError(f"banding must be one of {tuple(BANDINGS)}, got {banding!r}")
+            if (false_positive_weight, false_negative_weight) != (0.5, 0.5) or bands is not None:
+                raise ValueError("give banding, the false positive/negative weights or bands/rows, not two")
+            false_positive_weight, false_negative_weight = BANDINGS[banding]
         if bands is None or rows is None:
             bands, rows = optimal_lsh_params(
                 threshold, num_perm, false_positive_weight, false_negative_weight
@@ -382,13 +407,14 @@ class MinHashDedup(GlobalFilter):
         if bands * rows > num_perm:
             raise ValueError(f"bands * rows = {bands * rows} exceeds num_perm = {num_perm}")
         self.threshold = threshold
+        self.banding = banding
         self.num_perm, self.ngram, self.seed, self.scheme = num_perm, ngram, seed, scheme
         self.bands, self.rows = bands, rows
         self.verify = verify
         self.batch_size = batch_size
         self._hasher: MinHasher | None = None
         self._reset_collection()
-        self._decision = ClusterDecision(frozenset(), {})
+        self._decision = ClusterDecision.empty()
 
     def _reset_collection(self) -> None:
         self._ids: list[str] = []
@@ -436,32 +462,70 @@ class MinHashDedup(GlobalFilter):
             np.savez(handle, **arrays)
         self._reset_collection()
 
-    def reduce(self, artifacts: list[Path], decision_dir: Path) -> None:
-        loaded = [np.load(p) for p in artifacts]
-        rank, task, position = dataset_ranks([a["ids"] for a in loaded])
-        signatures = np.concatenate(
-            [a["signatures"] for a in loaded] or [np.empty((0, self.num_perm), np.uint32)]
-        )
-        # Cluster in rank order, so the union-find root (smallest index) is the document to keep.
-        order = np.argsort(rank)
-        shingle_sets = None
+    def _signature_blocks(self, artifacts: list[Path]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(dataset indices, signatures) of each artifact in turn: one artifact in memory at a time."""
+        offset = 0
+        for path in artifacts:
+            with np.load(path) as artifact:
+                signatures = artifact["signatures"]
+            yield np.arange(offset, offset + len(signatures)), signatures
+            offset += len(signatures)
+
+    def _shingle_sets(self, artifacts: list[Path], wanted: np.ndarray) -> dict[int, np.ndarray]:
+        """The (unique, sorted) shingle sets of the documents ``wanted`` (sorted dataset indices)."""
+        sets: dict[int, np.ndarray] = {}
+        offset = 0
+        for path in artifacts:
+            with np.load(path) as artifact:
+                counts = artifact["shingle_counts"]
+                mine = wanted[(wanted >= offset) & (wanted < offset + len(counts))]
+                if len(mine):
+                    flat = artifact["shingles"]
+                    starts = np.concatenate(([0], np.cumsum(counts)))
+                    for k in mine.tolist():
+                        sets[k] = flat[starts[k - offset] : starts[k - offset + 1]]
+            offset += len(counts)
+        return sets
+
+    def _part_edges(self, artifacts: list[Path], part: int, n_parts: int) -> np.ndarray:
+        """Near-duplicate edges (dataset indices) found in this part's LSH buckets (checked with the exact
+        Jaccard similarity when ``verify``)."""
+        blocks = self._signature_blocks(artifacts)
+        edges = candidate_edges(blocks, self.bands, self.rows, part, n_parts, all_pairs=self.verify)
         if self.verify:
-            flat = np.concatenate([a["shingles"] for a in loaded] or [np.empty(0, np.uint32)])
-            counts = np.concatenate([a["shingle_counts"] for a in loaded] or [np.empty(0, np.int64)])
-            sets = np.split(flat, np.cumsum(counts)[:-1]) if len(counts) else []
-            shingle_sets = [sets[k] for k in order]
-        roots = cluster_near_duplicates(
-            signatures[order], self.threshold, self.bands, self.rows, shingle_sets=shingle_sets
-        )
-        root = np.empty(len(order), dtype=np.int64)
-        root[order] = order[roots]  # back from rank order to artifact order
-        write_cluster_decision(decision_dir, len(artifacts), task, position, root)
+            edges = verified_edges(edges, self._shingle_sets(artifacts, np.unique(edges)), self.threshold)
+        return edges
+
+    def _decide_clusters(self, artifacts: list[Path], edges: np.ndarray, decision_dir: Path) -> None:
+        ids = []
+        for path in artifacts:
+            with np.load(path) as artifact:
+                ids.append(artifact["ids"])
+        rank, task, position = dataset_ranks(ids)
+        # Components over ranks, so each one's smallest member is the document to keep.
+        order = np.argsort(rank)
+        roots_by_rank = component_roots(len(rank), rank[edges])
+        root = order[roots_by_rank[rank]]  # back from rank order to dataset order
+        all_ids = np.concatenate(ids) if ids else np.array([], str)
+        write_cluster_decision(decision_dir, len(artifacts), task, position, root, all_ids)
+
+    def reduce(self, artifacts: list[Path], decision_dir: Path) -> None:
+        self._decide_clusters(artifacts, self._part_edges(artifacts, 0, 1), decision_dir)
+
+    def reduce_part(self, artifacts: list[Path], part: int, n_parts: int, out: Path) -> None:
+        with open(out, "wb") as handle:
+            np.save(handle, self._part_edges(artifacts, part, n_parts))
+
+    def merge_parts(self, artifacts: list[Path], parts: list[Path], decision_dir: Path) -> None:
+        edges = np.concatenate([np.load(p) for p in parts] or [np.empty((0, 2), np.int64)])
+        self._decide_clusters(artifacts, edges, decision_dir)
 
     def load_decision(self, decision_dir: Path, task: int) -> None:
         self._decision = load_cluster_decision(decision_dir, task)
 
     def decide(self, doc: Document) -> str | None:
         if self.position in self._decision.drops:
+            doc.meta["duplicate_of"], doc.meta["minhash_cluster"] = self._decision.drops[self.position]
             return "minhash_near_duplicate"
         if self.position in self._decision.sizes:
             doc.meta["minhash_cluster_size"] = self._decision.sizes[self.position]
