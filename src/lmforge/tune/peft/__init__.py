@@ -1,0 +1,24 @@
+"""Parameter-efficient fine-tuning (LoRA with rsLoRA/DoRA, IA3) in the peft library's adapter format."""
+
+from lmforge.tune.peft.adapter import (
+    adapter_layers,
+    adapter_state_dict,
+    apply_peft,
+    load_adapter,
+    merge_adapter,
+    save_adapter,
+)
+from lmforge.tune.peft.config import AdapterConfigError, PeftConfig, read_adapter_config, to_adapter_config
+
+__all__ = [
+    "AdapterConfigError",
+    "PeftConfig",
+    "adapter_layers",
+    "adapter_state_dict",
+    "apply_peft",
+    "load_adapter",
+    "merge_adapter",
+    "read_adapter_config",
+    "save_adapter",
+    "to_adapter_config",
+]
