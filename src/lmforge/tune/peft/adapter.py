@@ -96,7 +96,8 @@ def _adapter_layer(cfg: PeftConfig, key: str, module: nn.Module) -> AdapterLayer
 def apply_peft(model: Transformer, cfg: PeftConfig) -> Transformer:
     """Freeze ``model`` and wrap the modules ``cfg`` targets in adapter layers (in place); returns it.
 
-    ``modules_to_save`` stay as they are and train in full (a head tied to the embedding is untied first)."""
+    ``modules_to_save`` stay as they are and train in full. A head tied to the embedding is untied when either
+    is adapted, as peft's adapted model computes it (the head reads the base embedding)."""
     if not cfg.method:
         raise AdapterConfigError("peft.method: no method chosen (lora or ia3)")
     for param in model.parameters():
@@ -129,18 +130,21 @@ def apply_peft(model: Transformer, cfg: PeftConfig) -> Transformer:
     ]
     if cfg.modules_to_save and not saved:
         raise AdapterConfigError(f"modules_to_save: {cfg.modules_to_save!r} matches no module")
+    if "lm_head" in saved or "embed_tokens" in targets:
+        _untie_head(model)  # the head keeps the base embedding while the embedding or head is adapted
     for name in targets:
         _set_module(model, name, _adapter_layer(cfg, keys[name], candidates[name]))
     for name in saved:
-        module = model.get_submodule(name)
-        for pname, param in list(module.named_parameters(recurse=False)):
-            if name == "lm_head" and model.cfg.tie_embeddings:
-                param = nn.Parameter(param.detach().clone())
-                setattr(module, pname, param)
-                model.cfg = dataclasses.replace(model.cfg, tie_embeddings=False)
+        for param in model.get_submodule(name).parameters(recurse=False):
             param.requires_grad_(True)
     model.peft_config = cfg
     return model
+
+
+def _untie_head(model: Transformer) -> None:
+    if model.cfg.tie_embeddings and model.lm_head is not None:
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+        model.cfg = dataclasses.replace(model.cfg, tie_embeddings=False)
 
 
 def adapter_state_dict(model: Transformer) -> dict[str, Tensor]:
