@@ -18,12 +18,17 @@ learns the replies only. The recipe is a :class:`~lmforge.train.TrainConfig` plu
       val_paths: [instruct/heldout.jsonl] # optional: validation loss on held-out chats
       pack: true
       group_by_length: false
+    peft: {method: lora, r: 16, lora_alpha: 32, target_modules: all-linear}   # optional, see below
 
 The exported model (``RUN/model``) is in Hugging Face layout with the tokenizer and its chat template.
+With a ``peft`` method (:class:`~lmforge.tune.peft.PeftConfig`: ``lora`` or ``ia3``) only the adapter trains
+and the export is the adapter folder ``RUN/adapter`` in the peft library's format (with the tokenizer);
+``lmforge peft merge RUN/adapter --out DIR`` folds it into the base model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,7 +36,10 @@ from pathlib import Path
 
 import torch
 
-from lmforge.train import LMObjective, TrainConfig, TrainResult, train
+from lmforge.model import Transformer
+from lmforge.train import LMObjective, TrainConfig, TrainResult, build_model, train
+from lmforge.train.checkpoint import load_model_weights
+from lmforge.tune.peft import PeftConfig, apply_peft, save_adapter
 from lmforge.tune.sft import SFTDataSource, SFTDataStats, load_sft_examples
 
 Batch = dict[str, torch.Tensor]
@@ -48,6 +56,7 @@ class SFTDataConfig:
 @dataclass
 class SFTConfig(TrainConfig):
     sft: SFTDataConfig = field(default_factory=SFTDataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)  # method empty: full fine-tuning
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,6 +64,10 @@ class SFTConfig(TrainConfig):
             raise ValueError("sft.paths: at least one JSONL file of chats is required")
         if not self.init_from:
             raise ValueError("init_from: the model folder to fine-tune is required")
+        if self.peft.method and not Path(self.init_from).is_dir():
+            raise ValueError(
+                f"init_from: {self.init_from!r} must be a model folder (the adapter's base) with peft"
+            )
 
 
 def _validation(examples: list, cfg: SFTConfig, pad_id: int) -> Callable[[], Iterator[Batch]]:
@@ -110,5 +123,30 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> tuple[TrainResult, SFTData
         )
     cfg.tokenizer = str(tokenizer_dir)  # exported next to the model, chat template included
     cfg.log.progress = cfg.log.progress and progress
-    result = train(cfg, objective=LMObjective(), train_data=source, val_data=val_data)
+    model, export_adapter = None, False
+    if cfg.peft.method:
+        model = _peft_model(cfg)
+        # the trainer exports full models; the adapter is exported below instead
+        export_adapter, cfg.checkpoint.export = cfg.checkpoint.export, False
+    result = train(cfg, model=model, objective=LMObjective(), train_data=source, val_data=val_data)
+    if export_adapter and result.checkpoint is not None:
+        result = dataclasses.replace(result, model_dir=_export_adapter(cfg, result.checkpoint))
     return result, stats
+
+
+def _peft_model(cfg: SFTConfig) -> Transformer:
+    return apply_peft(build_model(cfg), cfg.peft)
+
+
+def _export_adapter(cfg: SFTConfig, checkpoint: Path) -> Path:
+    """Write the adapter of ``checkpoint`` (rank 0) to ``RUN/adapter``, with the tokenizer."""
+    from lmforge.tokenizer import load_tokenizer
+
+    out = Path(cfg.run_dir) / "adapter"
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        model = _peft_model(cfg)
+        load_model_weights(checkpoint, model)
+        assert cfg.init_from is not None and cfg.tokenizer is not None  # checked by SFTConfig, set by run_sft
+        save_adapter(model, out, base_model=str(Path(cfg.init_from).resolve()))
+        load_tokenizer(cfg.tokenizer).save(out)
+    return out

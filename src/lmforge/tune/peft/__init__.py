@@ -9,6 +9,7 @@ from lmforge.tune.peft.adapter import (
     save_adapter,
 )
 from lmforge.tune.peft.config import AdapterConfigError, PeftConfig, read_adapter_config, to_adapter_config
+from lmforge.tune.peft.merge import merge_adapter_folder
 
 __all__ = [
     "AdapterConfigError",
@@ -18,6 +19,7 @@ __all__ = [
     "apply_peft",
     "load_adapter",
     "merge_adapter",
+    "merge_adapter_folder",
     "read_adapter_config",
     "save_adapter",
     "to_adapter_config",

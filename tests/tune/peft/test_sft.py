@@ -1,0 +1,119 @@
+"""``lmforge sft ... peft.method=lora`` trains only the adapter in the one trainer and exports peft's folder;
+``lmforge peft merge`` turns it into a plain Hugging Face model."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from lmforge.cli import main
+from lmforge.config import ConfigError, load_config
+from lmforge.model.hf import load_pretrained
+from lmforge.tune.finetune import SFTConfig, run_sft
+from lmforge.tune.peft import load_adapter, read_adapter_config
+
+from .conftest import build_base, hf_model
+
+CHATS = [
+    [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": str(a + b)}]
+    for a, b in [(12, 34), (40, 2), (7, 8), (25, 25)]
+]
+
+
+def _recipe(tmp_path, base, **peft):
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in CHATS))
+    return {
+        "init_from": str(base),
+        "run_dir": str(tmp_path / "sft"),
+        "max_steps": 6,
+        "data": {"seq_len": 64},
+        "batch": {"micro_batch_size": 2},
+        "optim": {"lr": 1e-2},
+        "schedule": {"name": "constant", "warmup_steps": 0},
+        "sft": {"paths": [str(data)]},
+        "log": {"every_steps": 3, "plots": False, "progress": False},
+        "checkpoint": {"every_steps": 0},
+        "peft": peft,
+    }
+
+
+@pytest.fixture()
+def chat_base(tmp_path, tokenizer):
+    from lmforge.model.hf import save_pretrained
+
+    folder = build_base(tmp_path / "base", "llama")
+    model = load_pretrained(folder)  # a vocabulary the test tokenizer fits in
+    model.embed_tokens.weight.data = torch.randn(tokenizer.vocab_size, 32) * 0.02
+    model.lm_head.weight.data = torch.randn(tokenizer.vocab_size, 32) * 0.02
+    model.cfg.vocab_size = tokenizer.vocab_size
+    save_pretrained(model, folder)
+    tokenizer.save(folder)
+    return folder
+
+
+def test_sft_with_lora_trains_and_exports_only_the_adapter(tmp_path, chat_base):
+    torch.set_num_threads(1)
+    cfg = load_config(
+        SFTConfig,
+        data=_recipe(tmp_path, chat_base),
+        overrides=["peft.method=lora", "peft.r=4", "peft.use_dora=true", "peft.target_modules=all-linear"],
+    )
+    result, _ = run_sft(cfg, progress=False)
+    adapter = result.model_dir
+    assert adapter == tmp_path / "sft" / "adapter"
+    assert sorted(p.name for p in adapter.glob("adapter_*")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert (adapter / "tokenizer.json").is_file() and not (tmp_path / "sft" / "model").exists()
+    peft_cfg, base_path = read_adapter_config(adapter)
+    assert (peft_cfg.r, peft_cfg.use_dora, base_path) == (4, True, str(chat_base.resolve()))
+
+    ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(0))
+    tuned = load_adapter(load_pretrained(chat_base), adapter, peft_cfg)
+    with torch.no_grad():
+        ours = tuned(ids).logits
+        base = load_pretrained(chat_base)(ids).logits
+        theirs = PeftModel.from_pretrained(hf_model(chat_base), adapter).eval()(input_ids=ids).logits
+    assert (ours - base).abs().max() > 1e-3  # training moved the adapter
+    assert (ours - theirs).abs().max() <= 1e-4  # peft reads the exported adapter as we do
+
+    assert main(["peft", "merge", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    with torch.no_grad():
+        merged = hf_model(tmp_path / "merged")(input_ids=ids).logits
+    assert (merged - ours).abs().max() <= 1e-4
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+def test_peft_merge_names_a_missing_base(tmp_path, chat_base, capsys):
+    from lmforge.tune.peft import PeftConfig, apply_peft, save_adapter
+
+    model = apply_peft(load_pretrained(chat_base), PeftConfig(method="ia3"))
+    save_adapter(model, tmp_path / "adapter", base_model="nowhere/model")
+    assert main(["peft", "merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 2
+    assert (
+        "base_model_name_or_path 'nowhere/model' is not a model folder here; pass" in capsys.readouterr().err
+    )
+    assert (
+        main(
+            [
+                "peft",
+                "merge",
+                str(tmp_path / "adapter"),
+                "--base",
+                str(chat_base),
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
+
+
+def test_a_bad_peft_block_is_a_config_error(tmp_path, chat_base):
+    with pytest.raises(ConfigError, match=r"peft\.r: the rank must be a positive integer, got 0"):
+        load_config(SFTConfig, data=_recipe(tmp_path, chat_base, method="lora", r=0))
+    with pytest.raises(ConfigError, match=r"peft\.method: 'lokr' is not one of"):
+        load_config(SFTConfig, data=_recipe(tmp_path, chat_base, method="lokr"))
