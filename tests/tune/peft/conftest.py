@@ -1,8 +1,12 @@
 """Tiny random Hugging Face Llama and Qwen2 models (fp32), built offline in the test."""
 
+import json
+
 import pytest
 import torch
 import transformers
+
+from lmforge.model.hf import load_pretrained, save_pretrained
 
 SIZES = dict(
     vocab_size=96,
@@ -53,3 +57,39 @@ def randomize_trainable(model, std: float = 0.1, seed: int = 1) -> None:
 @pytest.fixture()
 def input_ids():
     return torch.randint(0, SIZES["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+CHATS = [
+    [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": str(a + b)}]
+    for a, b in [(12, 34), (40, 2), (7, 8), (25, 25)]
+]
+
+
+def sft_recipe(tmp_path, base, **peft):
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in CHATS))
+    return {
+        "init_from": str(base),
+        "run_dir": str(tmp_path / "sft"),
+        "max_steps": 6,
+        "data": {"seq_len": 64},
+        "batch": {"micro_batch_size": 2},
+        "optim": {"lr": 1e-2},
+        "schedule": {"name": "constant", "warmup_steps": 0},
+        "sft": {"paths": [str(data)]},
+        "log": {"every_steps": 3, "plots": False, "progress": False},
+        "checkpoint": {"every_steps": 0},
+        "peft": peft,
+    }
+
+
+@pytest.fixture()
+def chat_base(tmp_path, tokenizer):
+    folder = build_base(tmp_path / "base", "llama")
+    model = load_pretrained(folder)  # a vocabulary the test tokenizer fits in
+    model.embed_tokens.weight.data = torch.randn(tokenizer.vocab_size, 32) * 0.02
+    model.lm_head.weight.data = torch.randn(tokenizer.vocab_size, 32) * 0.02
+    model.cfg.vocab_size = tokenizer.vocab_size
+    save_pretrained(model, folder)
+    tokenizer.save(folder)
+    return folder

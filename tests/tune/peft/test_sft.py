@@ -1,8 +1,6 @@
 """``lmforge sft ... peft.method=lora`` trains only the adapter in the one trainer and exports peft's folder;
 ``lmforge peft merge`` turns it into a plain Hugging Face model."""
 
-import json
-
 import pytest
 import torch
 from peft import PeftModel
@@ -13,51 +11,14 @@ from lmforge.model.hf import load_pretrained
 from lmforge.tune.finetune import SFTConfig, run_sft
 from lmforge.tune.peft import load_adapter, read_adapter_config
 
-from .conftest import build_base, hf_model
-
-CHATS = [
-    [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": str(a + b)}]
-    for a, b in [(12, 34), (40, 2), (7, 8), (25, 25)]
-]
-
-
-def _recipe(tmp_path, base, **peft):
-    data = tmp_path / "chats.jsonl"
-    data.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in CHATS))
-    return {
-        "init_from": str(base),
-        "run_dir": str(tmp_path / "sft"),
-        "max_steps": 6,
-        "data": {"seq_len": 64},
-        "batch": {"micro_batch_size": 2},
-        "optim": {"lr": 1e-2},
-        "schedule": {"name": "constant", "warmup_steps": 0},
-        "sft": {"paths": [str(data)]},
-        "log": {"every_steps": 3, "plots": False, "progress": False},
-        "checkpoint": {"every_steps": 0},
-        "peft": peft,
-    }
-
-
-@pytest.fixture()
-def chat_base(tmp_path, tokenizer):
-    from lmforge.model.hf import save_pretrained
-
-    folder = build_base(tmp_path / "base", "llama")
-    model = load_pretrained(folder)  # a vocabulary the test tokenizer fits in
-    model.embed_tokens.weight.data = torch.randn(tokenizer.vocab_size, 32) * 0.02
-    model.lm_head.weight.data = torch.randn(tokenizer.vocab_size, 32) * 0.02
-    model.cfg.vocab_size = tokenizer.vocab_size
-    save_pretrained(model, folder)
-    tokenizer.save(folder)
-    return folder
+from .conftest import hf_model, sft_recipe
 
 
 def test_sft_with_lora_trains_and_exports_only_the_adapter(tmp_path, chat_base):
     torch.set_num_threads(1)
     cfg = load_config(
         SFTConfig,
-        data=_recipe(tmp_path, chat_base),
+        data=sft_recipe(tmp_path, chat_base),
         overrides=["peft.method=lora", "peft.r=4", "peft.use_dora=true", "peft.target_modules=all-linear"],
     )
     result, _ = run_sft(cfg, progress=False)
@@ -114,6 +75,6 @@ def test_peft_merge_names_a_missing_base(tmp_path, chat_base, capsys):
 
 def test_a_bad_peft_block_is_a_config_error(tmp_path, chat_base):
     with pytest.raises(ConfigError, match=r"peft\.r: the rank must be a positive integer, got 0"):
-        load_config(SFTConfig, data=_recipe(tmp_path, chat_base, method="lora", r=0))
+        load_config(SFTConfig, data=sft_recipe(tmp_path, chat_base, method="lora", r=0))
     with pytest.raises(ConfigError, match=r"peft\.method: 'lokr' is not one of"):
-        load_config(SFTConfig, data=_recipe(tmp_path, chat_base, method="lokr"))
+        load_config(SFTConfig, data=sft_recipe(tmp_path, chat_base, method="lokr"))

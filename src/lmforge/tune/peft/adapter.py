@@ -24,12 +24,14 @@ from lmforge.model.hf import _llama_key, hf_family
 from lmforge.tune.peft.config import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
+    PROMPT_METHODS,
     AdapterConfigError,
     PeftConfig,
     to_adapter_config,
 )
 from lmforge.tune.peft.ia3 import IA3Linear
 from lmforge.tune.peft.lora import LoraEmbedding, LoraLinear
+from lmforge.tune.peft.prompt import SoftPrompt, attach_prompt
 
 PEFT_PREFIX = "base_model.model."  # peft's prefix for the wrapped transformers model
 AdapterLayer = LoraLinear | LoraEmbedding | IA3Linear
@@ -99,9 +101,11 @@ def apply_peft(model: Transformer, cfg: PeftConfig) -> Transformer:
     ``modules_to_save`` stay as they are and train in full. A head tied to the embedding is untied when either
     is adapted, as peft's adapted model computes it (the head reads the base embedding)."""
     if not cfg.method:
-        raise AdapterConfigError("peft.method: no method chosen (lora or ia3)")
+        raise AdapterConfigError("peft.method: no method chosen")
     for param in model.parameters():
         param.requires_grad_(False)
+    if cfg.method in PROMPT_METHODS:
+        return _apply_soft_prompt(model, cfg, with_encoder=True)
     candidates = {
         name: module
         for name, module in model.named_modules()
@@ -141,6 +145,32 @@ def apply_peft(model: Transformer, cfg: PeftConfig) -> Transformer:
     return model
 
 
+def _apply_soft_prompt(model: Transformer, cfg: PeftConfig, with_encoder: bool) -> Transformer:
+    """Prompt tuning / P-tuning; a loaded prompt needs no encoder (``with_encoder=False``)."""
+    encoder = cfg.encoder_reparameterization_type if cfg.method == "p_tuning" and with_encoder else None
+    prompt = SoftPrompt(
+        cfg.num_virtual_tokens,
+        model.cfg.d_model,
+        encoder,
+        cfg.encoder_hidden_size,
+        cfg.encoder_num_layers,
+        cfg.encoder_dropout,
+    )
+    if cfg.method == "prompt_tuning" and cfg.prompt_tuning_init == "TEXT" and with_encoder:
+        from lmforge.tokenizer import load_tokenizer
+
+        if not cfg.tokenizer_name_or_path:
+            raise AdapterConfigError("peft.tokenizer_name_or_path: required with prompt_tuning_init=TEXT")
+        token_ids = load_tokenizer(cfg.tokenizer_name_or_path).encode(cfg.prompt_tuning_init_text)
+        if not token_ids:
+            raise AdapterConfigError("peft.prompt_tuning_init_text: the text encodes to no tokens")
+        prompt.init_from_text(model.embed_tokens, token_ids)
+    weight = next(model.parameters())
+    attach_prompt(model, prompt.to(device=weight.device, dtype=weight.dtype))
+    model.peft_config = cfg
+    return model
+
+
 def _untie_head(model: Transformer) -> None:
     if model.cfg.tie_embeddings and model.lm_head is not None:
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
@@ -148,7 +178,10 @@ def _untie_head(model: Transformer) -> None:
 
 
 def adapter_state_dict(model: Transformer) -> dict[str, Tensor]:
-    """The trainable tensors (adapter and modules_to_save) under peft's checkpoint names."""
+    """The trainable tensors (adapter and modules_to_save) under peft's checkpoint names; for soft prompts
+    peft's ``prompt_embeddings``, the prompt itself (a P-tuning encoder's output)."""
+    if model.peft_config.method in PROMPT_METHODS:
+        return {"prompt_embeddings": model.prompt_encoder().detach().contiguous()}
     return {
         PEFT_PREFIX + checkpoint_name(model, name): param.detach().contiguous()
         for name, param in model.named_parameters()
@@ -162,7 +195,8 @@ def save_adapter(model: Transformer, folder: str | Path, base_model: str | None)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: t.cpu() for k, t in adapter_state_dict(model).items()}
     save_file(state, str(folder / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
-    config = to_adapter_config(model.peft_config, base_model)
+    cfg = model.cfg
+    config = to_adapter_config(model.peft_config, base_model, cfg.d_model, cfg.n_layers, cfg.n_heads)
     (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return folder
 
@@ -176,9 +210,16 @@ def load_adapter(model: Transformer, folder: str | Path, cfg: PeftConfig) -> Tra
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise AdapterConfigError(f"{path}: not a readable safetensors file ({err})") from err
-    apply_peft(model, cfg)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    ours = {PEFT_PREFIX + checkpoint_name(model, name): name for name in params}
+    if cfg.method in PROMPT_METHODS:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        _apply_soft_prompt(model, cfg, with_encoder=False)
+        params = {"prompt_embeddings": model.prompt_encoder.embedding.weight}
+        ours = {"prompt_embeddings": "prompt_embeddings"}
+    else:
+        apply_peft(model, cfg)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        ours = {PEFT_PREFIX + checkpoint_name(model, name): name for name in params}
     for key, tensor in tensors.items():
         if key not in ours:
             raise AdapterConfigError(f"{path}: tensor {key!r} has no place in the model")
@@ -202,6 +243,10 @@ def adapter_layers(model: nn.Module) -> list[AdapterLayer]:
 
 def merge_adapter(model: Transformer) -> Transformer:
     """Fold every adapter into its base weights and remove the adapter layers: a plain Transformer again."""
+    if model.peft_config.method in PROMPT_METHODS:
+        raise AdapterConfigError(
+            f"{model.peft_config.method}: a soft prompt adds virtual tokens, it has no weights to merge into"
+        )
     for name, module in list(model.named_modules()):
         if isinstance(module, (LoraLinear, LoraEmbedding, IA3Linear)):
             module.merge()

@@ -16,7 +16,8 @@ from typing import Any
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-PEFT_TYPES = {"lora": "LORA", "ia3": "IA3"}  # our method name -> peft's peft_type
+PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING"}
+PROMPT_METHODS = ("prompt_tuning", "p_tuning")  # soft prompts: no target modules
 # peft's defaults for Llama / Mistral / Qwen2 models
 DEFAULT_TARGETS = {"lora": ["q_proj", "v_proj"], "ia3": ["k_proj", "v_proj", "down_proj"]}
 DEFAULT_FEEDFORWARD = ["down_proj"]
@@ -43,7 +44,7 @@ class AdapterConfigError(ValueError):
 class PeftConfig:
     """Parameter-efficient fine-tuning; ``method`` empty means full fine-tuning."""
 
-    method: str = ""  # "lora" or "ia3"
+    method: str = ""  # "lora", "ia3", "prompt_tuning" or "p_tuning"
     r: int = 8  # LoRA rank
     lora_alpha: float = 8.0  # LoRA scaling numerator: alpha / r (alpha / sqrt(r) with use_rslora)
     lora_dropout: float = 0.0  # dropout on the LoRA branch's input
@@ -54,6 +55,14 @@ class PeftConfig:
     modules_to_save: list[str] = field(default_factory=list)  # trained in full and saved with the adapter
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module-name pattern -> r
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # module-name pattern -> lora_alpha
+    num_virtual_tokens: int = 8  # soft prompts: the prompt's length
+    prompt_tuning_init: str = "RANDOM"  # or "TEXT": the embeddings of prompt_tuning_init_text
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None  # the tokenizer folder for prompt_tuning_init_text
+    encoder_reparameterization_type: str = "MLP"  # P-tuning's prompt encoder: "MLP" or "LSTM"
+    encoder_hidden_size: int | None = None  # None: d_model
+    encoder_num_layers: int = 2  # LSTM layers
+    encoder_dropout: float = 0.0  # between LSTM layers
 
     def __post_init__(self) -> None:
         if self.method and self.method not in PEFT_TYPES:
@@ -65,13 +74,27 @@ class PeftConfig:
                 raise ValueError(f"peft.rank_pattern: rank {rank} for {name!r} must be a positive integer")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"peft.lora_dropout: {self.lora_dropout} is not in [0, 1)")
+        if self.num_virtual_tokens <= 0:
+            raise ValueError(
+                f"peft.num_virtual_tokens: must be a positive integer, got {self.num_virtual_tokens}"
+            )
+        if self.prompt_tuning_init not in ("RANDOM", "TEXT"):
+            raise ValueError(
+                f"peft.prompt_tuning_init: {self.prompt_tuning_init!r} is not 'RANDOM' or 'TEXT'"
+            )
+        if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
+            raise ValueError("peft.prompt_tuning_init_text: required with prompt_tuning_init=TEXT")
+        if self.encoder_reparameterization_type not in ("MLP", "LSTM"):
+            raise ValueError(
+                f"peft.encoder_reparameterization_type: {self.encoder_reparameterization_type!r} is not 'MLP' or 'LSTM'"
+            )
         if self.method == "ia3" and (self.use_dora or self.use_rslora):
             raise ValueError("peft.use_dora / peft.use_rslora: LoRA options, not IA3 ones")
         for key in ("target_modules", "feedforward_modules"):
             value = getattr(self, key)
             if not (value is None or isinstance(value, str) or _is_str_list(value)):
                 raise ValueError(f"peft.{key}: a list of module names or one regex, got {value!r}")
-        if self.target_modules is None and self.method:
+        if self.target_modules is None and self.method in DEFAULT_TARGETS:
             self.target_modules = list(DEFAULT_TARGETS[self.method])
         if self.method == "ia3" and self.feedforward_modules is None:
             self.feedforward_modules = list(DEFAULT_FEEDFORWARD)
@@ -85,8 +108,42 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
 
 
-def to_adapter_config(cfg: PeftConfig, base_model: str | None) -> dict[str, Any]:
-    """The ``adapter_config.json`` peft writes for ``cfg`` (its key names; options we lack at their defaults)."""
+def _prompt_config(
+    cfg: PeftConfig, base_model: str | None, token_dim: int, num_layers: int, num_heads: int
+) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "peft_type": PEFT_TYPES[cfg.method],
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "num_virtual_tokens": cfg.num_virtual_tokens,
+        "token_dim": token_dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": num_heads,
+        "num_layers": num_layers,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "revision": None,
+    }
+    if cfg.method == "prompt_tuning":
+        return config | {
+            "prompt_tuning_init": cfg.prompt_tuning_init,
+            "prompt_tuning_init_text": cfg.prompt_tuning_init_text,
+            "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
+            "tokenizer_kwargs": None,
+        }
+    return config | {
+        "encoder_reparameterization_type": cfg.encoder_reparameterization_type,
+        "encoder_hidden_size": cfg.encoder_hidden_size or token_dim,
+        "encoder_num_layers": cfg.encoder_num_layers,
+        "encoder_dropout": cfg.encoder_dropout,
+    }
+
+
+def to_adapter_config(
+    cfg: PeftConfig, base_model: str | None, token_dim: int, num_layers: int, num_heads: int
+) -> dict[str, Any]:
+    """The ``adapter_config.json`` peft writes for ``cfg`` (its key names; options we lack at their defaults);
+    the model's width, depth and head count are recorded for soft prompts, as peft does."""
     common: dict[str, Any] = {
         "peft_type": PEFT_TYPES[cfg.method],
         "task_type": "CAUSAL_LM",
@@ -96,6 +153,8 @@ def to_adapter_config(cfg: PeftConfig, base_model: str | None) -> dict[str, Any]
         "inference_mode": True,
         "revision": None,
     }
+    if cfg.method in PROMPT_METHODS:
+        return _prompt_config(cfg, base_model, token_dim, num_layers, num_heads)
     if cfg.method == "ia3":
         return common | {
             "feedforward_modules": cfg.feedforward_modules,
@@ -141,11 +200,8 @@ def read_adapter_config(folder: str | Path) -> tuple[PeftConfig, str | None]:
         if value not in (default, [], {}) and not (key == "bias" and value is None):
             raise AdapterConfigError(f"{path}: {key}={value!r} is not supported (only {default!r})")
     method = methods[peft_type]
-    keys = ["target_modules", "modules_to_save"]
-    keys += (
-        ["feedforward_modules"]
-        if method == "ia3"
-        else [
+    keys = {
+        "lora": [
             "r",
             "lora_alpha",
             "lora_dropout",
@@ -153,8 +209,22 @@ def read_adapter_config(folder: str | Path) -> tuple[PeftConfig, str | None]:
             "use_dora",
             "rank_pattern",
             "alpha_pattern",
-        ]
-    )
+        ],
+        "ia3": ["feedforward_modules"],
+        "prompt_tuning": ["prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path"],
+        "p_tuning": [
+            "encoder_reparameterization_type",
+            "encoder_hidden_size",
+            "encoder_num_layers",
+            "encoder_dropout",
+        ],
+    }[method]
+    if method in PROMPT_METHODS:
+        keys.append("num_virtual_tokens")
+        if raw.get("num_transformer_submodules", 1) != 1:
+            raise AdapterConfigError(f"{path}: num_transformer_submodules must be 1 (a decoder-only model)")
+    else:
+        keys += ["target_modules", "modules_to_save"]
     fields = {k: raw[k] for k in keys if raw.get(k) is not None}
     try:
         cfg = PeftConfig(method=method, **fields)
