@@ -2,7 +2,15 @@
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
 
 from lmforge.model.hf import load_pretrained
 from lmforge.tune.peft import PeftConfig, apply_peft, load_adapter, read_adapter_config, save_adapter
@@ -26,6 +34,10 @@ CONFIGS = {
     "lora-regex": dict(method="lora", r=2, lora_alpha=4, target_modules=r".*\.mlp\.(up|down)_proj"),
     "ia3": dict(method="ia3"),
     "ia3-custom": dict(method="ia3", target_modules=["q_proj", "up_proj"], feedforward_modules=["up_proj"]),
+    "prefix-tuning": dict(method="prefix_tuning", num_virtual_tokens=3),
+    "prefix-tuning-projection": dict(
+        method="prefix_tuning", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16
+    ),
     "prompt-tuning": dict(method="prompt_tuning", num_virtual_tokens=4),
     "p-tuning-mlp": dict(method="p_tuning", num_virtual_tokens=3, encoder_hidden_size=16),
     "p-tuning-lstm": dict(
@@ -40,6 +52,7 @@ PEFT_CONFIGS = {
     "ia3": IA3Config,
     "prompt_tuning": PromptTuningConfig,
     "p_tuning": PromptEncoderConfig,
+    "prefix_tuning": PrefixTuningConfig,
 }
 
 

@@ -1,4 +1,4 @@
-"""Soft prompts (prompt tuning, P-tuning): text init, KV-cache decoding, SFT, and no merging."""
+"""Virtual tokens (prompt tuning, P-tuning, prefix tuning): text init, KV-cache decoding, SFT, no merging."""
 
 import json
 
@@ -28,7 +28,7 @@ def test_text_init_copies_the_texts_token_embeddings_repeated_to_length(chat_bas
     assert torch.equal(model.prompt_encoder(), model.embed_tokens.weight[expected])
 
 
-@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
 def test_cached_decoding_sees_the_prompt_once(llama_dir, method, input_ids):
     model = apply_peft(load_pretrained(llama_dir), PeftConfig(method=method, num_virtual_tokens=3))
     with torch.no_grad():
@@ -45,12 +45,22 @@ def test_a_soft_prompt_cannot_be_merged(llama_dir):
         merge_adapter(model)
 
 
-def test_sft_trains_a_soft_prompt_and_exports_it(tmp_path, chat_base):
+@pytest.mark.parametrize(
+    ("method", "peft_type", "token_dim"),
+    [("prompt_tuning", "PROMPT_TUNING", 32), ("prefix_tuning", "PREFIX_TUNING", 16)],
+)
+def test_sft_trains_virtual_tokens_and_exports_them(tmp_path, chat_base, method, peft_type, token_dim):
     torch.set_num_threads(1)
-    recipe = sft_recipe(tmp_path, chat_base, method="prompt_tuning", num_virtual_tokens=4)
+    recipe = sft_recipe(tmp_path, chat_base, method=method, num_virtual_tokens=4)
     recipe["sft"]["pack"] = False
     result, _ = run_sft(load_config(SFTConfig, data=recipe), progress=False)
     cfg, _ = read_adapter_config(result.model_dir)
-    assert (cfg.method, cfg.num_virtual_tokens) == ("prompt_tuning", 4)
+    assert (cfg.method, cfg.num_virtual_tokens) == (method, 4)
     config = json.loads((result.model_dir / "adapter_config.json").read_text())
-    assert config["peft_type"] == "PROMPT_TUNING" and config["token_dim"] == 32
+    assert (
+        config["peft_type"] == peft_type and config["token_dim"] == token_dim
+    )  # prefix: the k/v width (GQA)
+    losses = [
+        json.loads(line)["loss"] for line in (tmp_path / "sft" / "metrics.jsonl").open() if "loss" in line
+    ]
+    assert losses[-1] < losses[0]

@@ -31,6 +31,7 @@ from lmforge.tune.peft.config import (
 )
 from lmforge.tune.peft.ia3 import IA3Linear
 from lmforge.tune.peft.lora import LoraEmbedding, LoraLinear
+from lmforge.tune.peft.prefix import PrefixEncoder, attach_prefix
 from lmforge.tune.peft.prompt import SoftPrompt, attach_prompt
 
 PEFT_PREFIX = "base_model.model."  # peft's prefix for the wrapped transformers model
@@ -146,7 +147,18 @@ def apply_peft(model: Transformer, cfg: PeftConfig) -> Transformer:
 
 
 def _apply_soft_prompt(model: Transformer, cfg: PeftConfig, with_encoder: bool) -> Transformer:
-    """Prompt tuning / P-tuning; a loaded prompt needs no encoder (``with_encoder=False``)."""
+    """Prompt tuning, P-tuning, prefix tuning; a loaded prompt or prefix needs no encoder (``with_encoder=False``)."""
+    weight = next(model.parameters())
+    model.peft_config = cfg
+    if cfg.method == "prefix_tuning":
+        mcfg = model.cfg
+        kv_dim = mcfg.n_kv_heads * mcfg.head_dim
+        projection = cfg.prefix_projection and with_encoder
+        encoder = PrefixEncoder(
+            cfg.num_virtual_tokens, mcfg.n_layers, kv_dim, projection, cfg.encoder_hidden_size
+        )
+        attach_prefix(model, encoder.to(device=weight.device, dtype=weight.dtype))
+        return model
     encoder = cfg.encoder_reparameterization_type if cfg.method == "p_tuning" and with_encoder else None
     prompt = SoftPrompt(
         cfg.num_virtual_tokens,
@@ -165,9 +177,7 @@ def _apply_soft_prompt(model: Transformer, cfg: PeftConfig, with_encoder: bool) 
         if not token_ids:
             raise AdapterConfigError("peft.prompt_tuning_init_text: the text encodes to no tokens")
         prompt.init_from_text(model.embed_tokens, token_ids)
-    weight = next(model.parameters())
     attach_prompt(model, prompt.to(device=weight.device, dtype=weight.dtype))
-    model.peft_config = cfg
     return model
 
 
@@ -180,6 +190,8 @@ def _untie_head(model: Transformer) -> None:
 def adapter_state_dict(model: Transformer) -> dict[str, Tensor]:
     """The trainable tensors (adapter and modules_to_save) under peft's checkpoint names; for soft prompts
     peft's ``prompt_embeddings``, the prompt itself (a P-tuning encoder's output)."""
+    if model.peft_config.method == "prefix_tuning":
+        return {"prompt_embeddings": model.prefix_encoder().detach().contiguous()}
     if model.peft_config.method in PROMPT_METHODS:
         return {"prompt_embeddings": model.prompt_encoder().detach().contiguous()}
     return {
@@ -196,7 +208,12 @@ def save_adapter(model: Transformer, folder: str | Path, base_model: str | None)
     state = {k: t.cpu() for k, t in adapter_state_dict(model).items()}
     save_file(state, str(folder / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
     cfg = model.cfg
-    config = to_adapter_config(model.peft_config, base_model, cfg.d_model, cfg.n_layers, cfg.n_heads)
+    # the width and head count of the virtual tokens: the keys'/values' for a prefix (as peft records them)
+    if model.peft_config.method == "prefix_tuning":
+        token_dim, heads = cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads
+    else:
+        token_dim, heads = cfg.d_model, cfg.n_heads
+    config = to_adapter_config(model.peft_config, base_model, token_dim, cfg.n_layers, heads)
     (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return folder
 
@@ -214,7 +231,8 @@ def load_adapter(model: Transformer, folder: str | Path, cfg: PeftConfig) -> Tra
         for param in model.parameters():
             param.requires_grad_(False)
         _apply_soft_prompt(model, cfg, with_encoder=False)
-        params = {"prompt_embeddings": model.prompt_encoder.embedding.weight}
+        encoder = model.prefix_encoder if cfg.method == "prefix_tuning" else model.prompt_encoder
+        params = {"prompt_embeddings": encoder.embedding.weight}
         ours = {"prompt_embeddings": "prompt_embeddings"}
     else:
         apply_peft(model, cfg)

@@ -16,8 +16,14 @@ from typing import Any
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING"}
-PROMPT_METHODS = ("prompt_tuning", "p_tuning")  # soft prompts: no target modules
+PEFT_TYPES = {
+    "lora": "LORA",
+    "ia3": "IA3",
+    "prompt_tuning": "PROMPT_TUNING",
+    "p_tuning": "P_TUNING",
+    "prefix_tuning": "PREFIX_TUNING",
+}
+PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")  # virtual tokens: no target modules
 # peft's defaults for Llama / Mistral / Qwen2 models
 DEFAULT_TARGETS = {"lora": ["q_proj", "v_proj"], "ia3": ["k_proj", "v_proj", "down_proj"]}
 DEFAULT_FEEDFORWARD = ["down_proj"]
@@ -44,7 +50,7 @@ class AdapterConfigError(ValueError):
 class PeftConfig:
     """Parameter-efficient fine-tuning; ``method`` empty means full fine-tuning."""
 
-    method: str = ""  # "lora", "ia3", "prompt_tuning" or "p_tuning"
+    method: str = ""  # "lora", "ia3", "prompt_tuning", "p_tuning" or "prefix_tuning"
     r: int = 8  # LoRA rank
     lora_alpha: float = 8.0  # LoRA scaling numerator: alpha / r (alpha / sqrt(r) with use_rslora)
     lora_dropout: float = 0.0  # dropout on the LoRA branch's input
@@ -60,7 +66,8 @@ class PeftConfig:
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None  # the tokenizer folder for prompt_tuning_init_text
     encoder_reparameterization_type: str = "MLP"  # P-tuning's prompt encoder: "MLP" or "LSTM"
-    encoder_hidden_size: int | None = None  # None: d_model
+    encoder_hidden_size: int | None = None  # P-tuning / prefix projection MLP width; None: the token width
+    prefix_projection: bool = False  # prefix tuning: the prefix is an MLP's output, not learned directly
     encoder_num_layers: int = 2  # LSTM layers
     encoder_dropout: float = 0.0  # between LSTM layers
 
@@ -130,6 +137,11 @@ def _prompt_config(
             "prompt_tuning_init_text": cfg.prompt_tuning_init_text,
             "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
             "tokenizer_kwargs": None,
+        }
+    if cfg.method == "prefix_tuning":
+        return config | {
+            "prefix_projection": cfg.prefix_projection,
+            "encoder_hidden_size": cfg.encoder_hidden_size or token_dim,
         }
     return config | {
         "encoder_reparameterization_type": cfg.encoder_reparameterization_type,
@@ -218,6 +230,7 @@ def read_adapter_config(folder: str | Path) -> tuple[PeftConfig, str | None]:
             "encoder_num_layers",
             "encoder_dropout",
         ],
+        "prefix_tuning": ["prefix_projection", "encoder_hidden_size"],
     }[method]
     if method in PROMPT_METHODS:
         keys.append("num_virtual_tokens")
