@@ -35,7 +35,7 @@ def _peft_merge(args: argparse.Namespace) -> int:
     from lmforge.tune.peft import AdapterConfigError, merge_adapter_folder
 
     try:
-        out = merge_adapter_folder(args.adapter_dir, args.out, base=args.base)
+        out = merge_adapter_folder(args.adapter_dir, args.out, base=args.base, quantize=args.quantize)
     except (AdapterConfigError, ModelLoadError) as err:
         print(f"lmforge peft merge: {err}", file=sys.stderr)
         return 2
@@ -70,5 +70,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("adapter_dir", help="adapter folder (written by lmforge sft or the peft library)")
     merge.add_argument("--out", required=True, help="folder for the merged model")
     merge.add_argument("--base", help="base model folder (default: base_model_name_or_path of the adapter)")
+    merge.add_argument(
+        "--quantize",
+        choices=["nf4"],
+        default="",
+        help="the adapter was trained on NF4 base weights (QLoRA, peft.quantize=nf4): merge into those, dequantized",
+    )
     merge.set_defaults(handler=_peft_merge)
     peft.set_defaults(handler=lambda args: peft.print_help() or 2)

@@ -78,3 +78,19 @@ def test_a_bad_peft_block_is_a_config_error(tmp_path, chat_base):
         load_config(SFTConfig, data=sft_recipe(tmp_path, chat_base, method="lora", r=0))
     with pytest.raises(ConfigError, match=r"peft\.method: 'lokr' is not one of"):
         load_config(SFTConfig, data=sft_recipe(tmp_path, chat_base, method="lokr"))
+
+
+def test_sft_with_qlora_trains_lora_on_nf4_weights_and_merges_into_them(tmp_path, chat_base):
+    torch.set_num_threads(1)
+    recipe = sft_recipe(tmp_path, chat_base, method="lora", r=4, quantize="nf4", target_modules="all-linear")
+    result, _ = run_sft(load_config(SFTConfig, data=recipe), progress=False)
+    peft_cfg, _ = read_adapter_config(result.model_dir)
+    peft_cfg.quantize = "nf4"
+    tuned = load_adapter(load_pretrained(chat_base), result.model_dir, peft_cfg)
+    ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(0))
+    argv = ["peft", "merge", str(result.model_dir), "--quantize", "nf4", "--out", str(tmp_path / "merged")]
+    assert main(argv) == 0
+    with torch.no_grad():
+        ours = tuned(ids).logits
+        merged = hf_model(tmp_path / "merged")(input_ids=ids).logits
+    assert (merged - ours).abs().max() <= 1e-4

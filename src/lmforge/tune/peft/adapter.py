@@ -31,6 +31,7 @@ from lmforge.tune.peft.config import (
 )
 from lmforge.tune.peft.ia3 import IA3Linear
 from lmforge.tune.peft.lora import LoraEmbedding, LoraLinear
+from lmforge.tune.peft.nf4 import NF4Linear, quantize_linears
 from lmforge.tune.peft.prefix import PrefixEncoder, attach_prefix
 from lmforge.tune.peft.prompt import SoftPrompt, attach_prompt
 
@@ -107,10 +108,12 @@ def apply_peft(model: Transformer, cfg: PeftConfig) -> Transformer:
         param.requires_grad_(False)
     if cfg.method in PROMPT_METHODS:
         return _apply_soft_prompt(model, cfg, with_encoder=True)
+    if cfg.quantize == "nf4":
+        quantize_linears(model, getattr(torch, cfg.compute_dtype))
     candidates = {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, nn.Embedding)) and not isinstance(module, (LoraLinear, IA3Linear))
+        if isinstance(module, (nn.Linear, nn.Embedding, NF4Linear))
     }
     keys = {name: checkpoint_name(model, name) for name in candidates}
     targets = [
@@ -269,6 +272,9 @@ def merge_adapter(model: Transformer) -> Transformer:
         if isinstance(module, (LoraLinear, LoraEmbedding, IA3Linear)):
             module.merge()
             _set_module(model, name, module.base_layer)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NF4Linear):  # QLoRA: the layers without an adapter are dequantized too
+            _set_module(model, name, module.dequantized())
     for param in model.parameters():
         param.requires_grad_(True)
     del model.peft_config

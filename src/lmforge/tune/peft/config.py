@@ -68,6 +68,8 @@ class PeftConfig:
     encoder_reparameterization_type: str = "MLP"  # P-tuning's prompt encoder: "MLP" or "LSTM"
     encoder_hidden_size: int | None = None  # P-tuning / prefix projection MLP width; None: the token width
     prefix_projection: bool = False  # prefix tuning: the prefix is an MLP's output, not learned directly
+    quantize: str = ""  # "nf4": QLoRA, the frozen linear layers of the blocks stored as NF4 (LoRA only)
+    compute_dtype: str = "float32"  # QLoRA: the dtype NF4 weights are dequantized to ("float32", "bfloat16")
     encoder_num_layers: int = 2  # LSTM layers
     encoder_dropout: float = 0.0  # between LSTM layers
 
@@ -95,6 +97,14 @@ class PeftConfig:
             raise ValueError(
                 f"peft.encoder_reparameterization_type: {self.encoder_reparameterization_type!r} is not 'MLP' or 'LSTM'"
             )
+        if self.quantize not in ("", "nf4"):
+            raise ValueError(f"peft.quantize: {self.quantize!r} is not '' or 'nf4'")
+        if self.quantize and self.method != "lora":
+            raise ValueError(
+                f"peft.quantize: NF4 base weights (QLoRA) go with method=lora, not {self.method!r}"
+            )
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"peft.compute_dtype: {self.compute_dtype!r} is not 'float32' or 'bfloat16'")
         if self.method == "ia3" and (self.use_dora or self.use_rslora):
             raise ValueError("peft.use_dora / peft.use_rslora: LoRA options, not IA3 ones")
         for key in ("target_modules", "feedforward_modules"):

@@ -16,14 +16,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.tune.peft.nf4 import NF4Linear
+
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 class LoraLinear(nn.Module):
+    """LoRA (or DoRA) on a linear layer, plain or NF4 (QLoRA)."""
+
     def __init__(
-        self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool
+        self,
+        base_layer: nn.Linear | NF4Linear,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        use_dora: bool,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -61,9 +71,12 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into the base weight (in its dtype); the forward is unchanged."""
+        """Fold the update into the base weight (in its dtype); the forward is unchanged. An NF4 base is
+        dequantized (to its compute dtype) first and stays a plain linear layer."""
         if self.merged:
             return
+        if isinstance(self.base_layer, NF4Linear):
+            self.base_layer = self.base_layer.dequantized()
         weight = self.base_layer.weight
         updated = self._updated_weight().float()
         if self.lora_magnitude_vector is not None:

@@ -20,11 +20,17 @@ def _saved_dtype(folder: Path) -> torch.dtype:
     return _DTYPES.get(config.get("torch_dtype") or config.get("dtype"), torch.float32)
 
 
-def merge_adapter_folder(adapter_dir: str | Path, out: str | Path, base: str | Path | None = None) -> Path:
+def merge_adapter_folder(
+    adapter_dir: str | Path, out: str | Path, base: str | Path | None = None, quantize: str = ""
+) -> Path:
     """Load the base (``base``, else the adapter's ``base_model_name_or_path``), apply the adapter, fold it
-    into the weights in fp32 and write the result, with the tokenizer of the adapter or base folder, to ``out``."""
+    into the weights in fp32 and write the result, with the tokenizer of the adapter or base folder, to ``out``.
+
+    quantize="nf4": the adapter was trained on NF4 base weights (QLoRA), so it is merged into the dequantized
+    NF4 weights it was trained with (fp32 compute dtype)."""
     adapter_dir = Path(adapter_dir)
     cfg, recorded_base = read_adapter_config(adapter_dir)
+    cfg.quantize = quantize
     base_dir = Path(base or recorded_base or "")
     if base is not None and not (base_dir / "config.json").is_file():
         raise AdapterConfigError(f"--base {base}: not a model folder (no config.json)")
