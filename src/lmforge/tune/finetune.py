@@ -21,9 +21,10 @@ learns the replies only. The recipe is a :class:`~lmforge.train.TrainConfig` plu
     peft: {method: lora, r: 16, lora_alpha: 32, target_modules: all-linear}   # optional, see below
 
 The exported model (``RUN/model``) is in Hugging Face layout with the tokenizer and its chat template.
-With a ``peft`` method (:class:`~lmforge.tune.peft.PeftConfig`: ``lora`` or ``ia3``) only the adapter trains
-and the export is the adapter folder ``RUN/adapter`` in the peft library's format (with the tokenizer);
-``lmforge peft merge RUN/adapter --out DIR`` folds it into the base model.
+With a ``peft`` method (:class:`~lmforge.tune.peft.PeftConfig`: ``lora`` (with ``quantize: nf4``: QLoRA),
+``ia3``, ``prompt_tuning``, ``p_tuning``, ``prefix_tuning``) only the adapter trains and the export is the adapter
+folder ``RUN/adapter`` in the peft library's format (with the tokenizer); ``lmforge peft merge RUN/adapter --out
+DIR`` folds a LoRA/IA3 adapter into the base model. Virtual-token methods need ``sft.pack: false``.
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> tuple[TrainResult, SFTData
     cfg.log.progress = cfg.log.progress and progress
     model, export_adapter = None, False
     if cfg.peft.method:
+        if cfg.peft.prompt_tuning_init == "TEXT" and not cfg.peft.tokenizer_name_or_path:
+            cfg.peft.tokenizer_name_or_path = str(tokenizer_dir)
         model = _peft_model(cfg)
         # the trainer exports full models; the adapter is exported below instead
         export_adapter, cfg.checkpoint.export = cfg.checkpoint.export, False

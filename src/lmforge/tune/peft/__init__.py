@@ -1,4 +1,5 @@
-"""Parameter-efficient fine-tuning (LoRA with rsLoRA/DoRA, IA3) in the peft library's adapter format."""
+"""Parameter-efficient fine-tuning in the peft library's adapter format: LoRA (rsLoRA, DoRA, patterns, embeddings,
+modules_to_save), QLoRA (LoRA on NF4 weights), IA3, prompt tuning, P-tuning and prefix tuning."""
 
 from lmforge.tune.peft.adapter import (
     adapter_layers,

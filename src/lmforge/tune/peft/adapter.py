@@ -1,10 +1,12 @@
 """Put an adapter on a Transformer, save it and load it in peft's folder layout, merge it into the weights.
 
 The adapter layers replace the targeted modules in place (:mod:`lmforge.tune.peft.lora`,
-:mod:`lmforge.tune.peft.ia3`), so the model stays a Transformer that the trainer, checkpoints and the
-inference engine use unchanged; every base parameter is frozen. Modules are named, matched and saved by their
-Hugging Face checkpoint names (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), which is
-what makes the folder interchangeable with peft's.
+:mod:`lmforge.tune.peft.ia3`, on NF4 weights for QLoRA: :mod:`lmforge.tune.peft.nf4`); virtual tokens hook into
+the forward (:mod:`lmforge.tune.peft.prompt`, :mod:`lmforge.tune.peft.prefix`). Either way the model stays a
+Transformer that the trainer and its checkpoints use unchanged; every base parameter is frozen. Modules are
+named, matched and saved by their Hugging Face checkpoint names
+(``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), which makes the folder interchangeable with
+peft's.
 """
 
 from __future__ import annotations
@@ -104,8 +106,7 @@ def apply_peft(model: Transformer, cfg: PeftConfig) -> Transformer:
     is adapted, as peft's adapted model computes it (the head reads the base embedding)."""
     if not cfg.method:
         raise AdapterConfigError("peft.method: no method chosen")
-    for param in model.parameters():
-        param.requires_grad_(False)
+    model.requires_grad_(False)
     if cfg.method in PROMPT_METHODS:
         return _apply_soft_prompt(model, cfg, with_encoder=True)
     if cfg.quantize == "nf4":
@@ -231,8 +232,7 @@ def load_adapter(model: Transformer, folder: str | Path, cfg: PeftConfig) -> Tra
     except (SafetensorError, OSError) as err:
         raise AdapterConfigError(f"{path}: not a readable safetensors file ({err})") from err
     if cfg.method in PROMPT_METHODS:
-        for param in model.parameters():
-            param.requires_grad_(False)
+        model.requires_grad_(False)
         _apply_soft_prompt(model, cfg, with_encoder=False)
         encoder = model.prefix_encoder if cfg.method == "prefix_tuning" else model.prompt_encoder
         params = {"prompt_embeddings": encoder.embedding.weight}
@@ -275,7 +275,6 @@ def merge_adapter(model: Transformer) -> Transformer:
     for name, module in list(model.named_modules()):
         if isinstance(module, NF4Linear):  # QLoRA: the layers without an adapter are dequantized too
             _set_module(model, name, module.dequantized())
-    for param in model.parameters():
-        param.requires_grad_(True)
+    model.requires_grad_(True)
     del model.peft_config
     return model

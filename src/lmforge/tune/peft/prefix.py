@@ -19,8 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.model import KVView, Transformer
-
-_FORWARD_ARGS = ("input_ids", "position_ids", "segment_ids", "prefix_lengths", "cache")
+from lmforge.tune.peft.prompt import FORWARD_ARGS
 
 
 class PrefixEncoder(nn.Module):
@@ -73,7 +72,7 @@ def _layer_keys_values(model: Transformer, batch: int) -> tuple[list[Tensor], li
 
 
 def _add_prefix(model: Transformer, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    inputs = dict(zip(_FORWARD_ARGS, args)) | kwargs
+    inputs = dict(zip(FORWARD_ARGS, args)) | kwargs
     cache = inputs.get("cache")
     if cache is not None and (not hasattr(cache, "lengths") or int(cache.lengths().max()) > 0):
         return (), inputs  # the prefix is in the cache already (or the caller manages it)

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from lmforge.model import Transformer
 from lmforge.model.transformer import ModelOutput
 
-_FORWARD_ARGS = ("input_ids", "position_ids", "segment_ids", "prefix_lengths", "cache")
+# Transformer.forward's arguments in order: a hook sees some of them positional
+FORWARD_ARGS = ("input_ids", "position_ids", "segment_ids", "prefix_lengths", "cache")
 
 
 class _LSTMEncoder(nn.Module):
@@ -84,7 +85,7 @@ class SoftPrompt(nn.Module):
 
 
 def _prepend_prompt(model: Transformer, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    inputs = dict(zip(_FORWARD_ARGS, args)) | kwargs
+    inputs = dict(zip(FORWARD_ARGS, args)) | kwargs
     prompt: SoftPrompt = model.prompt_encoder
     cache = inputs.get("cache")
     ids = inputs["input_ids"]
