@@ -67,11 +67,11 @@ class PeftConfig:
     tokenizer_name_or_path: str | None = None  # the tokenizer folder for prompt_tuning_init_text
     encoder_reparameterization_type: str = "MLP"  # P-tuning's prompt encoder: "MLP" or "LSTM"
     encoder_hidden_size: int | None = None  # P-tuning / prefix projection MLP width; None: the token width
+    encoder_num_layers: int = 2  # LSTM layers
+    encoder_dropout: float = 0.0  # between LSTM layers
     prefix_projection: bool = False  # prefix tuning: the prefix is an MLP's output, not learned directly
     quantize: str = ""  # "nf4": QLoRA, the frozen linear layers of the blocks stored as NF4 (LoRA only)
     compute_dtype: str = "float32"  # QLoRA: the dtype NF4 weights are dequantized to ("float32", "bfloat16")
-    encoder_num_layers: int = 2  # LSTM layers
-    encoder_dropout: float = 0.0  # between LSTM layers
 
     def __post_init__(self) -> None:
         if self.method and self.method not in PEFT_TYPES:
