@@ -64,3 +64,14 @@ def test_sft_trains_virtual_tokens_and_exports_them(tmp_path, chat_base, method,
         json.loads(line)["loss"] for line in (tmp_path / "sft" / "metrics.jsonl").open() if "loss" in line
     ]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_a_cache_without_lengths_is_refused_not_silently_skipped(llama_dir, method, input_ids):
+    class NoLengths:
+        def update(self, layer, keys, values, positions):
+            raise AssertionError("never reached")
+
+    model = apply_peft(load_pretrained(llama_dir), PeftConfig(method=method))
+    with pytest.raises(ValueError, match=r"the KV cache has no lengths\(\)"):
+        model(input_ids, position_ids=torch.arange(12).expand(2, 12), cache=NoLengths())

@@ -74,8 +74,12 @@ def _layer_keys_values(model: Transformer, batch: int) -> tuple[list[Tensor], li
 def _add_prefix(model: Transformer, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     inputs = dict(zip(FORWARD_ARGS, args)) | kwargs
     cache = inputs.get("cache")
-    if cache is not None and (not hasattr(cache, "lengths") or int(cache.lengths().max()) > 0):
-        return (), inputs  # the prefix is in the cache already (or the caller manages it)
+    if cache is not None and not hasattr(cache, "lengths"):
+        raise ValueError(
+            "prefix tuning: the KV cache has no lengths(), so the prefix cannot be put first in it"
+        )
+    if cache is not None and int(cache.lengths().max()) > 0:
+        return (), inputs  # the prefix went into the cache on its first call
     ids = inputs["input_ids"]
     batch = ids.shape[0]
     keys, values = _layer_keys_values(model, batch)

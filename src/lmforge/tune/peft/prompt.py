@@ -90,12 +90,14 @@ def _prepend_prompt(model: Transformer, args: tuple, kwargs: dict[str, Any]) -> 
     cache = inputs.get("cache")
     ids = inputs["input_ids"]
     prompt.prepended = 0
-    if (
-        (cache is not None and int(cache.lengths().max()) > 0)
-        or model.embed_tokens is None
-        or ids.is_floating_point()
-    ):
-        return (), inputs
+    if cache is not None and not hasattr(cache, "lengths"):
+        raise ValueError(
+            "soft prompts: the KV cache has no lengths(), so the prompt cannot be put first in it"
+        )
+    if cache is not None and int(cache.lengths().max()) > 0:
+        return (), inputs  # the prompt went in on the cache's first call
+    if model.embed_tokens is None or ids.is_floating_point():
+        return (), inputs  # embeddings given, or a pipeline stage without the embedding
     batch = ids.shape[0]
     virtual = prompt()
     n = virtual.shape[0]
