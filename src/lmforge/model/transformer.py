@@ -169,7 +169,8 @@ class Transformer(nn.Module):
         prefix_lengths: Tensor | None = None,
         cache: KVCache | None = None,
     ) -> ModelOutput:
-        """input_ids (batch, seq) token ids, or hidden states (batch, seq, d_model) when embed_tokens is None.
+        """input_ids (batch, seq) token ids, or (batch, seq, d_model) floating point: token embeddings (positions
+        and the embedding norm still apply), or hidden states when embed_tokens is None.
 
         position_ids default to 0..seq-1, continuing each sequence of a cache that has ``lengths()``.
         segment_ids confine attention to tokens of the same packed document. prefix_lengths (batch,) make
@@ -189,7 +190,8 @@ class Transformer(nn.Module):
                 position_ids = position_ids + cache.lengths().to(device)[:, None]
 
         if self.embed_tokens is not None:
-            x = self.embed_tokens(input_ids)
+            # floating-point input is token embeddings already (soft prompts: lmforge.tune.peft.prompt)
+            x = input_ids if input_ids.is_floating_point() else self.embed_tokens(input_ids)
             if self.pos_embed is not None:
                 if cfg.position == "learned" and int(position_ids.max()) >= cfg.max_seq_len:
                     raise ValueError(

@@ -1,4 +1,5 @@
-"""``lmforge sft --config sft.yaml [key=value ...]``: supervised fine-tuning in the one trainer."""
+"""``lmforge sft --config sft.yaml [key=value ...]``: supervised fine-tuning in the one trainer (full, or an
+adapter with ``peft.method=lora``); ``lmforge peft merge ADAPTER_DIR --out DIR``: fold an adapter into its base."""
 
 from __future__ import annotations
 
@@ -27,6 +28,21 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _peft_merge(args: argparse.Namespace) -> int:
+    import sys
+
+    from lmforge.model.hf import ModelLoadError
+    from lmforge.tune.peft import AdapterConfigError, merge_adapter_folder
+
+    try:
+        out = merge_adapter_folder(args.adapter_dir, args.out, base=args.base, quantize=args.quantize)
+    except (AdapterConfigError, ModelLoadError) as err:
+        print(f"lmforge peft merge: {err}", file=sys.stderr)
+        return 2
+    print(f"merged model written to {out}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from lmforge.config import add_config_arguments
 
@@ -39,3 +55,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_arguments(parser, example="optim.lr=2e-5 sft.pack=false")
     parser.set_defaults(handler=_sft)
+
+    peft = subparsers.add_parser(
+        "peft", help="parameter-efficient fine-tuning adapters (peft library format)"
+    )
+    peft_commands = peft.add_subparsers(dest="peft_command", metavar="SUBCOMMAND")
+    merge = peft_commands.add_parser(
+        "merge",
+        help="fold an adapter into its base model: a plain Hugging Face model folder",
+        description="Load the base model (--base, else the adapter's base_model_name_or_path), apply the "
+        "adapter (LoRA/DoRA/IA3, adapter_config.json + adapter_model.safetensors), merge it into the weights "
+        "and write a Hugging Face model folder with the tokenizer.",
+    )
+    merge.add_argument("adapter_dir", help="adapter folder (written by lmforge sft or the peft library)")
+    merge.add_argument("--out", required=True, help="folder for the merged model")
+    merge.add_argument("--base", help="base model folder (default: base_model_name_or_path of the adapter)")
+    merge.add_argument(
+        "--quantize",
+        choices=["nf4"],
+        default="",
+        help="the adapter was trained on NF4 base weights (QLoRA, peft.quantize=nf4): merge into those, dequantized",
+    )
+    merge.set_defaults(handler=_peft_merge)
+    peft.set_defaults(handler=lambda args: peft.print_help() or 2)

@@ -18,8 +18,13 @@ learns the replies only. The recipe is a :class:`~lmforge.train.TrainConfig` plu
       val_paths: [instruct/heldout.jsonl] # optional: validation loss on held-out chats
       pack: true
       group_by_length: false
+    peft: {method: lora, r: 16, lora_alpha: 32, target_modules: all-linear}   # optional, see below
 
 The exported model (``RUN/model``) is in Hugging Face layout with the tokenizer and its chat template.
+With a ``peft`` method (:class:`~lmforge.tune.peft.PeftConfig`: ``lora`` (with ``quantize: nf4``: QLoRA),
+``ia3``, ``prompt_tuning``, ``p_tuning``, ``prefix_tuning``) only the adapter trains and the export is the adapter
+folder ``RUN/adapter`` in the peft library's format (with the tokenizer); ``lmforge peft merge RUN/adapter --out
+DIR`` folds a LoRA/IA3 adapter into the base model. Virtual-token methods need ``sft.pack: false``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ from pathlib import Path
 
 import torch
 
-from lmforge.train import LMObjective, TrainConfig, TrainResult, train
+from lmforge.model import Transformer
+from lmforge.train import LMObjective, TrainConfig, TrainResult, build_model, train
+from lmforge.train.checkpoint import load_model_weights
+from lmforge.tune.peft import PeftConfig, apply_peft, save_adapter
 from lmforge.tune.sft import SFTDataSource, SFTDataStats, load_sft_examples
 
 Batch = dict[str, torch.Tensor]
@@ -49,6 +57,7 @@ class SFTDataConfig:
 @dataclass
 class SFTConfig(TrainConfig):
     sft: SFTDataConfig = field(default_factory=SFTDataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)  # method empty: full fine-tuning
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,6 +65,10 @@ class SFTConfig(TrainConfig):
             raise ValueError("sft.paths: at least one JSONL file of chats is required")
         if not self.init_from:
             raise ValueError("init_from: the model folder to fine-tune is required")
+        if self.peft.method and not Path(self.init_from).is_dir():
+            raise ValueError(
+                f"init_from: {self.init_from!r} must be a model folder (the adapter's base) with peft"
+            )
 
 
 def _validation(examples: list, cfg: SFTConfig, pad_id: int) -> Callable[[], Iterator[Batch]]:
@@ -109,8 +122,36 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> tuple[TrainResult, SFTData
             f"SFT data: {stats.examples} conversations, {stats.tokens} tokens ({stats.trained_tokens} trained), "
             f"{rejected} rejected, {stats.truncated} truncated; {source.batches_per_epoch()} batches per epoch"
         )
-    # the tokenizer is exported next to the model (chat template included); the caller's config is not changed
+    # the run's own copy of the config: the tokenizer is exported next to the model (chat template included),
+    # and with PEFT the adapter is exported below instead of a full model; the caller's config is not changed
     log = dataclasses.replace(cfg.log, progress=cfg.log.progress and progress)
     run_cfg = dataclasses.replace(cfg, tokenizer=str(tokenizer_dir), log=log)
-    result = train(run_cfg, objective=LMObjective(), train_data=source, val_data=val_data)
+    model, export_adapter = None, False
+    if run_cfg.peft.method:
+        if run_cfg.peft.prompt_tuning_init == "TEXT" and not run_cfg.peft.tokenizer_name_or_path:
+            run_cfg.peft = dataclasses.replace(run_cfg.peft, tokenizer_name_or_path=str(tokenizer_dir))
+        model = _peft_model(run_cfg)
+        export_adapter = run_cfg.checkpoint.export
+        run_cfg.checkpoint = dataclasses.replace(run_cfg.checkpoint, export=False)
+    result = train(run_cfg, model=model, objective=LMObjective(), train_data=source, val_data=val_data)
+    if export_adapter and result.checkpoint is not None:
+        result = dataclasses.replace(result, model_dir=_export_adapter(run_cfg, result.checkpoint))
     return result, stats
+
+
+def _peft_model(cfg: SFTConfig) -> Transformer:
+    return apply_peft(build_model(cfg), cfg.peft)
+
+
+def _export_adapter(cfg: SFTConfig, checkpoint: Path) -> Path:
+    """Write the adapter of ``checkpoint`` (rank 0) to ``RUN/adapter``, with the tokenizer."""
+    from lmforge.tokenizer import load_tokenizer
+
+    out = Path(cfg.run_dir) / "adapter"
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        model = _peft_model(cfg)
+        load_model_weights(checkpoint, model)
+        assert cfg.init_from is not None and cfg.tokenizer is not None  # checked by SFTConfig, set by run_sft
+        save_adapter(model, out, base_model=str(Path(cfg.init_from).resolve()))
+        load_tokenizer(cfg.tokenizer).save(out)
+    return out
