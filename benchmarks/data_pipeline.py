@@ -24,6 +24,7 @@ from pathlib import Path
 
 from lmforge.config import load_config
 from lmforge.data.document import Document
+from lmforge.data.executor import LocalExecutor
 from lmforge.data.io import HtmlReader, JsonlReader, Writer
 from lmforge.data.pipeline import Pipeline
 from lmforge.data.recipe import PipelineConfig, build_step
@@ -117,7 +118,7 @@ def main() -> int:
             ]
             pipeline = Pipeline(readers, recipe_steps(), Writer(str(work / f"out{workers}")))
             start, cpu = time.perf_counter(), cpu_seconds()
-            report = pipeline.run(work / f"run{workers}", workers=workers, progress=False)
+            report = LocalExecutor(workers).run(pipeline, work / f"run{workers}", progress=False)
             reports[workers] = report
             rows.append((f"lmforge pipeline, {workers} worker(s)", report.kept, time.perf_counter() - start,
                          cpu_seconds() - cpu))  # fmt: skip

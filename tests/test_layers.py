@@ -87,3 +87,57 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
     names = [name for _, name in imported_modules(PACKAGE / "cli.py")]
     assert "lmforge.config" in names
     assert LAYERS.index(layer_of("lmforge.serve.app")) > LAYERS.index(layer_of("lmforge.data.io"))
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the lmforge modules it imports (an imported name that is a module counts as that module)."""
+    modules = {module_name(path) for path in SOURCES}
+
+    def resolve(name: str) -> str | None:
+        while name not in modules and "." in name:
+            name = name.rsplit(".", 1)[0]
+        return name if name in modules else None
+
+    graph = {}
+    for path in SOURCES:
+        own = module_name(path)
+        graph[own] = {m for _, name in imported_modules(path) if (m := resolve(name)) not in (None, own)}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in graph[node]:
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    # package __init__ files re-export lazily, so they take no part in cycles
+    assert cycles(module_graph()) == []
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]  # the check can tell

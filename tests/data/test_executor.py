@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.data.executor import LocalExecutor
 from lmforge.data.recipe import run_recipe
 
 REPO = Path(__file__).parents[2]  # so worker processes import tests.data.toy_steps
@@ -124,11 +125,11 @@ def make_near_duplicates(raw: Path, files: int = 4) -> None:
 @pytest.mark.multiprocess
 def test_minhash_reduce_is_sharded_across_local_workers_with_the_same_result(tmp_path):
     make_near_duplicates(tmp_path / "raw")
-    one = minhash_pipeline(tmp_path / "raw", tmp_path / "one").run(
-        tmp_path / "run1", workers=1, progress=False
+    one = LocalExecutor(1).run(
+        minhash_pipeline(tmp_path / "raw", tmp_path / "one"), tmp_path / "run1", progress=False
     )
-    two = minhash_pipeline(tmp_path / "raw", tmp_path / "two").run(
-        tmp_path / "run2", workers=2, progress=False
+    two = LocalExecutor(2).run(
+        minhash_pipeline(tmp_path / "raw", tmp_path / "two"), tmp_path / "run2", progress=False
     )
     assert one.removed == two.removed > 0
     assert tree(tmp_path / "one") == tree(tmp_path / "two")

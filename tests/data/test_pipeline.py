@@ -10,6 +10,7 @@ import yaml
 from lmforge.cli import main
 from lmforge.config import ConfigError
 from lmforge.data.document import Document
+from lmforge.data.executor import LocalExecutor
 from lmforge.data.io import HtmlReader, JsonlReader, TextReader, Writer, read_documents
 from lmforge.data.pipeline import Pipeline, PipelineError, step_config
 from lmforge.data.recipe import build_step, import_step_modules, load_recipe, run_recipe
@@ -57,7 +58,7 @@ def corpus_pipeline(root, out, **kw):
 
 def test_mixed_corpus_end_to_end_counts_routes_and_balances(tmp_path):
     root = make_corpus(tmp_path / "raw", giant=True)
-    report = corpus_pipeline(root, tmp_path / "out").run(tmp_path / "run", progress=False)
+    report = LocalExecutor().run(corpus_pipeline(root, tmp_path / "out"), tmp_path / "run", progress=False)
 
     kept = [d.id for d in read_documents(tmp_path / "out")]
     assert kept == ["w1", "w4", "books/one.txt", "pages/p.html"]
@@ -108,8 +109,8 @@ def test_mixed_corpus_end_to_end_counts_routes_and_balances(tmp_path):
 
 def test_local_workers_give_the_same_bytes_as_one_worker(tmp_path):
     root = make_corpus(tmp_path / "raw")
-    corpus_pipeline(root, tmp_path / "out1").run(tmp_path / "run1", progress=False)
-    corpus_pipeline(root, tmp_path / "out2").run(tmp_path / "run2", workers=2, progress=False)
+    LocalExecutor().run(corpus_pipeline(root, tmp_path / "out1"), tmp_path / "run1", progress=False)
+    LocalExecutor(2).run(corpus_pipeline(root, tmp_path / "out2"), tmp_path / "run2", progress=False)
     for path in sorted((tmp_path / "out1").iterdir()):
         assert path.read_bytes() == (tmp_path / "out2" / path.name).read_bytes()
     s1, s2 = (json.loads((tmp_path / r / "stats.json").read_text()) for r in ("run1", "run2"))
@@ -122,7 +123,7 @@ def test_exclusions_off_intermediate_kept_and_parquet_output(tmp_path):
     steps = [toy_steps.MinWords(), toy_steps.TextDedup()]
     writer = Writer(str(tmp_path / "out"), "parquet")
     pipeline = Pipeline(readers, steps, writer, exclusions=False, keep_intermediate=True)
-    report = pipeline.run(tmp_path / "run", progress=False)
+    report = LocalExecutor().run(pipeline, tmp_path / "run", progress=False)
     assert report.balanced and report.removed == 2
     assert not (tmp_path / "run" / "excluded").exists()
     assert len(list((tmp_path / "run" / "stages" / "0" / "docs").iterdir())) == 2
@@ -142,7 +143,7 @@ def test_inputs_and_output_on_another_filesystem(tmp_path):
     pipeline = Pipeline(
         reader, [toy_steps.MinWords(min_words=4)], Writer(f"memory:/{root}/clean", "jsonl.zst")
     )
-    report = pipeline.run(tmp_path / "run", progress=False)
+    report = LocalExecutor().run(pipeline, tmp_path / "run", progress=False)
     assert report.to_dict()["totals"] == {"in": 3, "kept": 1, "removed": 1, "rejected": 1, "balanced": True}
     assert sorted(memory.ls(f"{root}/clean", detail=False)) == [
         f"{root}/clean/0000{i}.jsonl.zst" for i in (0, 1)
@@ -153,13 +154,13 @@ def test_inputs_and_output_on_another_filesystem(tmp_path):
 
 def test_a_run_folder_refuses_a_different_pipeline(tmp_path):
     root = make_corpus(tmp_path / "raw")
-    corpus_pipeline(root, tmp_path / "out").run(tmp_path / "run", progress=False)
+    LocalExecutor().run(corpus_pipeline(root, tmp_path / "out"), tmp_path / "run", progress=False)
     changed = corpus_pipeline(root, tmp_path / "out")
     changed.steps[1].min_words = 5
     with pytest.raises(PipelineError, match=r"different pipeline .*steps"):
-        changed.run(tmp_path / "run", progress=False)
-    again = corpus_pipeline(root, tmp_path / "out").run(
-        tmp_path / "run", progress=False
+        LocalExecutor().run(changed, tmp_path / "run", progress=False)
+    again = LocalExecutor().run(
+        corpus_pipeline(root, tmp_path / "out"), tmp_path / "run", progress=False
     )  # nothing left to do
     assert again.kept == 4
 
@@ -174,13 +175,13 @@ def test_a_failing_task_is_reported_and_a_relaunch_redoes_only_it(tmp_path):
     with pytest.raises(
         PipelineError, match=r"(?s)1 task\(s\) of stage 0 failed.*task 0: OSError: disk on fire"
     ):
-        pipeline.run(tmp_path / "run", progress=False)
+        LocalExecutor().run(pipeline, tmp_path / "run", progress=False)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00001.jsonl.gz", "00002.jsonl.gz"]
     done = tmp_path / "run" / "stages" / "0" / "done"
     finished = {p.name: p.stat().st_mtime_ns for p in done.iterdir()}
     assert sorted(finished) == ["00001.json", "00002.json"]
     flag.unlink()
-    report = pipeline.run(tmp_path / "run", progress=False)
+    report = LocalExecutor().run(pipeline, tmp_path / "run", progress=False)
     assert report.balanced and report.kept == 6
     assert {p.name: p.stat().st_mtime_ns for p in done.iterdir() if p.name in finished} == finished
 

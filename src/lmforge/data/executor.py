@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 from lmforge.data.pipeline import Pipeline, PipelineError, RunPaths, claim_run_folder
 from lmforge.data.report import RunReport
 
+EXECUTORS = ("local", "ray")
+
 TaskDone = Callable[[dict[str, Any] | None], None]  # called with a finished task's marker (None: failed)
 
 
@@ -403,3 +405,10 @@ class RayExecutor(Executor):
     def merge(self, pipeline: Pipeline, run_dir: str, stage: int, n_parts: int) -> None:
         ray = _import_ray()
         ray.get(self._actor(0).reduce.remote(run_dir, stage, n_parts))
+
+
+def make_executor(name: str = "local", workers: int = 1, ray_address: str | None = None) -> Executor:
+    """The executor a recipe names: ``local`` (worker processes on this machine) or ``ray``."""
+    if name not in EXECUTORS:
+        raise ValueError(f"executor: {name!r} is not one of {', '.join(EXECUTORS)}")
+    return LocalExecutor(workers) if name == "local" else RayExecutor(workers, ray_address)

@@ -41,9 +41,8 @@ from lmforge.data.io import JsonlRecordFile, Reader, Reject, Writer, preview
 from lmforge.data.step import DocumentSink, GlobalStep, Step
 
 if TYPE_CHECKING:
-    from lmforge.data.report import RunReport
+    pass
 
-EXECUTORS = ("local", "ray")
 _CONFIG_ATTRS_SKIPPED = {"stats", "exclude", "reject", "position"}
 
 
@@ -204,7 +203,8 @@ class _TaskOutputs:
 class Pipeline:
     """Readers -> steps -> writer. ``run`` executes it into a run folder (locally or on Ray).
 
-    >>> Pipeline(JsonlReader("raw/*.jsonl.gz"), [GopherQuality()], Writer("clean/")).run("runs/clean")
+    >>> pipeline = Pipeline(JsonlReader("raw/*.jsonl.gz"), [GopherQuality()], Writer("clean/"))
+    >>> LocalExecutor(workers=2).run(pipeline, "runs/clean")   # lmforge.data.executor (or RayExecutor)
     """
 
     def __init__(
@@ -251,23 +251,6 @@ class Pipeline:
             shutil.rmtree(paths.docs(stage), ignore_errors=True)
             shutil.rmtree(paths.artifact(stage, 0).parent, ignore_errors=True)
             shutil.rmtree(paths.reduce_part(stage, 0, 1).parent, ignore_errors=True)
-
-    def run(
-        self,
-        run_dir: str | os.PathLike[str],
-        *,
-        workers: int = 1,
-        executor: str = "local",
-        ray_address: str | None = None,
-        progress: bool = True,
-    ) -> RunReport:
-        """Run every unfinished task of every stage, then write and return the report."""
-        from lmforge.data.executor import LocalExecutor, RayExecutor
-
-        if executor not in EXECUTORS:
-            raise ValueError(f"executor: {executor!r} is not one of {', '.join(EXECUTORS)}")
-        runner = LocalExecutor(workers) if executor == "local" else RayExecutor(workers, ray_address)
-        return runner.run(self, run_dir, progress=progress)
 
     # --- what a worker does ---------------------------------------------------------------------------
 

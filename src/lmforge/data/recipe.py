@@ -38,8 +38,9 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 
 from lmforge.config import ConfigError, check_choice, load_config, save_config
+from lmforge.data.executor import EXECUTORS, make_executor
 from lmforge.data.io import DEFAULT_MAX_DOC_BYTES, READERS, Reader, Writer, detect_format, make_reader
-from lmforge.data.pipeline import EXECUTORS, Pipeline, claim_run_folder
+from lmforge.data.pipeline import Pipeline, claim_run_folder
 from lmforge.data.report import RunReport
 from lmforge.data.step import STEPS, Step
 
@@ -230,6 +231,5 @@ def run_recipe(
     run_dir.mkdir(parents=True, exist_ok=True)
     claim_run_folder(pipeline, run_dir)
     save_config(cfg, run_dir / "config.yaml")
-    return pipeline.run(
-        run_dir, workers=cfg.workers, executor=cfg.executor, ray_address=cfg.ray_address, progress=progress
-    )
+    executor = make_executor(cfg.executor, cfg.workers, cfg.ray_address)
+    return executor.run(pipeline, run_dir, progress=progress)

@@ -7,6 +7,7 @@ since a size is only the defaults of :class:`DemoConfig`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lmforge.config import check_choice
@@ -95,3 +96,14 @@ SIZES: dict[str, dict[str, Any]] = {
 def size_defaults(size: str) -> dict[str, Any]:
     check_choice("size", size, list(SIZES))
     return {"size": size, **SIZES[size]}
+
+
+class RunLayout:
+    """Where a demo run keeps each stage's files: ``RUN/<stage>/...`` (the stages' shared view of a run)."""
+
+    def __init__(self, cfg: DemoConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+
+    def path(self, *parts: str) -> Path:
+        return self.run_dir.joinpath(*parts)

@@ -31,7 +31,7 @@ from rich.console import Console
 
 from lmforge.config import ConfigError, save_config, to_dict
 from lmforge.data.io import write_jsonl, write_records
-from lmforge.demo.config import DemoConfig
+from lmforge.demo.config import DemoConfig, RunLayout
 from lmforge.demo.report import StageCard, Table, format_seconds, plot_comparison, write_report
 from lmforge.demo.stages import StageRunner
 
@@ -65,15 +65,11 @@ DATA_STEPS: list[dict[str, Any]] = [
 ]
 
 
-class Demo:
+class Demo(RunLayout):
     def __init__(self, cfg: DemoConfig, console: Console | None = None) -> None:
-        self.cfg = cfg
-        self.run_dir = Path(cfg.run_dir)
+        super().__init__(cfg)
         self.console = console or Console()
         self.stages = StageRunner(self.run_dir, list(STAGES), self.console)
-
-    def path(self, *parts: str) -> Path:
-        return self.run_dir.joinpath(*parts)
 
     # -- stages ---------------------------------------------------------------------------------------------
     def corpus(self) -> StageCard:

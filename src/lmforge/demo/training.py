@@ -10,16 +10,14 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lmforge.config import load_config
+from lmforge.demo.config import RunLayout
 from lmforge.demo.report import StageCard
 
-if TYPE_CHECKING:
-    from lmforge.demo.pipeline import Demo
 
-
-def model_settings(demo: Demo, vocab_size: int) -> dict[str, Any]:
+def model_settings(demo: RunLayout, vocab_size: int) -> dict[str, Any]:
     """The ``model`` section of the pretraining recipe."""
     cfg = demo.cfg.model
     return {
@@ -82,7 +80,7 @@ def probe_tokens_per_s(model: dict[str, Any], batch_size: int, seq_len: int, ste
     return steps * batch_size * seq_len / (time.perf_counter() - started)
 
 
-def estimate_training(demo: Demo, stages: list[str]) -> list[TrainingEstimate]:
+def estimate_training(demo: RunLayout, stages: list[str]) -> list[TrainingEstimate]:
     """Estimates for the training ``stages`` ("pretrain", "sft"): one timing probe per batch shape (the
     tokenizer may not exist yet, so the model has the configured vocabulary size)."""
     import torch
@@ -102,7 +100,7 @@ def estimate_training(demo: Demo, stages: list[str]) -> list[TrainingEstimate]:
     return estimates
 
 
-def _common(demo: Demo, stage: str) -> dict[str, Any]:
+def _common(demo: RunLayout, stage: str) -> dict[str, Any]:
     cfg = demo.cfg
     settings = getattr(cfg, stage)
     return {
@@ -136,7 +134,7 @@ def _training_numbers(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def pretrain(demo: Demo) -> StageCard:
+def pretrain(demo: RunLayout) -> StageCard:
     from lmforge.tokenizer import load_tokenizer
     from lmforge.train import TrainConfig, train
 
@@ -169,7 +167,7 @@ def pretrain(demo: Demo) -> StageCard:
     return StageCard("pretrain", "Pretraining", numbers=numbers, images=["pretrain/plots/loss.png"])
 
 
-def finetune(demo: Demo) -> StageCard:
+def finetune(demo: RunLayout) -> StageCard:
     from lmforge.tune.finetune import SFTConfig, run_sft
 
     cfg = demo.cfg

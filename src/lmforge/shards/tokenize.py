@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lmforge.config import check_choice
+from lmforge.data.executor import EXECUTORS
 from lmforge.data.inputs import InputFile, plan_inputs
 from lmforge.shards.format import (
     FORMAT,
@@ -86,7 +87,7 @@ class TokenizeConfig:
 
     def __post_init__(self) -> None:
         check_choice("round_trip_check", self.round_trip_check, ROUND_TRIP_CHECKS)
-        check_choice("executor", self.executor, ("local", "ray"))
+        check_choice("executor", self.executor, EXECUTORS)
         if self.workers < 1 or self.batch_docs < 1:
             raise ValueError("workers and batch_docs must be >= 1")
 
@@ -234,7 +235,7 @@ def tokenize_to_shards(cfg: TokenizeConfig, progress: bool = True) -> dict[str, 
     The work runs as a data pipeline (one task per input file) under the data layer's executor, which
     resumes a killed job (tasks with a completion marker are skipped), keeps the rejects and checks that a
     relaunch is the same job; its bookkeeping lives in ``OUTPUT/pipeline/``."""
-    from lmforge.data.executor import LocalExecutor, RayExecutor
+    from lmforge.data.executor import make_executor
     from lmforge.data.io import make_reader
     from lmforge.data.pipeline import Pipeline, PipelineError, RunPaths
     from lmforge.tokenizer import load_tokenizer
@@ -253,9 +254,7 @@ def tokenize_to_shards(cfg: TokenizeConfig, progress: bool = True) -> dict[str, 
     Path(cfg.output).mkdir(parents=True, exist_ok=True)
     readers = [make_reader(f.path, cfg.format, text_key=cfg.text_key) for f in inputs]
     pipeline = Pipeline(readers, [], sink, exclusions=False)  # type: ignore[arg-type]
-    executor = (
-        RayExecutor(cfg.workers, cfg.ray_address) if cfg.executor == "ray" else LocalExecutor(cfg.workers)
-    )
+    executor = make_executor(cfg.executor, cfg.workers, cfg.ray_address)
     try:
         executor.run(pipeline, run_dir, progress=progress)
     except PipelineError as err:
