@@ -29,7 +29,7 @@ def test_generation_task_counts_bad_records(tmp_path):
         TaskExample("name?", ("Bo", "Bob")),
         TaskExample("hi?", ("hello",)),
     ]
-    assert sum(task.rejected.values()) == 3 and task.rejected["bad json"] == 1
+    assert sum(task.rejected.values()) == 3 and task.rejected["malformed_json"] == 1
     assert load_task(path, where={"task": "addition"}).examples == [TaskExample("2+2?", ("4",))]
 
 

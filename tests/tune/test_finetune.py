@@ -62,7 +62,7 @@ def test_sft_runs_in_the_trainer_and_exports_a_chat_model(tmp_path, base_model, 
     )
     torch.set_num_threads(1)
     result, stats = run_sft(cfg, progress=False)
-    assert stats.examples == 6 and stats.rejected == {"bad json": 1}
+    assert stats.examples == 6 and stats.rejected == {"malformed_json": 1}
     assert json.loads((tmp_path / "sft" / "sft_data.json").read_text())["examples"] == 6
     losses = [
         json.loads(line)["loss"] for line in (tmp_path / "sft" / "metrics.jsonl").open() if "loss" in line

@@ -93,7 +93,7 @@ def test_prompt_completion_records_and_rejects(tmp_path, tokenizer):
     assert len(examples) == stats.examples == 3
     assert len(examples[2]) == 90
     assert stats.rejected == {
-        "bad json": 1,
+        "malformed_json": 1,
         "no assistant turn": 1,
         "every message needs a role among system/user/assistant": 1,
         "no assistant token within max_len": 1,

@@ -19,7 +19,7 @@ import json
 import os
 import posixpath
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar
 
@@ -183,13 +183,16 @@ class Reader:
         return posixpath.relpath(path, self._root) if self._root else path
 
     def read(self, files: Iterable[str]) -> Iterator[Document | Reject]:
+        return self._guarded(files, self.read_file)
+
+    def _guarded(self, files: Iterable[str], read_one: Callable[[str], Iterator[Any]]) -> Iterator[Any]:
         for path in files:
             if not self.validate:  # the pipeline's own files: a failure is a bug to surface, not bad input
-                yield from self.read_file(path)
+                yield from read_one(path)
                 continue
             records = 0
             try:
-                for item in self.read_file(path):
+                for item in read_one(path):
                     records += 1
                     yield item
             except Exception as err:  # a truncated archive or unreadable file ends that file, not the run
@@ -242,6 +245,16 @@ class JsonlReader(Reader):
         self.text_key, self.id_key = text_key, id_key
 
     def read_file(self, path: str) -> Iterator[Document | Reject]:
+        for item in self.records(path):
+            yield item if isinstance(item, Reject) else self._from_record(*item)
+
+    def read_records(self, files: Iterable[str]) -> Iterator[dict[str, Any] | Reject]:
+        """The JSON objects of ``files`` as they are (no text field needed), bad lines and files as rejects."""
+        for item in self._guarded(files, self.records):
+            yield item if isinstance(item, Reject) else item[0]
+
+    def records(self, path: str) -> Iterator[tuple[dict[str, Any], str, str] | Reject]:
+        """``(record, where, default id)`` for each JSON object of one file; a line that is not one is a reject."""
         limit = self.max_doc_bytes + 1 if self.validate else -1
         with self.open_binary(path) as f:
             lineno = 0
@@ -268,7 +281,7 @@ class JsonlReader(Reader):
                 if not isinstance(record, dict):
                     yield Reject(where, f"not_an_object: {type(record).__name__}", preview(decoded))
                     continue
-                yield self._from_record(record, where, f"{self._id_prefix(path)}:{lineno}")
+                yield record, where, f"{self._id_prefix(path)}:{lineno}"
 
     def _from_record(self, record: dict[str, Any], where: str, default_id: str) -> Document | Reject:
         text = record.pop(self.text_key, None)
@@ -286,7 +299,7 @@ class ParquetReader(JsonlReader):
     extensions = (".parquet",)
     batch_rows = 1024
 
-    def read_file(self, path: str) -> Iterator[Document | Reject]:
+    def records(self, path: str) -> Iterator[tuple[dict[str, Any], str, str] | Reject]:
         import pyarrow.parquet as pq
 
         with self.fs.open(path, "rb") as f:
@@ -297,7 +310,7 @@ class ParquetReader(JsonlReader):
                     if isinstance(meta, str):
                         with contextlib.suppress(json.JSONDecodeError):  # else kept as meta["meta"]
                             record["meta"] = json.loads(meta)
-                    yield self._from_record(record, f"{path}#{row}", f"{self._id_prefix(path)}#{row}")
+                    yield record, f"{path}#{row}", f"{self._id_prefix(path)}#{row}"
                     row += 1
 
 
@@ -567,6 +580,19 @@ def read_documents(
             yield item
 
 
+def read_records(
+    path: str | os.PathLike[str] | Sequence[str], format: str = "auto", **reader_options: Any
+) -> Iterator[dict[str, Any] | Reject]:
+    """Every JSON object under ``path`` (JSONL, .gz/.zst, Parquet; local or fsspec; files, folders, globs), in
+    file order, as it is; a line or file that cannot be read comes as a :class:`Reject` saying why, and the
+    reading goes on (a cut-off last line, as a killed writer leaves, is one such reject)."""
+    paths = [str(p) for p in path] if isinstance(path, list | tuple) else str(path)
+    reader = make_reader(paths, format, **reader_options)
+    if not isinstance(reader, JsonlReader):
+        raise ValueError(f"{path}: records are read from JSONL or Parquet files, not {reader.format}")
+    return reader.read_records(reader.files())
+
+
 def write_records(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> int:
     """Write JSON records to one JSONL file (compressed by its extension, committed atomically); returns
     the count."""
@@ -599,6 +625,7 @@ __all__ = [
     "format_of",
     "make_reader",
     "read_documents",
+    "read_records",
     "write_jsonl",
     "write_records",
 ]

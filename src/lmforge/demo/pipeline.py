@@ -20,6 +20,7 @@ inputs and outputs together inside one run folder and writes the report card::
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import shlex
 import sys
@@ -30,7 +31,7 @@ from typing import Any
 from rich.console import Console
 
 from lmforge.config import ConfigError, save_config, to_dict
-from lmforge.data.io import write_jsonl, write_records
+from lmforge.data.io import read_records, write_jsonl, write_records
 from lmforge.demo.config import DemoConfig, RunLayout
 from lmforge.demo.report import StageCard, Table, format_seconds, plot_comparison, write_report
 from lmforge.demo.stages import StageRunner
@@ -165,8 +166,9 @@ class Demo(RunLayout):
         return len(train), len(heldout)
 
     def _documents(self, name: str) -> list[str]:
-        with self.path("data", name).open(encoding="utf-8") as f:
-            return [json.loads(line)["text"] for line in f]
+        from lmforge.data.io import read_documents
+
+        return [doc.text for doc in read_documents(self.path("data", name))]
 
     def tokenizer(self) -> StageCard:
         from lmforge.tokenizer import TokenizerTrainConfig, train_tokenizer
@@ -296,8 +298,8 @@ class Demo(RunLayout):
         for task in ("addition", "reverse_words", "count_letter", "read_answer"):
             replies = {}
             for which in ("base", "sft"):
-                with self.path("eval", which, "samples", f"{task}.jsonl").open(encoding="utf-8") as f:
-                    replies[which] = [json.loads(line) for _, line in zip(range(per_task), f)]
+                samples = read_records(self.path("eval", which, "samples", f"{task}.jsonl"))
+                replies[which] = [r for r in itertools.islice(samples, per_task) if isinstance(r, dict)]
             for base, sft in zip(replies["base"], replies["sft"]):
                 rows.append([base["question"], base["answers"][0], base["prediction"], sft["prediction"]])
         return Table("Sample replies (greedy)", ["question", "answer", "base", "SFT"], rows)

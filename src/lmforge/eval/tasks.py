@@ -14,10 +14,11 @@ preceding user turn is then the prompt. Malformed lines are counted and skipped,
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lmforge.data.io import Reject, read_records
 
 
 @dataclass(frozen=True)
@@ -85,18 +86,18 @@ def parse_example(record: Any) -> TaskExample:
 def load_task(path: str | Path, where: dict[str, Any] | None = None) -> TaskFile:
     """Read a task file; ``where`` keeps only records whose fields equal the given values."""
     task = TaskFile(path=str(path))
-    with Path(path).open(encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
+    for record in read_records(path):
+        if isinstance(record, Reject):  # unreadable line or file: counted by kind (malformed_json, ...)
+            reason = record.reason.split(":")[0]
+        else:
+            if where and any(record.get(k) != v for k, v in where.items()):
                 continue
             try:
-                record = json.loads(line)
-                if where and any(record.get(k) != v for k, v in where.items()):
-                    continue
                 task.examples.append(parse_example(record))
-            except (json.JSONDecodeError, ValueError, AttributeError) as err:
-                reason = "bad json" if isinstance(err, json.JSONDecodeError) else str(err)
-                task.rejected[reason] = task.rejected.get(reason, 0) + 1
+                continue
+            except (ValueError, AttributeError) as err:
+                reason = str(err)
+        task.rejected[reason] = task.rejected.get(reason, 0) + 1
     kinds = {e.is_multiple_choice for e in task.examples}
     if len(kinds) > 1:
         raise ValueError(f"{path}: mixes generation and multiple-choice records")

@@ -40,19 +40,14 @@ def memory_gib(device: torch.device) -> float:
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """The records of a JSONL log; a line that is not a JSON object (the torn last line of a process killed
     mid-write) is dropped with a warning, as the data readers drop malformed records."""
-    path = Path(path)
-    if not path.is_file():
+    from lmforge.data.io import Reject, read_records
+
+    if not Path(path).is_file():
         return []
     records = []
-    for lineno, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict):
-            log.warning("%s:%d: not a JSON record (torn write?); dropped", path, lineno)
+    for record in read_records(path, "jsonl"):
+        if isinstance(record, Reject):
+            log.warning("%s: %s (torn write?); dropped", record.where, record.reason)
             continue
         records.append(record)
     return records

@@ -21,7 +21,6 @@ row, 0 for padding, so attention never crosses examples).
 from __future__ import annotations
 
 import bisect
-import json
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from lmforge.data.io import Reject, read_records
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.objective import IGNORE_INDEX
 
@@ -161,29 +161,26 @@ def load_sft_examples(
     stats = stats if stats is not None else SFTDataStats()
     examples = []
     for path in paths:
-        with Path(path).open(encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    example = encode_chat(tokenizer, record_to_messages(json.loads(line)))
-                except json.JSONDecodeError:
-                    stats.rejected["bad json"] += 1
-                    continue
-                except ValueError as err:
-                    stats.rejected[str(err)] += 1
-                    continue
-                truncated = len(example) > max_len
-                if truncated:
-                    example = SFTExample(example.input_ids[:max_len], example.trained[:max_len])
-                if example.n_trained == 0:
-                    stats.rejected["no assistant token within max_len"] += 1
-                    continue
-                stats.truncated += truncated
-                examples.append(example)
-                stats.examples += 1
-                stats.tokens += len(example)
-                stats.trained_tokens += example.n_trained
+        for record in read_records(path):
+            if isinstance(record, Reject):  # unreadable line or file: counted by kind (malformed_json, ...)
+                stats.rejected[record.reason.split(":")[0]] += 1
+                continue
+            try:
+                example = encode_chat(tokenizer, record_to_messages(record))
+            except ValueError as err:
+                stats.rejected[str(err)] += 1
+                continue
+            truncated = len(example) > max_len
+            if truncated:
+                example = SFTExample(example.input_ids[:max_len], example.trained[:max_len])
+            if example.n_trained == 0:
+                stats.rejected["no assistant token within max_len"] += 1
+                continue
+            stats.truncated += truncated
+            examples.append(example)
+            stats.examples += 1
+            stats.tokens += len(example)
+            stats.trained_tokens += example.n_trained
     return examples
 
 
