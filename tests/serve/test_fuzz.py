@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from tests.serve.live_server import MODEL_ID, StepDelay, build_engine, running_server  # noqa: E402
@@ -86,6 +86,14 @@ def test_no_request_gets_a_5xx_or_disturbs_a_concurrent_stream(fuzz_server):
 
     @settings(max_examples=100, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
     @given(request=REQUEST, chat=st.booleans())
+    # the values that broke a step (and every stream in it) before, always tried
+    @example(request={"prompt": "p", "temperature": 1e-300}, chat=False)
+    @example(request={"prompt": "p", "temperature": 5e-324}, chat=False)
+    @example(request={"prompt": "p", "repetition_penalty": 1e-300}, chat=False)
+    @example(request={"prompt": "p", "top_k": 2**64}, chat=False)
+    @example(request={"prompt": "p", "use_beam_search": True, "n": 2, "length_penalty": 1e308}, chat=False)
+    @example(request={"prompt": "bad \ud800"}, chat=True)
+    @example(request={"prompt": "p", "logit_bias": {"١٢": 1}}, chat=False)
     def send(request: dict, chat: bool) -> None:
         body = dict(request)
         if chat:
