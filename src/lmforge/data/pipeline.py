@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 
+from lmforge.data.atomic import atomic_write_json
 from lmforge.data.document import Document
 from lmforge.data.io import JsonlRecordFile, Reader, Reject, Writer, preview
 from lmforge.data.step import DocumentSink, GlobalStep, Step
@@ -106,13 +107,6 @@ class RunPaths:
         return self.root / "pipeline.json"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class PipelineError(RuntimeError):
     """Tasks failed (not single documents: those are rejects), or a run folder does not fit the pipeline."""
 
@@ -130,7 +124,7 @@ def claim_run_folder(pipeline: Pipeline, run_dir: str | os.PathLike[str]) -> Non
                 "use a new run folder, or delete this one to start over"
             )
     else:
-        write_json_atomic(paths.fingerprint, current)
+        atomic_write_json(paths.fingerprint, current, sort_keys=True)
 
 
 def step_config(step: Step) -> dict[str, Any]:
@@ -324,7 +318,7 @@ class Pipeline:
             ],
             "seconds": round(time.perf_counter() - start, 4),
         }
-        write_json_atomic(paths.done(stage, task), marker)
+        atomic_write_json(paths.done(stage, task), marker, sort_keys=True)
         return marker
 
     def global_step(self, stage: int) -> GlobalStep:
@@ -362,5 +356,7 @@ class Pipeline:
         else:
             step.reduce(artifacts, partial)
         seconds = round(time.perf_counter() - start, 4)
-        write_json_atomic(paths.reduced(stage), {"step": self.stages[stage][-1].index, "seconds": seconds})
+        atomic_write_json(
+            paths.reduced(stage), {"step": self.stages[stage][-1].index, "seconds": seconds}, sort_keys=True
+        )
         os.replace(partial, decision)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
 
+from lmforge.data.atomic import atomic_write_json
 from lmforge.demo.report import StageCard, Table, format_seconds
 
 
@@ -62,9 +62,7 @@ class StageRunner:
             started = time.perf_counter()
             card = work()
             card.seconds = time.perf_counter() - started
-            tmp = self.marker(name).with_suffix(".tmp")
-            tmp.write_text(json.dumps(card_to_dict(card), indent=2), encoding="utf-8")
-            os.replace(tmp, self.marker(name))
+            atomic_write_json(self.marker(name), card_to_dict(card))
             self.console.print(f"[green]{title} finished in {format_seconds(card.seconds)}[/]")
         self.cards[name] = card
         return card

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -37,6 +38,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
+
+from lmforge.data.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +147,9 @@ def write_rollbacks(root: str | Path, rollbacks: list[dict[str, Any]]) -> None:
     if not rollbacks:
         path.unlink(missing_ok=True)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{ROLLBACKS_FILE}.tmp")
-    torch.save(rollbacks, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(rollbacks, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
