@@ -1,4 +1,4 @@
-"""``lmforge sft --config sft.yaml [key=value ...]``: supervised fine-tuning in the one trainer."""
+"""``lmforge sft|rm --config recipe.yaml [key=value ...]``: fine-tuning stages in the one trainer."""
 
 from __future__ import annotations
 
@@ -27,6 +27,17 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rm(args: argparse.Namespace) -> int:
+    import logging
+
+    from lmforge.config import config_from_args
+    from lmforge.tune.reward import RewardConfig, run_rm
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(json.dumps(run_rm(config_from_args(RewardConfig, args)), indent=2))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from lmforge.config import add_config_arguments
 
@@ -39,3 +50,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_arguments(parser)
     parser.set_defaults(handler=_sft)
+
+    parser = subparsers.add_parser(
+        "rm",
+        help="train a reward model on preference pairs or rankings (Bradley-Terry; HF sequence-classification export)",
+        description="Train a scalar-head reward model from a model folder on JSONL/Parquet preference pairs "
+        "({'prompt', 'chosen', 'rejected'}) or rankings ({'prompt', 'responses', 'ranking'}), with the trainer "
+        "of 'lmforge train'. The recipe is a TrainConfig plus an 'rm' section (paths, val_paths, "
+        "center_rewards_coefficient).",
+    )
+    add_config_arguments(parser)
+    parser.set_defaults(handler=_rm)
