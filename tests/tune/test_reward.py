@@ -76,7 +76,7 @@ def test_reward_model_separates_a_separable_preference_set(tmp_path, base_model,
     )
     summary = run_rm(cfg, progress=False)
     assert summary["step"] == 40
-    assert summary["heldout"]["pairs"] == 32
+    assert summary["heldout"]["units"] == 32  # pairs
     assert summary["heldout"]["accuracy"] > 0.9
     assert summary["heldout"]["margin"] > 0
     logged = [json.loads(line) for line in (tmp_path / "rm" / "align_metrics.jsonl").read_text().splitlines()]

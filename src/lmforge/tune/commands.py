@@ -1,4 +1,4 @@
-"""``lmforge sft|rm --config recipe.yaml [key=value ...]``: fine-tuning stages in the one trainer."""
+"""``lmforge sft|rm|dpo --config recipe.yaml [key=value ...]``: fine-tuning stages in the one trainer."""
 
 from __future__ import annotations
 
@@ -38,6 +38,17 @@ def _rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dpo(args: argparse.Namespace) -> int:
+    import logging
+
+    from lmforge.config import config_from_args
+    from lmforge.tune.dpo import DPOConfig, run_dpo
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(json.dumps(run_dpo(config_from_args(DPOConfig, args)), indent=2))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from lmforge.config import add_config_arguments
 
@@ -61,3 +72,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_arguments(parser)
     parser.set_defaults(handler=_rm)
+
+    parser = subparsers.add_parser(
+        "dpo",
+        help="align a model on preference pairs with DPO (sigmoid/cDPO, robust, hinge, IPO)",
+        description="Direct Preference Optimization of a model folder on JSONL/Parquet preference pairs or "
+        "rankings, with the trainer of 'lmforge train'; the starting model is the reference (its log-probs "
+        "computed once). The recipe is a TrainConfig plus a 'dpo' section (paths, val_paths, beta, loss_type, "
+        "label_smoothing).",
+    )
+    add_config_arguments(parser)
+    parser.set_defaults(handler=_dpo)

@@ -41,6 +41,7 @@ import torch
 from lmforge.data.document import Document
 from lmforge.data.io import JsonlReader, ParquetReader, Reject, format_of
 from lmforge.tokenizer import Tokenizer
+from lmforge.train import TrainConfig
 from lmforge.tune.sft import ROLES, encode_chat
 
 
@@ -343,3 +344,51 @@ class PreferenceDataSource:
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.seed = int(state.get("seed", self.seed))
+
+
+@dataclass
+class PreferenceDataConfig:
+    paths: list[str] = field(default_factory=list)
+    val_paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PreferenceData:
+    """What every preference run reads: the tokenizer's pad id, training and held-out sources, the stats."""
+
+    pad_id: int
+    train: PreferenceDataSource
+    val: PreferenceDataSource | None
+    stats: dict[str, Any]
+
+
+def load_preference_data(cfg: TrainConfig, data: PreferenceDataConfig) -> PreferenceData:
+    """Tokenize ``data.paths`` (and ``val_paths``) with ``cfg``'s tokenizer; rejects go to ``RUN/rejects.jsonl``
+    (``RUN/val_rejects.jsonl``), counts to ``RUN/preference_data.json``."""
+    from lmforge.tokenizer import load_tokenizer
+
+    tokenizer_dir = cfg.tokenizer or cfg.init_from
+    assert tokenizer_dir is not None
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{tokenizer_dir}: the tokenizer has no chat template to render the prompts with")
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    if pad_id is None:
+        raise ValueError(f"{tokenizer_dir}: the tokenizer has neither a pad nor an EOS token")
+    run_dir = Path(cfg.run_dir)
+    size, seed = cfg.batch.micro_batch_size, cfg.data.seed
+    stats = PreferenceStats()
+    groups = load_preference_groups(data.paths, tokenizer, cfg.data.seq_len, stats, run_dir / "rejects.jsonl")
+    train = PreferenceDataSource(groups, size, pad_id, seed=seed)
+    summary: dict[str, Any] = {"train": stats.to_dict()}
+    val = None
+    if data.val_paths:
+        val_stats = PreferenceStats()
+        val_groups = load_preference_groups(
+            data.val_paths, tokenizer, cfg.data.seq_len, val_stats, run_dir / "val_rejects.jsonl"
+        )
+        val = PreferenceDataSource(val_groups, size, pad_id, shuffle=False)
+        summary["val"] = val_stats.to_dict()
+    (run_dir / "preference_data.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    cfg.tokenizer = str(tokenizer_dir)  # exported next to the model
+    return PreferenceData(pad_id, train, val, summary)

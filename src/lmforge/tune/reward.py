@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from lmforge.model import ModelConfig, Transformer
 from lmforge.train import TrainConfig
 from lmforge.train.objective import Batch, ObjectiveOutput
-from lmforge.tune.align_log import AlignMetrics
-from lmforge.tune.preference import PreferenceDataSource, PreferenceStats, load_preference_groups
+from lmforge.tune.align_log import AlignMetrics, evaluate, pair_sums
+from lmforge.tune.preference import PreferenceDataConfig, load_preference_data
 
 
 def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | float = 0.0) -> Tensor:
@@ -104,40 +104,6 @@ class RewardObjective:
         return ObjectiveOutput(loss_sum=loss.sum(), count=self.count(batch), sums=sums)
 
 
-def pair_sums(r_chosen: Tensor, r_rejected: Tensor) -> dict[str, Tensor]:
-    return {
-        "accuracy": (r_chosen > r_rejected).float().sum(),
-        "margin": (r_chosen - r_rejected).sum(),
-        "chosen": r_chosen.sum(),
-        "rejected": r_rejected.sum(),
-    }
-
-
-@torch.no_grad()
-def evaluate_pairs(model: RewardModel, source: PreferenceDataSource) -> dict[str, float]:
-    """Pairwise accuracy, mean reward margin and mean chosen/rejected rewards over every pair of ``source``."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    totals: dict[str, float] = {}
-    pairs = 0
-    for batch in source.one_pass():
-        batch = {k: v.to(device) for k, v in batch.items()}
-        rewards = model(batch["input_ids"], batch["lengths"])
-        sums = pair_sums(rewards[batch["chosen_index"]], rewards[batch["rejected_index"]])
-        for key, value in sums.items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-        pairs += int(batch["chosen_index"].numel())
-    model.train(was_training)
-    return {"pairs": pairs, **{key: value / max(pairs, 1) for key, value in totals.items()}}
-
-
-@dataclass
-class PreferenceDataConfig:
-    paths: list[str] = field(default_factory=list)
-    val_paths: list[str] = field(default_factory=list)
-
-
 @dataclass
 class RewardDataConfig(PreferenceDataConfig):
     center_rewards_coefficient: float = 0.0
@@ -153,48 +119,6 @@ class RewardConfig(TrainConfig):
             raise ValueError("rm.paths: at least one file of preference pairs or rankings is required")
         if not self.init_from:
             raise ValueError("init_from: the model folder to start the reward model from is required")
-
-
-@dataclass
-class PreferenceData:
-    """What every preference run reads: the tokenizer's pad id, training and held-out sources, the stats."""
-
-    pad_id: int
-    train: PreferenceDataSource
-    val: PreferenceDataSource | None
-    stats: dict[str, Any]
-
-
-def load_preference_data(cfg: TrainConfig, data: PreferenceDataConfig) -> PreferenceData:
-    """Tokenize ``data.paths`` (and ``val_paths``) with ``cfg``'s tokenizer; rejects go to ``RUN/rejects.jsonl``
-    (``RUN/val_rejects.jsonl``), counts to ``RUN/preference_data.json``."""
-    from lmforge.tokenizer import load_tokenizer
-
-    tokenizer_dir = cfg.tokenizer or cfg.init_from
-    assert tokenizer_dir is not None
-    tokenizer = load_tokenizer(tokenizer_dir)
-    if tokenizer.chat_template is None:
-        raise ValueError(f"{tokenizer_dir}: the tokenizer has no chat template to render the prompts with")
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    if pad_id is None:
-        raise ValueError(f"{tokenizer_dir}: the tokenizer has neither a pad nor an EOS token")
-    run_dir = Path(cfg.run_dir)
-    size, seed = cfg.batch.micro_batch_size, cfg.data.seed
-    stats = PreferenceStats()
-    groups = load_preference_groups(data.paths, tokenizer, cfg.data.seq_len, stats, run_dir / "rejects.jsonl")
-    train = PreferenceDataSource(groups, size, pad_id, seed=seed)
-    summary: dict[str, Any] = {"train": stats.to_dict()}
-    val = None
-    if data.val_paths:
-        val_stats = PreferenceStats()
-        val_groups = load_preference_groups(
-            data.val_paths, tokenizer, cfg.data.seq_len, val_stats, run_dir / "val_rejects.jsonl"
-        )
-        val = PreferenceDataSource(val_groups, size, pad_id, shuffle=False)
-        summary["val"] = val_stats.to_dict()
-    (run_dir / "preference_data.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    cfg.tokenizer = str(tokenizer_dir)  # exported next to the model
-    return PreferenceData(pad_id, train, val, summary)
 
 
 def run_rm(cfg: RewardConfig, progress: bool = True) -> dict[str, Any]:
@@ -221,7 +145,7 @@ def run_rm(cfg: RewardConfig, progress: bool = True) -> dict[str, Any]:
     summary["loss"] = result.metrics.get("loss")
     summary["val_loss"] = result.val_loss
     if data.val is not None:
-        summary["heldout"] = evaluate_pairs(trainer.model, data.val)
+        summary["heldout"] = evaluate(trainer.model, objective, data.val.one_pass())
     if export and trainer.env.is_main:
         out = Path(cfg.run_dir) / "model"
         tokenizer = load_tokenizer(cfg.tokenizer)
