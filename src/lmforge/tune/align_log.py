@@ -20,19 +20,19 @@ from lmforge.train.objective import Batch, Objective
 
 
 class Means:
-    """Sums of metrics and the units they cover; :meth:`means` per unit."""
+    """Sums of metrics and, per metric, the units they cover (pairs, replies, tokens); :meth:`means` per unit."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
-        self.units = 0
+        self.units: dict[str, int] = {}
 
     def add(self, sums: dict[str, Tensor], units: int) -> None:
         for key, value in sums.items():
             self.sums[key] = self.sums.get(key, 0.0) + float(value)
-        self.units += units
+            self.units[key] = self.units.get(key, 0) + units
 
     def means(self) -> dict[str, float]:
-        return {key: value / max(self.units, 1) for key, value in self.sums.items()}
+        return {key: value / max(self.units[key], 1) for key, value in self.sums.items()}
 
 
 class AlignMetrics(Means):
@@ -48,7 +48,7 @@ class AlignMetrics(Means):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, **self.means()}) + "\n")
-        self.sums, self.units = {}, 0
+        self.sums, self.units = {}, {}
 
     def hook(self, step: int, batch: Batch) -> Batch:
         if step != self.step:
@@ -74,9 +74,10 @@ def evaluate(model: nn.Module, objective: Objective, batches: Iterable[Batch]) -
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    totals = Means()
+    totals, units = Means(), 0
     for batch in batches:
         out = objective(model, {k: v.to(device) for k, v in batch.items()})
         totals.add({"loss": out.loss_sum.detach(), **out.sums}, out.count)
+        units += out.count
     model.train(was_training)
-    return {"units": totals.units, **totals.means()}
+    return {"units": units, **totals.means()}

@@ -215,7 +215,7 @@ def record_to_group(record: dict[str, Any], tokenizer: Tokenizer, max_len: int) 
     return PreferenceGroup(sequences, tuple(pairs), tuple(margins))
 
 
-def _reason_kind(reason: str) -> str:
+def reason_kind(reason: str) -> str:
     """The counter key of a reject reason (its text before any detail in parentheses or after a colon)."""
     return reason.split(" (")[0].split(":")[0]
 
@@ -234,14 +234,14 @@ def load_preference_groups(
     rejects: list[dict[str, Any]] = []
     for item in read_records(list(paths)):
         if isinstance(item, Reject):
-            stats.rejected[_reason_kind(item.reason)] += 1
+            stats.rejected[reason_kind(item.reason)] += 1
             rejects.append({"where": item.where, "reason": item.reason, "record": item.preview})
             continue
         where, record = item
         try:
             group = record_to_group(record, tokenizer, max_len)
         except ValueError as err:
-            stats.rejected[_reason_kind(str(err))] += 1
+            stats.rejected[reason_kind(str(err))] += 1
             rejects.append({"where": where, "reason": str(err), "record": record})
             continue
         groups.append(group)
@@ -250,12 +250,16 @@ def load_preference_groups(
         stats.sequences += len(group.sequences)
         stats.tokens += group.tokens
     if rejects_path is not None:
-        path = Path(rejects_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as f:
-            for reject in rejects:
-                f.write(json.dumps(reject, ensure_ascii=False, default=str) + "\n")
+        write_rejects(rejects_path, rejects)
     return groups
+
+
+def write_rejects(path: str | Path, rejects: Iterable[dict[str, Any]]) -> None:
+    """One JSON line per rejected record (``where``, ``reason``, ``record``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects)
 
 
 def collate_groups(groups: Sequence[PreferenceGroup], pad_id: int) -> dict[str, torch.Tensor]:
