@@ -455,6 +455,9 @@ def run_grpo(cfg: GRPOConfig, make_rollouts: MakeRollouts, progress: bool = True
     )
     cfg.tokenizer = str(tokenizer_dir)
     cfg.log.progress = cfg.log.progress and progress
+    # The loss is a zero-mean surrogate (advantages are normalized per group) whose value says nothing about
+    # divergence, so a z-score on it only flags noise: the trainer's loss-spike rollback is off for GRPO.
+    cfg.stability.spike_detection = False
     objective = GRPOObjective(cfg.grpo.eps_low, cfg.grpo.eps_high, cfg.grpo.kl_coef, metrics)
     result = train(cfg, policy, objective, source, batch_hook=metrics.hook)
     metrics.flush(result.step)
