@@ -119,3 +119,18 @@ def test_parquet_and_resumable_source(tmp_path, tokenizer):
     for a, b in zip(after, [next(resumed) for _ in range(3)]):
         assert torch.equal(a["input_ids"], b["input_ids"])
     assert sum(b["chosen_index"].numel() for b in first[:3]) == 5  # one epoch: every pair once
+
+
+def test_align_metrics_log_per_step_means_and_forget_rolled_back_steps(tmp_path):
+    from lmforge.tune.align_log import AlignMetrics
+
+    metrics = AlignMetrics(tmp_path / "m.jsonl", every_steps=2)
+    for step in range(5):  # the hook runs before each step's micro-batch, the objective adds after it
+        metrics.hook(step, {})
+        metrics.add({"accuracy": torch.tensor(float(step))}, 1)
+    metrics.hook(2, {})  # rolled back to step 2
+    metrics.add({"accuracy": torch.tensor(9.0)}, 1)
+    metrics.hook(3, {})
+    metrics.hook(4, {})
+    read = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert read == [{"step": 2, "accuracy": 0.5}, {"step": 4, "accuracy": 9.0}]

@@ -51,11 +51,23 @@ class AlignMetrics(Means):
         self.sums, self.units = {}, {}
 
     def hook(self, step: int, batch: Batch) -> Batch:
-        if step != self.step:
-            if step % self.every_steps == 0:
-                self.flush(step)
-            self.step = step
+        if step < self.step:  # the trainer rolled back to a checkpoint: forget what came after it
+            self.truncate(step)
+        elif step != self.step and step % self.every_steps == 0:
+            self.flush(step)
+        self.step = step
         return batch
+
+    def truncate(self, step: int) -> None:
+        """Drop the records after ``step`` and the sums gathered since the last record."""
+        self.sums, self.units = {}, {}
+        if self.path.is_file():
+            kept = [
+                line
+                for line in self.path.read_text(encoding="utf-8").splitlines()
+                if json.loads(line)["step"] <= step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def pair_sums(r_chosen: Tensor, r_rejected: Tensor) -> dict[str, Tensor]:
