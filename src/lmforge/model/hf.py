@@ -38,6 +38,15 @@ _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "mixtral": "MixtralForCausalLM",
 }
+# sequence classification (reward models): the same body, no LM head, a ``score`` Linear(d_model, 1)
+_SEQ_CLS_ARCHITECTURES = {
+    "gpt2": "GPT2ForSequenceClassification",
+    "llama": "LlamaForSequenceClassification",
+    "mistral": "MistralForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "mixtral": "MixtralForSequenceClassification",
+}
+SCORE_KEY = "score.weight"
 _GPT2_ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
@@ -335,8 +344,11 @@ def _gpt2_key(name: str) -> tuple[str, bool]:
 
 def hf_state_dict(model: Transformer, family: str) -> dict[str, Tensor]:
     """The model's tensors under the Hugging Face ``family``'s checkpoint names (GPT-2 Conv1D weights transposed)."""
-    cfg = model.cfg
-    state = _own_state(model)
+    return _hf_state(model.cfg, _own_state(model), family)
+
+
+def _hf_state(cfg: ModelConfig, state: dict[str, Tensor], family: str) -> dict[str, Tensor]:
+    """Our state dict (consumed) in the checkpoint names and layout of ``family``."""
     if family != "gpt2":
         return {_llama_key(name): t for name, t in state.items()}
     out: dict[str, Tensor] = {}
@@ -445,6 +457,27 @@ def load_pretrained(
         folder = resolve_model_dir(folder)
     except HubError as err:
         raise ModelLoadError(str(err)) from err
+    model, _ = _load(Path(folder), dtype, device, score_head=False)
+    return model
+
+
+def load_reward_model(
+    folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> tuple[Transformer, Tensor]:
+    """A sequence-classification folder (:func:`save_reward_model`): the backbone, without an LM head (it
+    returns final hidden states), and the ``score.weight`` of its scalar head, shape (1, d_model)."""
+    try:
+        folder = resolve_model_dir(folder)
+    except HubError as err:
+        raise ModelLoadError(str(err)) from err
+    model, score = _load(Path(folder), dtype, device, score_head=True)
+    assert score is not None
+    return model, score
+
+
+def _load(
+    folder: Path, dtype: torch.dtype, device: torch.device | str, score_head: bool
+) -> tuple[Transformer, Tensor | None]:
     if not folder.is_dir():
         raise ModelLoadError(f"{folder}: model folder not found")
     cfg = read_config(folder)
@@ -453,8 +486,19 @@ def load_pretrained(
     ckpt = _Checkpoint(folder)
     with torch.device("meta"):
         model = Transformer(cfg)
+    if score_head:
+        model.lm_head = None
     expected = model.state_dict()
     state, used = {}, set()
+    score = None
+    if score_head:
+        score = ckpt.get(SCORE_KEY)
+        if tuple(score.shape) != (1, cfg.d_model):
+            raise ModelLoadError(
+                f"{ckpt.location[SCORE_KEY]}: tensor {SCORE_KEY!r} has shape {tuple(score.shape)}"
+            )
+        score = score.to(device=device, dtype=dtype)
+        used.add(SCORE_KEY)
     for name, (tensor, key) in _read_state(ckpt, model, family).items():
         if tensor.shape != expected[name].shape:
             raise ModelLoadError(
@@ -475,7 +519,7 @@ def load_pretrained(
         )
     model.load_state_dict(state, assign=True)
     model.tie_weights()
-    return model.eval()
+    return model.eval(), score
 
 
 def _write_weights(state: dict[str, Tensor], folder: Path, max_shard_bytes: int) -> None:
@@ -537,5 +581,39 @@ def save_pretrained(
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
         (folder / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
     _write_weights({name: convert(t).cpu() for name, t in state.items()}, folder, max_shard_bytes)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return family
+
+
+def save_reward_model(
+    model: Transformer, score: Tensor, folder: str | Path, pad_token_id: int | None = None
+) -> str | None:
+    """Write a reward model: ``model``'s body (its LM head, if any, is left out) and the scalar head
+    ``score`` (shape (1, d_model)) as ``score.weight``, in the ``*ForSequenceClassification`` layout of the
+    config's Hugging Face family (``num_labels=1``), or in our own layout when it maps onto none. Returns the
+    family written, or None.
+
+    ``pad_token_id`` goes into config.json: transformers scores the last token that is not padding, found
+    by that id, so it must differ from every id a scored sequence ends with (a pad distinct from EOS).
+    """
+    cfg = model.cfg
+    if tuple(score.shape) != (1, cfg.d_model):
+        raise ValueError(f"score: expected shape (1, {cfg.d_model}), got {tuple(score.shape)}")
+    family = hf_family(cfg)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in _own_state(model).items() if not k.startswith("lm_head.")}
+    labels = {"num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+    if family is None:
+        config: dict[str, Any] = {"model_type": "lmforge", "lmforge": dataclasses.asdict(cfg), **labels}
+    else:
+        state = _hf_state(cfg, state, family)
+        config = config_to_hf(cfg, family) | labels
+        config["architectures"] = [_SEQ_CLS_ARCHITECTURES[family]]
+        config["torch_dtype"] = str(score.dtype).removeprefix("torch.")
+    if pad_token_id is not None:
+        config["pad_token_id"] = pad_token_id
+    state[SCORE_KEY] = score.detach().contiguous()
+    _write_weights({name: t.cpu() for name, t in state.items()}, folder, 5 * 1024**3)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
     return family

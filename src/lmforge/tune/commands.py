@@ -1,5 +1,6 @@
-"""``lmforge sft --config sft.yaml [key=value ...]``: supervised fine-tuning in the one trainer (full, or an
-adapter with ``peft.method=lora``); ``lmforge peft merge ADAPTER_DIR --out DIR``: fold an adapter into its base."""
+"""``lmforge sft|rm|dpo --config recipe.yaml [key=value ...]``: fine-tuning stages in the one trainer (SFT full
+or with an adapter, ``peft.method=lora``); ``lmforge peft merge ADAPTER_DIR --out DIR``: fold an adapter into its
+base."""
 
 from __future__ import annotations
 
@@ -43,6 +44,28 @@ def _peft_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rm(args: argparse.Namespace) -> int:
+    import logging
+
+    from lmforge.config import config_from_args
+    from lmforge.tune.reward import RewardConfig, run_rm
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(json.dumps(run_rm(config_from_args(RewardConfig, args)), indent=2))
+    return 0
+
+
+def _dpo(args: argparse.Namespace) -> int:
+    import logging
+
+    from lmforge.config import config_from_args
+    from lmforge.tune.dpo import DPOConfig, run_dpo
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(json.dumps(run_dpo(config_from_args(DPOConfig, args)), indent=2))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from lmforge.config import add_config_arguments
 
@@ -78,3 +101,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     merge.set_defaults(handler=_peft_merge)
     peft.set_defaults(handler=lambda args: peft.print_help() or 2)
+
+    parser = subparsers.add_parser(
+        "rm",
+        help="train a reward model on preference pairs or rankings (Bradley-Terry; HF sequence-classification export)",
+        description="Train a scalar-head reward model from a model folder on JSONL/Parquet preference pairs "
+        "({'prompt', 'chosen', 'rejected'}) or rankings ({'prompt', 'responses', 'ranking'}), with the trainer "
+        "of 'lmforge train'. The recipe is a TrainConfig plus an 'rm' section (paths, val_paths, "
+        "center_rewards_coefficient).",
+    )
+    add_config_arguments(parser, example="rm.center_rewards_coefficient=0.01 max_steps=200")
+    parser.set_defaults(handler=_rm)
+
+    parser = subparsers.add_parser(
+        "dpo",
+        help="align a model on preference pairs with DPO (sigmoid/cDPO, robust, hinge, IPO)",
+        description="Direct Preference Optimization of a model folder on JSONL/Parquet preference pairs or "
+        "rankings, with the trainer of 'lmforge train'; the starting model is the reference (its log-probs "
+        "computed once). The recipe is a TrainConfig plus a 'dpo' section (paths, val_paths, beta, loss_type, "
+        "label_smoothing).",
+    )
+    add_config_arguments(parser, example="dpo.beta=0.1 dpo.loss_type=ipo")
+    parser.set_defaults(handler=_dpo)
