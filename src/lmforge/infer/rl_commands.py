@@ -33,5 +33,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "engine, G replies per prompt are sampled and scored by reward functions (exact_answer, format, "
         "contains) and/or a reward model from 'lmforge rm'. The recipe is a TrainConfig plus a 'grpo' section.",
     )
-    add_config_arguments(parser)
+    add_config_arguments(parser, example="grpo.group_size=8 grpo.kl_coef=0.04")
     parser.set_defaults(handler=_grpo)
