@@ -248,10 +248,14 @@ class JsonlReader(Reader):
         for item in self.records(path):
             yield item if isinstance(item, Reject) else self._from_record(*item)
 
-    def read_records(self, files: Iterable[str]) -> Iterator[dict[str, Any] | Reject]:
-        """The JSON objects of ``files`` as they are (no text field needed), bad lines and files as rejects."""
+    def read_records(self, files: Iterable[str], located: bool = False) -> Iterator[Any]:
+        """The JSON objects of ``files`` as they are (no text field needed), bad lines and files as rejects;
+        ``located=True`` gives ``(where, record)`` pairs (``file:line``), for rejects of a later stage."""
         for item in self._guarded(files, self.records):
-            yield item if isinstance(item, Reject) else item[0]
+            if isinstance(item, Reject):
+                yield item
+            else:
+                yield (item[1], item[0]) if located else item[0]
 
     def records(self, path: str) -> Iterator[tuple[dict[str, Any], str, str] | Reject]:
         """``(record, where, default id)`` for each JSON object of one file; a line that is not one is a reject."""
@@ -581,16 +585,20 @@ def read_documents(
 
 
 def read_records(
-    path: str | os.PathLike[str] | Sequence[str], format: str = "auto", **reader_options: Any
-) -> Iterator[dict[str, Any] | Reject]:
+    path: str | os.PathLike[str] | Sequence[str],
+    format: str = "auto",
+    located: bool = False,
+    **reader_options: Any,
+) -> Iterator[Any]:
     """Every JSON object under ``path`` (JSONL, .gz/.zst, Parquet; local or fsspec; files, folders, globs), in
     file order, as it is; a line or file that cannot be read comes as a :class:`Reject` saying why, and the
-    reading goes on (a cut-off last line, as a killed writer leaves, is one such reject)."""
+    reading goes on (a cut-off last line, as a killed writer leaves, is one such reject). ``located=True``
+    yields ``(where, record)`` pairs instead of records."""
     paths = [str(p) for p in path] if isinstance(path, list | tuple) else str(path)
     reader = make_reader(paths, format, **reader_options)
     if not isinstance(reader, JsonlReader):
         raise ValueError(f"{path}: records are read from JSONL or Parquet files, not {reader.format}")
-    return reader.read_records(reader.files())
+    return reader.read_records(reader.files(), located)
 
 
 def write_records(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> int:

@@ -41,7 +41,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train import TrainConfig
 from lmforge.train.objective import Batch, ObjectiveOutput
 from lmforge.tune.align_log import AlignMetrics
-from lmforge.tune.preference import prompt_messages, read_records, reason_kind, write_rejects
+from lmforge.tune.preference import chat_tokenizer, prompt_messages, read_records, reason_kind, write_rejects
 from lmforge.tune.reward import RewardModel
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -419,19 +419,12 @@ def run_grpo(cfg: GRPOConfig, make_rollouts: MakeRollouts, progress: bool = True
     import copy
 
     from lmforge.model import load_pretrained
-    from lmforge.tokenizer import load_tokenizer
     from lmforge.train import train
 
     assert cfg.init_from is not None
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_dir = cfg.tokenizer or cfg.init_from
-    tokenizer = load_tokenizer(tokenizer_dir)
-    if tokenizer.chat_template is None:
-        raise ValueError(f"{tokenizer_dir}: the tokenizer has no chat template to render the prompts with")
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    if pad_id is None:
-        raise ValueError(f"{tokenizer_dir}: the tokenizer has neither a pad nor an EOS token")
+    tokenizer, pad_id = chat_tokenizer(cfg)
     rejected: Counter[str] = Counter()
     max_prompt_len = cfg.data.seq_len - cfg.grpo.max_new_tokens
     prompts = load_rl_prompts(cfg.grpo.paths, tokenizer, max_prompt_len, rejected, run_dir / "rejects.jsonl")
@@ -453,7 +446,7 @@ def run_grpo(cfg: GRPOConfig, make_rollouts: MakeRollouts, progress: bool = True
         reference=reference,
         seed=cfg.data.seed,
     )
-    cfg.tokenizer = str(tokenizer_dir)
+    cfg.tokenizer = str(cfg.tokenizer or cfg.init_from)
     cfg.log.progress = cfg.log.progress and progress
     # The loss is a zero-mean surrogate (advantages are normalized per group) whose value says nothing about
     # divergence, so a z-score on it only flags noise: the trainer's loss-spike rollback is off for GRPO.

@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from lmforge.data.document import Document
-from lmforge.data.io import JsonlReader, ParquetReader, Reject, format_of
+from lmforge.data import io
+from lmforge.data.io import Reject
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import TrainConfig
 from lmforge.tune.sft import ROLES, encode_chat
@@ -91,29 +91,10 @@ class PreferenceStats:
         }
 
 
-class _RawRecords:
-    """A reader mixin that hands back the whole JSON object (in ``meta``) instead of a text document."""
-
-    def _from_record(self, record: dict[str, Any], where: str, default_id: str) -> Document:
-        return Document(where, "", record)
-
-
-class _JsonlRecords(_RawRecords, JsonlReader):
-    pass
-
-
-class _ParquetRecords(_RawRecords, ParquetReader):
-    pass
-
-
 def read_records(paths: Sequence[str | Path]) -> Iterator[tuple[str, dict[str, Any]] | Reject]:
     """``(where, record)`` for every object in the files (JSONL plain/.gz/.zst, Parquet), or a Reject."""
     for path in paths:
-        path = str(path)
-        reader_cls = _ParquetRecords if format_of(path) == "parquet" else _JsonlRecords
-        reader = reader_cls(path)
-        for item in reader.read(reader.files()):
-            yield item if isinstance(item, Reject) else (item.id, item.meta)
+        yield from io.read_records(str(path), located=True)
 
 
 def _messages(value: Any, what: str) -> list[dict[str, str]]:
@@ -366,19 +347,27 @@ class PreferenceData:
     stats: dict[str, Any]
 
 
-def load_preference_data(cfg: TrainConfig, data: PreferenceDataConfig) -> PreferenceData:
-    """Tokenize ``data.paths`` (and ``val_paths``) with ``cfg``'s tokenizer; rejects go to ``RUN/rejects.jsonl``
-    (``RUN/val_rejects.jsonl``), counts to ``RUN/preference_data.json``."""
+def chat_tokenizer(cfg: TrainConfig) -> tuple[Tokenizer, int]:
+    """The run's tokenizer (``cfg.tokenizer``, else the model folder's) and its pad id (else EOS); it must have
+    a chat template, since prompts are rendered with it."""
     from lmforge.tokenizer import load_tokenizer
 
     tokenizer_dir = cfg.tokenizer or cfg.init_from
-    assert tokenizer_dir is not None
+    if tokenizer_dir is None:
+        raise ValueError("tokenizer: the run needs a tokenizer (tokenizer=... or init_from=...)")
     tokenizer = load_tokenizer(tokenizer_dir)
     if tokenizer.chat_template is None:
         raise ValueError(f"{tokenizer_dir}: the tokenizer has no chat template to render the prompts with")
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     if pad_id is None:
         raise ValueError(f"{tokenizer_dir}: the tokenizer has neither a pad nor an EOS token")
+    return tokenizer, pad_id
+
+
+def load_preference_data(cfg: TrainConfig, data: PreferenceDataConfig) -> PreferenceData:
+    """Tokenize ``data.paths`` (and ``val_paths``) with ``cfg``'s tokenizer; rejects go to ``RUN/rejects.jsonl``
+    (``RUN/val_rejects.jsonl``), counts to ``RUN/preference_data.json``."""
+    tokenizer, pad_id = chat_tokenizer(cfg)
     run_dir = Path(cfg.run_dir)
     size, seed = cfg.batch.micro_batch_size, cfg.data.seed
     stats = PreferenceStats()
@@ -394,5 +383,5 @@ def load_preference_data(cfg: TrainConfig, data: PreferenceDataConfig) -> Prefer
         val = PreferenceDataSource(val_groups, size, pad_id, shuffle=False)
         summary["val"] = val_stats.to_dict()
     (run_dir / "preference_data.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    cfg.tokenizer = str(tokenizer_dir)  # exported next to the model
+    cfg.tokenizer = str(cfg.tokenizer or cfg.init_from)  # exported next to the model
     return PreferenceData(pad_id, train, val, summary)
