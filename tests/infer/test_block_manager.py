@@ -2,7 +2,7 @@ import pytest
 
 from lmforge.infer import block_manager as bm_module
 from lmforge.infer.block_manager import NULL_BLOCK, BlockManager
-from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.sampling_params import SamplingParams
 from lmforge.infer.sequence import Sequence
 
 

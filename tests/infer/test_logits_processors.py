@@ -46,7 +46,7 @@ def test_presence_and_frequency_penalties_follow_openai_formula():
 
 @pytest.mark.parametrize("ngram", [1, 2, 3])
 def test_no_repeat_ngram_bans_match_hf(ngram):
-    from lmforge.infer.sampling import SamplingParams
+    from lmforge.infer.sampling_params import SamplingParams
     from lmforge.infer.sequence import Sequence
 
     tokens = [1, 2, 3, 1, 2, 4, 1, 2]

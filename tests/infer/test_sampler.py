@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lmforge.infer.sampler import Sampler
-from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.sampling_params import SamplingParams
 from lmforge.infer.sequence import Sequence
 
 VOCAB = 8

@@ -3,7 +3,7 @@
 import pytest
 
 from lmforge.infer.block_manager import BlockManager
-from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.sampling_params import SamplingParams
 from lmforge.infer.scheduler import QueueFullError, Scheduler, SchedulerOutput
 from lmforge.infer.sequence import SequenceGroup, SequenceStatus
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.infer.outputs import TokenLogprob
-from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.sampling_params import SamplingParams
 from lmforge.infer.sequence import Sequence, SequenceGroup
 
 

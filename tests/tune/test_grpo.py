@@ -7,7 +7,7 @@ import torch
 
 from lmforge.config import ConfigError, load_config
 from lmforge.infer.rollout import EngineRollouts
-from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.sampling_params import SamplingParams
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.hf import save_pretrained
 from lmforge.tune.grpo import (

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from lmforge.infer.sampling import SamplingParams, describe_range
+from lmforge.infer.sampling_params import SamplingParams, describe_range
 
 # the command line's own defaults: a terminal user wants a longer, livelier reply than the API's 16 tokens at T=1
 CLI_DEFAULTS = {"max_tokens": 128, "temperature": 0.7}

@@ -55,7 +55,7 @@ from lmforge.infer.kv_cache import PagedKVCache, num_blocks_for_budget
 from lmforge.infer.model_runner import ChunkLogits, ModelRunner
 from lmforge.infer.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from lmforge.infer.sampler import Sampler, process_logits, top_logprobs
-from lmforge.infer.sampling import InvalidRequestError, SamplingParams
+from lmforge.infer.sampling_params import InvalidRequestError, SamplingParams
 from lmforge.infer.scheduler import QueueFullError, ScheduledSeq, Scheduler
 from lmforge.infer.sequence import Sequence, SequenceGroup
 

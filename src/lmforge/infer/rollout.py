@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lmforge.infer.engine import EngineConfig, LLMEngine
-from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.sampling_params import SamplingParams
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.tune.grpo import GRPODataConfig

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lmforge.infer import logits_processors as lp
 from lmforge.infer.outputs import TokenLogprob
-from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.sampling_params import SamplingParams
 from lmforge.infer.sequence import Sequence
 
 

@@ -10,7 +10,7 @@ import torch
 from lmforge.infer.beam import BeamSearch
 from lmforge.infer.detokenize import Decoder, IncrementalDetokenizer
 from lmforge.infer.outputs import TokenLogprob
-from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.sampling_params import SamplingParams
 
 
 class SequenceStatus(Enum):

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lmforge.infer.sampler import warp_logits
-from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.sampling_params import SamplingParams
 from lmforge.model import Transformer
 from lmforge.model.cache import ContiguousKVCache
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.infer.sampling import GREEDY_BELOW, InvalidRequestError, SamplingParams, numeric_ranges
+from lmforge.infer.sampling_params import GREEDY_BELOW, InvalidRequestError, SamplingParams, numeric_ranges
 
 OUT_OF_RANGE = [
     ({"temperature": 2.5}, "temperature"),
