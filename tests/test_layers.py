@@ -141,3 +141,16 @@ def test_no_module_imports_itself_through_others() -> None:
     # package __init__ files re-export lazily, so they take no part in cycles
     assert cycles(module_graph()) == []
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]  # the check can tell
+
+
+def test_the_engine_knows_nothing_of_training() -> None:
+    # infer sits above train and tune in the order, but the engine must stay servable without the trainer:
+    # code that needs both (GRPO's rollouts) is wired in the top layer (lmforge/demo/rl.py)
+    offending = [
+        f"{module_name(path)} imports {name}"
+        for path in SOURCES
+        if module_name(path).startswith("lmforge.infer")
+        for _, name in imported_modules(path)
+        if layer_of(name) in ("train", "tune")
+    ]
+    assert offending == []

@@ -32,10 +32,10 @@ COMMAND_MODULES: list[str] = [
     "lmforge.train.commands",
     "lmforge.tune.commands",
     "lmforge.infer.commands",
-    "lmforge.infer.rl_commands",
     "lmforge.serve.commands",
     "lmforge.eval.commands",
     "lmforge.demo.commands",
+    "lmforge.demo.rl",
 ]
 
 

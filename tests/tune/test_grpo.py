@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lmforge.config import ConfigError, load_config
+from lmforge.demo.rl import engine_rollouts
 from lmforge.infer.rollout import EngineRollouts
 from lmforge.infer.sampling_params import SamplingParams
 from lmforge.model import ModelConfig, Transformer
@@ -161,7 +162,7 @@ def test_grpo_raises_a_toy_reward(tmp_path, base_model, tokenizer):
             "checkpoint": {"every_steps": 0},
         },
     )
-    summary = run_grpo(cfg, EngineRollouts.for_grpo, progress=False)
+    summary = run_grpo(cfg, engine_rollouts, progress=False)
     assert summary["step"] == 30
     logged = [
         json.loads(line) for line in (tmp_path / "grpo" / "align_metrics.jsonl").read_text().splitlines()
@@ -205,7 +206,7 @@ def test_grpo_with_a_reward_model_and_the_k3_kl(tmp_path, base_model, tokenizer)
             "checkpoint": {"every_steps": 0},
         },
     )
-    assert run_grpo(cfg, EngineRollouts.for_grpo, progress=False)["step"] == 2
+    assert run_grpo(cfg, engine_rollouts, progress=False)["step"] == 2
     logged = [
         json.loads(line) for line in (tmp_path / "grpo" / "align_metrics.jsonl").read_text().splitlines()
     ]

@@ -16,9 +16,7 @@ from torch import nn
 
 from lmforge.infer.engine import EngineConfig, LLMEngine
 from lmforge.infer.sampling_params import SamplingParams
-from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
-from lmforge.tune.grpo import GRPODataConfig
 
 
 class EngineRollouts:
@@ -41,11 +39,6 @@ class EngineRollouts:
         self.tokenizer = tokenizer
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.engine: LLMEngine | None = None
-
-    @classmethod
-    def for_grpo(cls, policy: Transformer, tokenizer: Tokenizer, cfg: GRPODataConfig) -> EngineRollouts:
-        """The ``make_rollouts`` of :func:`lmforge.tune.grpo.run_grpo`."""
-        return cls(tokenizer, cfg.max_new_tokens, cfg.temperature)
 
     @torch.no_grad()
     def push_weights(self, policy: nn.Module) -> None:

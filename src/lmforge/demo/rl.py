@@ -1,24 +1,38 @@
-"""``lmforge grpo --config grpo.yaml [key=value ...]``: online RL with the engine as sampler.
+"""``lmforge grpo --config grpo.yaml [key=value ...]``: online RL with lmforge's engine as the sampler.
 
-The command lives in the infer layer because it wires the two together: the trainer's objective and rollout
-source come from :mod:`lmforge.tune.grpo`, the sampler is :class:`lmforge.infer.rollout.EngineRollouts`.
+The trainer side (objective, prompts, rewards) is :mod:`lmforge.tune.grpo`; the sampler is the inference
+engine, :class:`lmforge.infer.rollout.EngineRollouts`. Only the top layer may import both (the engine knows
+nothing of training), so the two are wired together here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lmforge.infer.rollout import EngineRollouts
+    from lmforge.model import Transformer
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.tune.grpo import GRPODataConfig
+
+
+def engine_rollouts(policy: Transformer, tokenizer: Tokenizer, cfg: GRPODataConfig) -> EngineRollouts:
+    """The ``make_rollouts`` of :func:`lmforge.tune.grpo.run_grpo`: the engine over a copy of the policy."""
+    from lmforge.infer.rollout import EngineRollouts
+
+    return EngineRollouts(tokenizer, cfg.max_new_tokens, cfg.temperature)
 
 
 def _grpo(args: argparse.Namespace) -> int:
     import logging
 
     from lmforge.config import config_from_args
-    from lmforge.infer.rollout import EngineRollouts
     from lmforge.tune.grpo import GRPOConfig, run_grpo
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(json.dumps(run_grpo(config_from_args(GRPOConfig, args), EngineRollouts.for_grpo), indent=2))
+    print(json.dumps(run_grpo(config_from_args(GRPOConfig, args), engine_rollouts), indent=2))
     return 0
 
 
