@@ -42,7 +42,7 @@ from lmforge.data import io
 from lmforge.data.io import Reject
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import TrainConfig
-from lmforge.tune.sft import ROLES, encode_chat
+from lmforge.tune.sft import ROLES, EpochBatches, encode_chat
 
 
 @dataclass(frozen=True)
@@ -274,7 +274,7 @@ def with_ref_logps(group: PreferenceGroup, ref_logps: Sequence[float]) -> Prefer
     return replace(group, ref_logps=tuple(float(x) for x in ref_logps))
 
 
-class PreferenceDataSource:
+class PreferenceDataSource(EpochBatches):
     """Endless, shuffled, resumable batches of ``batch_size`` groups (every pair of a group in one batch)."""
 
     def __init__(
@@ -292,8 +292,7 @@ class PreferenceDataSource:
         self.pad_id = pad_id
         self.seed = seed
         self.shuffle = shuffle
-        self.epoch = 0
-        self.batch_in_epoch = 0
+        self._start()
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         order = list(range(len(self.groups)))
@@ -308,27 +307,6 @@ class PreferenceDataSource:
         """Every group once, in the given order (validation, reference passes)."""
         for b in range(0, len(self.groups), self.batch_size):
             yield self.make_batch(range(b, min(b + self.batch_size, len(self.groups))))
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        batches = self.epoch_batches(self.epoch)
-        if self.batch_in_epoch >= len(batches):
-            self.epoch += 1
-            self.batch_in_epoch = 0
-            batches = self.epoch_batches(self.epoch)
-        indices = batches[self.batch_in_epoch]
-        self.batch_in_epoch += 1
-        return self.make_batch(indices)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
-        self.seed = int(state.get("seed", self.seed))
 
 
 @dataclass

@@ -236,7 +236,52 @@ def collate(examples: Sequence[Sequence[SFTExample]], pad_id: int, length: int) 
     }
 
 
-class SFTDataSource:
+class EpochBatches:
+    """Endless, resumable iteration over per-epoch batch plans: a subclass says what one epoch's batches are
+    (``epoch_batches``, deterministic from ``seed`` and the epoch) and how a batch is built (``make_batch``);
+    the position (epoch, batch within it) is what a checkpoint saves. Each epoch's plan is computed once."""
+
+    seed: int
+
+    def epoch_batches(self, epoch: int) -> list[Any]:
+        raise NotImplementedError
+
+    def make_batch(self, plan: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _start(self) -> None:
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self._plan: tuple[int, list[Any]] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._plan is None or self._plan[0] != self.epoch:
+            self._plan = (self.epoch, self.epoch_batches(self.epoch))
+        batches = self._plan[1]
+        if self.batch_in_epoch >= len(batches):
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            return next(self)
+        plan = batches[self.batch_in_epoch]
+        self.batch_in_epoch += 1
+        return self.make_batch(plan)
+
+    def batches_per_epoch(self) -> int:
+        return len(self.epoch_batches(0))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.seed = int(state.get("seed", self.seed))
+
+
+class SFTDataSource(EpochBatches):
     """Endless, shuffled, resumable batches of SFT examples in the trainer's batch format.
 
     ``pack=True`` fills rows of exactly ``seq_len`` tokens with several examples each (best fit after a
@@ -267,9 +312,7 @@ class SFTDataSource:
         self.group_by_length = group_by_length
         self.seed = seed
         self.shuffle = shuffle
-        self.epoch = 0
-        self.batch_in_epoch = 0
-        self._epoch_batches: tuple[int, list[list[list[int]]]] | None = None
+        self._start()
 
     def epoch_batches(self, epoch: int) -> list[list[list[int]]]:
         """Batches of rows of example indices for one epoch (deterministic from seed and epoch)."""
@@ -298,29 +341,3 @@ class SFTDataSource:
         groups = [[self.examples[i] for i in row] for row in rows]
         length = self.seq_len if self.pack else max(sum(len(e) for e in g) for g in groups)
         return collate(groups, self.pad_id, length)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if self._epoch_batches is None or self._epoch_batches[0] != self.epoch:
-            self._epoch_batches = (self.epoch, self.epoch_batches(self.epoch))
-        batches = self._epoch_batches[1]
-        if self.batch_in_epoch >= len(batches):
-            self.epoch += 1
-            self.batch_in_epoch = 0
-            return next(self)
-        rows = batches[self.batch_in_epoch]
-        self.batch_in_epoch += 1
-        return self.make_batch(rows)
-
-    def batches_per_epoch(self) -> int:
-        return len(self.epoch_batches(0))
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
-        self.seed = int(state.get("seed", self.seed))
