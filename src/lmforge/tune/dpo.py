@@ -56,6 +56,7 @@ from lmforge.tune.preference import (
     load_preference_data,
     with_ref_logps,
 )
+from lmforge.tune.run import run_copy
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 
@@ -204,6 +205,7 @@ def run_dpo(
     from lmforge.train import train
 
     assert cfg.init_from is not None
+    cfg = run_copy(cfg, progress)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = load_preference_data(cfg, cfg.dpo)
@@ -213,7 +215,6 @@ def run_dpo(
         if source is not None:
             reference_logps(model, source, objective.mean_logps, reference_context)
     objective.metrics = metrics = AlignMetrics(run_dir / "align_metrics.jsonl", cfg.log.every_steps)
-    cfg.log.progress = cfg.log.progress and progress
     val_data = data.val.one_pass if data.val is not None else None
     result = train(cfg, model, objective, data.train, val_data, batch_hook=metrics.hook)
     metrics.flush(result.step)

@@ -41,6 +41,7 @@ from lmforge.model import Transformer
 from lmforge.train import LMObjective, TrainConfig, TrainResult, build_model, train
 from lmforge.train.checkpoint import load_model_weights
 from lmforge.tune.peft import PeftConfig, apply_peft, save_adapter
+from lmforge.tune.run import run_copy
 from lmforge.tune.sft import SFTDataSource, SFTDataStats, load_sft_examples
 
 Batch = dict[str, torch.Tensor]
@@ -124,8 +125,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> tuple[TrainResult, SFTData
         )
     # the run's own copy of the config: the tokenizer is exported next to the model (chat template included),
     # and with PEFT the adapter is exported below instead of a full model; the caller's config is not changed
-    log = dataclasses.replace(cfg.log, progress=cfg.log.progress and progress)
-    run_cfg = dataclasses.replace(cfg, tokenizer=str(tokenizer_dir), log=log)
+    run_cfg = run_copy(cfg, progress)
     model, export_adapter = None, False
     if run_cfg.peft.method:
         if run_cfg.peft.prompt_tuning_init == "TEXT" and not run_cfg.peft.tokenizer_name_or_path:

@@ -22,6 +22,7 @@ file with their reason.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -43,6 +44,7 @@ from lmforge.train.objective import Batch, ObjectiveOutput
 from lmforge.tune.align_log import AlignMetrics
 from lmforge.tune.preference import chat_tokenizer, prompt_messages, read_records, reason_kind, write_rejects
 from lmforge.tune.reward import RewardModel
+from lmforge.tune.run import run_copy
 
 # ----------------------------------------------------------------------------------------------- losses
 
@@ -422,6 +424,9 @@ def run_grpo(cfg: GRPOConfig, make_rollouts: MakeRollouts, progress: bool = True
     from lmforge.train import train
 
     assert cfg.init_from is not None
+    # The loss is a zero-mean surrogate (advantages are normalized per group) whose value says nothing about
+    # divergence, so a z-score on it only flags noise: the trainer's loss-spike rollback is off for GRPO.
+    cfg = run_copy(cfg, progress, stability=dataclasses.replace(cfg.stability, spike_detection=False))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer, pad_id = chat_tokenizer(cfg)
@@ -446,11 +451,6 @@ def run_grpo(cfg: GRPOConfig, make_rollouts: MakeRollouts, progress: bool = True
         reference=reference,
         seed=cfg.data.seed,
     )
-    cfg.tokenizer = str(cfg.tokenizer or cfg.init_from)
-    cfg.log.progress = cfg.log.progress and progress
-    # The loss is a zero-mean surrogate (advantages are normalized per group) whose value says nothing about
-    # divergence, so a z-score on it only flags noise: the trainer's loss-spike rollback is off for GRPO.
-    cfg.stability.spike_detection = False
     objective = GRPOObjective(cfg.grpo.eps_low, cfg.grpo.eps_high, cfg.grpo.kl_coef, metrics)
     result = train(cfg, policy, objective, source, batch_hook=metrics.hook)
     metrics.flush(result.step)

@@ -361,5 +361,4 @@ def load_preference_data(cfg: TrainConfig, data: PreferenceDataConfig) -> Prefer
         val = PreferenceDataSource(val_groups, size, pad_id, shuffle=False)
         summary["val"] = val_stats.to_dict()
     (run_dir / "preference_data.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    cfg.tokenizer = str(cfg.tokenizer or cfg.init_from)  # exported next to the model
     return PreferenceData(pad_id, train, val, summary)

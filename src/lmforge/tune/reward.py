@@ -21,6 +21,7 @@ the same scores, and :func:`lmforge.model.hf.load_reward_model` reads back. The 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from lmforge.train import TrainConfig
 from lmforge.train.objective import Batch, ObjectiveOutput
 from lmforge.tune.align_log import AlignMetrics, evaluate, pair_sums
 from lmforge.tune.preference import PreferenceDataConfig, load_preference_data
+from lmforge.tune.run import run_copy
 
 
 def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | float = 0.0) -> Tensor:
@@ -129,14 +131,14 @@ def run_rm(cfg: RewardConfig, progress: bool = True) -> dict[str, Any]:
     from lmforge.train.trainer import Trainer
 
     assert cfg.init_from is not None
+    export = cfg.checkpoint.export
+    # the trainer exports causal LMs; the reward model is written below
+    cfg = run_copy(cfg, progress, checkpoint=dataclasses.replace(cfg.checkpoint, export=False))
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     data = load_preference_data(cfg, cfg.rm)
     model = RewardModel(load_pretrained(cfg.init_from))
     metrics = AlignMetrics(Path(cfg.run_dir) / "align_metrics.jsonl", cfg.log.every_steps)
     objective = RewardObjective(cfg.rm.center_rewards_coefficient, metrics)
-    cfg.log.progress = cfg.log.progress and progress
-    export = cfg.checkpoint.export
-    cfg.checkpoint.export = False  # the trainer exports causal LMs; the reward model is written below
     val_data = data.val.one_pass if data.val is not None else None
     trainer = Trainer(cfg, model, objective, data.train, val_data, batch_hook=metrics.hook)
     result = trainer.fit()
