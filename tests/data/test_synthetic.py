@@ -220,3 +220,11 @@ def test_the_commands_write_examples_labels_and_rejects(tmp_path, monkeypatch, c
     assert main(args) == 0
     assert [json.loads(line)["model_label"] for line in labelled.read_text().splitlines()] == ["spam", "ham"]
     assert '"agreement": 0.5' in capsys.readouterr().out
+
+
+def test_a_label_example_without_a_label_is_a_usage_error(capsys) -> None:
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["data", "label", "x.jsonl", "--labels", "a", "--example", "no label here", "--out", "y.jsonl"])
+    assert info.value.code == 2 and "is not LABEL=TEXT" in capsys.readouterr().err

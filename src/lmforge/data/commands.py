@@ -188,6 +188,13 @@ def add_self_instruct(subcommands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_self_instruct)
 
 
+def _label_example(value: str) -> tuple[str, str]:
+    label, sep, text = value.partition("=")
+    if not sep or not label or not text:
+        raise argparse.ArgumentTypeError(f"{value!r} is not LABEL=TEXT")
+    return label, text
+
+
 def _label(args: argparse.Namespace) -> int:
     from lmforge.data.io import Document, make_reader
     from lmforge.data.synthetic import label_records
@@ -198,7 +205,7 @@ def _label(args: argparse.Namespace) -> int:
         for item in reader.read(reader.files())
         if isinstance(item, Document)
     )
-    examples = [tuple(pair.split("=", 1)[::-1]) for pair in args.example]
+    examples = [(text, label) for label, text in args.example]
     out, rejects = _record_sinks(args.out, args.rejects or f"{args.out}.rejects.jsonl")
     try:
         report = label_records(
@@ -225,7 +232,12 @@ def add_label(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("input", help="documents to label (JSONL/Parquet)")
     parser.add_argument("--labels", nargs="+", required=True)
     parser.add_argument(
-        "--example", action="append", default=[], metavar="LABEL=TEXT", help="a few-shot example"
+        "--example",
+        action="append",
+        default=[],
+        type=_label_example,
+        metavar="LABEL=TEXT",
+        help="a few-shot example",
     )
     parser.add_argument("--out", required=True)
     parser.add_argument("--rejects")
