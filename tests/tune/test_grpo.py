@@ -136,6 +136,10 @@ def test_rl_prompts_and_rejects(tmp_path, tokenizer):
     assert len((tmp_path / "rejects.jsonl").read_text().splitlines()) == 2
     with pytest.raises(ConfigError, match="format_pattern"):
         load_config(GRPOConfig, data={"init_from": "x", "grpo": {"paths": ["p"], "rewards": {"format": 1.0}}})
+    for bad in ({"temperature": 0.0}, {"max_new_tokens": 0}, {"kl_coef": float("nan")}):
+        grpo = {"paths": ["p"], "rewards": {"exact_answer": 1.0}, **bad}
+        with pytest.raises(ConfigError, match=f"grpo.{'kl_coef' if 'kl_coef' in bad else next(iter(bad))}"):
+            load_config(GRPOConfig, data={"init_from": "x", "grpo": grpo})
 
 
 def test_grpo_raises_a_toy_reward(tmp_path, base_model, tokenizer):

@@ -378,8 +378,17 @@ class GRPODataConfig:
             raise ValueError("grpo.contains: required by the contains reward")
         if self.group_size < 2:
             raise ValueError(f"grpo.group_size: at least 2, got {self.group_size}")
-        if self.kl_coef < 0 or self.eps_low <= 0 or self.eps_high <= 0:
-            raise ValueError("grpo: kl_coef must be >= 0 and the clip ranges positive")
+        if not self.kl_coef >= 0:  # (NaN fails too)
+            raise ValueError(f"grpo.kl_coef: must be >= 0, got {self.kl_coef}")
+        for name in ("eps_low", "eps_high"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"grpo.{name}: the clip range must be positive, got {getattr(self, name)}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"grpo.max_new_tokens: at least 1, got {self.max_new_tokens}")
+        if (
+            not 0.0 < self.temperature <= 2.0
+        ):  # sampled (the group needs different replies), in SamplingParams' range
+            raise ValueError(f"grpo.temperature: must be in (0, 2], got {self.temperature}")
 
 
 @dataclass
