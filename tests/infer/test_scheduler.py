@@ -93,3 +93,50 @@ def test_admission_limits():
     assert len(scheduler.running) == 2 and len(scheduler.waiting) == 1  # max_num_seqs
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         Scheduler(BlockManager(10, 4), max_num_seqs=8, max_num_batched_tokens=4)
+
+
+def _admitted(scheduler: Scheduler, group: SequenceGroup) -> None:
+    scheduler.add(group)
+    _run(scheduler, scheduler.schedule())  # prefill (samples token 0)
+
+
+@pytest.mark.parametrize(
+    ("params", "token", "reason", "stop_reason"),
+    [
+        (SamplingParams(max_tokens=8), 2, "stop", None),  # EOS
+        (SamplingParams(max_tokens=8, ignore_eos=True), 2, None, None),  # EOS ignored: still running
+        (SamplingParams(max_tokens=8, stop_token_ids=[5]), 5, "stop", 5),
+        (SamplingParams(max_tokens=2), 7, "length", None),  # the prefill's token + this one
+    ],
+)
+def test_append_token_ends_the_sequence_when_the_token_or_length_says_so(params, token, reason, stop_reason):
+    scheduler = Scheduler(BlockManager(50, 4), eos_token_ids=[2])
+    group = SequenceGroup("a", [1, 3, 4], params)
+    _admitted(scheduler, group)
+    used = scheduler.block_manager.num_used_blocks
+    seq = group.seqs[0]
+    scheduler.append_token(group, seq, token, None)
+    assert seq.token_ids[-1] == token and scheduler.num_generated_tokens == 1
+    assert seq.finish_reason == reason and seq.stop_reason == stop_reason
+    if reason is None:
+        assert group in scheduler.running and scheduler.num_finished_requests == 0
+    else:  # the request retires at once and its blocks are free
+        assert group not in scheduler.running and scheduler.num_finished_requests == 1
+        assert used > 0 and scheduler.block_manager.num_used_blocks == 0
+
+
+def test_append_token_stops_at_the_context_length():
+    scheduler = Scheduler(BlockManager(50, 4), max_model_len=5)
+    group = SequenceGroup("a", [1, 3, 4], SamplingParams(max_tokens=100))
+    _admitted(scheduler, group)  # 4 tokens now
+    scheduler.append_token(group, group.seqs[0], 9, None)
+    assert group.seqs[0].finish_reason == "length" and group.seqs[0].num_tokens == 5
+
+
+def test_a_failed_request_is_finished_with_error_and_counted():
+    scheduler = Scheduler(BlockManager(50, 4))
+    group = SequenceGroup("a", [1, 3, 4], SamplingParams(max_tokens=8))
+    _admitted(scheduler, group)
+    scheduler.fail(group)
+    assert group.seqs[0].finish_reason == "error" and not scheduler.has_work()
+    assert scheduler.num_finished_requests == 1 and scheduler.block_manager.num_used_blocks == 0

@@ -305,3 +305,14 @@ def test_learned_positions_refuse_positions_past_the_table():
     model = build(position="learned", max_seq_len=8)
     with pytest.raises(ValueError, match="beyond the learned positions"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_logits_rows_give_those_rows_of_the_full_logits():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=32)).eval()
+    ids = torch.randint(0, 50, (3, 7))
+    full = model(ids).logits
+    rows = torch.tensor([6, 7, 20, 13])  # flattened batch * seq positions, in any order
+    picked = model(ids, logits_rows=rows).logits
+    assert picked.shape == (4, 50)
+    torch.testing.assert_close(picked, full.reshape(-1, 50)[rows], rtol=1e-5, atol=1e-5)

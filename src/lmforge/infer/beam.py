@@ -6,7 +6,9 @@ continuations of all beams, moves those ending in EOS (or reaching ``max_tokens`
 ``num_beams``, and continues with the best ``num_beams`` unfinished ones. ``early_stopping`` follows HF:
 True stops once ``num_beams`` hypotheses are finished; False stops when the best running beam, at its current
 length, can no longer beat the worst finished one; "never" makes that estimate at ``max_tokens`` when the
-length penalty is positive. The engine owns the beams' sequences and KV blocks; this class only decides.
+length penalty is positive. ``BeamSearch`` only decides; ``advance_beams`` carries a decision out on the
+request's sequences (forking the parents that continue more than once, freeing the blocks of those that do not
+continue, finishing the request when the search is done).
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from lmforge.infer.sampler import process_logits
+from lmforge.infer.scheduler import Scheduler
+from lmforge.infer.sequence import Sequence, SequenceGroup
 
 _NEG = -1.0e9  # HF's "impossible" score offset
 
@@ -120,3 +126,36 @@ class BeamSearch:
             for i in range(min(n, self.num_beams))
             if bool(self.finished_flags[i])
         ]
+
+
+def advance_beams(group: SequenceGroup, entries: list[tuple[Sequence, Tensor]], scheduler: Scheduler) -> None:
+    """One beam-search step of ``group`` from the logits of its live beams (``entries``: sequence, logits)."""
+    beam: BeamSearch = group.beam
+    live = [seq for seq, _ in entries]
+    logprobs = torch.log_softmax(torch.stack([lg for _, lg in entries]).float().cpu(), dim=-1)
+    next_beams = beam.step(process_logits(logprobs, live))
+    scheduler.num_generated_tokens += len(next_beams)
+    if beam.done:
+        for seq in live:
+            seq.finish("stop")
+            scheduler.free_seq(seq)
+        scheduler.finish(group)
+        return
+    claimed: set[int] = set()
+    children: list[tuple[Sequence, int]] = []
+    for index, (parent_row, token) in enumerate(next_beams):
+        parent = live[parent_row]
+        if parent_row in claimed:
+            seq = parent.fork(index)
+            scheduler.block_manager.fork(parent, seq)
+        else:
+            claimed.add(parent_row)
+            seq = parent
+        children.append((seq, token))
+    for row, seq in enumerate(live):
+        if row not in claimed:
+            scheduler.free_seq(seq)
+    for index, (seq, token) in enumerate(children):
+        seq.index = index
+        seq.append_token(token, None)
+    group.seqs = [seq for seq, _ in children]

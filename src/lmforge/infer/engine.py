@@ -49,12 +49,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.infer.beam import BeamSearch
+from lmforge.infer.beam import BeamSearch, advance_beams
 from lmforge.infer.block_manager import BlockManager
 from lmforge.infer.kv_cache import PagedKVCache, num_blocks_for_budget
 from lmforge.infer.model_runner import ChunkLogits, ModelRunner
-from lmforge.infer.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from lmforge.infer.sampler import Sampler, process_logits, top_logprobs
+from lmforge.infer.output_builder import final_output, record_prompt_logprobs, step_output
+from lmforge.infer.outputs import RequestOutput, TokenLogprob
+from lmforge.infer.sampler import Sampler
 from lmforge.infer.sampling_params import InvalidRequestError, SamplingParams
 from lmforge.infer.scheduler import QueueFullError, ScheduledSeq, Scheduler
 from lmforge.infer.sequence import Sequence, SequenceGroup
@@ -152,6 +153,8 @@ class LLMEngine:
             config.max_num_batched_tokens,
             config.max_waiting,
             config.chunked_prefill,
+            self.eos_token_ids,
+            self.max_model_len,
         )
         self.runner = ModelRunner(
             model, self.cache, config.block_size, config.decode_mirror, config.max_num_seqs
@@ -161,8 +164,6 @@ class LLMEngine:
         self._aborted: list[SequenceGroup] = []
         self._failed: list[tuple[SequenceGroup, str]] = []  # requests that broke mid-step, with why
         self._prompt_tokens_total = 0
-        self._generation_tokens_total = 0
-        self._requests_finished_total = 0
 
     @classmethod
     def from_pretrained(
@@ -281,20 +282,20 @@ class LLMEngine:
             prefix_cache_hit_rate=bm.stats.hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self._prompt_tokens_total,
-            generation_tokens_total=self._generation_tokens_total,
-            requests_finished_total=self._requests_finished_total,
+            generation_tokens_total=self.scheduler.num_generated_tokens,
+            requests_finished_total=self.scheduler.num_finished_requests,
             decode_mirror_bytes=self.runner.mirror.nbytes if self.runner.mirror is not None else 0,
         )
 
     # -- one iteration -------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        outputs = [self._abort_output(g) for g in self._aborted]
+        outputs = [final_output(g) for g in self._aborted]
         self._aborted = []
         plan = self.scheduler.schedule()
         self.cache.copy_blocks(self.block_manager.take_copies())
         if plan.scheduled:
             outputs += self._run(plan.scheduled)
-        outputs += [self._error_output(group, error) for group, error in self._failed]
+        outputs += [final_output(group, "error", error) for group, error in self._failed]
         self._failed = []
         return outputs
 
@@ -315,7 +316,7 @@ class LLMEngine:
             if logits is None or group.aborted:
                 continue
             if i in wants_prompt_logprobs:
-                self._guard(group, self._record_prompt_logprobs, group, item, logits)
+                self._guard(group, record_prompt_logprobs, group, item, logits)
             completes = item.completes  # (read before the chunk is counted as computed)
             item.seq.num_computed += item.num_tokens
             self.block_manager.register_computed(item.seq)
@@ -367,28 +368,9 @@ class LLMEngine:
         if group.aborted:
             return
         logger.error("request %s failed inside an engine step", group.request_id, exc_info=err)
-        self.scheduler.abort(group.request_id)
+        self.scheduler.fail(group)
         group.aborted = True
-        for seq in group.seqs:
-            if not seq.is_finished:
-                seq.finish("error")
         self._failed.append((group, f"{type(err).__name__}: {err}"))
-        self._requests_finished_total += 1
-
-    def _record_prompt_logprobs(self, group: SequenceGroup, item: ScheduledSeq, logits: ChunkLogits) -> None:
-        seq, start = item.seq, item.seq.num_computed
-        assert group.prompt_logprobs is not None and logits.all is not None
-        # logits at position j predict token j + 1; keep those that land inside the prompt
-        targets = [j + 1 for j in range(start, start + item.num_tokens) if j + 1 < seq.prompt_len]
-        targets = [t for t in targets if t >= len(group.prompt_logprobs)]
-        if not targets:
-            return
-        rows = torch.tensor([t - 1 - start for t in targets])
-        logprobs = torch.log_softmax(logits.all.float().cpu().index_select(0, rows), dim=-1)
-        chosen = torch.tensor([seq.token_ids[t] for t in targets])
-        group.prompt_logprobs.extend(
-            top_logprobs(logprobs, chosen, [group.params.prompt_logprobs or 0] * len(rows))
-        )
 
     def _sample(
         self, by_group: dict[str, list[tuple[Sequence, torch.Tensor]]], touched: dict[str, SequenceGroup]
@@ -397,7 +379,7 @@ class LLMEngine:
         for request_id, entries in by_group.items():
             group = touched[request_id]
             if group.beam is not None:
-                self._guard(group, self._beam_step, group, entries)
+                self._guard(group, advance_beams, group, entries, self.scheduler)
                 continue
             if group.expands_after_prefill:
                 ((parent, logits),) = entries
@@ -418,7 +400,7 @@ class LLMEngine:
             tokens, logprobs = self._sample_each(batch)
         for (group, seq, _), token, logprob in zip(batch, tokens, logprobs):
             if token is not None and not group.aborted:
-                self._guard(group, self._append, group, seq, token, logprob)
+                self._guard(group, self.scheduler.append_token, group, seq, token, logprob)
 
     def _sample_each(
         self, batch: list[tuple[SequenceGroup, Sequence, torch.Tensor]]
@@ -439,148 +421,8 @@ class LLMEngine:
                     tokens[i], logprobs[i] = token, logprob
         return tokens, logprobs
 
-    def _append(self, group: SequenceGroup, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
-        params = seq.params
-        seq.append_token(token, logprob)
-        self._generation_tokens_total += 1
-        if not params.ignore_eos and token in self.eos_token_ids:
-            seq.finish("stop")
-        elif token in params.stop_token_ids:
-            seq.finish("stop", token)
-        else:
-            stop = seq.detokenizer.append(token) if seq.detokenizer is not None else None
-            if stop is not None:
-                seq.finish("stop", stop)
-            elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-                seq.finish("length")
-        if seq.is_finished:
-            self.scheduler.free_seq(seq)
-            if group.is_finished:
-                self._finish_group(group)
-
-    def _finish_group(self, group: SequenceGroup) -> None:
-        self.scheduler.finish(group)
-        self._requests_finished_total += 1
-
-    def _beam_step(self, group: SequenceGroup, entries: list[tuple[Sequence, torch.Tensor]]) -> None:
-        beam = group.beam
-        assert beam is not None
-        live = [seq for seq, _ in entries]
-        logprobs = torch.log_softmax(torch.stack([lg for _, lg in entries]).float().cpu(), dim=-1)
-        logprobs = process_logits(logprobs, live)
-        next_beams = beam.step(logprobs)
-        self._generation_tokens_total += len(next_beams)
-        if beam.done:
-            for seq in live:
-                seq.finish("stop")
-                self.scheduler.free_seq(seq)
-            self._finish_group(group)
-            return
-        claimed: set[int] = set()
-        children: list[tuple[Sequence, int]] = []
-        for index, (parent_row, token) in enumerate(next_beams):
-            parent = live[parent_row]
-            if parent_row in claimed:
-                seq = parent.fork(index)
-                self.block_manager.fork(parent, seq)
-            else:
-                claimed.add(parent_row)
-                seq = parent
-            children.append((seq, token))
-        for row, seq in enumerate(live):
-            if row not in claimed:
-                self.scheduler.free_seq(seq)
-        for index, (seq, token) in enumerate(children):
-            seq.index = index
-            seq.append_token(token, None)
-        group.seqs = [seq for seq, _ in children]
-
-    # -- outputs -----------------------------------------------------------------------------------------------
     def _make_output(self, group: SequenceGroup) -> RequestOutput | None:
-        prompt_logprobs = group.prompt_logprobs
-        if group.beam is not None:
-            if not group.is_finished:
-                return None
-            completions = []
-            for index, hyp in enumerate(group.beam.best(group.params.n)):
-                text = self._decode(hyp.token_ids, group.params)
-                completions.append(
-                    CompletionOutput(
-                        index, hyp.token_ids, text, hyp.token_ids, text, None, None, hyp.score, "stop"
-                    )
-                )
-            return RequestOutput(
-                group.request_id,
-                group.prompt_token_ids,
-                completions,
-                True,
-                prompt_logprobs,
-                group.num_cached_tokens,
-            )
-        completions = []
-        for seq in sorted(group.seqs, key=lambda s: s.index):
-            new_tokens = seq.output_token_ids[seq.emitted_tokens :]
-            seq.emitted_tokens = seq.num_output_tokens
-            new_logprobs = None
-            if seq.logprobs is not None:
-                new_logprobs = seq.logprobs[seq.emitted_logprobs :]
-                seq.emitted_logprobs = len(seq.logprobs)
-            new_text = seq.detokenizer.take_delta(seq.is_finished) if seq.detokenizer is not None else ""
-            completions.append(
-                CompletionOutput(
-                    seq.index,
-                    seq.output_token_ids,
-                    seq.text,
-                    new_tokens,
-                    new_text,
-                    seq.logprobs,
-                    new_logprobs,
-                    seq.cumulative_logprob,
-                    seq.finish_reason,
-                    seq.stop_reason,
-                )
-            )
-        if group.prompt_logprobs is not None and len(group.prompt_logprobs) < len(group.prompt_token_ids):
-            prompt_logprobs = None  # not complete yet (chunked prefill)
-        return RequestOutput(
-            group.request_id,
-            group.prompt_token_ids,
-            completions,
-            group.is_finished,
-            prompt_logprobs,
-            group.num_cached_tokens,
-        )
-
-    def _decode(self, token_ids: list[int], params: SamplingParams) -> str:
-        if self.tokenizer is None or not params.detokenize:
-            return ""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
-
-    def _abort_output(self, group: SequenceGroup) -> RequestOutput:
-        completions = []
-        for seq in group.seqs:
-            if not seq.is_finished:
-                seq.finish("abort")
-            completions.append(
-                CompletionOutput(
-                    seq.index,
-                    seq.output_token_ids,
-                    seq.text,
-                    [],
-                    "",
-                    seq.logprobs,
-                    [],
-                    seq.cumulative_logprob,
-                    seq.finish_reason,
-                    seq.stop_reason,
-                )
-            )
-        return RequestOutput(group.request_id, group.prompt_token_ids, completions, True)
-
-    def _error_output(self, group: SequenceGroup, error: str) -> RequestOutput:
-        out = self._abort_output(group)
-        out.error = error
-        return out
+        return step_output(group, self.tokenizer)
 
     # -- offline use ---------------------------------------------------------------------------------------------
     def generate(

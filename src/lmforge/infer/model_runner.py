@@ -4,7 +4,7 @@ Decoding sequences (one new token each) run as ``[B, 1]`` forwards over their de
 ``decode_mirror.py``), or, when the mirror is off or full, gather their keys/values from the block pool.
 Prefill chunks run as separate padded ``[B, T]`` forwards, so a long prefill never pads the decodes. Only the
 rows whose logits are used (the last token of a completed chunk; every position when prompt logprobs are
-asked for) go through the LM head: a forward pre-hook on ``model.lm_head`` selects them, which saves a
+asked for) go through the LM head: the model's ``logits_rows`` argument selects them, which saves a
 ``T x vocab`` matmul per prefill.
 """
 
@@ -48,8 +48,7 @@ class ModelRunner:
         self.block_size = block_size
         # padded key slots a decode batch may waste before it is split (about one forward's fixed cost)
         self.min_decode_bucket = 4096
-        self.lm_head = getattr(model, "lm_head", None)
-        if self.lm_head is None:
+        if getattr(model, "lm_head", None) is None:
             raise ValueError("the model runner needs a model with an lm_head")
 
     @torch.inference_mode()
@@ -144,17 +143,9 @@ class ModelRunner:
             key_positions.to(dev),
         )
         rows = (torch.cat(logit_rows) if logit_rows else torch.zeros(0, dtype=torch.long)).to(dev)
-
-        def select_rows(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-            hidden = args[0]
-            return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),)
-
-        # the hook lives only for this forward: the model is left as it was given
-        hook = self.lm_head.register_forward_pre_hook(select_rows)
-        try:
-            logits = self.model(input_ids.to(dev), position_ids=positions.to(dev), cache=self.cache).logits
-        finally:
-            hook.remove()
+        logits = self.model(
+            input_ids.to(dev), position_ids=positions.to(dev), cache=self.cache, logits_rows=rows
+        ).logits
         offset = 0
         for b, it in enumerate(items):
             if want_all[b]:

@@ -6,14 +6,20 @@ chunked to whatever budget is left. A request joins at the next step after it ar
 it finishes. When the block pool runs dry, the most recently admitted running request is preempted: its
 blocks are freed and it goes back to the head of the queue to be recomputed (its prefix blocks usually
 survive in the prefix cache, so recomputation is cheap).
+
+The scheduler also owns a sequence's life after sampling: ``append_token`` adds the sampled token and ends
+the sequence at EOS, a stop token or stop string, ``max_tokens`` or the context, freeing its blocks at once and
+retiring the request when its last sequence ends.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from lmforge.infer.block_manager import BlockManager
+from lmforge.infer.outputs import TokenLogprob
 from lmforge.infer.sequence import Sequence, SequenceGroup, SequenceStatus
 
 
@@ -50,6 +56,8 @@ class Scheduler:
         max_num_batched_tokens: int = 1024,
         max_waiting: int = 1024,
         chunked_prefill: bool = True,
+        eos_token_ids: Seq[int] = (),
+        max_model_len: int | None = None,
     ) -> None:
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every decode needs one token)")
@@ -61,6 +69,10 @@ class Scheduler:
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []
         self.num_preemptions = 0
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.num_generated_tokens = 0
+        self.num_finished_requests = 0  # finished or failed (aborted requests are not counted)
         # Admissions leave this many blocks free, so running decodes do not immediately preempt them.
         self.watermark_blocks = max(1, block_manager.num_blocks // 100)
 
@@ -84,6 +96,40 @@ class Scheduler:
         if group in self.running:
             self.running.remove(group)
         self._free(group)
+        self.num_finished_requests += 1
+
+    def fail(self, group: SequenceGroup) -> None:
+        """Take a request that broke inside a step out of the engine: blocks freed, live sequences finished
+        with "error"."""
+        self.abort(group.request_id)
+        for seq in group.seqs:
+            if not seq.is_finished:
+                seq.finish("error")
+        self.num_finished_requests += 1
+
+    def append_token(
+        self, group: SequenceGroup, seq: Sequence, token: int, logprob: TokenLogprob | None
+    ) -> None:
+        """Add a sampled token to ``seq`` and end it when the token or the length says so."""
+        params = seq.params
+        seq.append_token(token, logprob)
+        self.num_generated_tokens += 1
+        if not params.ignore_eos and token in self.eos_token_ids:
+            seq.finish("stop")
+        elif token in params.stop_token_ids:
+            seq.finish("stop", token)
+        else:
+            stop = seq.detokenizer.append(token) if seq.detokenizer is not None else None
+            if stop is not None:
+                seq.finish("stop", stop)
+            elif seq.num_output_tokens >= params.max_tokens or (
+                self.max_model_len is not None and seq.num_tokens >= self.max_model_len
+            ):
+                seq.finish("length")
+        if seq.is_finished:
+            self.free_seq(seq)
+            if group.is_finished:
+                self.finish(group)
 
     def free_seq(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import itertools
 from enum import Enum
+from typing import Any
 
 import torch
 
-from lmforge.infer.beam import BeamSearch
 from lmforge.infer.detokenize import Decoder, IncrementalDetokenizer
 from lmforge.infer.outputs import TokenLogprob
 from lmforge.infer.sampling_params import SamplingParams
@@ -166,7 +166,8 @@ class SequenceGroup:
         if params.prompt_logprobs is not None:
             self.prompt_logprobs = [None]
         self.num_cached_tokens = 0
-        self.beam: BeamSearch | None = None  # beam-search state (set by the engine for beam requests)
+        # a beam.BeamSearch for beam-search requests, set by the engine (beam.py builds on this module)
+        self.beam: Any = None
         self.aborted = False
 
     @property

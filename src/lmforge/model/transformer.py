@@ -168,6 +168,7 @@ class Transformer(nn.Module):
         segment_ids: Tensor | None = None,
         prefix_lengths: Tensor | None = None,
         cache: KVCache | None = None,
+        logits_rows: Tensor | None = None,
     ) -> ModelOutput:
         """input_ids (batch, seq) token ids, or (batch, seq, d_model) floating point: token embeddings (positions
         and the embedding norm still apply), or hidden states when embed_tokens is None.
@@ -175,7 +176,9 @@ class Transformer(nn.Module):
         position_ids default to 0..seq-1, continuing each sequence of a cache that has ``lengths()``.
         segment_ids confine attention to tokens of the same packed document. prefix_lengths (batch,) make
         the first n tokens of each sequence attend bidirectionally (prefix decoder; with a cache the whole
-        prefix must be in the first call)."""
+        prefix must be in the first call). logits_rows (n,) index the flattened ``batch * seq`` positions whose
+        logits are wanted: the result is then (n, vocab), and the LM head runs on those rows only (an inference
+        engine needs the last position of each sequence, not a ``seq x vocab`` matmul per prefill)."""
         cfg = self.cfg
         if prefix_lengths is not None and cfg.structure != "prefix":
             raise ValueError("prefix_lengths: the model is a causal decoder (structure=causal)")
@@ -239,6 +242,8 @@ class Transformer(nn.Module):
             x, block_aux = block(x, ctx)
             if block_aux is not None:
                 aux_loss = aux_loss + block_aux
+        if logits_rows is not None:
+            x = x.reshape(-1, x.shape[-1]).index_select(0, logits_rows)
         if self.norm is not None:
             x = self.norm(x)
         logits = self.lm_head(x) if self.lm_head is not None else x
