@@ -125,3 +125,51 @@ def test_split_pipeline_stage_keeps_parameter_names() -> None:
     assert names0 | names1 == full and not names0 & names1
     assert list(first.blocks) == ["0", "1"] and list(last.blocks) == ["2"]
     assert first.lm_head is None and last.embed_tokens is None
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"tie_embeddings": True},
+        {
+            "norm": "deepnorm",
+            "norm_position": "post",
+            "position": "learned",
+            "qkv_bias": True,
+            "mlp_bias": True,
+        },
+        {"n_experts": 4, "moe_top_k": 2},
+    ],
+)
+def test_a_meta_built_model_materialises_with_the_plain_build_weights(overrides: dict) -> None:
+    from lmforge.model import ModelConfig
+    from lmforge.train.parallel import materialize
+
+    cfg = ModelConfig(vocab_size=40, d_model=16, n_layers=3, n_heads=2, d_ff=32, max_seq_len=16, **overrides)
+    torch.manual_seed(7)
+    plain = Transformer(cfg)
+    after_plain = torch.rand(3)  # the generator moves on exactly as after a plain build
+    with torch.device("meta"):
+        lazy = Transformer(cfg)
+    materialize(lazy, torch.device("cpu"), seed=7)
+    assert torch.equal(torch.rand(3), after_plain)
+    for (name, a), (_, b) in zip(plain.named_parameters(), lazy.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    if cfg.tie_embeddings:
+        assert lazy.lm_head.weight is lazy.embed_tokens.weight
+
+
+def test_a_pipeline_stage_materialises_only_its_blocks_with_their_plain_weights() -> None:
+    from lmforge.model import ModelConfig
+    from lmforge.train.parallel import materialize, split_pipeline_stage
+
+    cfg = ModelConfig(vocab_size=40, d_model=16, n_layers=3, n_heads=2, d_ff=32)
+    torch.manual_seed(3)
+    plain = dict(Transformer(cfg).named_parameters())
+    with torch.device("meta"):
+        stage = split_pipeline_stage(Transformer(cfg), 2, 1)
+    materialize(stage, torch.device("cpu"), seed=3)
+    names = [name for name, _ in stage.named_parameters()]
+    assert names and all(name.startswith(("blocks.2.", "norm.", "lm_head.")) for name in names)
+    for name, p in stage.named_parameters():
+        assert not p.is_meta and torch.equal(p, plain[name]), name

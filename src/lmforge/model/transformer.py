@@ -95,6 +95,19 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # Submodules are built on the meta device (PyTorch's own default init would draw random numbers only
+        # to be overwritten), then given storage on the current default device and initialised once by
+        # reset_parameters: the weights depend on the seed and reset_parameters alone, which is what lets
+        # a meta-device model be materialised piece by piece with the same weights.
+        device = torch.get_default_device()
+        with torch.device("meta"):
+            self._build(cfg)
+        self.to_empty(device=device)
+        self._rope_memo: tuple[tuple, tuple[Tensor, float]] | None = None
+        self.reset_parameters()
+        self.tie_weights()
+
+    def _build(self, cfg: ModelConfig) -> None:
         self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed: nn.Module | None = None
         if cfg.position == "learned":
@@ -106,9 +119,6 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm = build_norm(cfg) if cfg.final_norm else None
         self.lm_head: nn.Linear | None = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self._rope_memo: tuple[tuple, tuple[Tensor, float]] | None = None
-        self.reset_parameters()
-        self.tie_weights()
 
     def tie_weights(self) -> None:
         """Share the LM head with the token embedding when the config asks for it (call after loading)."""
@@ -120,27 +130,34 @@ class Transformer(nn.Module):
         """N(0, init_std) weights, zero biases, unit norms; residual output projections scaled by 1/sqrt(2N)
         (GPT-2); routers at router_init_std. DeepNorm instead uses Xavier init with gain beta on the value,
         output and MLP projections (gain 1 on queries and keys), as in the DeepNet paper."""
-        cfg = self.cfg
-        residual_std = (
-            cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_residual_init else cfg.init_std
-        )
         for name, module in self.named_modules():
-            leaf = name.rsplit(".", 1)[-1]
-            if isinstance(module, nn.Linear):
-                if leaf == "router":
-                    nn.init.normal_(module.weight, std=cfg.router_init_std)
-                elif cfg.norm == "deepnorm" and name.startswith("blocks."):
-                    gain = 1.0 if leaf in ("q_proj", "k_proj") else cfg.deepnorm_beta
-                    nn.init.xavier_normal_(module.weight, gain=gain)
-                else:
-                    std = residual_std if leaf in ("o_proj", "down_proj") else cfg.init_std
-                    nn.init.normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=cfg.init_std)
-            elif hasattr(module, "reset_parameters") and module is not self:
-                module.reset_parameters()  # norms: unit scale, zero shift
+            if module is not self:
+                self.init_module(name, module)
+
+    @torch.no_grad()
+    def init_module(self, name: str, module: nn.Module) -> None:
+        """Initialise the parameters ``module`` (named ``name`` in this model) holds itself, by the rule of
+        :meth:`reset_parameters`. Visiting the modules in ``named_modules`` order draws the random numbers in
+        the same order, which is how a model built on the meta device is materialised piece by piece with
+        exactly these weights (``lmforge.train.parallel.materialize``)."""
+        cfg = self.cfg
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear):
+            if leaf == "router":
+                nn.init.normal_(module.weight, std=cfg.router_init_std)
+            elif cfg.norm == "deepnorm" and name.startswith("blocks."):
+                gain = 1.0 if leaf in ("q_proj", "k_proj") else cfg.deepnorm_beta
+                nn.init.xavier_normal_(module.weight, gain=gain)
+            else:
+                residual = leaf in ("o_proj", "down_proj") and cfg.scaled_residual_init
+                std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if residual else cfg.init_std
+                nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=cfg.init_std)
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()  # norms: unit scale, zero shift
 
     def _rope_frequencies(self, position_ids: Tensor) -> tuple[Tensor, float]:
         """(inv_freq, attention factor) for this forward, memoised on (device, sequence length); the length

@@ -13,22 +13,31 @@ collectives stay on the fastest links). Processes are launched by ``torchrun`` (
   replicated;
 - pipeline parallel: each stage is the model with the other stages' blocks deleted (block keys, hence
   parameter names, are kept), driven by a GPipe or 1F1B schedule from ``torch.distributed.pipelining``.
+
+``parallelize(model, env, cfg)`` applies all of it in the one valid order (stage split, tensor parallel,
+activation checkpointing, compile, FSDP or DDP, pipeline schedule). A model built on the ``meta`` device
+(``build_model(cfg, meta=True)``) holds no memory until then: each rank materialises only its own stage and
+shards, and ``materialize`` fills them with exactly the weights a single process would have initialised
+(the full model is never allocated; one block at a time is, to draw its random numbers in order).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lmforge.model.transformer import Transformer
-from lmforge.train.config import ParallelConfig
+from lmforge.train.config import ParallelConfig, TrainConfig
 
 
 @dataclass
@@ -227,3 +236,119 @@ def scale_grads_(parameters: list[nn.Parameter], factor: float) -> None:
     for p in parameters:
         if isinstance(p.grad, DTensor):
             p.grad.mul_(factor)
+
+
+@dataclass
+class Parallelized:
+    """What ``parallelize`` hands the trainer."""
+
+    model: Transformer  # owns this rank's parameters: the optimizer, checkpoints and export use it
+    forward_model: nn.Module  # what a training step calls (the model, its DDP/FSDP root or pipeline stage)
+    fsdp_root: nn.Module | None = None  # set with FSDP: gradient sync is switched on its root
+    schedule: Any | None = None  # the pipeline schedule with pp > 1
+
+
+def parallelize(
+    model: Transformer,
+    env: DistEnv,
+    cfg: TrainConfig,
+    pipeline_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+    seed: int | None = None,
+) -> Parallelized:
+    """Lay ``model`` out over ``env``'s mesh as ``cfg.parallel`` and ``cfg.precision`` ask. A model on the
+    meta device is materialised on ``env.device`` afterwards, rank by rank, with the weights
+    ``torch.manual_seed(seed)`` followed by ``Transformer(model.cfg)`` gives (see ``materialize``)."""
+    pcfg = cfg.parallel
+    if env.dp > 1 and (env.tp > 1 or env.pp > 1) and pcfg.dp_mode == "ddp":
+        # DDP's reducer handles neither DTensor parameters nor several backward passes per step
+        raise ValueError("data parallelism composed with tp/pp needs parallel.dp_mode=fsdp")
+    if env.pp > 1:
+        if cfg.data.document_masking:
+            raise ValueError("pipeline parallelism passes one tensor between stages: no document_masking")
+        if cfg.batch.micro_batch_size % pcfg.pp_microbatches:
+            raise ValueError("batch.micro_batch_size must be divisible by parallel.pp_microbatches")
+        if pipeline_loss is None:
+            raise ValueError("pipeline parallelism needs the loss function of its last stage")
+        split_pipeline_stage(model, env.pp, env.pp_rank)
+    on_meta = any(p.is_meta for p in model.parameters())
+    if not on_meta:
+        model.to(env.device)
+    if env.tp > 1:
+        apply_tensor_parallel(model, env.mesh["tp"])
+    if cfg.precision.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.precision.compile:
+        apply_compile(model)
+    root: nn.Module = StageForward(model) if env.pp > 1 else model
+    fsdp_root = None
+    if env.dp > 1 and pcfg.dp_mode == "fsdp":
+        apply_fsdp(root, model.blocks, env.mesh["dp"], pcfg.fsdp_reshard_after_forward)
+        fsdp_root = root
+    if on_meta:
+        materialize(model, env.device, seed)
+    if env.dp > 1 and pcfg.dp_mode != "fsdp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        root = DistributedDataParallel(root, process_group=env.group("dp"))
+    schedule = None
+    if env.pp > 1:
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        stage = PipelineStage(root, env.pp_rank, env.pp, env.device, group=env.group("pp"))
+        schedule_cls = ScheduleGPipe if pcfg.pp_schedule == "gpipe" else Schedule1F1B
+        schedule = schedule_cls(
+            stage, n_microbatches=pcfg.pp_microbatches, loss_fn=pipeline_loss, scale_grads=False
+        )
+    return Parallelized(model.train(), root, fsdp_root, schedule)
+
+
+@torch.no_grad()
+def materialize(model: Transformer, device: torch.device, seed: int | None = None) -> None:
+    """Give a meta-device ``model`` (possibly a pipeline stage, tensor-parallel or FSDP-sharded) real storage
+    on ``device`` and the initial weights of ``Transformer(model.cfg)`` built after ``torch.manual_seed(seed)``.
+
+    The full model's top-level pieces (embeddings, each block, final norm, head) are initialised one at a
+    time on the CPU in construction order, so the random numbers come out as in one process; this rank keeps
+    the parameters it holds (its slice of a sharded one) and drops the rest."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.to_empty(device=device)
+    local = dict(model.named_parameters(remove_duplicate=False))
+    filled: set[str] = set()
+    with torch.device("meta"):
+        reference = Transformer(model.cfg)
+    pieces = [
+        (f"{name}.{key}", block) if name == "blocks" else (name, child)
+        for name, child in reference.named_children()
+        for key, block in (child.items() if name == "blocks" else [(None, None)])
+    ]
+    for prefix, piece in pieces:
+        piece = copy.deepcopy(piece).to_empty(device="cpu")
+        for name, module in piece.named_modules(prefix=prefix):
+            reference.init_module(name, module)
+        for name, full in piece.named_parameters(prefix=prefix):
+            target = local.get(name)
+            if target is None:
+                continue  # held by another pipeline stage
+            if isinstance(target, DTensor):
+                # every rank drew the same full tensor: each keeps its own slice, no communication
+                shard = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+                target.to_local().copy_(shard.to_local())
+            else:
+                target.copy_(full)
+            filled.add(name)
+    model.tie_weights()
+    missing = sorted(set(local) - filled - _tied_names(model))
+    if missing:
+        raise RuntimeError(f"materialize: no initial value for {missing[:5]}")
+
+
+def _tied_names(model: Transformer) -> set[str]:
+    """Parameter names that share storage with an earlier name (the tied head)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.setdefault(id(p), name)
+    return tied

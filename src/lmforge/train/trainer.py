@@ -76,17 +76,23 @@ class TrainResult:
     rollbacks: int
 
 
-def build_model(cfg: TrainConfig) -> Transformer:
-    """The model a recipe asks for: a model folder (weights loaded), a preset name, or ``cfg.model``."""
+def build_model(cfg: TrainConfig, meta: bool = False) -> Transformer:
+    """The model a recipe asks for: a model folder (weights loaded), a preset name, or ``cfg.model``. With
+    ``meta``, a new model is built on the meta device (no memory; ``parallel.parallelize`` materialises each
+    rank's part with the weights a plain build after the same seed has)."""
     if cfg.init_from:
         if Path(cfg.init_from).is_dir():
             return load_pretrained(cfg.init_from).train()
         try:
-            preset = get_preset(cfg.init_from)
+            model_cfg = get_preset(cfg.init_from)
         except ValueError as err:
             raise ConfigError(f"init_from: not a model folder, and {err}") from None
-        return Transformer(preset)
-    return Transformer(cfg.model)
+    else:
+        model_cfg = cfg.model
+    if meta:
+        with torch.device("meta"):
+            return Transformer(model_cfg)
+    return Transformer(model_cfg)
 
 
 def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
@@ -149,7 +155,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = model if model is not None else build_model(cfg)
+        model = model if model is not None else build_model(cfg, meta=True)
         try:
             cfg.check_model(model.cfg)
         except ValueError as err:
@@ -169,7 +175,12 @@ class Trainer:
         self.autocast = autocast_factory(self.precision, self.device)
         self.scaler = grad_scaler(self.precision, self.device)
         self.batch_hook = batch_hook
-        self._setup_model(model.to(self.device).train())
+        if env.pp > 1 and self.scaler is not None:
+            raise ValueError("pipeline parallelism with fp16 loss scaling is not supported; use bf16")
+        self._pp_loss_scale = 1.0
+        laid_out = parallel.parallelize(model, env, cfg, self._pipeline_loss, cfg.seed)
+        self.model, self.forward_model = laid_out.model, laid_out.forward_model
+        self.fsdp_root, self.schedule_pp = laid_out.fsdp_root, laid_out.schedule
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, cfg.max_steps)
@@ -192,47 +203,6 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, env.is_main, cfg.log.tensorboard, cfg.log.wandb)
 
     # -- set-up ----------------------------------------------------------------------------------------------------
-    def _setup_model(self, model: Transformer) -> None:
-        env, pcfg = self.env, self.cfg.parallel
-        self.schedule_pp = None
-        if env.dp > 1 and (env.tp > 1 or env.pp > 1) and pcfg.dp_mode == "ddp":
-            # DDP's reducer handles neither DTensor parameters nor several backward passes per step
-            raise ValueError("data parallelism composed with tp/pp needs parallel.dp_mode=fsdp")
-        if env.pp > 1:
-            if self.cfg.data.document_masking:
-                raise ValueError("pipeline parallelism passes one tensor between stages: no document_masking")
-            if self.scaler is not None:
-                raise ValueError("pipeline parallelism with fp16 loss scaling is not supported; use bf16")
-            if self.cfg.batch.micro_batch_size % pcfg.pp_microbatches:
-                raise ValueError("batch.micro_batch_size must be divisible by parallel.pp_microbatches")
-            parallel.split_pipeline_stage(model, env.pp, env.pp_rank)
-        if env.tp > 1:
-            parallel.apply_tensor_parallel(model, env.mesh["tp"])
-        if self.cfg.precision.activation_checkpointing:
-            parallel.apply_activation_checkpointing(model)
-        if self.cfg.precision.compile:
-            parallel.apply_compile(model)
-        self.model = model  # owns the parameters: optimizer, checkpoints and export use it
-        root: torch.nn.Module = parallel.StageForward(model) if env.pp > 1 else model
-        self.fsdp_root = None
-        if env.dp > 1 and pcfg.dp_mode == "fsdp":
-            parallel.apply_fsdp(root, model.blocks, env.mesh["dp"], pcfg.fsdp_reshard_after_forward)
-            self.fsdp_root = root
-        elif env.dp > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            root = DistributedDataParallel(root, process_group=env.group("dp"))
-        self.forward_model = root
-        if env.pp > 1:
-            from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-
-            stage = PipelineStage(root, env.pp_rank, env.pp, self.device, group=env.group("pp"))
-            schedule_cls = ScheduleGPipe if pcfg.pp_schedule == "gpipe" else Schedule1F1B
-            self.schedule_pp = schedule_cls(
-                stage, n_microbatches=pcfg.pp_microbatches, loss_fn=self._pipeline_loss, scale_grads=False
-            )
-            self._pp_loss_scale = 1.0
-
     def _data(
         self, train_data: Iterator[Batch] | None, val_data: Callable[[], Iterator[Batch]] | None
     ) -> tuple[Iterator[Batch], Callable[[], Iterator[Batch]] | None]:
