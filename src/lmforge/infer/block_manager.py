@@ -94,7 +94,7 @@ class BlockManager:
             return 0
         bs = self.block_size
         full_blocks = (seq.num_tokens - 1) // bs
-        parent: int | None = None
+        parent = seq.hash_root
         for i in range(full_blocks):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             block_hash = chain_hash(parent, tokens)
@@ -159,7 +159,7 @@ class BlockManager:
         bs = self.block_size
         for i in range(len(seq.block_hashes), seq.num_computed // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.hash_root
             block_hash = chain_hash(parent, tokens)
             seq.block_hashes.append(block_hash)
             block = seq.block_table[i]

@@ -52,6 +52,7 @@ from torch import nn
 from lmforge.infer.beam import BeamSearch, advance_beams
 from lmforge.infer.block_manager import BlockManager
 from lmforge.infer.kv_cache import PagedKVCache, num_blocks_for_budget
+from lmforge.infer.lora import LoraSet, LoraWeights
 from lmforge.infer.model_runner import ChunkLogits, ModelRunner
 from lmforge.infer.output_builder import final_output, record_prompt_logprobs, step_output
 from lmforge.infer.outputs import RequestOutput, TokenLogprob
@@ -160,6 +161,7 @@ class LLMEngine:
             model, self.cache, config.block_size, config.decode_mirror, config.max_num_seqs
         )
         self.sampler = Sampler(config.seed)
+        self.loras: LoraSet | None = None  # LoRA adapters served next to the base model (add_lora)
         self._request_ids = itertools.count()
         self._aborted: list[SequenceGroup] = []
         self._failed: list[tuple[SequenceGroup, str]] = []  # requests that broke mid-step, with why
@@ -184,6 +186,28 @@ class LLMEngine:
             eos += [int(e) for e in extra if int(e) not in eos]
         return cls(model, tokenizer, config, eos_token_ids=eos)
 
+    # -- adapters ----------------------------------------------------------------------------------------------
+    def add_lora(self, name: str, weights: LoraWeights) -> None:
+        """Serve a LoRA adapter (module name -> (A, B, scale)) under ``name``; requests choose it by name,
+        and one batch mixes requests of different adapters and of the base model."""
+        if self.loras is None:
+            self.loras = LoraSet(self.model)
+            self.runner.loras = self.loras
+        self.loras.add(name, weights)
+
+    def remove_lora(self, name: str) -> None:
+        """Stop serving adapter ``name``; refused (ValueError) while unfinished requests use it."""
+        if self.loras is None or name not in self.loras:
+            raise KeyError(name)
+        users = [g.request_id for g in (*self.scheduler.waiting, *self.scheduler.running) if g.lora == name]
+        if users:
+            raise ValueError(f"the adapter {name!r} is in use by {len(users)} unfinished request(s)")
+        self.loras.remove(name)
+
+    @property
+    def lora_names(self) -> list[str]:
+        return self.loras.names if self.loras is not None else []
+
     # -- requests ----------------------------------------------------------------------------------------------
     def make_request(
         self,
@@ -191,10 +215,13 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         add_special_tokens: bool = True,
+        lora: str | None = None,
     ) -> SequenceGroup:
         """Validate and tokenize a request (raises :class:`InvalidRequestError`, a ValueError whose message
-        names the field, for anything the engine cannot serve)."""
+        names the field, for anything the engine cannot serve). ``lora`` names a served adapter."""
         params = params or SamplingParams()
+        if lora is not None and (self.loras is None or lora not in self.loras):
+            raise InvalidRequestError(f"model: no adapter named {lora!r} is loaded")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("prompt: a text prompt needs a tokenizer; pass token ids")
@@ -233,6 +260,11 @@ class LLMEngine:
         if request_id is None:
             request_id = f"req-{next(self._request_ids)}"
         group = SequenceGroup(request_id, token_ids, params, self.tokenizer if params.detokenize else None)
+        if lora is not None:
+            assert self.loras is not None
+            group.lora = lora
+            group.seqs[0].lora_slot = self.loras.slots[lora]
+            group.seqs[0].hash_root = hash(("lora", lora, self.loras.slots[lora]))
         if params.use_beam_search:
             max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
             eos = ([] if params.ignore_eos else self.eos_token_ids) + list(params.stop_token_ids)
@@ -247,6 +279,7 @@ class LLMEngine:
         prompt: str | list[int] | None = None,
         params: SamplingParams | None = None,
         add_special_tokens: bool = True,
+        lora: str | None = None,
     ) -> SequenceGroup:
         """Queue a request (a prepared ``SequenceGroup``, or ``request_id, prompt, params``)."""
         if isinstance(request, SequenceGroup):
@@ -254,7 +287,11 @@ class LLMEngine:
         else:
             if prompt is None:
                 raise ValueError("prompt: required")
-            group = self.make_request(request, prompt, params, add_special_tokens)
+            group = self.make_request(request, prompt, params, add_special_tokens, lora)
+        if group.lora is not None and (
+            self.loras is None or self.loras.slots.get(group.lora) != group.seqs[0].lora_slot
+        ):  # the adapter was unloaded (or replaced) after the request was made
+            raise InvalidRequestError(f"model: the adapter {group.lora!r} is no longer loaded")
         self.scheduler.add(group)
         self._prompt_tokens_total += len(group.prompt_token_ids)
         return group
@@ -430,15 +467,18 @@ class LLMEngine:
         prompts: Seq[str | list[int]] | str,
         params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora: str | Seq[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; returns their final outputs in prompt order."""
+        """Run every prompt to completion; returns their final outputs in prompt order. ``lora`` names the
+        served adapter of all prompts, or of each."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
+        loras = [lora] * len(prompts) if lora is None or isinstance(lora, str) else list(lora)
         ids = []
-        for prompt, p in zip(prompts, params, strict=True):
-            ids.append(self.add_request(None, prompt, p).request_id)
+        for prompt, p, name in zip(prompts, params, loras, strict=True):
+            ids.append(self.add_request(None, prompt, p, lora=name).request_id)
         final: dict[str, RequestOutput] = {}
         progress = None
         if use_tqdm:

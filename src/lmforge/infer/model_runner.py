@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 from lmforge.infer.decode_mirror import DecodeMirror
 from lmforge.infer.kv_cache import PagedKVCache
+from lmforge.infer.lora import LoraSet
 from lmforge.infer.scheduler import ScheduledSeq
+from lmforge.infer.sequence import Sequence
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ModelRunner:
         self.block_size = block_size
         # padded key slots a decode batch may waste before it is split (about one forward's fixed cost)
         self.min_decode_bucket = 4096
+        self.loras: LoraSet | None = None  # served LoRA adapters (set by the engine when it has some)
         if getattr(model, "lm_head", None) is None:
             raise ValueError("the model runner needs a model with an lm_head")
 
@@ -94,6 +97,7 @@ class ModelRunner:
             dev = self.device
             positions, key_positions = positions.to(dev), key_positions.to(dev)
             self.cache.bind_mirrored(mirror_bin, slots.to(dev), positions, key_positions)
+            self._route(rows)
             logits = self.model(
                 input_ids[:, None].to(dev), position_ids=positions[:, None], cache=self.cache
             ).logits
@@ -143,6 +147,7 @@ class ModelRunner:
             key_positions.to(dev),
         )
         rows = (torch.cat(logit_rows) if logit_rows else torch.zeros(0, dtype=torch.long)).to(dev)
+        self._route([it.seq for it in items])
         logits = self.model(
             input_ids.to(dev), position_ids=positions.to(dev), cache=self.cache, logits_rows=rows
         ).logits
@@ -156,6 +161,11 @@ class ModelRunner:
             elif it.completes:
                 results[indices[b]].last = logits[offset]
                 offset += 1
+
+    def _route(self, seqs: list[Sequence]) -> None:
+        """Tell the served adapters which batch row runs which adapter."""
+        if self.loras is not None:
+            self.loras.route([s.lora_slot for s in seqs])
 
 
 def _bucket(

@@ -40,6 +40,10 @@ class Sequence:
         self.num_computed = 0
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks whose keys/values are computed
+        # the LoRA adapter the sequence runs with (-1: the base model) and the root of its block-hash chain,
+        # so prefix-cache entries of different adapters never match
+        self.lora_slot = -1
+        self.hash_root: int | None = None
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
@@ -168,6 +172,7 @@ class SequenceGroup:
         self.num_cached_tokens = 0
         # a beam.BeamSearch for beam-search requests, set by the engine (beam.py builds on this module)
         self.beam: Any = None
+        self.lora: str | None = None  # the served LoRA adapter this request runs with (None: the base model)
         self.aborted = False
 
     @property

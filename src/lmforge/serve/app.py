@@ -6,17 +6,20 @@ model endpoints refuse with 503) until it is ready, which lets orchestrators and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.resources import files
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from lmforge.infer import EngineStats, LLMEngine
+from lmforge.infer.lora import LoraWeights
 from lmforge.serve.async_engine import AsyncEngine
 from lmforge.serve.completions import OpenAIServing
 from lmforge.serve.errors import APIError, install_error_handlers
@@ -27,23 +30,37 @@ from lmforge.serve.schemas import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    LoadLoraAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfo,
+    UnloadLoraAdapterRequest,
     now,
 )
 
 logger = logging.getLogger(__name__)
 
 
+LoraLoader = Callable[[Any, str], LoraWeights]  # (base model config, adapter folder) -> the adapter's tensors
+
+
 class ServerState:
     """The engine once loaded (or why it failed), shared by all requests of one app."""
 
-    def __init__(self, load_engine: Callable[[], LLMEngine], model_id: str, max_active_requests: int) -> None:
+    def __init__(
+        self,
+        load_engine: Callable[[], LLMEngine],
+        model_id: str,
+        max_active_requests: int,
+        loras: dict[str, str] | None = None,
+        load_lora: LoraLoader | None = None,
+    ) -> None:
         self.load_engine = load_engine
         self.model_id = model_id
+        self.loras = dict(loras or {})  # adapter name -> folder (served at start, then as loaded/unloaded)
+        self.load_lora = load_lora
         self.max_active_requests = max_active_requests
         self.created = now()
         self.engine: AsyncEngine | None = None
@@ -61,7 +78,15 @@ class ServerState:
 
     def _load(self) -> None:
         try:
-            engine = AsyncEngine(self.load_engine(), self.metrics)
+            llm = self.load_engine()
+            for name, folder in self.loras.items():
+                if self.load_lora is None:
+                    raise ValueError("LoRA adapters given but no adapter loader")
+                try:
+                    llm.add_lora(name, self.load_lora(llm.model.cfg, folder))
+                except Exception as err:
+                    raise ValueError(f"the LoRA adapter {name}={folder}: {err}") from err
+            engine = AsyncEngine(llm, self.metrics)
         except Exception as err:
             logger.exception("loading the model failed")
             self.load_error = f"{type(err).__name__}: {err}"
@@ -104,12 +129,19 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     protect_metrics: bool = False,
     protect_docs: bool = False,
+    loras: dict[str, str] | None = None,
+    load_lora: LoraLoader | None = None,
+    allow_lora_loading: bool = False,
 ) -> FastAPI:
     """The server app. ``load_engine`` runs in a background thread at start-up; ``model_id`` is the name
     clients use in ``model``; requests beyond ``max_active_requests`` in flight get a 429. With ``api_key``
     the API (and, when asked, ``/metrics`` and the OpenAPI pages) needs ``Authorization: Bearer KEY``,
-    checked before the body is read; bodies over ``max_body_bytes`` get a 413 (see ``guard.py``)."""
-    state = ServerState(load_engine, model_id, max_active_requests)
+    checked before the body is read; bodies over ``max_body_bytes`` get a 413 (see ``guard.py``).
+
+    ``loras`` (name -> adapter folder) are served next to the base model from the start, read by
+    ``load_lora``; a request picks one by its ``model`` field. With ``allow_lora_loading``,
+    ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` change the set at run time."""
+    state = ServerState(load_engine, model_id, max_active_requests, loras, load_lora)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -144,17 +176,62 @@ def create_app(
 
     api = APIRouter()
 
+    def card(serving: OpenAIServing, name: str | None) -> ModelCard:
+        context = serving.engine.max_model_len
+        if name is None:
+            return ModelCard(id=model_id, created=state.created, max_model_len=context)
+        root = state.loras.get(name)
+        return ModelCard(id=name, created=state.created, max_model_len=context, root=root, parent=model_id)
+
     @api.get("/v1/models")
     async def list_models() -> ModelList:
         serving = state.ready()
-        card = ModelCard(id=model_id, created=state.created, max_model_len=serving.engine.max_model_len)
-        return ModelList(data=[card])
+        return ModelList(data=[card(serving, name) for name in [None, *serving.engine.lora_names]])
 
     @api.get("/v1/models/{name}")
     async def get_model(name: str) -> ModelCard:
         serving = state.ready()
-        serving.check_model(name)
-        return ModelCard(id=model_id, created=state.created, max_model_len=serving.engine.max_model_len)
+        return card(serving, serving.check_model(name))
+
+    def check_lora_loading() -> OpenAIServing:
+        serving = state.ready()
+        if not allow_lora_loading:
+            raise APIError(
+                403,
+                "loading adapters at run time is off; start the server with --allow-lora-loading",
+                None,
+                "lora_loading_disabled",
+            )
+        return serving
+
+    @api.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(req: LoadLoraAdapterRequest) -> JSONResponse:
+        serving = check_lora_loading()
+        if req.lora_name == model_id or req.lora_name in serving.engine.lora_names:
+            raise APIError(400, f"the name {req.lora_name!r} is taken", "lora_name", "invalid_value")
+        assert load_lora is not None
+        try:
+            # reading and checking the folder is blocking work: off the event loop
+            weights = await asyncio.to_thread(load_lora, serving.engine.engine.model.cfg, req.lora_path)
+            await serving.engine.add_lora(req.lora_name, weights)
+        except ValueError as err:
+            raise APIError(400, f"cannot load the adapter: {err}", "lora_path", "invalid_value") from err
+        state.loras[req.lora_name] = req.lora_path
+        return JSONResponse({"status": "ok", "lora_name": req.lora_name})
+
+    @api.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(req: UnloadLoraAdapterRequest) -> JSONResponse:
+        serving = check_lora_loading()
+        try:
+            await serving.engine.remove_lora(req.lora_name)
+        except KeyError:
+            raise APIError(
+                404, f"no adapter named {req.lora_name!r} is loaded", "lora_name", "model_not_found"
+            ) from None
+        except ValueError as err:
+            raise APIError(409, str(err), "lora_name", "adapter_in_use") from err
+        state.loras.pop(req.lora_name, None)
+        return JSONResponse({"status": "ok", "lora_name": req.lora_name})
 
     @api.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:

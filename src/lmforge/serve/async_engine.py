@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lmforge.infer import EngineStats, LLMEngine, SamplingParams
+from lmforge.infer.lora import LoraWeights
 from lmforge.infer.outputs import RequestOutput
 from lmforge.infer.sequence import SequenceGroup
 from lmforge.serve.metrics import ServerMetrics
@@ -45,6 +46,15 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _Adapter:
+    """Load (``weights`` given) or unload a LoRA adapter on the engine thread."""
+
+    name: str
+    weights: LoraWeights | None
+    done: asyncio.Future[None]
 
 
 @dataclass
@@ -127,7 +137,8 @@ class AsyncEngine:
         self.engine = engine
         self.metrics = metrics
         self.idle_wait_s = idle_wait_s
-        self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Adapter] = queue.SimpleQueue()
+        self._lora_names = list(engine.lora_names)  # read by the event loop; written by the engine thread
         self._wake = threading.Event()
         self._deliveries: dict[str, _Delivery] = {}
         self._lock = threading.Lock()
@@ -165,13 +176,34 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=30)
 
+    @property
+    def lora_names(self) -> list[str]:
+        return list(self._lora_names)
+
+    async def add_lora(self, name: str, weights: LoraWeights) -> None:
+        """Serve adapter ``name`` (applied between engine steps); raises ValueError if the engine refuses it."""
+        await self._adapter_command(name, weights)
+
+    async def remove_lora(self, name: str) -> None:
+        """Stop serving adapter ``name``; KeyError if unknown, ValueError while requests use it."""
+        await self._adapter_command(name, None)
+
+    async def _adapter_command(self, name: str, weights: LoraWeights | None) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._post(_Adapter(name, weights, done))
+        await done
+
     async def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        lora: str | None = None,
     ) -> RequestStream:
         """Hand a request to the engine; returns once the engine accepted it. Raises ``ValueError`` for
         parameters the engine refuses and ``QueueFullError`` when its waiting queue is full."""
         # make_request validates without touching scheduler state, so it may run on this thread.
-        group = self.engine.make_request(request_id, prompt_token_ids, params)
+        group = self.engine.make_request(request_id, prompt_token_ids, params, lora=lora)
         loop = asyncio.get_running_loop()
         delivery = _Delivery(loop, asyncio.Queue())
         with self._lock:
@@ -189,7 +221,7 @@ class AsyncEngine:
 
     # -- engine thread ---------------------------------------------------------------------------------
 
-    def _post(self, command: _Add | _Abort) -> None:
+    def _post(self, command: _Add | _Abort | _Adapter) -> None:
         self._commands.put(command)
         self._wake.set()
 
@@ -225,6 +257,18 @@ class AsyncEngine:
                 return
             if isinstance(command, _Abort):
                 self.engine.abort(command.request_id)
+                continue
+            if isinstance(command, _Adapter):
+                try:
+                    if command.weights is not None:
+                        self.engine.add_lora(command.name, command.weights)
+                    else:
+                        self.engine.remove_lora(command.name)
+                except Exception as err:
+                    self._settle(command.done, err)
+                else:
+                    self._lora_names = list(self.engine.lora_names)
+                    self._settle(command.done, None)
                 continue
             request_id = command.group.request_id
             with self._lock:

@@ -52,6 +52,19 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    adapters = parser.add_argument_group("LoRA adapters")
+    adapters.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=ADAPTER_DIR",
+        help="serve a LoRA adapter folder (peft layout) next to the base model as model NAME; repeatable",
+    )
+    adapters.add_argument(
+        "--allow-lora-loading",
+        action="store_true",
+        help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read server-side paths)",
+    )
     engine = parser.add_argument_group("engine")
     engine.add_argument(
         "--device", default="cpu", help="torch device of the model and KV cache (default: cpu)"
@@ -77,6 +90,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from lmforge.hub import HubError, resolve_model_dir
     from lmforge.infer import EngineConfig, LLMEngine
     from lmforge.serve.app import create_app
+    from lmforge.tune.peft.serving import lora_weights
 
     try:
         model_dir = resolve_model_dir(args.model_dir)
@@ -86,6 +100,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from_hub = model_dir != Path(args.model_dir)  # clients then name the model by its Hub id
     if not (model_dir / "config.json").is_file():
         print(f"lmforge serve: {model_dir} is not a model folder (no config.json)", file=sys.stderr)
+        return 2
+    model_id = args.model_name or (args.model_dir if from_hub else model_dir.resolve().name)
+    try:
+        loras = parse_loras(args.lora, model_id)
+    except ValueError as err:
+        print(f"lmforge serve: --lora: {err}", file=sys.stderr)
         return 2
     config = EngineConfig(
         block_size=args.block_size,
@@ -100,13 +120,32 @@ def run_serve(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     app = create_app(
         lambda: LLMEngine.from_pretrained(model_dir, config, dtype=dtype, device=args.device),
-        model_id=args.model_name or (args.model_dir if from_hub else model_dir.resolve().name),
+        model_id=model_id,
         api_key=args.api_key,
         max_body_bytes=int(args.max_request_mb * 2**20),
         protect_metrics=args.protect_metrics,
         protect_docs=args.protect_docs,
         max_active_requests=args.max_active_requests,
+        loras=loras,
+        load_lora=lora_weights,
+        allow_lora_loading=args.allow_lora_loading,
     )
     # On Ctrl-C, streams still open get a few seconds to finish before they are cut (and aborted).
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
+
+
+def parse_loras(specs: list[str], model_id: str) -> dict[str, str]:
+    """``NAME=ADAPTER_DIR`` flags as {name: folder}; each folder must hold an adapter_config.json."""
+    loras: dict[str, str] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        name, folder = name.strip(), folder.strip()
+        if not sep or not name or not folder:
+            raise ValueError(f"{spec!r}: expected NAME=ADAPTER_DIR")
+        if name == model_id or name in loras:
+            raise ValueError(f"{spec!r}: the name {name!r} is already taken")
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise ValueError(f"{spec!r}: {folder} is not an adapter folder (no adapter_config.json)")
+        loras[name] = folder
+    return loras

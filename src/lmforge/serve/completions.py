@@ -62,14 +62,20 @@ class OpenAIServing:
 
     # -- shared checks -------------------------------------------------------------------------------------
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_id:
-            raise APIError(
-                404,
-                f"the model {model!r} does not exist; this server serves {self.model_id!r}",
-                "model",
-                "model_not_found",
-            )
+    def check_model(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's ``model`` names (None: the base model); 404 for unknown names."""
+        if model is None or model == self.model_id:
+            return None
+        adapters = self.engine.lora_names
+        if model in adapters:
+            return model
+        served = ", ".join(repr(m) for m in [self.model_id, *adapters])
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server serves {served}",
+            "model",
+            "model_not_found",
+        )
 
     def check_capacity(self, n_requests: int) -> None:
         if n_requests > self.max_active_requests:  # could never be admitted: retrying cannot help
@@ -152,7 +158,7 @@ class OpenAIServing:
             raise bad_request(err) from err
 
     async def start(
-        self, request_id: str, requests: list[tuple[Prompt, SamplingParams]]
+        self, request_id: str, requests: list[tuple[Prompt, SamplingParams]], lora: str | None = None
     ) -> list[RequestStream]:
         """Hand every prompt to the engine (all or none): refusals become 400 (bad parameters) or 429."""
         self.check_capacity(len(requests))
@@ -167,7 +173,7 @@ class OpenAIServing:
                 # add_request registers the request before its first await: no other handler runs between.
                 self._reserved -= 1
                 unregistered -= 1
-                streams.append(await self.engine.add_request(engine_id, prompt.token_ids, params))
+                streams.append(await self.engine.add_request(engine_id, prompt.token_ids, params, lora))
         except BaseException as err:
             for stream in streams:
                 stream.abort()
@@ -230,7 +236,7 @@ class OpenAIServing:
         return prompts
 
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
-        self.check_model(req.model)
+        lora = self.check_model(req.model)
         one_prompt = isinstance(req.prompt, str) or isinstance(req.prompt[0], int)
         self.check_capacity(1 if one_prompt else len(req.prompt))  # before any tokenizing
         prompts = await self.encode_completion_prompts(req)
@@ -243,8 +249,10 @@ class OpenAIServing:
             budget = self.output_budget(prompt, requested, "max_tokens", "prompt", req.sequences)
             requests.append((prompt, self.sampling_params(req, budget, req.logprobs, prompt_logprobs)))
         request_id = random_id("cmpl")
-        outputs = self.outputs(await self.start(request_id, requests))
-        assembler = CompletionAssembler(self.model_id, self.texts, req, prompts, request_id, score_only)
+        outputs = self.outputs(await self.start(request_id, requests, lora))
+        assembler = CompletionAssembler(
+            lora or self.model_id, self.texts, req, prompts, request_id, score_only
+        )
         if req.stream:
             return sse_response(assembler.events(outputs))
         body = await cancel_on_disconnect(request, assembler.whole(outputs))
@@ -265,15 +273,15 @@ class OpenAIServing:
         return Prompt(await self.encode_text(text, False, "messages"), text)
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
-        self.check_model(req.model)
+        lora = self.check_model(req.model)
         prompt = await self.encode_chat(req.messages, req.add_generation_prompt)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         budget = self.output_budget(prompt, req.requested_max_tokens, param, "messages", req.sequences)
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling_params(req, budget, top, None, self.end_of_turn_ids)
         request_id = random_id("chatcmpl")
-        outputs = self.outputs(await self.start(request_id, [(prompt, params)]))
-        assembler = ChatAssembler(self.model_id, self.texts, req, prompt, request_id)
+        outputs = self.outputs(await self.start(request_id, [(prompt, params)], lora))
+        assembler = ChatAssembler(lora or self.model_id, self.texts, req, prompt, request_id)
         if req.stream:
             return sse_response(assembler.events(outputs))
         body = await cancel_on_disconnect(request, assembler.whole(outputs))

@@ -326,6 +326,19 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "lmforge"
     max_model_len: int
+    root: str | None = None  # where the model or adapter was loaded from (as vLLM reports it)
+    parent: str | None = None  # a LoRA adapter's base model
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=200)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=200)
 
 
 class ModelList(BaseModel):
