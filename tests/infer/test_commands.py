@@ -1,4 +1,5 @@
 import io
+import re
 
 import pytest
 import torch
@@ -38,8 +39,9 @@ def test_generate_streams_the_engine_output(model_dir, capsys):
 def test_generate_several_prompts_and_beams(model_dir, capsys):
     args = ["generate", str(model_dir), "--prompt", "hi", "--prompt", "how", "--max-tokens", "4"]
     assert main([*args, "--beams", "3", "--n", "2"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split(" ")[0] for line in lines] == ["[0.0]", "[0.1]", "[1.0]", "[1.1]"]
+    # each completion starts a line with its [prompt.completion] tag (a completion's text may hold newlines)
+    tags = re.findall(r"^\[\d+\.\d+\]", capsys.readouterr().out, flags=re.MULTILINE)
+    assert tags == ["[0.0]", "[0.1]", "[1.0]", "[1.1]"]
 
 
 def test_generate_rejects_bad_sampling_flags(model_dir, capsys):

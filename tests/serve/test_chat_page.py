@@ -133,18 +133,23 @@ def test_stop_button_and_new_chat(page, slow_server):
     send(page, "Hello there!")
     page.click("#new-chat")
     assert page.locator(".message").count() == 0
-    # Greedy decoding of this conversation runs all 400 tokens (no EOS); at 20 ms a step it would take 8 s,
-    # so the reply is still streaming when Stop is clicked.
-    story = [{"role": "user", "content": "Tell me a long story."}]
-    greedy = {"messages": story, "max_tokens": 400, "temperature": 0, "top_p": 1}
-    full = httpx.post(f"{server.base_url}/v1/chat/completions", json=greedy, timeout=60).json()
-    assert full["choices"][0]["finish_reason"] == "length"
+    # A prompt whose greedy reply runs all 400 tokens (no EOS; the random model decides which one does): at
+    # 20 ms a step it would take 8 s, so the reply is still streaming when Stop is clicked.
+    candidates = ["Tell me a long story.", "Once upon a time", "Write a poem.", "Hello world!", "Go on."]
+    for prompt in candidates:
+        story = [{"role": "user", "content": prompt}]
+        greedy = {"messages": story, "max_tokens": 400, "temperature": 0, "top_p": 1}
+        full = httpx.post(f"{server.base_url}/v1/chat/completions", json=greedy, timeout=60).json()
+        if full["choices"][0]["finish_reason"] == "length":
+            break
+    else:
+        pytest.fail("no candidate prompt decodes 400 tokens without an EOS")
     before = metric_values(server.base_url)["lmforge_requests_aborted_total"]
     delay.seconds = 0.02
     page.fill("#temperature", "0")
     page.dispatch_event("#temperature", "input")
     page.fill("#max-tokens", "400")
-    page.fill("#prompt", "Tell me a long story.")
+    page.fill("#prompt", prompt)
     page.press("#prompt", "Enter")
     page.wait_for_function("document.querySelector('.message.assistant .content').textContent.length > 0")
     page.click("#stop")

@@ -162,3 +162,44 @@ def test_a_missing_adapter_tensor_is_named(adapter_dir, llama_dir):
         r"\.lora_B\.weight' is missing",
     ):
         load_adapter(load_pretrained(llama_dir), adapter_dir, cfg)
+
+
+def test_trainable_tokens_train_and_save_only_their_rows(base_dir, tmp_path, input_ids):
+    """New tokens after a vocabulary resize: only their embedding (and head) rows train and are saved."""
+    from safetensors.torch import load_file
+
+    new_ids = [92, 93, 94, 95]
+    cfg = PeftConfig(method="lora", r=2, target_modules=["q_proj"], trainable_token_indices=new_ids)
+    base = load_pretrained(base_dir)
+    model = apply_peft(load_pretrained(base_dir), cfg)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids).logits, base(input_ids).logits, atol=1e-6)  # fresh: no change
+    randomize_trainable(model)
+    save_adapter(model, tmp_path / "adapter", str(base_dir))
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    rows = {k: tuple(v.shape) for k, v in tensors.items() if "token_adapter" in k}
+    d_model = base.cfg.d_model
+    expected = {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": (4, d_model)}
+    assert rows == expected  # a tied head shares the embedding's rows (saved once); an untied one has none
+    ids_with_new = torch.tensor([[1, 92, 5, 95, 94, 2]])
+    with torch.no_grad():
+        trained = model(ids_with_new).logits
+        loaded_cfg, _ = read_adapter_config(tmp_path / "adapter")
+        assert loaded_cfg.trainable_token_indices == {"embed_tokens": new_ids}
+        loaded = load_adapter(load_pretrained(base_dir), tmp_path / "adapter", loaded_cfg)
+        assert torch.allclose(loaded(ids_with_new).logits, trained, atol=1e-6)
+        merged = merge_adapter(model)
+        assert torch.allclose(merged(ids_with_new).logits, trained, atol=1e-5)
+        old_rows = [i for i in range(base.cfg.vocab_size) if i not in new_ids]
+        assert torch.equal(merged.embed_tokens.weight[old_rows], base.embed_tokens.weight[old_rows])
+        assert not torch.equal(merged.embed_tokens.weight[new_ids], base.embed_tokens.weight[new_ids])
+
+
+def test_trainable_token_ids_beyond_the_vocabulary_are_named(llama_dir):
+    cfg = PeftConfig(method="lora", trainable_token_indices={"lm_head": [5, 96]})
+    with pytest.raises(AdapterConfigError, match=r"trainable_token_indices\.lm_head: token id 96 is beyond"):
+        apply_peft(load_pretrained(llama_dir), cfg)
+    with pytest.raises(ValueError, match="not the embedding"):
+        PeftConfig(method="lora", trainable_token_indices={"q_proj": [1]})
+    with pytest.raises(ValueError, match="method=lora"):
+        PeftConfig(method="ia3", trainable_token_indices=[1])

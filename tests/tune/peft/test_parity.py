@@ -32,6 +32,13 @@ CONFIGS = {
     ),
     "dora-all-linear": dict(method="lora", r=4, lora_alpha=8, use_dora=True, target_modules="all-linear"),
     "lora-regex": dict(method="lora", r=2, lora_alpha=4, target_modules=r".*\.mlp\.(up|down)_proj"),
+    "lora-trainable-tokens": dict(method="lora", r=2, lora_alpha=4, trainable_token_indices=[90, 91, 95]),
+    "lora-trainable-tokens-head": dict(
+        method="lora",
+        r=2,
+        lora_alpha=4,
+        trainable_token_indices={"embed_tokens": [3, 90], "lm_head": [90, 93]},
+    ),
     "ia3": dict(method="ia3"),
     "ia3-custom": dict(method="ia3", target_modules=["q_proj", "up_proj"], feedforward_modules=["up_proj"]),
     "prefix-tuning": dict(method="prefix_tuning", num_virtual_tokens=3),

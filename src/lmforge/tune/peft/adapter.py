@@ -36,6 +36,7 @@ from lmforge.tune.peft.lora import LoraEmbedding, LoraLinear
 from lmforge.tune.peft.nf4 import NF4Linear, quantize_linears
 from lmforge.tune.peft.prefix import PrefixEncoder, attach_prefix
 from lmforge.tune.peft.prompt import SoftPrompt, attach_prompt
+from lmforge.tune.peft.tokens import TrainableTokensEmbedding, TrainableTokensLinear, wrap_token_layers
 
 PEFT_PREFIX = "base_model.model."  # peft's prefix for the wrapped transformers model
 AdapterLayer = LoraLinear | LoraEmbedding | IA3Linear
@@ -143,11 +144,27 @@ def apply_peft(model: Transformer, cfg: PeftConfig) -> Transformer:
         _untie_head(model)  # the head keeps the base embedding while the embedding or head is adapted
     for name in targets:
         _set_module(model, name, _adapter_layer(cfg, keys[name], candidates[name]))
+    if cfg.trainable_token_indices:
+        _check_token_indices(model, cfg.trainable_token_indices)
+        tied = model.cfg.tie_embeddings and "lm_head" not in saved and "embed_tokens" not in targets
+        wrap_token_layers(model, cfg.trainable_token_indices, tied)
     for name in saved:
         for param in model.get_submodule(name).parameters(recurse=False):
             param.requires_grad_(True)
     model.peft_config = cfg
     return model
+
+
+def _check_token_indices(model: Transformer, indices: dict[str, list[int]]) -> None:
+    for module, ids in indices.items():
+        layer = getattr(model, module, None)
+        if not isinstance(layer, (nn.Embedding, nn.Linear)):
+            raise AdapterConfigError(f"trainable_token_indices: {module} is adapted otherwise or absent")
+        rows = layer.weight.shape[0]
+        if ids[-1] >= rows:
+            raise AdapterConfigError(
+                f"trainable_token_indices.{module}: token id {ids[-1]} is beyond the vocabulary ({rows} rows)"
+            )
 
 
 def _apply_soft_prompt(model: Transformer, cfg: PeftConfig, with_encoder: bool) -> Transformer:
@@ -252,7 +269,10 @@ def load_adapter(model: Transformer, folder: str | Path, cfg: PeftConfig) -> Tra
             )
         with torch.no_grad():
             param.copy_(tensor)
-    missing = sorted(k for k, name in ours.items() if params[name].requires_grad and k not in tensors)
+    distinct = dict(model.named_parameters())  # a tied head's shared rows are saved once, under the embedding
+    missing = sorted(
+        k for k, name in ours.items() if name in distinct and params[name].requires_grad and k not in tensors
+    )
     if missing:
         raise AdapterConfigError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
     return model
@@ -269,7 +289,9 @@ def merge_adapter(model: Transformer) -> Transformer:
             f"{model.peft_config.method}: a soft prompt adds virtual tokens, it has no weights to merge into"
         )
     for name, module in list(model.named_modules()):
-        if isinstance(module, (LoraLinear, LoraEmbedding, IA3Linear)):
+        if isinstance(
+            module, (LoraLinear, LoraEmbedding, IA3Linear, TrainableTokensEmbedding, TrainableTokensLinear)
+        ):
             module.merge()
             _set_module(model, name, module.base_layer)
     for name, module in list(model.named_modules()):

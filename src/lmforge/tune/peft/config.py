@@ -35,7 +35,6 @@ _UNSUPPORTED = {
     "layers_pattern": None,
     "exclude_modules": None,
     "lora_bias": False,
-    "trainable_token_indices": None,
     "target_parameters": None,
     "layer_replication": None,
     "use_qalora": False,
@@ -70,6 +69,9 @@ class PeftConfig:
     encoder_num_layers: int = 2  # LSTM layers
     encoder_dropout: float = 0.0  # between LSTM layers
     prefix_projection: bool = False  # prefix tuning: the prefix is an MLP's output, not learned directly
+    # LoRA: embedding / LM-head rows that train and are saved with the adapter (new tokens after a vocabulary
+    # resize): a list of token ids (the embedding, and a head tied to it) or {"embed_tokens"|"lm_head": ids}
+    trainable_token_indices: Any = None
     quantize: str = ""  # "nf4": QLoRA, the frozen linear layers of the blocks stored as NF4 (LoRA only)
     compute_dtype: str = "float32"  # QLoRA: the dtype NF4 weights are dequantized to ("float32", "bfloat16")
 
@@ -115,10 +117,43 @@ class PeftConfig:
             self.target_modules = list(DEFAULT_TARGETS[self.method])
         if self.method == "ia3" and self.feedforward_modules is None:
             self.feedforward_modules = list(DEFAULT_FEEDFORWARD)
+        self.trainable_token_indices = _token_indices(self.trainable_token_indices)
+        if self.trainable_token_indices and self.method != "lora":
+            raise ValueError(f"peft.trainable_token_indices: goes with method=lora, not {self.method!r}")
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
         self.modules_to_save = list(self.modules_to_save)
         self.rank_pattern, self.alpha_pattern = dict(self.rank_pattern), dict(self.alpha_pattern)
+
+
+def _token_indices(value: Any) -> dict[str, list[int]] | None:
+    """``trainable_token_indices`` as {"embed_tokens" | "lm_head": sorted distinct ids}; a list means the
+    embedding (peft's rule)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        value = {"embed_tokens": value}
+    if not isinstance(value, dict) or not value:
+        raise ValueError(
+            f"peft.trainable_token_indices: a list of token ids or {{module: ids}}, got {value!r}"
+        )
+    out: dict[str, list[int]] = {}
+    for key, ids in value.items():
+        module = str(key).rsplit(".", 1)[-1]
+        if module not in ("embed_tokens", "lm_head"):
+            raise ValueError(
+                f"peft.trainable_token_indices: {key!r} is not the embedding (embed_tokens) or the head (lm_head)"
+            )
+        if (
+            not isinstance(ids, (list, tuple))
+            or not ids
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+        ):
+            raise ValueError(
+                f"peft.trainable_token_indices.{key}: a non-empty list of token ids >= 0, got {ids!r}"
+            )
+        out[module] = sorted(set(ids))
+    return out
 
 
 def _is_str_list(value: Any) -> bool:
@@ -196,6 +231,7 @@ def to_adapter_config(
             "rank_pattern": cfg.rank_pattern,
             "alpha_pattern": cfg.alpha_pattern,
             "init_lora_weights": True,
+            "trainable_token_indices": cfg.trainable_token_indices,
         }
     )
 
@@ -231,6 +267,7 @@ def read_adapter_config(folder: str | Path) -> tuple[PeftConfig, str | None]:
             "use_dora",
             "rank_pattern",
             "alpha_pattern",
+            "trainable_token_indices",
         ],
         "ia3": ["feedforward_modules"],
         "prompt_tuning": ["prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path"],

@@ -61,9 +61,14 @@ def lora_weights(model_cfg: ModelConfig, folder: str | Path) -> dict[str, tuple[
             raise AdapterConfigError(f"{path}: tensor {b_key!r} is missing")
         a, b = tensors[key], tensors[b_key]
         layer = model.get_submodule(by_key[stem])
-        if a.dim() != 2 or b.dim() != 2 or (a.shape[1], b.shape) != (
-            layer.in_features,
-            (layer.out_features, a.shape[0]),
+        if (
+            a.dim() != 2
+            or b.dim() != 2
+            or (a.shape[1], b.shape)
+            != (
+                layer.in_features,
+                (layer.out_features, a.shape[0]),
+            )
         ):
             raise AdapterConfigError(
                 f"{path}: {stem} has A {tuple(a.shape)} and B {tuple(b.shape)}, the base model's layer is "
