@@ -452,11 +452,18 @@ def _read_state(ckpt: _Checkpoint, model: Transformer, family: str | None) -> di
 def load_pretrained(
     folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> Transformer:
-    """A Transformer with the weights of a model folder (ours or a supported Hugging Face family)."""
+    """A Transformer with the weights of a model folder (ours or a supported Hugging Face family); a
+    ``T5ForConditionalGeneration`` folder gives a :class:`lmforge.model.t5.T5Model`."""
     try:
         folder = resolve_model_dir(folder)
     except HubError as err:
         raise ModelLoadError(str(err)) from err
+    if (Path(folder) / CONFIG_FILE).is_file() and _read_json(Path(folder) / CONFIG_FILE).get(
+        "model_type"
+    ) == "t5":
+        from lmforge.model.t5 import load_t5  # the encoder-decoder has its own model class
+
+        return load_t5(folder, dtype, device)
     model, _ = _load(Path(folder), dtype, device, score_head=False)
     return model
 
@@ -559,6 +566,10 @@ def save_pretrained(
     hf_format: None -> the Hugging Face layout when the config maps onto a family, else ours;
     True -> the Hugging Face layout or a ModelLoadError saying why the config does not map; False -> ours.
     """
+    from lmforge.model.t5 import T5Model, save_t5
+
+    if isinstance(model, T5Model):  # the encoder-decoder: always transformers' T5ForConditionalGeneration
+        return save_t5(model, folder, dtype)
     cfg = model.cfg
     family = hf_family(cfg) if hf_format is not False else None
     if hf_format and family is None:
