@@ -161,8 +161,10 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         # the run's config records the model actually trained (from init_from or a preset); the caller's
-        # config object is left as it was given
-        self.cfg = cfg = dataclasses.replace(cfg, model=model.cfg)
+        # config object is left as it was given. A model of another class (the T5 encoder-decoder) has its own
+        # config type, which the recipe's model section cannot hold: it is recorded by its exported folder.
+        if isinstance(model.cfg, ModelConfig):
+            self.cfg = cfg = dataclasses.replace(cfg, model=model.cfg)
         self.model_cfg = model.cfg
         self.tokenizer = None
         if cfg.tokenizer:
@@ -677,7 +679,7 @@ class Trainer:
         """Write the model of checkpoint ``folder`` in Hugging Face layout (rank 0; others wait)."""
         out = self.run_dir / "model"
         if self.env.is_main and folder is not None:
-            model = Transformer(self.model_cfg)
+            model = type(self.model)(self.model_cfg)  # Transformer, or the class the caller trained
             ckpt.load_model_weights(folder, model)
             save_pretrained(model, out)
             if self.tokenizer is not None:
