@@ -15,10 +15,7 @@ length penalty and early stopping semantics), so the same weights give the same 
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -584,83 +581,3 @@ def hf_key(name: str, cfg: T5Config) -> str:
     gated = cfg.feed_forward_proj.startswith("gated")
     wi = {"gate_proj": "wi_0", "up_proj": "wi_1" if gated else "wi", "down_proj": "wo"}[proj]
     return f"{stack}.block.{layer}.layer.{ff}.DenseReluDense.{wi}.weight"
-
-
-def load_t5(
-    folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
-) -> T5Model:
-    """A T5Model with the weights of a transformers ``T5ForConditionalGeneration`` folder (config.json and
-    safetensors). The LM head is untied when the folder holds an ``lm_head.weight`` that differs from the
-    embedding (t5-v1_1 checkpoints), as transformers decides."""
-    from lmforge.model.hf import CONFIG_FILE, ModelLoadError, _Checkpoint, _read_json
-
-    folder = Path(folder)
-    path = folder / CONFIG_FILE
-    hf = _read_json(path)
-    try:
-        cfg = config_from_hf(hf)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ModelLoadError(f"{path}: {type(err).__name__}: {err}") from err
-    ckpt = _Checkpoint(folder)
-    shared_key = "shared.weight" if ckpt.has("shared.weight") else "encoder.embed_tokens.weight"
-    if ckpt.has("lm_head.weight"):
-        untied = not torch.equal(ckpt.get("lm_head.weight"), ckpt.get(shared_key))
-        cfg = T5Config(**{**asdict(cfg), "tie_embeddings": not untied})
-    with torch.device("meta"):
-        model = T5Model(cfg)
-    expected = model.state_dict()
-    state, used = {}, set()
-    for name in expected:
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        key = shared_key if name == "embed_tokens.weight" else hf_key(name, cfg)
-        tensor = ckpt.get(key)
-        if tensor.shape != expected[name].shape:
-            raise ModelLoadError(
-                f"{ckpt.location[key]}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                f"the config needs {tuple(expected[name].shape)}"
-            )
-        state[name] = tensor.to(device=device, dtype=dtype)
-        used.add(key)
-    # copies of the embedding, and a relative bias transformers never reads
-    ignored = {
-        "encoder.embed_tokens.weight",
-        "decoder.embed_tokens.weight",
-        "lm_head.weight",
-        "shared.weight",
-    }
-    ignored.add("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
-    unused = sorted(k for k in ckpt.location if k not in used and k not in ignored)
-    if unused:
-        raise ModelLoadError(f"{ckpt.location[unused[0]]}: tensor(s) {unused[:3]} do not fit {path}")
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state, assign=True)
-    model.tie_weights()
-    return model.eval()
-
-
-def save_t5(model: T5Model, folder: str | Path, dtype: torch.dtype | None = None) -> str:
-    """Write ``model`` as a transformers ``T5ForConditionalGeneration`` folder; returns "t5"."""
-    from safetensors.torch import save_file
-
-    from lmforge.model.hf import CONFIG_FILE, WEIGHTS_FILE
-
-    cfg = model.cfg
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    convert: Callable[[Tensor], Tensor] = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        state[hf_key(name, cfg)] = convert(tensor.detach()).contiguous().cpu()
-    for stale in [folder / "model.safetensors.index.json", *folder.glob("model-*-of-*.safetensors")]:
-        stale.unlink(missing_ok=True)
-    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    config = config_to_hf(cfg)
-    config["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
-    generation = {k: config[k] for k in ("decoder_start_token_id", "eos_token_id", "pad_token_id")}
-    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
-    return "t5"
