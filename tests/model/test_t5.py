@@ -153,17 +153,18 @@ def test_generate_equals_transformers(style, tmp_path):
     mask = torch.ones_like(src)
     mask[1, 15:] = 0
     outputs = []
-    for num_beams in (1, 3):
+    settings = [(1, 1.0, False), (3, 1.0, False), (3, 0.6, True), (4, 1.5, "never")]
+    for num_beams, length_penalty, early_stopping in settings:
         want = hf.generate(
             input_ids=src,
             attention_mask=mask,
             max_new_tokens=12,
             num_beams=num_beams,
             do_sample=False,
-            length_penalty=1.0,
-            early_stopping=False,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
         )
-        got = generate(ours, src, mask, max_new_tokens=12, num_beams=num_beams)
+        got = generate(ours, src, mask, 12, num_beams, length_penalty, early_stopping)
         assert torch.equal(got, want), (num_beams, got, want)
         outputs.append(got)
     assert not torch.equal(outputs[0], outputs[1])  # beam search chose differently somewhere

@@ -162,3 +162,58 @@ def test_t5_trains_on_span_corruption_through_the_trainer(tmp_path: Path, shards
         want = hf(input_ids=batch["input_ids"], decoder_input_ids=batch["decoder_input_ids"]).logits
         assert (exported(batch["input_ids"], batch["decoder_input_ids"]).logits - want).abs().max() < 1e-4
         assert (model.eval()(batch["input_ids"], batch["decoder_input_ids"]).logits - want).abs().max() < 1e-4
+
+
+class _Crash(Exception):
+    pass
+
+
+def _t5_run(run: Path, shards: Path, hook=None):
+    cfg = tiny_config(run, shards, max_steps=8, **{"checkpoint.every_steps": 3})
+    torch.manual_seed(0)
+    model = T5Model(
+        T5Config(
+            vocab_size=VOCAB,
+            d_model=32,
+            head_dim=8,
+            d_ff=64,
+            n_layers=2,
+            n_heads=4,
+            max_seq_len=64,
+            eos_token_id=13,
+            dropout=0.1,  # dropout: the RNG state must resume too
+        )
+    )
+    loader = PackedLoader.from_config(cfg.data, cfg.batch.micro_batch_size)
+    data = SpanCorruptionBatches(loader, first_sentinel_id=VOCAB - 1, eos_id=13, seed=cfg.seed)
+    return Trainer(cfg, model=model, objective=Seq2SeqObjective(), train_data=data, batch_hook=hook).fit()
+
+
+def test_a_crashed_t5_run_resumes_exactly(tmp_path: Path, shards: Path):
+    def crash_at_step_5(step: int, batch):
+        if step == 5:
+            raise _Crash
+        return batch
+
+    _t5_run(tmp_path / "straight", shards)
+    with pytest.raises(_Crash):
+        _t5_run(tmp_path / "crashed", shards, crash_at_step_5)
+    assert _t5_run(tmp_path / "crashed", shards).step == 8
+
+    def losses(run: Path) -> list[float]:
+        return [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+
+    assert losses(tmp_path / "crashed") == losses(tmp_path / "straight")  # bitwise: fp32 on CPU
+
+
+def test_unsupported_parallelism_is_refused_for_t5(tmp_path: Path, shards: Path):
+    from lmforge.config import ConfigError
+
+    cfg = tiny_config(tmp_path / "run", shards, **{"precision.activation_checkpointing": True})
+    model = T5Model(
+        T5Config(vocab_size=VOCAB, d_model=16, head_dim=4, d_ff=32, n_layers=1, n_heads=4, max_seq_len=64)
+    )
+    with pytest.raises(ConfigError, match=r"precision\.activation_checkpointing"):
+        Trainer(
+            cfg, model=model, objective=Seq2SeqObjective(), train_data=iter([]), val_data=lambda: iter([])
+        )

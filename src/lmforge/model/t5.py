@@ -169,11 +169,18 @@ class T5Block(nn.Module):
         self,
         x: Tensor,
         bias: Tensor | None,
-        self_kv: tuple[Tensor, Tensor] | None = None,
         cross_kv: tuple[Tensor, Tensor] | None = None,
         cross_bias: Tensor | None = None,
+        cache: T5DecoderCache | None = None,
+        layer: int = 0,
     ) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), bias, self_kv))
+        """``bias``: self-attention position bias + mask; ``cross_kv``/``cross_bias``: the encoder's keys and
+        values and its padding mask (decoder); ``cache``: the decoding state whose ``layer`` this block is."""
+        h = self.attn_norm(x)
+        self_kv = None
+        if cache is not None:
+            self_kv = cache.append(layer, *self.attn.project_kv(h))
+        x = x + self.dropout(self.attn(h, bias, self_kv))
         if self.cross_attn is not None:
             if cross_kv is None:
                 raise ValueError("a decoder block needs the encoder's keys/values (cross_kv)")
@@ -320,10 +327,7 @@ class T5Model(nn.Module):
         if cache.encoder_mask is not None:
             cross_bias = additive_mask(cache.encoder_mask[:, None, None, :], x.dtype)
         for i, block in enumerate(self.decoder.blocks.values()):
-            self_kv = None
-            if incremental:
-                self_kv = cache.append(i, *block.attn.project_kv(block.attn_norm(x)))
-            x = block(x, bias, self_kv, cache.cross_kv[i], cross_bias)
+            x = block(x, bias, cache.cross_kv[i], cross_bias, cache if incremental else None, i)
         if incremental:
             cache.length += n_new
         x = self.decoder.dropout(self.decoder.norm(x))
