@@ -17,6 +17,7 @@ from lmforge.train.metrics import read_jsonl
 from lmforge.train.span_corruption import (
     Seq2SeqObjective,
     SpanCorruptionBatches,
+    first_sentinel_id,
     noise_counts,
     random_spans_noise_mask,
     span_corrupt,
@@ -93,6 +94,24 @@ def test_sentinels_and_reconstruction():
     rebuilt = [x for t in inputs[:-1] for x in (spans[int(t)] if t > 90 else [int(t)])]
     assert rebuilt == tokens.tolist()
     assert [tokens[i] for i in np.flatnonzero(mask)] == [x for s in sentinels for x in spans[s]]
+
+
+class _Vocab:
+    def __init__(self, ids: dict[str, int]) -> None:
+        self.ids = ids
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.ids.get(token)
+
+
+def test_sentinel_ids_come_from_the_tokenizer():
+    # T5's vocabulary: <extra_id_0> is the last id, <extra_id_k> counts down
+    t5_like = _Vocab({f"<extra_id_{k}>": 32099 - k for k in range(100)})
+    assert first_sentinel_id(t5_like, 100) == 32099
+    with pytest.raises(ValueError, match="<extra_id_0>"):
+        first_sentinel_id(_Vocab({}), 3)
+    with pytest.raises(ValueError, match="<extra_id_2> has id 7"):
+        first_sentinel_id(_Vocab({"<extra_id_0>": 10, "<extra_id_1>": 9, "<extra_id_2>": 7}), 3)
 
 
 class _Rows:

@@ -71,8 +71,9 @@ class T5Config:
         check_choice("feed_forward_proj", self.feed_forward_proj, tuple(FEED_FORWARD))
         for name in ("vocab_size", "d_model", "head_dim", "d_ff", "n_layers", "n_heads", "max_seq_len"):
             check_range(name, getattr(self, name), low=1)
-        for name in ("relative_buckets", "relative_max_distance"):
-            check_range(name, getattr(self, name), low=2)
+        # bidirectional buckets halve the table, then half of each half is exact: at least 4
+        check_range("relative_buckets", self.relative_buckets, low=4)
+        check_range("relative_max_distance", self.relative_max_distance, low=2)
         check_range("norm_eps", self.norm_eps, low=0.0, low_open=True)
         check_range("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         if self.n_decoder_layers is None:
@@ -87,7 +88,8 @@ class T5Config:
                 )
 
     def component_config(self) -> ModelConfig:
-        """The ``ModelConfig`` the shared components (RMSNorm, MLP) are built from."""
+        """The ``ModelConfig`` the shared ``MLP`` is built from (its nonlinearity is then set from
+        ``FEED_FORWARD``: transformers' gated-gelu is the tanh approximation, which no ModelConfig kind gates)."""
         return ModelConfig(
             vocab_size=self.vocab_size,
             d_model=self.d_model,

@@ -74,6 +74,22 @@ def span_corrupt(
     return inputs, targets
 
 
+def first_sentinel_id(tokenizer: Any, count: int) -> int:
+    """The id of ``<extra_id_0>`` in ``tokenizer`` (anything with ``token_to_id``), checked to be followed by
+    ``<extra_id_1>`` .. ``<extra_id_{count-1}>`` at ids counting down, as T5's vocabulary has them and
+    :func:`span_corrupt` numbers them."""
+    first = tokenizer.token_to_id("<extra_id_0>")
+    if first is None:
+        raise ValueError("tokenizer: has no <extra_id_0> sentinel token")
+    for k in range(1, count):
+        found = tokenizer.token_to_id(f"<extra_id_{k}>")
+        if found != first - k:
+            raise ValueError(
+                f"tokenizer: <extra_id_{k}> has id {found}, expected {first - k} (ids counting down)"
+            )
+    return first
+
+
 class SpanCorruptionBatches:
     """Batches for an encoder-decoder from a token loader: each row of ``input_ids`` is span-corrupted into
     ``input_ids`` (encoder), ``decoder_input_ids`` (start token + targets[:-1]) and ``labels`` (targets).
