@@ -192,3 +192,24 @@ def test_load_errors_name_the_file_and_key(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="d_kv"):
         load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_runs_the_encoder_and_cross_projections_once(num_beams):
+    torch.manual_seed(0)
+    model = T5Model(T5Config(vocab_size=40, d_model=16, head_dim=4, d_ff=32, n_layers=2, n_heads=4))
+    calls = {"encoder": 0, "cross_k": 0, "cross_v": 0, "decoder_q": 0}
+
+    def count(key):
+        def hook(*_):
+            calls[key] += 1
+
+        return hook
+
+    model.encoder.blocks["0"].attn.q_proj.register_forward_hook(count("encoder"))
+    model.decoder.blocks["1"].cross_attn.k_proj.register_forward_hook(count("cross_k"))
+    model.decoder.blocks["1"].cross_attn.v_proj.register_forward_hook(count("cross_v"))
+    model.decoder.blocks["1"].attn.q_proj.register_forward_hook(count("decoder_q"))
+    out = generate(model, torch.randint(2, 40, (2, 9)), max_new_tokens=6, num_beams=num_beams)
+    assert calls["encoder"] == calls["cross_k"] == calls["cross_v"] == 1
+    assert calls["decoder_q"] == out.shape[1] - 1  # one decoder step per generated token
