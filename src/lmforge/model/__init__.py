@@ -16,6 +16,8 @@ _EXPORTS = {
     "load_pretrained": "lmforge.model.hf",
     "read_config": "lmforge.model.hf",
     "save_pretrained": "lmforge.model.hf",
+    "T5Config": "lmforge.model.t5",
+    "T5Model": "lmforge.model.t5",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,5 @@
-"""Hugging Face interop: load GPT-2 / Llama / Mistral / Qwen2 / Mixtral folders, save ours in their layout.
+"""Hugging Face interop: load GPT-2 / Llama / Mistral / Qwen2 / Mixtral folders, save ours in their layout;
+T5 (``T5ForConditionalGeneration``) folders load into and save from :class:`lmforge.model.t5.T5Model`.
 
 A model folder holds ``config.json`` and ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``). ``save_pretrained`` writes the Hugging Face layout of the family the config
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from lmforge.hub import HubError, resolve_model_dir
+from lmforge.model import t5
 from lmforge.model.config import ModelConfig
 from lmforge.model.rope_scaling import rope_type
 from lmforge.model.transformer import Transformer
@@ -452,11 +454,15 @@ def _read_state(ckpt: _Checkpoint, model: Transformer, family: str | None) -> di
 def load_pretrained(
     folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> Transformer:
-    """A Transformer with the weights of a model folder (ours or a supported Hugging Face family)."""
+    """A Transformer with the weights of a model folder (ours or a supported Hugging Face family); a
+    ``T5ForConditionalGeneration`` folder gives a :class:`lmforge.model.t5.T5Model`."""
     try:
         folder = resolve_model_dir(folder)
     except HubError as err:
         raise ModelLoadError(str(err)) from err
+    config_path = Path(folder) / CONFIG_FILE
+    if config_path.is_file() and _read_json(config_path).get("model_type") == "t5":
+        return load_t5(folder, dtype, device)  # the encoder-decoder has its own model class
     model, _ = _load(Path(folder), dtype, device, score_head=False)
     return model
 
@@ -559,6 +565,8 @@ def save_pretrained(
     hf_format: None -> the Hugging Face layout when the config maps onto a family, else ours;
     True -> the Hugging Face layout or a ModelLoadError saying why the config does not map; False -> ours.
     """
+    if isinstance(model, t5.T5Model):  # the encoder-decoder: always transformers' T5ForConditionalGeneration
+        return save_t5(model, folder, dtype, max_shard_bytes)
     cfg = model.cfg
     family = hf_family(cfg) if hf_format is not False else None
     if hf_format and family is None:
@@ -617,3 +625,83 @@ def save_reward_model(
     _write_weights({name: t.cpu() for name, t in state.items()}, folder, 5 * 1024**3)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
     return family
+
+
+# ------------------------------------------------------------------------- T5 (encoder-decoder) folders
+
+
+def load_t5(
+    folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> t5.T5Model:
+    """A T5Model with the weights of a transformers ``T5ForConditionalGeneration`` folder (config.json and
+    safetensors). The LM head is untied when the folder holds an ``lm_head.weight`` that differs from the
+    embedding (t5-v1_1 checkpoints), as transformers decides."""
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    hf = _read_json(path)
+    try:
+        cfg = t5.config_from_hf(hf)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelLoadError(f"{path}: {type(err).__name__}: {err}") from err
+    ckpt = _Checkpoint(folder)
+    shared_key = "shared.weight" if ckpt.has("shared.weight") else "encoder.embed_tokens.weight"
+    if ckpt.has("lm_head.weight"):
+        untied = not torch.equal(ckpt.get("lm_head.weight"), ckpt.get(shared_key))
+        cfg = t5.T5Config(**{**dataclasses.asdict(cfg), "tie_embeddings": not untied})
+    with torch.device("meta"):
+        model = t5.T5Model(cfg)
+    expected = model.state_dict()
+    state, used = {}, set()
+    for name in expected:
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        key = shared_key if name == "embed_tokens.weight" else t5.hf_key(name, cfg)
+        tensor = ckpt.get(key)
+        if tensor.shape != expected[name].shape:
+            raise ModelLoadError(
+                f"{ckpt.location[key]}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                f"the config needs {tuple(expected[name].shape)}"
+            )
+        state[name] = tensor.to(device=device, dtype=dtype)
+        used.add(key)
+    # copies of the embedding, and a relative bias transformers never reads
+    ignored = {
+        "encoder.embed_tokens.weight",
+        "decoder.embed_tokens.weight",
+        "lm_head.weight",
+        "shared.weight",
+    }
+    ignored.add("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
+    unused = sorted(k for k in ckpt.location if k not in used and k not in ignored)
+    if unused:
+        raise ModelLoadError(f"{ckpt.location[unused[0]]}: tensor(s) {unused[:3]} do not fit {path}")
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def save_t5(
+    model: t5.T5Model,
+    folder: str | Path,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> str:
+    """Write ``model`` as a transformers ``T5ForConditionalGeneration`` folder; returns "t5"."""
+    cfg = model.cfg
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    convert: Callable[[Tensor], Tensor] = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        state[t5.hf_key(name, cfg)] = convert(tensor.detach()).contiguous().cpu()
+    _write_weights(state, folder, max_shard_bytes)
+    config = t5.config_to_hf(cfg)
+    config["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    generation = {k: config[k] for k in ("decoder_start_token_id", "eos_token_id", "pad_token_id")}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
+    return "t5"

@@ -161,8 +161,10 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         # the run's config records the model actually trained (from init_from or a preset); the caller's
-        # config object is left as it was given
-        self.cfg = cfg = dataclasses.replace(cfg, model=model.cfg)
+        # config object is left as it was given. A model of another class (the T5 encoder-decoder) has its own
+        # config type, which the recipe's model section cannot hold: it is recorded by its exported folder.
+        if isinstance(model.cfg, ModelConfig):
+            self.cfg = cfg = dataclasses.replace(cfg, model=model.cfg)
         self.model_cfg = model.cfg
         self.tokenizer = None
         if cfg.tokenizer:
@@ -178,6 +180,18 @@ class Trainer:
         if env.pp > 1 and self.scaler is not None:
             raise ValueError("pipeline parallelism with fp16 loss scaling is not supported; use bf16")
         self._pp_loss_scale = 1.0
+        if not isinstance(model, Transformer):
+            # another model class (the T5 encoder-decoder) trains on one device or under DDP only
+            unsupported = {
+                "parallel.tp": env.tp > 1,
+                "parallel.pp": env.pp > 1,
+                "parallel.dp_mode=fsdp": env.dp > 1 and cfg.parallel.dp_mode == "fsdp",
+                "precision.activation_checkpointing": cfg.precision.activation_checkpointing,
+                "precision.compile": cfg.precision.compile,
+            }
+            keys = [key for key, on in unsupported.items() if on]
+            if keys:
+                raise ConfigError(f"{', '.join(keys)}: not supported for a {type(model).__name__} model")
         laid_out = parallel.parallelize(model, env, cfg, self._pipeline_loss, cfg.seed)
         self.model, self.forward_model = laid_out.model, laid_out.forward_model
         self.fsdp_root, self.schedule_pp = laid_out.fsdp_root, laid_out.schedule
@@ -653,7 +667,7 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "memory_gib": memory_gib(self.device),
         }
-        if self.flops_per_s_peak:
+        if self.flops_per_s_peak and isinstance(self.model_cfg, ModelConfig):  # FLOPs: decoder-only counts
             if self.seq_len not in self._train_flops:
                 self._train_flops[self.seq_len] = flops_per_token(self.model_cfg, self.seq_len)["train"]
             train_flops = self._train_flops[self.seq_len]
@@ -677,7 +691,7 @@ class Trainer:
         """Write the model of checkpoint ``folder`` in Hugging Face layout (rank 0; others wait)."""
         out = self.run_dir / "model"
         if self.env.is_main and folder is not None:
-            model = Transformer(self.model_cfg)
+            model = type(self.model)(self.model_cfg)  # Transformer, or the class the caller trained
             ckpt.load_model_weights(folder, model)
             save_pretrained(model, out)
             if self.tokenizer is not None:
