@@ -47,6 +47,9 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # chain hash -> block id
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) copy-on-write work for the next forward
         self.stats = PrefixCacheStats()
+        # a virtual prefix's blocks (keys/values every sequence starts with), held by the manager for good
+        self.pinned: list[int] = []
+        self.pinned_tokens = 0
 
     # -- accounting ----------------------------------------------------------------------------------------
     @property
@@ -84,18 +87,50 @@ class BlockManager:
             self.block_tokens[block] = None
             self.free_blocks.append(block)
 
-    def match_prefix(self, seq: Sequence) -> int:
-        """Attach cached blocks for the sequence's leading full blocks; returns the number of tokens reused.
+    def pin(self, num_tokens: int) -> list[int]:
+        """Take the blocks of a virtual prefix of ``num_tokens`` positions (once, before any sequence)."""
+        if self.pinned or self.num_used_blocks:
+            raise ValueError("a virtual prefix is set once, before any request")
+        needed = self.blocks_for(num_tokens)
+        if needed > self.num_free_blocks - 1:
+            raise ValueError(
+                f"the virtual prefix needs {needed} KV blocks; the pool has {self.num_free_blocks}"
+            )
+        self.pinned = [self._take_block() for _ in range(needed)]
+        self.pinned_tokens = num_tokens
+        return self.pinned
 
-        At least one token is always left to compute, since the last one's logits are needed.
-        """
+    def attach_pinned(self, seq: Sequence) -> None:
+        """Start a sequence with a virtual prefix on the pinned blocks (shared; a partly filled last block is
+        copied when the sequence first writes into it)."""
         assert not seq.block_table and seq.num_computed == 0
-        if not self.enable_prefix_caching:
-            return 0
+        if not seq.num_virtual:
+            return
+        assert seq.num_virtual == self.pinned_tokens, "the sequence was made for another virtual prefix"
+        for block in self.pinned:
+            self.ref_counts[block] += 1
+        seq.block_table = list(self.pinned)
+        seq.num_computed = self.pinned_tokens
         bs = self.block_size
-        full_blocks = (seq.num_tokens - 1) // bs
         parent = seq.hash_root
-        for i in range(full_blocks):
+        for i in range(self.pinned_tokens // bs):
+            parent = chain_hash(parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))
+            seq.block_hashes.append(parent)
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Attach cached blocks for the sequence's leading full blocks (after its virtual prefix, if any);
+        returns the number of tokens reused, the virtual prefix included.
+
+        At least one token is always left to compute, since the last one's logits are needed. Behind a
+        virtual prefix that ends inside a block, nothing more is matched.
+        """
+        self.attach_pinned(seq)
+        bs = self.block_size
+        if not self.enable_prefix_caching or seq.num_computed % bs:
+            return seq.num_computed
+        full_blocks = (seq.num_tokens - 1) // bs
+        parent = seq.block_hashes[-1] if seq.block_hashes else seq.hash_root
+        for i in range(len(seq.block_table), full_blocks):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             block_hash = chain_hash(parent, tokens)
             self.stats.queries += 1
@@ -113,18 +148,23 @@ class BlockManager:
         seq.num_computed = len(seq.block_table) * bs
         return seq.num_computed
 
+    def copies_on_write(self, seq: Sequence) -> int:
+        """1 if the sequence's next write goes into a shared, partly filled block (which is copied first)."""
+        return int(
+            seq.num_computed % self.block_size != 0
+            and bool(seq.block_table)
+            and self.ref_counts[seq.block_table[-1]] > 1
+        )
+
     def ensure_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Give ``seq`` room for its next ``num_new_tokens`` tokens; False (nothing changed) if blocks run out.
 
         A shared, partly filled last block is copied before it is written (copy-on-write after a fork).
         """
-        bs = self.block_size
         end = seq.num_computed + num_new_tokens
         needed = self.blocks_for(end) - len(seq.block_table)
-        writes_shared_tail = (
-            seq.num_computed % bs != 0 and seq.block_table and self.ref_counts[seq.block_table[-1]] > 1
-        )
-        if needed + int(bool(writes_shared_tail)) > self.num_free_blocks:
+        writes_shared_tail = self.copies_on_write(seq)
+        if needed + writes_shared_tail > self.num_free_blocks:
             return False
         if writes_shared_tail:
             src = seq.block_table[-1]

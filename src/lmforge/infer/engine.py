@@ -162,6 +162,7 @@ class LLMEngine:
         )
         self.sampler = Sampler(config.seed)
         self.loras: LoraSet | None = None  # LoRA adapters served next to the base model (add_lora)
+        self.num_virtual = 0  # positions of the virtual prefix every request starts with (set_virtual_prefix)
         self._request_ids = itertools.count()
         self._aborted: list[SequenceGroup] = []
         self._failed: list[tuple[SequenceGroup, str]] = []  # requests that broke mid-step, with why
@@ -208,6 +209,52 @@ class LLMEngine:
     def lora_names(self) -> list[str]:
         return self.loras.names if self.loras is not None else []
 
+    @torch.inference_mode()
+    def set_virtual_prefix(self, keys: Seq[torch.Tensor], values: Seq[torch.Tensor]) -> None:
+        """Start every request with a virtual prefix: per layer, the keys and values (n_kv_heads, V,
+        head_dim) of V positions, as the cache holds them (prefix tuning's learned pairs). They are written
+        once into pinned KV blocks that all requests share; a request's own tokens start at position V.
+        Set once, before any request."""
+        cfg = self.model.cfg
+        if len(keys) != cfg.n_layers or len(values) != cfg.n_layers:
+            raise ValueError(f"virtual prefix: one key and one value tensor per layer ({cfg.n_layers})")
+        length = keys[0].shape[1]
+        for k, v in zip(keys, values):
+            if k.shape != (cfg.n_kv_heads, length, cfg.head_dim) or v.shape != k.shape:
+                raise ValueError(
+                    f"virtual prefix: keys/values must be ({cfg.n_kv_heads}, {length}, {cfg.head_dim}), "
+                    f"got {tuple(k.shape)} / {tuple(v.shape)}"
+                )
+        if length >= self.max_model_len:
+            raise ValueError(f"virtual prefix: {length} positions leave no room in the context")
+        bs = self.block_manager.block_size
+        blocks = self.block_manager.pin(length)
+        slots = torch.tensor(
+            [blocks[p // bs] * bs + p % bs for p in range(length)], device=self.cache.k.device
+        )
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            self.cache.k[layer].index_copy_(0, slots, k.transpose(0, 1).to(self.cache.k))
+            self.cache.v[layer].index_copy_(0, slots, v.transpose(0, 1).to(self.cache.v))
+        self.num_virtual = length
+
+    @torch.inference_mode()
+    def set_soft_prompt(self, embeddings: torch.Tensor) -> None:
+        """Start every request with a soft prompt (prompt tuning, P-tuning): V input embeddings (V, d_model)
+        in front of each prompt. Their keys and values do not depend on what follows, so they are computed
+        once here (one forward) and served as a virtual prefix."""
+        from lmforge.model.cache import ContiguousKVCache
+
+        cfg = self.model.cfg
+        if embeddings.dim() != 2 or embeddings.shape[1] != cfg.d_model:
+            raise ValueError(
+                f"soft prompt: embeddings must be (V, {cfg.d_model}), got {tuple(embeddings.shape)}"
+            )
+        length = embeddings.shape[0]
+        param = next(self.model.parameters())
+        cache = ContiguousKVCache.for_model(cfg, 1, length, param.dtype, param.device)
+        self.model(embeddings[None].to(param), cache=cache)
+        self.set_virtual_prefix(list(cache.k[:, 0, :, :length]), list(cache.v[:, 0, :, :length]))
+
     # -- requests ----------------------------------------------------------------------------------------------
     def make_request(
         self,
@@ -231,11 +278,14 @@ class LLMEngine:
         vocab = self.model.cfg.vocab_size
         if not token_ids:
             raise InvalidRequestError("prompt: must contain at least one token")
+        if self.num_virtual and params.prompt_logprobs is not None:
+            raise InvalidRequestError("prompt_logprobs: not available behind a soft prompt or prefix adapter")
         if any(t < 0 or t >= vocab for t in token_ids):
             raise InvalidRequestError(f"prompt: token ids must be in [0, {vocab})")
-        if len(token_ids) >= self.max_model_len:
+        context = self.max_model_len - self.num_virtual  # what a virtual prefix leaves to the request
+        if len(token_ids) >= context:
             raise InvalidRequestError(
-                f"prompt: {len(token_ids)} tokens leave no room to generate in the context of {self.max_model_len}"
+                f"prompt: {len(token_ids)} tokens leave no room to generate in the context of {context}"
             )
         if any(t < 0 or t >= vocab for t in params.logit_bias):
             raise InvalidRequestError(f"logit_bias: token ids must be in [0, {vocab})")
@@ -252,21 +302,22 @@ class LLMEngine:
                 else min(params.prompt_logprobs, vocab),
             )
         bm = self.block_manager
-        longest = min(len(token_ids) + params.max_tokens, self.max_model_len)
+        longest = min(self.num_virtual + len(token_ids) + params.max_tokens, self.max_model_len)
         if bm.blocks_for(longest) * max(params.beam_width, params.n) > bm.num_blocks - 1:
             raise InvalidRequestError(
                 "prompt: prompt + max_tokens does not fit in the KV cache; lower max_tokens"
             )
         if request_id is None:
             request_id = f"req-{next(self._request_ids)}"
-        group = SequenceGroup(request_id, token_ids, params, self.tokenizer if params.detokenize else None)
+        tokenizer = self.tokenizer if params.detokenize else None
+        group = SequenceGroup(request_id, token_ids, params, tokenizer, self.num_virtual)
         if lora is not None:
             assert self.loras is not None
             group.lora = lora
             group.seqs[0].lora_slot = self.loras.slots[lora]
             group.seqs[0].hash_root = hash(("lora", lora, self.loras.slots[lora]))
         if params.use_beam_search:
-            max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
+            max_tokens = min(params.max_tokens, context - len(token_ids))
             eos = ([] if params.ignore_eos else self.eos_token_ids) + list(params.stop_token_ids)
             group.beam = BeamSearch(
                 params.beam_width, max_tokens, eos, params.length_penalty, params.early_stopping

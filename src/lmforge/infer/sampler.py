@@ -23,7 +23,7 @@ def process_logits(logits: Tensor, seqs: list[Sequence]) -> Tensor:
     if rows:
         sub = logits[rows]
         lp.apply_repetition_penalty(
-            sub, [seqs[i].token_ids for i in rows], [params[i].repetition_penalty for i in rows]
+            sub, [seqs[i].context_token_ids for i in rows], [params[i].repetition_penalty for i in rows]
         )
         logits[rows] = sub
     rows = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]

@@ -195,14 +195,17 @@ class Scheduler:
             use_cache = group.params.prompt_logprobs is None
             for seq in seqs:
                 if use_cache:
-                    cached = bm.match_prefix(seq)
+                    cached = bm.match_prefix(seq) - seq.num_virtual  # (a virtual prefix is not the prompt's)
                     if seq is seqs[0] and not group.num_cached_tokens:
                         group.num_cached_tokens = min(cached, len(group.prompt_token_ids))
+                elif not seq.block_table:
+                    bm.attach_pinned(seq)
             wanted = [s.num_uncomputed for s in seqs]
             if len(seqs) == 1 and self.chunked_prefill:
                 wanted = [min(wanted[0], budget)]
             new_blocks = sum(
-                bm.blocks_for(s.num_computed + n) - len(s.block_table) for s, n in zip(seqs, wanted)
+                bm.blocks_for(s.num_computed + n) - len(s.block_table) + bm.copies_on_write(s)
+                for s, n in zip(seqs, wanted)
             )
             fits_budget = sum(wanted) <= budget or not out.scheduled
             reserve = self.watermark_blocks if self.running else 0

@@ -31,12 +31,16 @@ class Sequence:
         params: SamplingParams,
         index: int = 0,
         tokenizer: Decoder | None = None,
+        num_virtual: int = 0,
     ) -> None:
         self.seq_id = next(_seq_ids)
         self.index = index  # position among the request's completions
         self.params = params
-        self.token_ids: list[int] = list(prompt_token_ids)
-        self.prompt_len = len(prompt_token_ids)
+        # a virtual prefix (soft prompt, prefix tuning) holds the first num_virtual positions: their keys and
+        # values come from the engine's pinned blocks, so their token ids are placeholders never embedded
+        self.num_virtual = num_virtual
+        self.token_ids: list[int] = [0] * num_virtual + list(prompt_token_ids)
+        self.prompt_len = len(self.token_ids)
         self.num_computed = 0
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks whose keys/values are computed
@@ -62,7 +66,7 @@ class Sequence:
         self.ngrams: dict[tuple[int, ...], set[int]] | None = None
         if params.no_repeat_ngram_size > 0:
             self.ngrams = {}
-            for end in range(params.no_repeat_ngram_size, len(self.token_ids) + 1):
+            for end in range(num_virtual + params.no_repeat_ngram_size, len(self.token_ids) + 1):
                 self._index_ngram(end)
         self.emitted_tokens = 0  # output tokens already reported (for streaming deltas)
         self.emitted_logprobs = 0
@@ -71,6 +75,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def context_token_ids(self) -> list[int]:
+        """Prompt and output tokens (without a virtual prefix's placeholders): what penalties look at."""
+        return self.token_ids[self.num_virtual :] if self.num_virtual else self.token_ids
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -159,12 +168,13 @@ class SequenceGroup:
         prompt_token_ids: list[int],
         params: SamplingParams,
         tokenizer: Decoder | None = None,
+        num_virtual: int = 0,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.tokenizer = tokenizer
-        self.seqs: list[Sequence] = [Sequence(prompt_token_ids, params, 0, tokenizer)]
+        self.seqs: list[Sequence] = [Sequence(prompt_token_ids, params, 0, tokenizer, num_virtual)]
         self.finished_seqs: list[Sequence] = []
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         if params.prompt_logprobs is not None:

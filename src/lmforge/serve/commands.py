@@ -61,6 +61,12 @@ def register(subparsers: Any) -> None:
         help="serve a LoRA adapter folder (peft layout) next to the base model as model NAME; repeatable",
     )
     adapters.add_argument(
+        "--prompt-adapter",
+        metavar="ADAPTER_DIR",
+        help="serve the base model behind a prompt-tuning, P-tuning or prefix-tuning adapter (peft layout): "
+        "every request starts after its virtual tokens",
+    )
+    adapters.add_argument(
         "--allow-lora-loading",
         action="store_true",
         help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read server-side paths)",
@@ -115,11 +121,24 @@ def run_serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
     )
+    if args.prompt_adapter and not (Path(args.prompt_adapter) / "adapter_config.json").is_file():
+        print(
+            f"lmforge serve: --prompt-adapter: {args.prompt_adapter} has no adapter_config.json",
+            file=sys.stderr,
+        )
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+
+    def load_engine() -> LLMEngine:
+        engine = LLMEngine.from_pretrained(model_dir, config, dtype=dtype, device=args.device)
+        if args.prompt_adapter:
+            serve_virtual_prefix(engine, args.prompt_adapter)
+        return engine
+
     app = create_app(
-        lambda: LLMEngine.from_pretrained(model_dir, config, dtype=dtype, device=args.device),
+        load_engine,
         model_id=model_id,
         api_key=args.api_key,
         max_body_bytes=int(args.max_request_mb * 2**20),
@@ -149,3 +168,14 @@ def parse_loras(specs: list[str], model_id: str) -> dict[str, str]:
             raise ValueError(f"{spec!r}: {folder} is not an adapter folder (no adapter_config.json)")
         loras[name] = folder
     return loras
+
+
+def serve_virtual_prefix(engine: Any, folder: str) -> None:
+    """Put a soft-prompt or prefix adapter in front of every request ``engine`` serves."""
+    from lmforge.tune.peft.serving import virtual_prefix
+
+    kind, tensors = virtual_prefix(engine.model.cfg, folder)
+    if kind == "kv":
+        engine.set_virtual_prefix(*tensors)
+    else:
+        engine.set_soft_prompt(tensors)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmforge.model import KVView, Transformer
+from lmforge.model import KVView, ModelConfig, Transformer
 from lmforge.tune.peft.prompt import FORWARD_ARGS
 
 
@@ -61,14 +61,22 @@ class PrefixCache:
         return torch.full((self.positions.shape[0],), self.positions.shape[1], dtype=torch.long)
 
 
-def _layer_keys_values(model: Transformer, batch: int) -> tuple[list[Tensor], list[Tensor]]:
-    cfg = model.cfg
-    prefix = model.prefix_encoder()
+def prefix_keys_values(prefix: Tensor, cfg: ModelConfig) -> tuple[list[Tensor], list[Tensor]]:
+    """peft's prefix tensor (n, n_layers * 2 * kv_dim) as per-layer keys and values (n_kv_heads, n, head_dim)."""
     n = prefix.shape[0]
-    # (n, layers * 2, heads, head_dim) -> (layers * 2, batch, heads, n, head_dim)
+    if prefix.dim() != 2 or prefix.shape[1] != cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim:
+        raise ValueError(
+            f"prefix: expected (n, {cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim}) for this model, "
+            f"got {tuple(prefix.shape)}"
+        )
+    # (n, layers * 2, heads, head_dim) -> (layers * 2, heads, n, head_dim)
     kv = prefix.view(n, cfg.n_layers * 2, cfg.n_kv_heads, cfg.head_dim).permute(1, 2, 0, 3)
-    kv = kv[:, None].expand(-1, batch, -1, -1, -1)
     return list(kv[0::2]), list(kv[1::2])
+
+
+def _layer_keys_values(model: Transformer, batch: int) -> tuple[list[Tensor], list[Tensor]]:
+    keys, values = prefix_keys_values(model.prefix_encoder(), model.cfg)
+    return [k.expand(batch, -1, -1, -1) for k in keys], [v.expand(batch, -1, -1, -1) for v in values]
 
 
 def _add_prefix(model: Transformer, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:

@@ -1,4 +1,7 @@
-"""Read a LoRA adapter folder (peft's layout) as the plain tensors the inference engine serves side by side.
+"""Read adapter folders (peft's layout) as the plain tensors the inference engine serves.
+
+LoRA adapters are served side by side (``lora_weights``); a soft prompt or prefix adapter is served as the
+engine's virtual prefix (``virtual_prefix``).
 
 ``lora_weights(model_cfg, folder)`` checks the adapter against the base model the config describes (built
 on the meta device: only names and shapes matter, and the served model itself may already carry adapter
@@ -11,6 +14,7 @@ the reason (``lmforge peft merge`` folds them into a model folder that serves as
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -19,8 +23,14 @@ from torch import Tensor, nn
 
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tune.peft.adapter import PEFT_PREFIX, _pattern_value, checkpoint_name
-from lmforge.tune.peft.config import ADAPTER_WEIGHTS_FILE, AdapterConfigError, read_adapter_config
+from lmforge.tune.peft.config import (
+    ADAPTER_WEIGHTS_FILE,
+    PROMPT_METHODS,
+    AdapterConfigError,
+    read_adapter_config,
+)
 from lmforge.tune.peft.lora import lora_scaling
+from lmforge.tune.peft.prefix import prefix_keys_values
 
 
 def lora_weights(model_cfg: ModelConfig, folder: str | Path) -> dict[str, tuple[Tensor, Tensor, float]]:
@@ -80,3 +90,31 @@ def lora_weights(model_cfg: ModelConfig, folder: str | Path) -> dict[str, tuple[
     if not weights:
         raise AdapterConfigError(f"{path}: no LoRA tensors")
     return weights
+
+
+def virtual_prefix(model_cfg: ModelConfig, folder: str | Path) -> tuple[str, Any]:
+    """A prompt-tuning / P-tuning / prefix-tuning folder as what the engine serves: ``("embeddings", E)``
+    with E (V, d_model) for ``LLMEngine.set_soft_prompt``, or ``("kv", (keys, values))`` per layer for
+    ``LLMEngine.set_virtual_prefix``."""
+    folder = Path(folder)
+    cfg, _ = read_adapter_config(folder)
+    if cfg.method not in PROMPT_METHODS:
+        raise AdapterConfigError(f"{folder}: a {cfg.method} adapter is not a soft prompt or prefix")
+    path = folder / ADAPTER_WEIGHTS_FILE
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise AdapterConfigError(f"{path}: not a readable safetensors file ({err})") from err
+    prompt = tensors.get("prompt_embeddings")
+    if prompt is None or prompt.dim() != 2:
+        raise AdapterConfigError(f"{path}: no (virtual tokens, width) tensor 'prompt_embeddings'")
+    if cfg.method == "prefix_tuning":
+        try:
+            return "kv", prefix_keys_values(prompt, model_cfg)
+        except ValueError as err:
+            raise AdapterConfigError(f"{path}: {err} (an adapter for a different base model?)") from None
+    if prompt.shape[1] != model_cfg.d_model:
+        raise AdapterConfigError(
+            f"{path}: prompt_embeddings has width {prompt.shape[1]}, the model's is {model_cfg.d_model}"
+        )
+    return "embeddings", prompt
