@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lmforge.infer import EngineConfig, LLMEngine, QueueFullError, SamplingParams
+from lmforge.model import ModelConfig, Transformer
 
 from .helpers import random_prompts, reference_greedy
 
@@ -223,3 +224,33 @@ def test_the_model_is_left_as_it_was_given(tiny_model):
     _engine(tiny_model).generate(random_prompts([9, 20]), GREEDY)
     assert not tiny_model.lm_head._forward_pre_hooks
     assert not tiny_model.training
+
+
+def test_a_prefix_decoder_is_served_with_its_prompt_bidirectional():
+    """Prefill honours the prefix mask (the prompt in one piece) and cached blocks belong to whole prompts."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, max_seq_len=128, structure="prefix")
+    model = Transformer(cfg).eval()
+
+    def reference(prompt: list[int], steps: int, bidirectional: bool = True) -> list[int]:
+        ids = list(prompt)
+        prefix = torch.tensor([len(prompt)]) if bidirectional else None
+        with torch.no_grad():
+            for _ in range(steps):
+                ids.append(int(model(torch.tensor([ids]), prefix_lengths=prefix).logits[0, -1].argmax()))
+        return ids[len(prompt) :]
+
+    engine = LLMEngine(model, None, EngineConfig(num_blocks=64, block_size=8, max_num_batched_tokens=64))
+    prompts = random_prompts([5, 20, 41], seed=2)
+    outs = engine.generate(prompts, GREEDY)
+    expected = [reference(p, GREEDY.max_tokens) for p in prompts]
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert expected != [reference(p, GREEDY.max_tokens, bidirectional=False) for p in prompts]
+    hits = engine.stats().prefix_cache_hits
+    same_start = prompts[2][:16] + random_prompts([25], seed=3)[0]  # two equal blocks, then other tokens
+    assert engine.generate([same_start], GREEDY)[0].outputs[0].token_ids == reference(
+        same_start, GREEDY.max_tokens
+    )
+    assert engine.stats().prefix_cache_hits == hits  # its first blocks saw other tokens after them
+    again = engine.generate([prompts[2]], GREEDY)[0]
+    assert again.num_cached_tokens == 40 and again.outputs[0].token_ids == expected[2]

@@ -148,12 +148,15 @@ class LLMEngine:
             param.dtype,
             param.device,
         )
+        # A prefix decoder attends bidirectionally over the prompt: a prompt's keys/values depend on all of it,
+        # so it is prefilled in one piece, and prefix-cache entries belong to the whole prompt.
+        self.prefix_lm = getattr(cfg, "structure", "causal") == "prefix"
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
             config.max_num_batched_tokens,
             config.max_waiting,
-            config.chunked_prefill,
+            config.chunked_prefill and not self.prefix_lm,
             self.eos_token_ids,
             self.max_model_len,
         )
@@ -311,11 +314,16 @@ class LLMEngine:
             request_id = f"req-{next(self._request_ids)}"
         tokenizer = self.tokenizer if params.detokenize else None
         group = SequenceGroup(request_id, token_ids, params, tokenizer, self.num_virtual)
+        roots = []
         if lora is not None:
             assert self.loras is not None
             group.lora = lora
             group.seqs[0].lora_slot = self.loras.slots[lora]
-            group.seqs[0].hash_root = hash(("lora", lora, self.loras.slots[lora]))
+            roots.append(("lora", lora, self.loras.slots[lora]))
+        if self.prefix_lm:
+            roots.append(("prefix-lm", tuple(token_ids)))
+        if roots:
+            group.seqs[0].hash_root = hash(tuple(roots))
         if params.use_beam_search:
             max_tokens = min(params.max_tokens, context - len(token_ids))
             eos = ([] if params.ignore_eos else self.eos_token_ids) + list(params.stop_token_ids)

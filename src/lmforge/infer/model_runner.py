@@ -51,6 +51,7 @@ class ModelRunner:
         # padded key slots a decode batch may waste before it is split (about one forward's fixed cost)
         self.min_decode_bucket = 4096
         self.loras: LoraSet | None = None  # served LoRA adapters (set by the engine when it has some)
+        self.prefix_lm = getattr(model.cfg, "structure", "causal") == "prefix"
         if getattr(model, "lm_head", None) is None:
             raise ValueError("the model runner needs a model with an lm_head")
 
@@ -148,8 +149,15 @@ class ModelRunner:
         )
         rows = (torch.cat(logit_rows) if logit_rows else torch.zeros(0, dtype=torch.long)).to(dev)
         self._route([it.seq for it in items])
+        prefix_lengths = None
+        if self.prefix_lm:  # the prompt is the bidirectional prefix
+            prefix_lengths = torch.tensor([it.seq.prompt_len for it in items], device=dev)
         logits = self.model(
-            input_ids.to(dev), position_ids=positions.to(dev), cache=self.cache, logits_rows=rows
+            input_ids.to(dev),
+            position_ids=positions.to(dev),
+            cache=self.cache,
+            logits_rows=rows,
+            prefix_lengths=prefix_lengths,
         ).logits
         offset = 0
         for b, it in enumerate(items):
