@@ -134,6 +134,12 @@ def test_micro_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     val_points = [r for r in read_jsonl(run_dir / "pretrain" / "metrics.jsonl") if "val_loss" in r]
     assert len(val_points) >= 2
     assert "held-out document loss" in report
+    # the review stage: every red-team category with its rates, and the pairwise judge's counts
+    review = json.loads((run_dir / "stages" / "review.json").read_text())
+    redteam, judge = review["tables"]
+    assert len(redteam["rows"]) >= 4 and all(0.0 <= row[4] <= 1.0 for row in redteam["rows"])
+    wins, ties, losses = (int(x) for x in judge["rows"][0][1].split(" / "))
+    assert wins + ties + losses == 16  # 4 held-out questions of each of 4 tasks
 
     # A rerun skips every finished stage; --restart-from redoes the chosen stage onwards only.
     markers = {p.name: p.stat().st_mtime_ns for p in (run_dir / "stages").glob("*.json")}
@@ -146,7 +152,7 @@ def test_micro_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     demo.restart_from("eval")
     demo.run()
     after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "stages").glob("*.json")}
-    assert [name for name in markers if after[name] != markers[name]] == ["eval.json"]
+    assert sorted(name for name in markers if after[name] != markers[name]) == ["eval.json", "review.json"]
 
     # The app the demo serves answers the openai client and shows the chat page.
     with serving(demo.serve_app()) as base_url:

@@ -47,6 +47,7 @@ STAGES = {
     "pretrain": "Pretraining",
     "sft": "Supervised fine-tuning",
     "eval": "Evaluation: base vs SFT",
+    "review": "Review: red team and LLM-as-judge",
 }
 
 # Pipeline steps for the demo corpus. Code is part of the corpus, so the repetition filter is loosened
@@ -291,6 +292,15 @@ class Demo(RunLayout):
         return StageCard(
             "eval", STAGES["eval"], tables=tables, images=["plots/eval_base_vs_sft.png"], note=note
         )
+
+    def review(self) -> StageCard:
+        from lmforge.demo.review import review_card
+
+        self.console.print(
+            "red-teaming the SFT model and judging its held-out replies against the base model"
+        )
+        tasks = ["addition", "reverse_words", "count_letter", "read_answer"]
+        return review_card("review", STAGES["review"], self.path("sft", "model"), self.path("eval"), tasks)
 
     def _sample_replies(self, per_task: int = 2) -> Table:
         """A few held-out questions with the base and SFT replies, read from the eval samples."""
