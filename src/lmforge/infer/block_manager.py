@@ -183,10 +183,23 @@ class BlockManager:
         child.block_table = list(parent.block_table)
         child.block_hashes = list(parent.block_hashes)
 
+    def evict(self, seq: Sequence, first: int, stop: int) -> int:
+        """Release the sequence's blocks ``first .. stop-1`` (attention sinks: the middle of a long stream);
+        their table entries become the null block, so block indices still follow stream positions. Returns
+        how many were released."""
+        released = 0
+        for i in range(first, min(stop, len(seq.block_table))):
+            if seq.block_table[i] != NULL_BLOCK:
+                self._release(seq.block_table[i])
+                seq.block_table[i] = NULL_BLOCK
+                released += 1
+        return released
+
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references, tail first, so the LRU list evicts a prefix's tail before its head."""
         for block in reversed(seq.block_table):
-            self._release(block)
+            if block != NULL_BLOCK:
+                self._release(block)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed = 0

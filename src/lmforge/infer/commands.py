@@ -35,6 +35,21 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-cache-mb", type=int, default=256, help="memory for the paged KV cache, MiB (default: 256)"
     )
+    add_sink_arguments(parser)
+
+
+def add_sink_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--sink-tokens``/``--sink-window``: StreamingLLM attention sinks (generation past the context)."""
+    parser.add_argument(
+        "--sink-window",
+        type=int,
+        default=0,
+        help="attention sinks: attend to the last N tokens plus --sink-tokens first ones, freeing the KV in "
+        "between, so generation runs past the context in constant memory (RoPE models; default: off)",
+    )
+    parser.add_argument(
+        "--sink-tokens", type=int, default=4, help="sink tokens kept with --sink-window (default: 4)"
+    )
 
 
 def sampling_params_from_args(args: argparse.Namespace, **extra: Any) -> SamplingParams:
@@ -75,7 +90,7 @@ def register(subparsers: Any) -> None:
     chat.set_defaults(handler=run_chat)
 
 
-def _load_engine(model_dir: str, kv_cache_mb: int):
+def _load_engine(model_dir: str, kv_cache_mb: int, sink_tokens: int = 0, sink_window: int = 0):
     from lmforge.hub import HubError, resolve_model_dir
     from lmforge.infer import EngineConfig, LLMEngine
 
@@ -86,7 +101,12 @@ def _load_engine(model_dir: str, kv_cache_mb: int):
     if not (folder / "config.json").is_file():
         raise SystemExit(f"lmforge: {folder} is not a model folder (no config.json)")
     try:
-        return LLMEngine.from_pretrained(folder, EngineConfig(kv_cache_memory_bytes=kv_cache_mb * 2**20))
+        config = EngineConfig(
+            kv_cache_memory_bytes=kv_cache_mb * 2**20,
+            sink_tokens=sink_tokens if sink_window else 0,
+            sink_window=sink_window,
+        )
+        return LLMEngine.from_pretrained(folder, config)
     except (ValueError, OSError) as err:  # a broken folder: say what is wrong, no traceback
         raise SystemExit(f"lmforge: cannot load {folder}: {err}") from err
 
@@ -119,7 +139,7 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"lmforge generate: {err}", file=sys.stderr)
         return 2
-    engine = _load_engine(args.model_dir, args.kv_cache_mb)
+    engine = _load_engine(args.model_dir, args.kv_cache_mb, args.sink_tokens, args.sink_window)
     special = not args.chat  # a chat template writes its own special tokens
     if args.chat:
         prompts = [
@@ -170,7 +190,7 @@ def run_chat(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"lmforge chat: {err}", file=sys.stderr)
         return 2
-    engine = _load_engine(args.model_dir, args.kv_cache_mb)
+    engine = _load_engine(args.model_dir, args.kv_cache_mb, args.sink_tokens, args.sink_window)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     print("lmforge chat: /reset forgets the conversation, /exit or Ctrl-D quits.", file=sys.stderr)

@@ -81,6 +81,11 @@ class EngineConfig:
     # memory again as the KV pool; see decode_mirror.py)
     decode_mirror: bool = True
     seed: int | None = None  # the shared generator of unseeded requests
+    # attention sinks (StreamingLLM): with sink_window > 0 a sequence attends to its first sink_tokens and its
+    # last sink_window tokens at positions counted inside them; the blocks in between are freed, so a stream
+    # runs past the context length in constant KV memory (keys are cached before RoPE, rotated at attention)
+    sink_tokens: int = 0
+    sink_window: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -92,6 +97,10 @@ class EngineConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.sink_tokens < 0 or self.sink_window < 0:
+            raise ValueError("sink_tokens, sink_window: must be >= 0")
+        if self.sink_tokens and not self.sink_window:
+            raise ValueError("sink_tokens: attention sinks need a sink_window > 0 as well")
         if self.num_blocks is not None and self.num_blocks < 2:
             raise ValueError(f"num_blocks: need at least 2 (one is the padding block), got {self.num_blocks}")
 
@@ -148,6 +157,13 @@ class LLMEngine:
             param.dtype,
             param.device,
         )
+        self.sinks = self._check_sinks(config, cfg)
+        if self.sinks is not None:  # positions are recomputed every step: no prefix cache, no decode mirror
+            config = self.config = dataclasses.replace(
+                config, enable_prefix_caching=False, decode_mirror=False
+            )
+            self.block_manager.enable_prefix_caching = False
+            self.cache.unrotated_keys = True
         # A prefix decoder attends bidirectionally over the prompt: a prompt's keys/values depend on all of it,
         # so it is prefilled in one piece, and prefix-cache entries belong to the whole prompt.
         self.prefix_lm = getattr(cfg, "structure", "causal") == "prefix"
@@ -158,11 +174,13 @@ class LLMEngine:
             config.max_waiting,
             config.chunked_prefill and not self.prefix_lm,
             self.eos_token_ids,
-            self.max_model_len,
+            None if self.sinks else self.max_model_len,  # a stream behind sinks is not bounded by the context
+            None if self.sinks is None else self.max_model_len - sum(self.sinks),
         )
         self.runner = ModelRunner(
             model, self.cache, config.block_size, config.decode_mirror, config.max_num_seqs
         )
+        self.runner.sinks = self.sinks
         self.sampler = Sampler(config.seed)
         self.loras: LoraSet | None = None  # LoRA adapters served next to the base model (add_lora)
         self.num_virtual = 0  # positions of the virtual prefix every request starts with (set_virtual_prefix)
@@ -170,6 +188,20 @@ class LLMEngine:
         self._aborted: list[SequenceGroup] = []
         self._failed: list[tuple[SequenceGroup, str]] = []  # requests that broke mid-step, with why
         self._prompt_tokens_total = 0
+
+    def _check_sinks(self, config: EngineConfig, cfg: Any) -> tuple[int, int] | None:
+        if not config.sink_window:
+            return None
+        if cfg.position != "rope" or getattr(cfg, "rerope_window", None) is not None:
+            raise ValueError(
+                "sink_window: attention sinks re-position keys, which needs rotary positions (RoPE)"
+            )
+        if config.sink_tokens + config.sink_window >= self.max_model_len:
+            raise ValueError(
+                f"sink_tokens + sink_window: {config.sink_tokens + config.sink_window} leave no room in the "
+                f"context of {self.max_model_len}"
+            )
+        return config.sink_tokens, config.sink_window
 
     @classmethod
     def from_pretrained(
@@ -285,8 +317,11 @@ class LLMEngine:
             raise InvalidRequestError("prompt_logprobs: not available behind a soft prompt or prefix adapter")
         if any(t < 0 or t >= vocab for t in token_ids):
             raise InvalidRequestError(f"prompt: token ids must be in [0, {vocab})")
+        sink_refused = params.n > 1 or params.use_beam_search or params.prompt_logprobs is not None
+        if self.sinks is not None and sink_refused:
+            raise InvalidRequestError("n, beams and prompt_logprobs are not available with attention sinks")
         context = self.max_model_len - self.num_virtual  # what a virtual prefix leaves to the request
-        if len(token_ids) >= context:
+        if self.sinks is None and len(token_ids) >= context:
             raise InvalidRequestError(
                 f"prompt: {len(token_ids)} tokens leave no room to generate in the context of {context}"
             )
@@ -306,6 +341,8 @@ class LLMEngine:
             )
         bm = self.block_manager
         longest = min(self.num_virtual + len(token_ids) + params.max_tokens, self.max_model_len)
+        if self.sinks is not None:  # kept tokens plus one chunk, and a block at each end of the window
+            longest = min(len(token_ids) + params.max_tokens, self.max_model_len + 2 * bm.block_size)
         if bm.blocks_for(longest) * max(params.beam_width, params.n) > bm.num_blocks - 1:
             raise InvalidRequestError(
                 "prompt: prompt + max_tokens does not fit in the KV cache; lower max_tokens"
@@ -416,6 +453,8 @@ class LLMEngine:
             completes = item.completes  # (read before the chunk is counted as computed)
             item.seq.num_computed += item.num_tokens
             self.block_manager.register_computed(item.seq)
+            if self.sinks is not None:
+                self._evict_middle(item.seq)
             if completes and not group.aborted:
                 by_group.setdefault(group.request_id, []).append((item.seq, logits.last))
                 touched[group.request_id] = group
@@ -427,6 +466,13 @@ class LLMEngine:
                 if out is not None:
                     outputs.append(out)
         return outputs
+
+    def _evict_middle(self, seq: Sequence) -> None:
+        """Attention sinks: free the blocks wholly between the sink tokens and the window."""
+        sink, window = self.sinks  # type: ignore[misc]
+        computed, bs = seq.num_computed, self.block_manager.block_size
+        if computed > sink + window:
+            self.block_manager.evict(seq, -(-sink // bs), (computed - window) // bs)
 
     def _execute(
         self, scheduled: list[ScheduledSeq], all_logits: set[int], groups: dict[int, SequenceGroup]

@@ -52,6 +52,9 @@ class ModelRunner:
         self.min_decode_bucket = 4096
         self.loras: LoraSet | None = None  # served LoRA adapters (set by the engine when it has some)
         self.prefix_lm = getattr(model.cfg, "structure", "causal") == "prefix"
+        # attention sinks (sink tokens, window): a row sees its first sink tokens and its last window ones,
+        # at positions counted inside what it sees (StreamingLLM); set by the engine
+        self.sinks: tuple[int, int] | None = None
         if getattr(model, "lm_head", None) is None:
             raise ValueError("the model runner needs a model with an lm_head")
 
@@ -135,10 +138,13 @@ class ModelRunner:
                 logit_rows.append(torch.arange(b * width, b * width + n))
             elif it.completes:
                 logit_rows.append(torch.tensor([b * width + n - 1]))
-        span = -(-max(contexts) // bs)
-        view_slots = (tables[:, :span, None] * bs + torch.arange(bs)).reshape(batch, span * bs)
-        key_positions = torch.arange(span * bs).expand(batch, -1)
-        key_positions = torch.where(key_positions < torch.tensor(contexts)[:, None], key_positions, -1)
+        if self.sinks is not None:
+            view_slots, key_positions = self._sink_view(items, positions)
+        else:
+            span = -(-max(contexts) // bs)
+            view_slots = (tables[:, :span, None] * bs + torch.arange(bs)).reshape(batch, span * bs)
+            key_positions = torch.arange(span * bs).expand(batch, -1)
+            key_positions = torch.where(key_positions < torch.tensor(contexts)[:, None], key_positions, -1)
         padded = any(it.num_tokens != width for it in items)
         dev = self.device
         self.cache.bind(
@@ -169,6 +175,32 @@ class ModelRunner:
             elif it.completes:
                 results[indices[b]].last = logits[offset]
                 offset += 1
+
+    def _sink_view(self, items: list[ScheduledSeq], positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Attention sinks: each row reads its kept tokens (the first ``sink``, the last ``window`` computed)
+        and this chunk's, at positions 0 .. n-1 in that order; ``positions`` (the queries') are rewritten to
+        match. Returns the view's slots and key positions (-1: padding)."""
+        assert self.sinks is not None
+        sink, window = self.sinks
+        bs = self.block_size
+        rows: list[list[int]] = []
+        for b, it in enumerate(items):
+            computed, n = it.seq.num_computed, it.num_tokens
+            if computed <= sink + window:
+                kept = list(range(computed))
+            else:
+                kept = list(range(sink)) + list(range(computed - window, computed))
+            table = it.seq.block_table
+            rows.append([table[i // bs] * bs + i % bs for i in kept + list(range(computed, computed + n))])
+            positions[b, :n] = torch.arange(len(kept), len(kept) + n)
+            positions[b, n:] = len(kept) + n - 1
+        width = max(map(len, rows))
+        view_slots = torch.zeros(len(rows), width, dtype=torch.long)
+        key_positions = torch.full((len(rows), width), -1, dtype=torch.long)
+        for b, slots in enumerate(rows):
+            view_slots[b, : len(slots)] = torch.tensor(slots)
+            key_positions[b, : len(slots)] = torch.arange(len(slots))
+        return view_slots, key_positions
 
     def _route(self, seqs: list[Sequence]) -> None:
         """Tell the served adapters which batch row runs which adapter."""

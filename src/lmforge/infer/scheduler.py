@@ -58,6 +58,7 @@ class Scheduler:
         chunked_prefill: bool = True,
         eos_token_ids: Seq[int] = (),
         max_model_len: int | None = None,
+        max_chunk: int | None = None,
     ) -> None:
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every decode needs one token)")
@@ -70,6 +71,7 @@ class Scheduler:
         self.running: list[SequenceGroup] = []
         self.num_preemptions = 0
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_chunk = max_chunk  # the most tokens of one sequence computed in one step (attention sinks)
         self.max_model_len = max_model_len
         self.num_generated_tokens = 0
         self.num_finished_requests = 0  # finished or failed (aborted requests are not counted)
@@ -171,6 +173,8 @@ class Scheduler:
                 continue  # preempted to make room for an earlier one
             seqs = group.live_seqs
             wanted = [min(s.num_uncomputed, budget) if len(seqs) == 1 else s.num_uncomputed for s in seqs]
+            if self.max_chunk is not None:
+                wanted = [min(n, self.max_chunk) for n in wanted]
             if sum(wanted) > budget:
                 continue
             placed = []
@@ -203,6 +207,8 @@ class Scheduler:
             wanted = [s.num_uncomputed for s in seqs]
             if len(seqs) == 1 and self.chunked_prefill:
                 wanted = [min(wanted[0], budget)]
+            if self.max_chunk is not None:
+                wanted = [min(n, self.max_chunk) for n in wanted]
             new_blocks = sum(
                 bm.blocks_for(s.num_computed + n) - len(s.block_table) + bm.copies_on_write(s)
                 for s, n in zip(seqs, wanted)

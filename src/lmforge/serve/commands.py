@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lmforge.infer.commands import add_sink_arguments
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -82,6 +84,7 @@ def register(subparsers: Any) -> None:
         "--kv-cache-mb", type=int, default=256, help="memory of the paged KV pool (default: 256)"
     )
     engine.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    add_sink_arguments(engine)
     engine.add_argument("--max-num-seqs", type=int, default=64, help="sequences run per step (default: 64)")
     engine.add_argument(
         "--no-prefix-caching", action="store_true", help="do not share the KV blocks of equal prompt prefixes"
@@ -120,6 +123,8 @@ def run_serve(args: argparse.Namespace) -> int:
         max_num_batched_tokens=max(EngineConfig.max_num_batched_tokens, args.max_num_seqs),
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
+        sink_tokens=args.sink_tokens if args.sink_window else 0,
+        sink_window=args.sink_window,
     )
     if args.prompt_adapter and not (Path(args.prompt_adapter) / "adapter_config.json").is_file():
         print(
