@@ -239,15 +239,20 @@ def save_adapter(model: Transformer, folder: str | Path, base_model: str | None)
     return folder
 
 
-def load_adapter(model: Transformer, folder: str | Path, cfg: PeftConfig) -> Transformer:
-    """Put the adapter of ``folder`` (described by ``cfg``, see ``read_adapter_config``) on ``model``."""
+def read_adapter_tensors(folder: str | Path) -> tuple[Path, dict[str, Tensor]]:
+    """The weights file of an adapter folder and its tensors (errors name the file)."""
     path = Path(folder) / ADAPTER_WEIGHTS_FILE
     if not path.is_file():
         raise AdapterConfigError(f"{path}: file not found")
     try:
-        tensors = load_file(str(path))
+        return path, load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise AdapterConfigError(f"{path}: not a readable safetensors file ({err})") from err
+
+
+def load_adapter(model: Transformer, folder: str | Path, cfg: PeftConfig) -> Transformer:
+    """Put the adapter of ``folder`` (described by ``cfg``, see ``read_adapter_config``) on ``model``."""
+    path, tensors = read_adapter_tensors(folder)
     if cfg.method in PROMPT_METHODS:
         model.requires_grad_(False)
         _apply_soft_prompt(model, cfg, with_encoder=False)

@@ -17,14 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lmforge.model import ModelConfig, Transformer
-from lmforge.tune.peft.adapter import PEFT_PREFIX, _pattern_value, checkpoint_name
+from lmforge.tune.peft.adapter import PEFT_PREFIX, _pattern_value, checkpoint_name, read_adapter_tensors
 from lmforge.tune.peft.config import (
-    ADAPTER_WEIGHTS_FILE,
     PROMPT_METHODS,
     AdapterConfigError,
     read_adapter_config,
@@ -50,13 +47,7 @@ def lora_weights(model_cfg: ModelConfig, folder: str | Path) -> dict[str, tuple[
         raise AdapterConfigError(
             f"{folder}: modules_to_save={cfg.modules_to_save!r} replaces whole modules; merge this adapter instead"
         )
-    path = folder / ADAPTER_WEIGHTS_FILE
-    if not path.is_file():
-        raise AdapterConfigError(f"{path}: file not found")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise AdapterConfigError(f"{path}: not a readable safetensors file ({err})") from err
+    path, tensors = read_adapter_tensors(folder)
     linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     by_key = {PEFT_PREFIX + checkpoint_name(model, name): name for name in linears}
     weights: dict[str, tuple[Tensor, Tensor, float]] = {}
@@ -100,11 +91,7 @@ def virtual_prefix(model_cfg: ModelConfig, folder: str | Path) -> tuple[str, Any
     cfg, _ = read_adapter_config(folder)
     if cfg.method not in PROMPT_METHODS:
         raise AdapterConfigError(f"{folder}: a {cfg.method} adapter is not a soft prompt or prefix")
-    path = folder / ADAPTER_WEIGHTS_FILE
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise AdapterConfigError(f"{path}: not a readable safetensors file ({err})") from err
+    path, tensors = read_adapter_tensors(folder)
     prompt = tensors.get("prompt_embeddings")
     if prompt is None or prompt.dim() != 2:
         raise AdapterConfigError(f"{path}: no (virtual tokens, width) tensor 'prompt_embeddings'")
