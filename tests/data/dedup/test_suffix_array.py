@@ -78,6 +78,9 @@ def test_suffix_array_matches_sorted_suffixes() -> None:
         expected = sorted(range(n), key=lambda i: values[i:].tolist())
         sa, ranks = suffix_array(values, keep_level=4)
         assert sa.tolist() == expected
+        # to depth 4: ordered by the first 4 symbols, equal ones in position order
+        shallow, _ = suffix_array(values, max_level=4)
+        assert shallow.tolist() == sorted(range(n), key=lambda i: (values[i : i + 4].tolist(), i))
         prefixes = [tuple(values[i : i + 4].tolist()) for i in range(n)]
         # ranks at level 4 are equal exactly when the 4-symbol prefixes are
         assert (ranks[:, None] == ranks[None, :]).tolist() == [[p == q for q in prefixes] for p in prefixes]

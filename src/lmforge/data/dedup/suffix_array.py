@@ -14,12 +14,13 @@ longest repeated substring of length L. Nothing ever compares suffix strings.
 
 Repeats of at least ``k`` symbols
 ---------------------------------
-Suffixes whose first ``k`` symbols agree are contiguous in the suffix array. With the ranks of prefix
-length ``h`` (the largest power of two ``<= k``), two suffixes ``a, b`` share ``k`` symbols iff
-``rank_h[a] == rank_h[b]`` and ``rank_h[a + k - h] == rank_h[b + k - h]`` (two overlapping windows of
-length ``h`` cover ``k``), so the "LCP >= k" flags of adjacent suffix-array entries are one vectorised
-comparison, with no LCP array (Kasai) needed. :func:`kgram_groups` turns those flags into groups of
-start positions that share their ``k``-symbol window.
+Suffixes whose first ``k`` symbols agree are contiguous in the suffix array, and for that the array only
+has to be sorted to depth ``k``. With the ranks of prefix length ``h`` (the largest power of two
+``<= k``), two suffixes ``a, b`` share ``k`` symbols iff ``rank_h[a] == rank_h[b]`` and
+``rank_h[a + k - h] == rank_h[b + k - h]`` (two overlapping windows of length ``h`` cover ``k``): so
+:func:`kgram_groups` stops the doubling at depth ``h`` and sorts once more by that pair, giving the suffix
+array to depth ``k`` in which "LCP >= k" of adjacent entries is one vectorised comparison (no LCP array,
+no Kasai). Cost: O(n log n · log k), independent of how long the longest repeat is.
 
 Documents are concatenated with a **unique separator** after each (symbols ``256 + j``), so no window
 that crosses a document boundary can match another window.
@@ -63,13 +64,18 @@ def _dense_ranks(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return ranks, order, int(ranks_sorted[-1]) + 1 if len(keys) else 0
 
 
-def suffix_array(values: np.ndarray, keep_level: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def suffix_array(
+    values: np.ndarray, keep_level: int | None = None, max_level: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Suffix array of the integer sequence ``values`` by prefix doubling.
 
     Returns ``(sa, ranks)``: ``sa[r]`` is the start of the ``r``-th smallest suffix (a suffix that is a
     proper prefix of another sorts first), and, when ``keep_level`` (a power of two) is given, the ranks
     of the prefixes of length ``keep_level`` (``ranks[i] == ranks[j]`` iff ``values[i:i+keep_level] ==
     values[j:j+keep_level]``, a window running past the end counting as distinct), else ``None``.
+    With ``max_level`` (a power of two) the doubling stops once prefixes of that length are sorted: ``sa``
+    is then the suffix array to that depth (suffixes with equal first ``max_level`` symbols in position
+    order), which is all that finding repeats of a given length needs.
     """
     if keep_level is not None and (keep_level < 1 or keep_level & (keep_level - 1)):
         raise ValueError(f"keep_level must be a power of two, got {keep_level}")
@@ -78,7 +84,7 @@ def suffix_array(values: np.ndarray, keep_level: int | None = None) -> tuple[np.
     rank, order, classes = _dense_ranks(values)
     saved = rank if keep_level == 1 else None
     h = 1
-    while classes < n:
+    while classes < n and (max_level is None or h < max_level):
         # Rank of the pair (rank[i], rank[i + h]); a suffix shorter than h + 1 has second key -1.
         second = np.full(n, -1, dtype=np.int64)
         second[: n - h] = rank[h:]
@@ -96,37 +102,39 @@ def suffix_array(values: np.ndarray, keep_level: int | None = None) -> tuple[np.
             saved = rank
     if keep_level is not None and saved is None:
         saved = rank  # all ranks were distinct before reaching keep_level: they stay as they are
-    sa = np.empty(n, dtype=np.int64)
-    sa[rank] = np.arange(n, dtype=np.int64)
+    if classes == n:
+        sa = np.empty(n, dtype=np.int64)
+        sa[rank] = np.arange(n, dtype=np.int64)
+    else:
+        sa = np.argsort(rank, kind="stable")
     return sa, saved
 
 
 def kgram_groups(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Start positions whose ``k``-symbol window occurs at least twice, grouped by that window.
 
-    Returns ``(starts, group)`` in suffix-array order: ``starts[i]`` shares its window with every other
-    start of the same ``group[i]``; windows running past the end of ``values`` never match.
+    Returns ``(starts, group)`` in suffix-array order (sorted by the first ``k`` symbols): ``starts[i]``
+    shares its window with every other start of the same ``group[i]``; windows running past the end of
+    ``values`` never match. The suffix array is built to depth ``h`` (the largest power of two ``<= k``,
+    about ``log2 k`` doubling steps whatever the longest repeat), and one more sort by the pair
+    ``(rank_h[i], rank_h[i + k - h])`` orders the suffixes by their first ``k`` symbols.
     """
     if k < 1:
         raise ValueError(f"k must be positive, got {k}")
     n = len(values)
-    if n < 2:
+    if n < k + 1:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     h = 1 << (k.bit_length() - 1)  # largest power of two <= k
-    sa, ranks = suffix_array(values, keep_level=h)
+    _, ranks = suffix_array(values, keep_level=h, max_level=h)
     assert ranks is not None
-    a, b = sa[:-1], sa[1:]
-    same = (a + k <= n) & (b + k <= n)
-    same &= ranks[a] == ranks[b]
-    tail_a = np.minimum(a + (k - h), n - 1)
-    tail_b = np.minimum(b + (k - h), n - 1)
-    same &= ranks[tail_a] == ranks[tail_b]
-    # Entry i belongs to a group when it matches its neighbour before or after.
-    member = np.zeros(n, dtype=bool)
+    starts = np.arange(n - k + 1, dtype=np.int64)  # windows inside values
+    window, order, _ = _dense_ranks(ranks[starts] * (n + 1) + ranks[starts + (k - h)])
+    window = window[order]
+    same = window[1:] == window[:-1]  # adjacent entries of the depth-k suffix array share k symbols
+    member = np.zeros(len(order), dtype=bool)
     member[:-1] |= same
     member[1:] |= same
-    group = np.cumsum(np.concatenate(([True], ~same)), dtype=np.int64) - 1
-    return sa[member], group[member]
+    return starts[order][member], window[member]
 
 
 def repeated_starts(values: np.ndarray, k: int, keep: str = "first") -> np.ndarray:
