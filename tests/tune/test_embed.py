@@ -134,6 +134,13 @@ def test_training_through_the_trainer_improves_retrieval(tmp_path, base_model, t
     again = encode(loaded, tokenizer, texts, 40)
     assert again.shape == (4, 32) and torch.allclose(again.norm(dim=1), torch.ones(4), atol=1e-5)
     assert main(["embed", "eval", summary["model_dir"], str(tmp_path / "val.jsonl"), "--query-key", "docstring", "--doc-key", "code", "--max-len", "40"]) == 0  # fmt: skip
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"id": f"c{i}", "text": t} for i, t in enumerate(texts)])
+    out = tmp_path / "vectors.jsonl"
+    assert main(["embed", "encode", summary["model_dir"], docs, "--out", str(out), "--max-len", "40"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["c0", "c1", "c2", "c3"]
+    assert rows[0]["text"] == texts[0]
+    assert torch.allclose(torch.tensor([r["meta"]["embedding"] for r in rows]), again, atol=1e-5)
 
 
 def test_a_batch_of_pairs_through_the_model(tokenizer) -> None:

@@ -87,7 +87,11 @@ def _embed_encode(args: argparse.Namespace) -> int:
     docs = [item for item in reader.read(reader.files()) if isinstance(item, Document)]
     vectors = encode(model, tokenizer, [d.text for d in docs], args.max_len, args.batch_size)
     written = write_records(
-        args.out, ({"id": d.id, "embedding": v} for d, v in zip(docs, vectors.tolist(), strict=True))
+        args.out,
+        (
+            {"id": d.id, "text": d.text, "meta": {**d.meta, args.meta_key: v}}
+            for d, v in zip(docs, vectors.tolist(), strict=True)
+        ),
     )
     print(json.dumps({"documents": written, "dim": int(vectors.shape[1]), "out": args.out}))
     return 0
@@ -132,7 +136,10 @@ def _register_embed(subparsers: argparse._SubParsersAction) -> None:
     enc = commands.add_parser("encode", help="embed the documents of a JSONL/Parquet file")
     enc.add_argument("model", help="embedding model folder (lmforge embed train's RUN/model)")
     enc.add_argument("input", help="documents (JSONL/Parquet)")
-    enc.add_argument("--out", required=True, help="JSONL of {'id', 'embedding'}")
+    enc.add_argument(
+        "--out", required=True, help="the documents again, with the vector in meta (what 'semdedup' reads)"
+    )
+    enc.add_argument("--meta-key", default="embedding")
     enc.add_argument("--text-key", default="text")
     enc.add_argument("--max-len", type=int, default=512)
     enc.add_argument("--batch-size", type=int, default=32)
