@@ -186,7 +186,7 @@ def tfidf_mrr(queries: list[str], docs: list[str], k: int = 10) -> float:
     return total / len(queries)
 
 
-def embeddings(steps: int, held_out: int, seed: int) -> dict:
+def embeddings(steps: int, held_out: int, seed: int, lr: float = 1e-3) -> dict:
     import torch
 
     from lmforge.config import load_config
@@ -223,7 +223,7 @@ def embeddings(steps: int, held_out: int, seed: int) -> dict:
                 "data": {"seq_len": 64, "seed": seed},
                 "threads": 2,
                 "batch": {"micro_batch_size": 32},
-                "optim": {"lr": 1e-3, "weight_decay": 0.0},
+                "optim": {"lr": lr, "weight_decay": 0.0},
                 "schedule": {"name": "cosine", "warmup_steps": 20},
                 "embed": {
                     "paths": [str(work / "train.jsonl")],
@@ -245,6 +245,7 @@ def embeddings(steps: int, held_out: int, seed: int) -> dict:
         "pairs_heldout": summary["data"]["val"]["pairs"],
         "heldout_modules": len(val_modules),
         "steps": steps,
+        "lr": lr,
         "train_s": round(seconds, 1),
         "mrr@10_before": round(summary["heldout_mrr@10_before"], 4),
         "mrr@10_after": round(summary["heldout_mrr@10"], 4),
@@ -265,6 +266,7 @@ def main() -> None:
     parser.add_argument("--thresholds", default="0.9,0.95,0.99")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--held-out", type=int, default=500)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["exact", "semdedup", "embed"], action="append")
     args = parser.parse_args()
@@ -276,7 +278,7 @@ def main() -> None:
         thresholds = [float(t) for t in args.thresholds.split(",")]
         report["semdedup"] = semdedup(args.corpus, args.fortunes, thresholds)
     if "embed" in only:
-        report["embed"] = embeddings(args.steps, args.held_out, args.seed)
+        report["embed"] = embeddings(args.steps, args.held_out, args.seed, args.lr)
     print(json.dumps(report, indent=2))
 
 
