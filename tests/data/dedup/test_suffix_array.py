@@ -196,3 +196,49 @@ def test_bad_configuration_is_refused() -> None:
         ExactSubstringDedup(keep="last")
     with pytest.raises(ValueError, match="min_bytes"):
         ExactSubstringDedup(min_bytes=0)
+
+
+@pytest.mark.multiprocess
+def test_pipeline_run_sharded_on_two_workers_equals_one_suffix_array(tmp_path) -> None:
+    """Through the executor: pairs of shards as reduce parts on 2 workers, exclusions written."""
+    import gzip
+    import json
+
+    from lmforge.data.executor import LocalExecutor
+    from lmforge.data.io import JsonlReader, Writer
+    from lmforge.data.pipeline import Pipeline
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for t, task in enumerate(planted_corpus(11, n_tasks=3, docs_per_task=8)):
+        lines = [json.dumps({"id": f"{t}-{i}", "text": text}) for i, text in enumerate(task)]
+        (raw / f"{t}.jsonl").write_text("\n".join(lines) + "\n")
+
+    def run(name: str, workers: int, shard_bytes: int) -> tuple[list[str], list[dict]]:
+        step = ExactSubstringDedup(min_bytes=8, shard_bytes=shard_bytes)
+        pipeline = Pipeline(
+            JsonlReader(f"{raw}/*.jsonl"),
+            [step],
+            Writer(str(tmp_path / name), "jsonl"),
+            keep_intermediate=True,
+        )
+        LocalExecutor(workers).run(pipeline, tmp_path / f"run-{name}", progress=False)
+        texts = [
+            line for f in sorted((tmp_path / name).glob("*.jsonl")) for line in f.read_text().splitlines()
+        ]
+        excluded = [
+            json.loads(line)
+            for f in sorted((tmp_path / f"run-{name}" / "excluded").rglob("*.jsonl.gz"))
+            for line in gzip.decompress(f.read_bytes()).decode().splitlines()
+        ]
+        return texts, excluded
+
+    one = run("one", 1, 0)
+    two = run("two", 2, 120)
+    assert one == two
+    texts, excluded = one
+    assert len(texts) > 0
+    assert excluded and all(r["meta"]["removed_bytes"] > 0 for r in excluded)
+    assert {r["reason"] for r in excluded} <= {"duplicate_spans", "only_duplicate_spans"}
+    parts = sorted(p.name for p in (tmp_path / "run-two" / "stages" / "0" / "reduce-parts").iterdir())
+    assert parts == ["000-of-002", "001-of-002"]
