@@ -77,6 +77,8 @@ def test_removed_documents_say_what_they_duplicate(tmp_path) -> None:
     tasks = [
         [Document("a", "x", {"embedding": [1.0, 0.0]}), Document("b", "y", {"embedding": [0.0, 1.0]})],
         [Document("c", "x'", {"embedding": [0.99, 0.05]}), Document("bad", "z", {"embedding": "nope"})],
+        [],  # an empty task and one whose only document has no embedding
+        [Document("bad2", "w", {})],
     ]
     step = SemDeDup(n_clusters=1, threshold=0.9)
     rejected = []
@@ -84,10 +86,11 @@ def test_removed_documents_say_what_they_duplicate(tmp_path) -> None:
     # as the executor does: pass 1 passes on the documents it did not reject, pass 2 sees those
     passed = [list(step.collect_stream(iter(t), i, tmp_path / f"a{i}")) for i, t in enumerate(tasks)]
     (tmp_path / "decision").mkdir()
-    step.reduce([tmp_path / "a0", tmp_path / "a1"], tmp_path / "decision")
+    step.reduce([tmp_path / f"a{i}" for i in range(len(tasks))], tmp_path / "decision")
     kept = [list(step.apply_stream(iter(t), tmp_path / "decision", i)) for i, t in enumerate(passed)]
-    assert [[d.id for d in t] for t in kept] == [["a", "b"], []]
-    assert rejected == [("bad", "semdedup: ValueError: meta.embedding must be a non-empty list of numbers")]
+    assert [[d.id for d in t] for t in kept] == [["a", "b"], [], [], []]
+    reason = "semdedup: ValueError: meta.embedding must be a non-empty list of numbers"
+    assert rejected == [("bad", reason), ("bad2", reason)]
     dropped = tasks[1][0]
     assert dropped.meta["duplicate_of"] == "a" and dropped.meta["semantic_similarity"] > 0.99
 

@@ -239,7 +239,12 @@ class SemDeDup(GlobalFilter):
         similarity = np.full(len(ids), np.nan)
         cluster = np.full(len(ids), -1, dtype=np.int64)
         if len(usable):
-            x = normalize_rows(np.concatenate([a["vectors"] for a in loaded]).astype(np.float64)[usable])
+            dim = dims.pop()  # a task with no usable embedding stored (n, 0): none of its rows is used
+            blocks = [
+                a["vectors"] if a["vectors"].shape[1] == dim else np.zeros((len(a["ids"]), dim))
+                for a in loaded
+            ]
+            x = normalize_rows(np.concatenate(blocks).astype(np.float64)[usable])
             k = self.n_clusters or max(1, round(len(usable) ** 0.5))
             assignment, centroids = spherical_kmeans(x, k, self.kmeans_iters, self.seed)
             if self.keep == "first":
