@@ -22,6 +22,7 @@ import argparse
 import ast
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import platform
@@ -67,7 +68,9 @@ def two_passes(step, tasks: list[list[Document]], work: Path) -> tuple[list[list
 
 def split_tasks(docs: list[Document], n: int) -> list[list[Document]]:
     size = math.ceil(len(docs) / n)
-    return [[Document(d.id, d.text, dict(d.meta)) for d in docs[i : i + size]] for i in range(0, len(docs), size)]
+    return [
+        [Document(d.id, d.text, dict(d.meta)) for d in docs[i : i + size]] for i in range(0, len(docs), size)
+    ]
 
 
 def exact_substring(corpus: Path, names: list[str], shards: int, min_bytes: int) -> list[dict]:
@@ -95,7 +98,8 @@ def exact_substring(corpus: Path, names: list[str], shards: int, min_bytes: int)
             row["sharded"] = {
                 "shards": shards,
                 "reduce_s": round(sharded_s, 1),
-                "same_output": [[d.text for d in t] for t in kept] == [[d.text for d in t] for t in kept_sharded],
+                "same_output": [[d.text for d in t] for t in kept]
+                == [[d.text for d in t] for t in kept_sharded],
             }
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
@@ -105,7 +109,7 @@ def exact_substring(corpus: Path, names: list[str], shards: int, min_bytes: int)
 def hashed_bow(text: str, dim: int = 1024) -> list[float]:
     words = re.findall(r"\w+", text.lower())
     vector = np.zeros(dim)
-    for gram in words + [f"{a} {b}" for a, b in zip(words, words[1:])]:
+    for gram in words + [f"{a} {b}" for a, b in itertools.pairwise(words)]:
         vector[int.from_bytes(hashlib.blake2b(gram.encode(), digest_size=4).digest(), "little") % dim] += 1
     return vector.tolist()
 
@@ -118,7 +122,7 @@ def semdedup(corpus: Path, limit: int, thresholds: list[float]) -> list[dict]:
     for threshold in thresholds:
         with tempfile.TemporaryDirectory() as tmp:
             step = SemDeDup(threshold=threshold)
-            kept, seconds = two_passes(step, split_tasks(docs, 4), Path(tmp))
+            _, seconds = two_passes(step, split_tasks(docs, 4), Path(tmp))
         removed = sum(step.stats.removed.values())
         row = {
             "corpus": "fortunes",
@@ -203,7 +207,9 @@ def embeddings(steps: int, held_out: int, seed: int, lr: float = 1e-3) -> dict:
     val = [(q, c) for m, q, c in pairs if m in val_modules][:held_out]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tokenizer = train_tokenizer([t for pair in train for t in pair], TokenizerTrainConfig(vocab_size=4096))
+        tokenizer = train_tokenizer(
+            [t for pair in train for t in pair], TokenizerTrainConfig(vocab_size=4096)
+        )
         torch.manual_seed(seed)
         cfg = ModelConfig(
             vocab_size=tokenizer.vocab_size, d_model=64, n_layers=2, n_heads=4, d_ff=256, max_seq_len=64
@@ -273,7 +279,9 @@ def main() -> None:
     only = set(args.only or ["exact", "semdedup", "embed"])
     report: dict = {"machine": platform.platform(), "python": platform.python_version()}
     if "exact" in only:
-        report["exact_substring"] = exact_substring(args.corpus, args.exact.split(","), args.shards, args.min_bytes)
+        report["exact_substring"] = exact_substring(
+            args.corpus, args.exact.split(","), args.shards, args.min_bytes
+        )
     if "semdedup" in only:
         thresholds = [float(t) for t in args.thresholds.split(",")]
         report["semdedup"] = semdedup(args.corpus, args.fortunes, thresholds)
