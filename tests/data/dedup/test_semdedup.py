@@ -164,3 +164,42 @@ def test_bad_configuration_is_refused() -> None:
         SemDeDup(source="model")
     with pytest.raises(ValueError, match="threshold"):
         SemDeDup(threshold=2.0)
+
+
+def test_the_shipped_recipe_runs_both_steps(tmp_path) -> None:
+    """``recipes/data/substring_dedup.yaml`` on documents with embeddings in meta (as ``embed encode`` writes)."""
+    import gzip
+    from pathlib import Path
+
+    from lmforge.data.recipe import run_recipe
+
+    recipe = Path(__file__).parents[3] / "recipes" / "data" / "substring_dedup.yaml"
+    shared = "A paragraph that two documents share, well over the hundred byte threshold of the step, so it is cut. "
+    records = [
+        {
+            "id": "a",
+            "text": "First document. " + shared + "Its own end.",
+            "meta": {"embedding": [1.0, 0.0, 0.0]},
+        },
+        {
+            "id": "b",
+            "text": "Second document! " + shared + "Another end.",
+            "meta": {"embedding": [0.0, 1.0, 0.0]},
+        },
+        {"id": "c", "text": "Same meaning, other words.", "meta": {"embedding": [0.999, 0.01, 0.0]}},
+    ]
+    raw = tmp_path / "raw.jsonl.gz"
+    raw.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
+    overrides = [
+        f"inputs=[{{paths: ['{raw}'], source: t}}]",
+        f"output.path={tmp_path / 'out'}",
+        f"run_dir={tmp_path / 'run'}",
+        "workers=1",
+    ]
+    report = run_recipe(recipe, overrides, progress=False)
+    assert report.balanced
+    out = [json.loads(line) for f in sorted((tmp_path / "out").glob("*.gz")) for line in gzip.decompress(f.read_bytes()).decode().splitlines()]  # fmt: skip
+    assert {r["id"]: r["text"] for r in out} == {
+        "a": "First document. " + shared + "Its own end.",
+        "b": "Second document!Another end.",  # the space before the paragraph is shared too
+    }
