@@ -159,3 +159,13 @@ def test_a_batch_of_pairs_through_the_model(tokenizer) -> None:
     fixed = EmbeddingModel(Transformer(cfg), "last", 0.1, learn=False)
     assert "logit_scale" not in dict(fixed.named_parameters())  # a fixed temperature is not trained
     assert fixed.scale().item() == pytest.approx(math.log(10.0))
+
+
+def test_the_shipped_recipe_is_a_valid_config() -> None:
+    from pathlib import Path
+
+    recipe = Path(__file__).parents[2] / "recipes" / "align" / "embed.yaml"
+    cfg = load_config(EmbedConfig, recipe)
+    assert (cfg.embed.query_key, cfg.embed.doc_key, cfg.embed.pooling) == ("docstring", "code", "mean")
+    with pytest.raises(ValueError, match="pooling"):
+        load_config(EmbedConfig, recipe, ["embed.pooling=max"])
