@@ -51,3 +51,44 @@ def test_bad_mixtures_are_clear_errors(tmp_path) -> None:
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="domain_weights"):
         read_weights_file(tmp_path / "bad.json")
+
+
+def _water_filling(weights: dict[str, float], caps: dict[str, float]) -> dict[str, float]:
+    """Reference: w_i = min(cap_i, lam * p_i) with lam found by bisection so that the w_i sum to 1."""
+    lo, hi = 0.0, 1e6
+    for _ in range(200):
+        lam = (lo + hi) / 2
+        total = sum(min(caps.get(d, float("inf")), lam * p) for d, p in weights.items())
+        lo, hi = (lam, hi) if total < 1 else (lo, lam)
+    return {d: min(caps.get(d, float("inf")), lo * p) for d, p in weights.items()}
+
+
+@pytest.mark.parametrize(
+    "caps",
+    [{"web": 0.5}, {"web": 0.5, "code": 0.3}, {"code": 0.01}, {"math": 0.5}, {"web": 0.2, "code": 0.2}],
+)
+def test_max_fraction_caps_a_domain_by_water_filling(caps) -> None:
+    cfg = MixtureConfig(strategy="proportional", max_fraction=caps)
+    weights = mixture_weights(cfg, TOKENS)
+    assert sum(weights.values()) == pytest.approx(1.0)
+    assert all(weights[d] <= f + 1e-12 for d, f in caps.items())
+    assert weights == pytest.approx(_water_filling(mixture_weights(MixtureConfig(), TOKENS), caps), abs=1e-9)
+
+
+def test_dialogue_share_capped_in_a_temperature_mixture() -> None:
+    tokens = {"web": 1_000_000, "dialogue": 4_000_000, "code": 500_000}
+    cfg = MixtureConfig(strategy="temperature", temperature=2.0, max_fraction={"dialogue": 0.05})
+    weights = mixture_weights(cfg, tokens)
+    assert weights["dialogue"] == pytest.approx(0.05)
+    hot = mixture_weights(MixtureConfig(strategy="temperature", temperature=2.0), tokens)
+    # the others keep their relative weights
+    assert weights["web"] / weights["code"] == pytest.approx(hot["web"] / hot["code"])
+
+
+def test_impossible_or_misnamed_caps_are_errors() -> None:
+    with pytest.raises(ValueError, match="cannot be met"):
+        mixture_weights(MixtureConfig(max_fraction={"web": 0.3, "code": 0.3, "math": 0.3}), TOKENS)
+    with pytest.raises(ValueError, match="unknown domain"):
+        mixture_weights(MixtureConfig(max_fraction={"chat": 0.1}), TOKENS)
+    with pytest.raises(ValueError, match="max_fraction"):
+        MixtureConfig(max_fraction={"web": 1.5})

@@ -247,7 +247,66 @@ def add_label(subcommands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_label)
 
 
-SUBCOMMANDS = [add_run, add_train_classifier, add_train_ngram, add_self_instruct, add_label]
+def _conversations(args: argparse.Namespace) -> int:
+    from fsspec.core import url_to_fs
+
+    from lmforge.data.conversations import convert
+    from lmforge.data.io import JsonlRecordFile, read_records
+
+    if args.format == "threads" and not args.speaker:
+        print("lmforge data conversations: --format threads needs --speaker", file=sys.stderr)
+        return 2
+    out, rejects = _record_sinks(args.out, args.rejects or f"{args.out}.rejects.jsonl")
+    pairs = JsonlRecordFile(*url_to_fs(args.pairs)) if args.pairs else None
+    try:
+        report = convert(
+            read_records(args.input, located=True),
+            out.write,
+            rejects.write,
+            fmt=args.format,
+            paths=args.paths,
+            speaker=args.speaker,
+            lang=args.lang,
+            write_pair=pairs.write if pairs else None,
+        )
+    finally:
+        for sink in (out, rejects, pairs):
+            if sink is not None:
+                sink.commit()
+    print(json.dumps(report.to_dict()))
+    return 0
+
+
+def add_conversations(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "conversations",
+        help="message trees (OpenAssistant or comment threads) -> chat JSONL, and ranked siblings -> pairs",
+    )
+    parser.add_argument("input", help="message records: JSONL/Parquet file, folder or glob")
+    parser.add_argument("--out", required=True, help="chat JSONL to write ({'messages': [...], 'tree': id})")
+    parser.add_argument("--format", choices=["oasst", "threads"], default="oasst")
+    parser.add_argument(
+        "--paths", choices=["all", "best"], default="all", help="every root-to-leaf path, or the best-ranked"
+    )
+    parser.add_argument("--speaker", help="threads: the author whose messages are the assistant's turns")
+    parser.add_argument("--lang", help="keep only messages of this language (OpenAssistant 'lang')")
+    parser.add_argument(
+        "--pairs", help="also write preference pairs ({'messages', 'chosen', 'rejected'}) from sibling ranks"
+    )
+    parser.add_argument(
+        "--rejects", help="records that are not messages, with why (default: OUT.rejects.jsonl)"
+    )
+    parser.set_defaults(handler=_conversations)
+
+
+SUBCOMMANDS = [
+    add_run,
+    add_train_classifier,
+    add_train_ngram,
+    add_self_instruct,
+    add_label,
+    add_conversations,
+]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -23,8 +23,9 @@ From a tree:
 from __future__ import annotations
 
 import itertools
+import json
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,3 +185,107 @@ def preference_pairs(root: Message) -> Iterator[dict[str, Any]]:
             yield from walk(child, here)
 
     yield from walk(root, [])
+
+
+FORMATS = ("oasst", "threads")
+_KEYS = {"oasst": ("message_id", "parent_id"), "threads": ("id", "parent")}
+
+
+def record_problem(record: dict[str, Any], fmt: str, seen: set[str]) -> str | None:
+    """Why ``record`` cannot be a message of format ``fmt`` (a reject reason, ``kind: detail``), or None.
+
+    A record that fits is added to ``seen`` (its id), so a repeated id is refused, not silently merged.
+    Deleted, failed-review and empty-text messages are not problems: :func:`build_trees` drops them and
+    counts why.
+    """
+    id_key, parent_key = _KEYS[fmt]
+    key = record.get(id_key)
+    if isinstance(key, bool) or not isinstance(key, str | int):
+        return f"missing_key: {id_key!r} (a string or integer id)"
+    parent = record.get(parent_key)
+    if parent is not None and (isinstance(parent, bool) or not isinstance(parent, str | int)):
+        return f"bad_value: {parent_key!r} must be an id or null, got {type(parent).__name__}"
+    if "text" not in record:
+        return "missing_key: 'text'"
+    if record["text"] is not None and not isinstance(record["text"], str):
+        return f"bad_value: 'text' must be a string, got {type(record['text']).__name__}"
+    if fmt == "oasst" and not record.get("deleted") and record.get("role") not in ROLES:
+        return f"bad_value: 'role' {record.get('role')!r} is not one of {sorted(ROLES)}"
+    if fmt == "threads" and record.get("author") is None:
+        return "missing_key: 'author'"
+    if str(key) in seen:
+        return f"duplicate_id: {id_key} {key!r} occurs earlier"
+    seen.add(str(key))
+    return None
+
+
+@dataclass
+class ConversionReport:
+    records: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)  # reason kind -> records
+    dialogues: int = 0
+    pairs: int = 0
+    threads: ThreadStats = field(default_factory=ThreadStats)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "records": self.records,
+            "rejected": dict(sorted(self.rejected.items())),
+            "dialogues": self.dialogues,
+            "pairs": self.pairs,
+            **{f"messages_{k}": v for k, v in self.threads.to_dict().items() if k != "messages"},
+        }
+
+
+def convert(
+    located: Iterable[Any],
+    write_dialogue: Callable[[dict[str, Any]], None],
+    write_reject: Callable[[dict[str, Any]], None],
+    fmt: str = "oasst",
+    paths: str = "all",
+    speaker: str | None = None,
+    lang: str | None = None,
+    write_pair: Callable[[dict[str, Any]], None] | None = None,
+) -> ConversionReport:
+    """Message records -> chat dialogues ``{"messages": [...], "tree": root id}`` (and, with ``write_pair``,
+    preference pairs ``{"messages", "chosen", "rejected", "tree"}``).
+
+    ``located`` is what ``lmforge.data.io.read_records(..., located=True)`` yields: ``(where, record)``
+    pairs, or a ``Reject`` for an unreadable line. A record that cannot be a message goes to
+    ``write_reject`` as ``{"where", "id", "reason", "preview"}`` and the others go on.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format: {fmt!r} is not one of {FORMATS}")
+    if fmt == "threads" and not speaker:
+        raise ValueError("format 'threads' needs the speaker whose messages are the assistant's")
+    if paths not in ("all", "best"):
+        raise ValueError(f"paths: {paths!r} is not 'all' or 'best'")
+    report = ConversionReport()
+    seen: set[str] = set()
+    good: list[dict[str, Any]] = []
+    for item in located:
+        report.records += 1
+        if not isinstance(item, tuple):  # a Reject from the reader (malformed JSON, bad UTF-8 ...)
+            record = item.to_record()
+            report.rejected[record["reason"].split(":", 1)[0]] += 1
+            write_reject(record)
+            continue
+        where, record = item
+        reason = record_problem(record, fmt, seen)
+        if reason is not None:
+            report.rejected[reason.split(":", 1)[0]] += 1
+            key = record.get(_KEYS[fmt][0])
+            preview = json.dumps(record, ensure_ascii=False)[:200]
+            write_reject({"where": where, "id": key, "reason": reason, "preview": preview})
+            continue
+        good.append(record)
+    roots, report.threads = build_trees(good, speaker=speaker if fmt == "threads" else None, lang=lang)
+    for root in roots:
+        for turns in dialogues(root, paths):
+            write_dialogue({"messages": turns, "tree": root.id})
+            report.dialogues += 1
+        if write_pair is not None:
+            for pair in preference_pairs(root):
+                write_pair({**pair, "tree": root.id})
+                report.pairs += 1
+    return report

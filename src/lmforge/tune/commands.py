@@ -66,6 +66,97 @@ def _dpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from lmforge.config import config_from_args
+    from lmforge.tune.embed import EmbedConfig, run_embed
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(json.dumps(run_embed(config_from_args(EmbedConfig, args)), indent=2))
+    return 0
+
+
+def _embed_encode(args: argparse.Namespace) -> int:
+    from lmforge.data.io import Document, make_reader, write_records
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tune.embed import encode, load_embedding_model
+
+    model, tokenizer = load_embedding_model(args.model), load_tokenizer(args.model)
+    reader = make_reader(args.input, text_key=args.text_key)
+    docs = [item for item in reader.read(reader.files()) if isinstance(item, Document)]
+    vectors = encode(model, tokenizer, [d.text for d in docs], args.max_len, args.batch_size)
+    written = write_records(
+        args.out,
+        (
+            {"id": d.id, "text": d.text, "meta": {**d.meta, args.meta_key: v}}
+            for d, v in zip(docs, vectors.tolist(), strict=True)
+        ),
+    )
+    print(json.dumps({"documents": written, "dim": int(vectors.shape[1]), "out": args.out}))
+    return 0
+
+
+def _embed_eval(args: argparse.Namespace) -> int:
+    from lmforge.data.io import read_records
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tune.embed import encode, load_embedding_model, mrr_at_k
+
+    model, tokenizer = load_embedding_model(args.model), load_tokenizer(args.model)
+    pairs = [
+        (r[args.query_key], r[args.doc_key])
+        for r in read_records(args.pairs)
+        if isinstance(r, dict)
+        and isinstance(r.get(args.query_key), str)
+        and isinstance(r.get(args.doc_key), str)
+    ]
+    queries = encode(model, tokenizer, [q for q, _ in pairs], args.max_len)
+    documents = encode(model, tokenizer, [d for _, d in pairs], args.max_len)
+    print(json.dumps({"pairs": len(pairs), f"mrr@{args.k}": mrr_at_k(queries, documents, args.k)}))
+    return 0
+
+
+def _register_embed(subparsers: argparse._SubParsersAction) -> None:
+    from lmforge.config import add_config_arguments
+
+    parser = subparsers.add_parser(
+        "embed",
+        help="contrastive text/code embeddings: train (InfoNCE, in-batch negatives), encode, eval (MRR@10)",
+    )
+    commands = parser.add_subparsers(dest="embed_command", metavar="SUBCOMMAND")
+    train = commands.add_parser(
+        "train",
+        help="train an embedding model on text pairs with the trainer of 'lmforge train'",
+        description="InfoNCE with in-batch negatives on JSONL pairs ({query_key, doc_key}), mean or last-token "
+        "pooling, learned or fixed temperature. The recipe is a TrainConfig plus an 'embed' section (paths, "
+        "val_paths, query_key, doc_key, pooling, temperature, learn_temperature, symmetric).",
+    )
+    add_config_arguments(train, example="embed.pooling=last embed.temperature=0.05")
+    train.set_defaults(handler=_embed_train)
+    enc = commands.add_parser("encode", help="embed the documents of a JSONL/Parquet file")
+    enc.add_argument("model", help="embedding model folder (lmforge embed train's RUN/model)")
+    enc.add_argument("input", help="documents (JSONL/Parquet)")
+    enc.add_argument(
+        "--out", required=True, help="the documents again, with the vector in meta (what 'semdedup' reads)"
+    )
+    enc.add_argument("--meta-key", default="embedding")
+    enc.add_argument("--text-key", default="text")
+    enc.add_argument("--max-len", type=int, default=512)
+    enc.add_argument("--batch-size", type=int, default=32)
+    enc.set_defaults(handler=_embed_encode)
+    ev = commands.add_parser(
+        "eval", help="retrieval MRR@k of each query against all documents of a pair file"
+    )
+    ev.add_argument("model")
+    ev.add_argument("pairs", help="JSONL pairs")
+    ev.add_argument("--query-key", default="query")
+    ev.add_argument("--doc-key", default="document")
+    ev.add_argument("--k", type=int, default=10)
+    ev.add_argument("--max-len", type=int, default=512)
+    ev.set_defaults(handler=_embed_eval)
+    parser.set_defaults(handler=lambda args: parser.print_help() or 2)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from lmforge.config import add_config_arguments
 
@@ -123,3 +214,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_arguments(parser, example="dpo.beta=0.1 dpo.loss_type=ipo")
     parser.set_defaults(handler=_dpo)
+
+    _register_embed(subparsers)
