@@ -22,6 +22,7 @@ from lmforge.infer import EngineStats, LLMEngine
 from lmforge.infer.lora import LoraWeights
 from lmforge.serve.async_engine import AsyncEngine
 from lmforge.serve.completions import OpenAIServing
+from lmforge.serve.embeddings import EmbeddingService, embedding_response
 from lmforge.serve.errors import APIError, install_error_handlers
 from lmforge.serve.guard import RequestGuard
 from lmforge.serve.metrics import ServerMetrics
@@ -30,6 +31,7 @@ from lmforge.serve.schemas import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingRequest,
     LoadLoraAdapterRequest,
     ModelCard,
     ModelList,
@@ -132,6 +134,7 @@ def create_app(
     loras: dict[str, str] | None = None,
     load_lora: LoraLoader | None = None,
     allow_lora_loading: bool = False,
+    embeddings: EmbeddingService | None = None,
 ) -> FastAPI:
     """The server app. ``load_engine`` runs in a background thread at start-up; ``model_id`` is the name
     clients use in ``model``; requests beyond ``max_active_requests`` in flight get a 429. With ``api_key``
@@ -140,7 +143,8 @@ def create_app(
 
     ``loras`` (name -> adapter folder) are served next to the base model from the start, read by
     ``load_lora``; a request picks one by its ``model`` field. With ``allow_lora_loading``,
-    ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` change the set at run time."""
+    ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` change the set at run time.
+    ``embeddings`` serves ``/v1/embeddings`` (a 404 without it)."""
     state = ServerState(load_engine, model_id, max_active_requests, loras, load_lora)
 
     @asynccontextmanager
@@ -240,6 +244,24 @@ def create_app(
     @api.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         return await state.ready().chat(req, request)
+
+    @api.post("/v1/embeddings")
+    async def create_embeddings(req: EmbeddingRequest) -> JSONResponse:
+        serving = state.ready()
+        serving.check_model(req.model)
+        if embeddings is None:
+            raise APIError(404, "this server does not serve embeddings", None, "embeddings_not_served")
+        rows = await asyncio.to_thread(embeddings.token_rows, req)
+        if req.dimensions is not None and req.dimensions != embeddings.dimensions:
+            raise APIError(
+                400,
+                f"dimensions: this model's embeddings have {embeddings.dimensions}",
+                "dimensions",
+                "invalid_value",
+            )
+        vectors = await asyncio.to_thread(embeddings.embed, rows)
+        tokens = sum(map(len, rows))
+        return JSONResponse(embedding_response(req.model or model_id, vectors, tokens, req.encoding_format))
 
     @api.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> TokenizeResponse:

@@ -18,6 +18,7 @@ def register(subparsers: Any) -> None:
         "serve",
         help="serve a model folder over the OpenAI API (with a chat page at /)",
         description="Serve a Hugging Face-layout model folder: /v1/models, /v1/completions, /v1/chat/completions, "
+        "/v1/embeddings (pooled final hidden states; an `lmforge embed` folder's pooling), "
         "/tokenize, /detokenize, /health, /metrics, and a chat web page at /.",
     )
     parser.add_argument(
@@ -99,6 +100,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from lmforge.hub import HubError, resolve_model_dir
     from lmforge.infer import EngineConfig, LLMEngine
     from lmforge.serve.app import create_app
+    from lmforge.serve.embeddings import EmbeddingService
     from lmforge.tune.peft.serving import lora_weights
 
     try:
@@ -153,6 +155,7 @@ def run_serve(args: argparse.Namespace) -> int:
         loras=loras,
         load_lora=lora_weights,
         allow_lora_loading=args.allow_lora_loading,
+        embeddings=EmbeddingService(model_dir),
     )
     # On Ctrl-C, streams still open get a few seconds to finish before they are cut (and aborted).
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

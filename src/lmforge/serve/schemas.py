@@ -217,6 +217,18 @@ class TokenizeRequest(BaseModel):
         return self
 
 
+class EmbeddingRequest(BaseModel):
+    """OpenAI's ``/v1/embeddings``: one text, texts, or token-id lists."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: Text | list[Text] | list[Annotated[int, Field(ge=0)]] | list[list[Annotated[int, Field(ge=0)]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 

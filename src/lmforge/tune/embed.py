@@ -177,11 +177,15 @@ class InfoNCEObjective:
 
 def encode_text(tokenizer: Tokenizer, text: str, max_len: int, pooling: str) -> tuple[int, ...]:
     """Token ids of one side, cut to ``max_len``; ``last`` pooling ends on EOS (kept when cutting)."""
-    ids = tokenizer.encode(text)
+    return embedding_ids(tokenizer.encode(text), max_len, pooling, tokenizer.eos_id)
+
+
+def embedding_ids(ids: Sequence[int], max_len: int, pooling: str, eos_id: int | None) -> tuple[int, ...]:
+    """The row a model embeds for token ids: cut to ``max_len``, ending on EOS for ``last`` pooling."""
     if pooling == "last":
-        if tokenizer.eos_id is None:
+        if eos_id is None:
             raise ValueError("last-token pooling needs a tokenizer with an EOS token")
-        return (*ids[: max_len - 1], tokenizer.eos_id)
+        return (*ids[: max_len - 1], eos_id)
     return tuple(ids[:max_len])
 
 
