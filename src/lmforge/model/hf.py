@@ -6,6 +6,11 @@ maps onto, so transformers, vLLM and llama.cpp converters read it; a config that
 our own layout (``config.json`` holding the ``lmforge`` ModelConfig, our parameter names), which
 ``load_pretrained`` reads back just as well. Every problem with a folder is one ``ModelLoadError`` naming the
 file and key.
+
+A quantized model (:mod:`lmforge.model.quant`, ``lmforge quantize``) is saved the same way, its packed weights
+and scales under the quantized layer's name (``...q_proj.qweight``, ``...q_proj.scales``) and config.json
+carrying a ``quantization_config`` block (``quant_method: lmforge``); ``load_pretrained`` builds the quantized
+layers that block describes, so whatever loads a folder (generate, the engine, serve) runs it unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +29,12 @@ from torch import Tensor
 
 from lmforge.hub import HubError, resolve_model_dir
 from lmforge.model.config import ModelConfig
+from lmforge.model.quant import (
+    QuantizationError,
+    prepare_quantized,
+    quantization_config,
+    quantized_buffer_names,
+)
 from lmforge.model.rope_scaling import rope_type
 from lmforge.model.transformer import Transformer
 
@@ -481,13 +492,25 @@ def _load(
     if not folder.is_dir():
         raise ModelLoadError(f"{folder}: model folder not found")
     cfg = read_config(folder)
-    ours = "lmforge" in _read_json(folder / CONFIG_FILE)
+    config_json = _read_json(folder / CONFIG_FILE)
+    ours = "lmforge" in config_json
     family = None if ours else cfg.extra["hf_model_type"]
     ckpt = _Checkpoint(folder)
     with torch.device("meta"):
         model = Transformer(cfg)
     if score_head:
         model.lm_head = None
+    quantized: set[str] = set()
+    if "quantization_config" in config_json:  # written by `lmforge quantize` (lmforge.model.quant)
+        if family == "gpt2":
+            raise ModelLoadError(
+                f"{folder / CONFIG_FILE}: a quantized GPT-2 model must be in lmforge's layout (as `lmforge quantize` writes it)"
+            )
+        try:
+            prepare_quantized(model, config_json["quantization_config"], dtype)
+        except QuantizationError as err:
+            raise ModelLoadError(f"{folder / CONFIG_FILE}: {err}") from None
+        quantized = quantized_buffer_names(model)
     expected = model.state_dict()
     state, used = {}, set()
     score = None
@@ -505,6 +528,15 @@ def _load(
                 f"{ckpt.location[key]}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                 f"the config needs {tuple(expected[name].shape)}"
             )
+        if name in quantized:  # packed weights and their scales keep their stored dtype
+            if tensor.dtype != expected[name].dtype:
+                raise ModelLoadError(
+                    f"{ckpt.location[key]}: tensor {key!r} has dtype {tensor.dtype}, "
+                    f"the quantization_config needs {expected[name].dtype}"
+                )
+            state[name] = tensor.to(device=device)
+            used.add(key)
+            continue
         # contiguous: GPT-2's Conv1D weights arrive transposed
         state[name] = tensor.to(device=device, dtype=dtype).contiguous()
         used.add(key)
@@ -560,7 +592,14 @@ def save_pretrained(
     True -> the Hugging Face layout or a ModelLoadError saying why the config does not map; False -> ours.
     """
     cfg = model.cfg
+    quantization = quantization_config(model)
     family = hf_family(cfg) if hf_format is not False else None
+    if quantization is not None and family == "gpt2":
+        if hf_format:
+            raise ModelLoadError(
+                "a quantized GPT-2 model is saved in lmforge's layout only (hf_format=False)"
+            )
+        family = None  # GPT-2 fuses q/k/v and transposes its weights: packed weights keep our names
     if hf_format and family is None:
         closest = min(HF_FAMILIES, key=lambda f: len(_family_problems(cfg, f)))
         needs = "; ".join(_family_problems(cfg, closest))
@@ -570,17 +609,20 @@ def save_pretrained(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     convert: Callable[[Tensor], Tensor] = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+    keep = quantized_buffer_names(model)  # packed weights and scales are written as they are
+    state = {name: t if name in keep else convert(t) for name, t in _own_state(model).items()}
     if family is None:
-        state = _own_state(model)
         config = {"model_type": "lmforge", "lmforge": dataclasses.asdict(cfg)}
     else:
-        state = hf_state_dict(model, family)
+        state = _hf_state(cfg, state, family)
         config = config_to_hf(cfg, family)
         torch_dtype = dtype or next(model.parameters()).dtype
         config["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
         (folder / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
-    _write_weights({name: convert(t).cpu() for name, t in state.items()}, folder, max_shard_bytes)
+    if quantization is not None:
+        config["quantization_config"] = quantization
+    _write_weights({name: t.cpu() for name, t in state.items()}, folder, max_shard_bytes)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
     return family
 
