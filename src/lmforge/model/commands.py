@@ -1,5 +1,6 @@
-"""``lmforge info``: parameters, FLOPs per token and the training memory plan of a model;
-``lmforge export gguf``: a model folder as one GGUF file for llama.cpp, Ollama and LM Studio."""
+"""``lmforge info``: parameters, FLOPs per token and the training memory plan of a model (full, LoRA or QLoRA);
+``lmforge export gguf``: a model folder as one GGUF file for llama.cpp, Ollama and LM Studio;
+``lmforge quantize``: weight-only int8 / int4 / NF4 for inference."""
 
 from __future__ import annotations
 
@@ -37,6 +38,59 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=run_info, parser=parser)
     _register_export(subparsers)
     _register_resize(subparsers)
+    _register_quantize(subparsers)
+
+
+def _register_quantize(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "quantize",
+        help="weight-only int8 / int4 / NF4 quantization of a model folder, for inference",
+        description="Quantize the attention and MLP linear layers (embeddings, LM head and MoE routers stay in "
+        "full precision). The folder written loads with `lmforge generate`, the engine and `lmforge serve`. "
+        "int8: per output channel; int4: symmetric groups of --group-size input values; nf4: QLoRA's "
+        "4-bit NormalFloat, blocks of 64, double-quantized constants.",
+    )
+    parser.add_argument("model_dir", help="model folder (lmforge or Hugging Face layout) or Hub id")
+    parser.add_argument("--method", required=True, help="int8, int4 or nf4")
+    parser.add_argument("--group-size", type=int, default=None, help="int4 only: 32, 64 or 128 (default 128)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the tensors left unquantized (default float32)",
+    )
+    parser.add_argument("--out", "-o", required=True, help="folder to write")
+    parser.set_defaults(handler=run_quantize)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmforge.model.hf import ModelLoadError
+    from lmforge.model.quant import QuantizationError, check_method, quantize_folder
+
+    try:
+        if args.group_size is not None and args.method != "int4":
+            raise QuantizationError(f"--group-size: applies to --method int4 only, not {args.method!r}")
+        check_method(args.method, args.group_size)
+        summary = quantize_folder(
+            args.model_dir, args.out, args.method, args.group_size, getattr(torch, args.dtype)
+        )
+    except QuantizationError as err:
+        message = str(err)
+        for key, flag in (("method:", "--method:"), ("group_size:", "--group-size:")):
+            message = message.replace(key, flag, 1) if message.startswith(key) else message
+        print(f"lmforge quantize: {message}")
+        return 2
+    except (ModelLoadError, FileNotFoundError) as err:
+        print(f"lmforge quantize: {err}")
+        return 1
+    group = f", groups of {summary['group_size']}" if summary["group_size"] else ""
+    print(
+        f"{summary['method']}{group}: {summary['layers']} linear layers quantized, "
+        f"{summary['bytes_before'] / 1e6:.1f} MB -> {summary['bytes_after'] / 1e6:.1f} MB -> {args.out}"
+    )
+    return 0
 
 
 def _register_resize(subparsers: Any) -> None:
