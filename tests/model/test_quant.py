@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from lmforge.cli import main
@@ -274,12 +275,17 @@ def _greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt) :]
 
 
-@pytest.mark.parametrize(("method", "flags"), [("int8", []), ("int4", ["--group-size", "32"]), ("nf4", [])])
+@pytest.mark.parametrize(
+    ("method", "flags"), [("int8", []), ("int4", ["--group-size", "32"]), ("nf4", ["--dtype", "bfloat16"])]
+)
 def test_quantize_command_writes_a_folder_the_engine_serves(model_dir, tmp_path, capsys, method, flags):
     out = tmp_path / method
     assert main(["quantize", str(model_dir), "--method", method, *flags, "--out", str(out)]) == 0
     assert f"{method}" in capsys.readouterr().out
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        embedding = f.get_tensor("model.embed_tokens.weight")
+    assert embedding.dtype == (torch.bfloat16 if flags[:1] == ["--dtype"] else torch.float32)
     model = load_pretrained(out)
     assert isinstance(
         model.blocks["1"].mlp.down_proj, {"int8": Int8Linear, "int4": Int4Linear, "nf4": NF4Linear}[method]

@@ -83,14 +83,14 @@ def _register_quantize(subparsers: Any) -> None:
 def run_quantize(args: argparse.Namespace) -> int:
     import torch
 
-    from lmforge.model.hf import ModelLoadError
-    from lmforge.model.quant import QuantizationError, check_method, quantize_folder
+    from lmforge.model.hf import ModelLoadError, quantize_pretrained
+    from lmforge.model.quant import QuantizationError, check_method
 
     try:
         if args.group_size is not None and args.method != "int4":
             raise QuantizationError(f"--group-size: applies to --method int4 only, not {args.method!r}")
         check_method(args.method, args.group_size)
-        summary = quantize_folder(
+        summary = quantize_pretrained(
             args.model_dir, args.out, args.method, args.group_size, getattr(torch, args.dtype)
         )
     except QuantizationError as err:

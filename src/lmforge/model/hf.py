@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,13 @@ from lmforge.hub import HubError, resolve_model_dir
 from lmforge.model.config import ModelConfig
 from lmforge.model.quant import (
     QuantizationError,
+    check_method,
     prepare_quantized,
+    quantizable_linears,
     quantization_config,
+    quantize_model,
     quantized_buffer_names,
+    quantized_bytes,
 )
 from lmforge.model.rope_scaling import rope_type
 from lmforge.model.transformer import Transformer
@@ -659,3 +664,59 @@ def save_reward_model(
     _write_weights({name: t.cpu() for name, t in state.items()}, folder, 5 * 1024**3)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
     return family
+
+
+# files of a model folder that are not weights or config.json: copied unchanged into the quantized folder
+_COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json",
+)
+
+
+def quantize_pretrained(
+    model_dir: str | Path,
+    out: str | Path,
+    method: str,
+    group_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Quantize a model folder (ours or a supported Hugging Face family) into ``out``: config.json with a
+    ``quantization_config`` block, packed weights and scales in safetensors, the tokenizer files copied.
+    Unquantized tensors (embeddings, LM head, norms, biases) are written in ``dtype``. Returns a summary
+    (method, group size, layers quantized, bytes before and after)."""
+    group_size = check_method(method, group_size)
+    try:
+        source = resolve_model_dir(model_dir)
+    except HubError as err:
+        raise ModelLoadError(str(err)) from err
+    model = load_pretrained(source)
+    before = quantized_bytes(model)
+    layers = len(quantizable_linears(model))
+    quantize_model(model, method, group_size)
+    if dtype != torch.float32:
+        keep = quantized_buffer_names(model)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.data = param.data.to(dtype)
+            for name, buffer in model.named_buffers():
+                if name not in keep and buffer.is_floating_point():
+                    buffer.data = buffer.data.to(dtype)
+    out = Path(out)
+    save_pretrained(model, out)
+    for name in _COPIED_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    return {
+        "method": method,
+        "group_size": group_size,
+        "layers": layers,
+        "bytes_before": before,
+        "bytes_after": quantized_bytes(model),
+    }

@@ -30,7 +30,6 @@ modules a checkpoint is loaded into (see :mod:`lmforge.model.hf`).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -544,65 +543,3 @@ def quantized_bytes(model: nn.Module) -> int:
         seen.add(tensor.data_ptr())
         total += tensor.numel() * tensor.element_size()
     return total
-
-
-# files of a model folder that are not weights or config.json: copied unchanged into the quantized folder
-_COPIED_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "generation_config.json",
-)
-
-
-def quantize_folder(
-    model_dir: str | Path,
-    out: str | Path,
-    method: str,
-    group_size: int | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, Any]:
-    """Quantize a model folder (ours or a supported Hugging Face family) into ``out``: config.json with a
-    ``quantization_config`` block, packed weights and scales in safetensors, the tokenizer files copied.
-    Unquantized tensors (embeddings, LM head, norms, biases) are written in ``dtype``. Returns a summary
-    (method, group size, layers quantized, bytes before and after)."""
-    import shutil
-
-    from lmforge.model.hf import load_pretrained, save_pretrained
-
-    group_size = check_method(method, group_size)
-    source = Path(model_dir)
-    model = load_pretrained(source)
-    before = quantized_bytes(model)
-    layers = len(quantizable_linears(model))
-    quantize_model(model, method, group_size)
-    if dtype != torch.float32:
-        keep = quantized_buffer_names(model)
-        with torch.no_grad():
-            for param in model.parameters():
-                param.data = param.data.to(dtype)
-            for name, buffer in model.named_buffers():
-                if name not in keep and buffer.is_floating_point():
-                    buffer.data = buffer.data.to(dtype)
-    out = Path(out)
-    save_pretrained(model, out)
-    resolved = source if source.is_dir() else None
-    if resolved is None:
-        from lmforge.hub import resolve_model_dir
-
-        resolved = resolve_model_dir(model_dir)
-    for name in _COPIED_FILES:
-        if (resolved / name).is_file():
-            shutil.copyfile(resolved / name, out / name)
-    return {
-        "method": method,
-        "group_size": group_size,
-        "layers": layers,
-        "bytes_before": before,
-        "bytes_after": quantized_bytes(model),
-    }
