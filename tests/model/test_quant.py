@@ -127,6 +127,27 @@ def test_nf4_round_trip_error_is_within_the_code_gap_and_double_quantization_bou
     assert ((restored.reshape(-1, 64) - blocks).abs() <= bound[:, None]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_input_gradient_equals_the_dequantized_linear_and_keeps_no_weight(dtype):
+    linear = nn.Linear(64, 32, bias=True)
+    layer = NF4Linear(linear, compute_dtype=dtype)
+    x = torch.randn(3, 5, 64, dtype=dtype, requires_grad=True)
+    reference_x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    expected = F.linear(reference_x, layer.weight.to(dtype), layer.bias.to(dtype))
+    assert torch.equal(y, expected)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    expected.backward(grad)
+    assert torch.allclose(
+        x.grad.float(), reference_x.grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5
+    )
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    assert all(t.numel() < 64 * 32 for t in saved)  # no dequantized (32, 64) weight kept for backward
+
+
 def test_qlora_uses_the_model_layer_definition():
     from lmforge.tune.peft import nf4
 

@@ -360,6 +360,27 @@ class NF4Weight(nn.Module):
         )
 
 
+class _NF4Matmul(torch.autograd.Function):
+    """x W^T + b for a frozen NF4 weight, saving nothing for backward but the quantized weight (the input
+    gradient is grad W, with W dequantized again), as bitsandbytes' 4-bit matmul does."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, bias: Tensor | None, quantized: NF4Weight, compute_dtype: torch.dtype
+    ) -> Tensor:
+        ctx.quantized, ctx.compute_dtype, ctx.dtype = quantized, compute_dtype, x.dtype
+        return F.linear(x, quantized.dequantize(compute_dtype).to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.to(ctx.dtype) @ ctx.quantized.dequantize(ctx.compute_dtype).to(ctx.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(dim=0)
+        return grad_x, grad_bias, None, None
+
+
 class NF4Linear(nn.Module):
     """A frozen linear layer with NF4 weights: y = x W^T + b, W dequantized to ``compute_dtype`` for every
     matmul (torch has no NF4 kernel: this saves memory, not time). The base layer of QLoRA
@@ -385,6 +406,10 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if torch.is_grad_enabled() and x.requires_grad:
+            # training through a frozen NF4 layer (QLoRA): autograd would keep every layer's dequantized weight
+            # alive until backward; the weight is dequantized again there instead
+            return _NF4Matmul.apply(x, bias, self.quantized, self.compute_dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
     def dequantized(self) -> nn.Linear:
