@@ -1,5 +1,6 @@
-"""``lmforge info``: parameters, FLOPs per token and the training memory plan of a model;
-``lmforge export gguf``: a model folder as one GGUF file for llama.cpp, Ollama and LM Studio."""
+"""``lmforge info``: parameters, FLOPs per token and the training memory plan of a model (full, LoRA or QLoRA);
+``lmforge export gguf``: a model folder as one GGUF file for llama.cpp, Ollama and LM Studio;
+``lmforge quantize``: weight-only int8 / int4 / NF4 for inference."""
 
 from __future__ import annotations
 
@@ -34,9 +35,79 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     parser.add_argument("--no-flash", action="store_true", help="count materialised attention scores")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    peft = parser.add_argument_group(
+        "parameter-efficient fine-tuning plan (adapters train, the base is frozen)"
+    )
+    peft.add_argument("--peft", choices=["lora"], default=None, help="plan LoRA on the frozen base")
+    peft.add_argument("--qlora", action="store_true", help="plan QLoRA: LoRA on an NF4 base (double quant)")
+    peft.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    peft.add_argument(
+        "--target-modules",
+        default="q_proj,v_proj",
+        help="comma-separated layer names or all-linear (default q_proj,v_proj, as lmforge sft)",
+    )
+    peft.add_argument(
+        "--compute-dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32", "float16"],
+        help="dtype of the base (LoRA), adapters, gradients and activations (default bfloat16)",
+    )
     parser.set_defaults(handler=run_info, parser=parser)
     _register_export(subparsers)
     _register_resize(subparsers)
+    _register_quantize(subparsers)
+
+
+def _register_quantize(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "quantize",
+        help="weight-only int8 / int4 / NF4 quantization of a model folder, for inference",
+        description="Quantize the attention and MLP linear layers (embeddings, LM head and MoE routers stay in "
+        "full precision). The folder written loads with `lmforge generate`, the engine and `lmforge serve`. "
+        "int8: per output channel; int4: symmetric groups of --group-size input values; nf4: QLoRA's "
+        "4-bit NormalFloat, blocks of 64, double-quantized constants.",
+    )
+    parser.add_argument("model_dir", help="model folder (lmforge or Hugging Face layout) or Hub id")
+    parser.add_argument("--method", required=True, help="int8, int4 or nf4")
+    parser.add_argument("--group-size", type=int, default=None, help="int4 only: 32, 64 or 128 (default 128)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the tensors left unquantized (default float32)",
+    )
+    parser.add_argument("--out", "-o", required=True, help="folder to write")
+    parser.set_defaults(handler=run_quantize)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmforge.model.hf import ModelLoadError, quantize_pretrained
+    from lmforge.model.quant import QuantizationError, check_method
+
+    try:
+        if args.group_size is not None and args.method != "int4":
+            raise QuantizationError(f"--group-size: applies to --method int4 only, not {args.method!r}")
+        check_method(args.method, args.group_size)
+        summary = quantize_pretrained(
+            args.model_dir, args.out, args.method, args.group_size, getattr(torch, args.dtype)
+        )
+    except QuantizationError as err:
+        message = str(err)
+        for key, flag in (("method:", "--method:"), ("group_size:", "--group-size:")):
+            message = message.replace(key, flag, 1) if message.startswith(key) else message
+        print(f"lmforge quantize: {message}")
+        return 2
+    except (ModelLoadError, FileNotFoundError) as err:
+        print(f"lmforge quantize: {err}")
+        return 1
+    group = f", groups of {summary['group_size']}" if summary["group_size"] else ""
+    print(
+        f"{summary['method']}{group}: {summary['layers']} linear layers quantized, "
+        f"{summary['bytes_before'] / 1e6:.1f} MB -> {summary['bytes_after'] / 1e6:.1f} MB -> {args.out}"
+    )
+    return 0
 
 
 def _register_resize(subparsers: Any) -> None:
@@ -177,6 +248,29 @@ def run_info(args: argparse.Namespace) -> int:
         flash=not args.no_flash,
         params=params,
     )
+    adapter = None
+    if args.peft or args.qlora:
+        from lmforge.model.flops import GIB
+        from lmforge.model.memory import peft_memory_plan
+
+        if args.zero or args.dp > 1:
+            args.parser.error("--peft/--qlora plan one GPU holding the whole base (no --dp/--zero)")
+        try:
+            adapter = peft_memory_plan(
+                cfg,
+                "qlora" if args.qlora else "lora",
+                args.r,
+                args.target_modules,
+                args.compute_dtype,
+                args.micro_batch,
+                context,
+                args.checkpointing,
+                not args.no_flash,
+            )
+        except ValueError as err:
+            args.parser.error(
+                str(err).replace("r: ", "--r: ", 1).replace("target_modules:", "--target-modules:")
+            )
     report = {
         "model": args.model,
         "parameters": {
@@ -193,6 +287,19 @@ def run_info(args: argparse.Namespace) -> int:
             **{k: round(v, 3) for k, v in plan.as_gib().items()},
         },
     }
+    if adapter is not None:
+        report["peft"] = {
+            "method": adapter.method,
+            "r": adapter.r,
+            "target_modules": args.target_modules,
+            "compute_dtype": args.compute_dtype,
+            "adapted_layers": len(adapter.targets),
+            "trainable_parameters": adapter.trainable,
+            "trainable_percent": round(100 * adapter.trainable / adapter.frozen, 4),
+            "nf4_parameters": adapter.quantized,
+            "memory_per_gpu_gib": {k: round(v, 3) for k, v in adapter.as_gib().items()},
+            "memory_per_gpu_bytes": {k: round(v * GIB) for k, v in adapter.as_gib().items()},
+        }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -217,5 +324,13 @@ def run_info(args: argparse.Namespace) -> int:
     table.add_row(f"memory per GPU ({label})", "")
     for key in ("weights", "gradients", "optimizer", "activations", "total"):
         table.add_row(f"  {key}", f"{gib[key]:.2f} GiB")
+    if adapter is not None:
+        name = "QLoRA (NF4 base)" if adapter.method == "qlora" else "LoRA"
+        table.add_row(f"{name} r={adapter.r} on {args.target_modules}, {args.compute_dtype}", "")
+        share = 100 * adapter.trainable / adapter.frozen
+        table.add_row("  trainable parameters", f"{_human(adapter.trainable)} ({share:.3f}%)")
+        table.add_row("  adapted layers", str(len(adapter.targets)))
+        for key, value in adapter.as_gib().items():
+            table.add_row(f"  {key}", f"{value:.2f} GiB")
     Console().print(table)
     return 0

@@ -7,6 +7,11 @@ maps onto, so transformers, vLLM and llama.cpp converters read it; a config that
 our own layout (``config.json`` holding the ``lmforge`` ModelConfig, our parameter names), which
 ``load_pretrained`` reads back just as well. Every problem with a folder is one ``ModelLoadError`` naming the
 file and key.
+
+A quantized model (:mod:`lmforge.model.quant`, ``lmforge quantize``) is saved the same way, its packed weights
+and scales under the quantized layer's name (``...q_proj.qweight``, ``...q_proj.scales``) and config.json
+carrying a ``quantization_config`` block (``quant_method: lmforge``); ``load_pretrained`` builds the quantized
+layers that block describes, so whatever loads a folder (generate, the engine, serve) runs it unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,16 @@ from torch import Tensor
 from lmforge.hub import HubError, resolve_model_dir
 from lmforge.model import t5
 from lmforge.model.config import ModelConfig
+from lmforge.model.quant import (
+    QuantizationError,
+    check_method,
+    prepare_quantized,
+    quantizable_linears,
+    quantization_config,
+    quantize_model,
+    quantized_buffer_names,
+    quantized_bytes,
+)
 from lmforge.model.rope_scaling import rope_type
 from lmforge.model.transformer import Transformer
 
@@ -487,13 +503,25 @@ def _load(
     if not folder.is_dir():
         raise ModelLoadError(f"{folder}: model folder not found")
     cfg = read_config(folder)
-    ours = "lmforge" in _read_json(folder / CONFIG_FILE)
+    config_json = _read_json(folder / CONFIG_FILE)
+    ours = "lmforge" in config_json
     family = None if ours else cfg.extra["hf_model_type"]
     ckpt = _Checkpoint(folder)
     with torch.device("meta"):
         model = Transformer(cfg)
     if score_head:
         model.lm_head = None
+    quantized: set[str] = set()
+    if "quantization_config" in config_json:  # written by `lmforge quantize` (lmforge.model.quant)
+        if family == "gpt2":
+            raise ModelLoadError(
+                f"{folder / CONFIG_FILE}: a quantized GPT-2 model must be in lmforge's layout (as `lmforge quantize` writes it)"
+            )
+        try:
+            prepare_quantized(model, config_json["quantization_config"], dtype)
+        except QuantizationError as err:
+            raise ModelLoadError(f"{folder / CONFIG_FILE}: {err}") from None
+        quantized = quantized_buffer_names(model)
     expected = model.state_dict()
     state, used = {}, set()
     score = None
@@ -511,6 +539,15 @@ def _load(
                 f"{ckpt.location[key]}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                 f"the config needs {tuple(expected[name].shape)}"
             )
+        if name in quantized:  # packed weights and their scales keep their stored dtype
+            if tensor.dtype != expected[name].dtype:
+                raise ModelLoadError(
+                    f"{ckpt.location[key]}: tensor {key!r} has dtype {tensor.dtype}, "
+                    f"the quantization_config needs {expected[name].dtype}"
+                )
+            state[name] = tensor.to(device=device)
+            used.add(key)
+            continue
         # contiguous: GPT-2's Conv1D weights arrive transposed
         state[name] = tensor.to(device=device, dtype=dtype).contiguous()
         used.add(key)
@@ -568,7 +605,14 @@ def save_pretrained(
     if isinstance(model, t5.T5Model):  # the encoder-decoder: always transformers' T5ForConditionalGeneration
         return save_t5(model, folder, dtype, max_shard_bytes)
     cfg = model.cfg
+    quantization = quantization_config(model)
     family = hf_family(cfg) if hf_format is not False else None
+    if quantization is not None and family == "gpt2":
+        if hf_format:
+            raise ModelLoadError(
+                "a quantized GPT-2 model is saved in lmforge's layout only (hf_format=False)"
+            )
+        family = None  # GPT-2 fuses q/k/v and transposes its weights: packed weights keep our names
     if hf_format and family is None:
         closest = min(HF_FAMILIES, key=lambda f: len(_family_problems(cfg, f)))
         needs = "; ".join(_family_problems(cfg, closest))
@@ -578,17 +622,20 @@ def save_pretrained(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     convert: Callable[[Tensor], Tensor] = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+    keep = quantized_buffer_names(model)  # packed weights and scales are written as they are
+    state = {name: t if name in keep else convert(t) for name, t in _own_state(model).items()}
     if family is None:
-        state = _own_state(model)
         config = {"model_type": "lmforge", "lmforge": dataclasses.asdict(cfg)}
     else:
-        state = hf_state_dict(model, family)
+        state = _hf_state(cfg, state, family)
         config = config_to_hf(cfg, family)
         torch_dtype = dtype or next(model.parameters()).dtype
         config["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
         (folder / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
-    _write_weights({name: convert(t).cpu() for name, t in state.items()}, folder, max_shard_bytes)
+    if quantization is not None:
+        config["quantization_config"] = quantization
+    _write_weights({name: t.cpu() for name, t in state.items()}, folder, max_shard_bytes)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
     return family
 
@@ -705,3 +752,59 @@ def save_t5(
     generation = {k: config[k] for k in ("decoder_start_token_id", "eos_token_id", "pad_token_id")}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
     return "t5"
+
+
+# files of a model folder that are not weights or config.json: copied unchanged into the quantized folder
+_COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json",
+)
+
+
+def quantize_pretrained(
+    model_dir: str | Path,
+    out: str | Path,
+    method: str,
+    group_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Quantize a model folder (ours or a supported Hugging Face family) into ``out``: config.json with a
+    ``quantization_config`` block, packed weights and scales in safetensors, the tokenizer files copied.
+    Unquantized tensors (embeddings, LM head, norms, biases) are written in ``dtype``. Returns a summary
+    (method, group size, layers quantized, bytes before and after)."""
+    group_size = check_method(method, group_size)
+    try:
+        source = resolve_model_dir(model_dir)
+    except HubError as err:
+        raise ModelLoadError(str(err)) from err
+    model = load_pretrained(source)
+    before = quantized_bytes(model)
+    layers = len(quantizable_linears(model))
+    quantize_model(model, method, group_size)
+    if dtype != torch.float32:
+        keep = quantized_buffer_names(model)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.data = param.data.to(dtype)
+            for name, buffer in model.named_buffers():
+                if name not in keep and buffer.is_floating_point():
+                    buffer.data = buffer.data.to(dtype)
+    out = Path(out)
+    save_pretrained(model, out)
+    for name in _COPIED_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    return {
+        "method": method,
+        "group_size": group_size,
+        "layers": layers,
+        "bytes_before": before,
+        "bytes_after": quantized_bytes(model),
+    }
