@@ -168,6 +168,7 @@ class Transformer(nn.Module):
         segment_ids: Tensor | None = None,
         prefix_lengths: Tensor | None = None,
         cache: KVCache | None = None,
+        return_hidden: bool = False,
     ) -> ModelOutput:
         """input_ids (batch, seq) token ids, or (batch, seq, d_model) floating point: token embeddings (positions
         and the embedding norm still apply), or hidden states when embed_tokens is None.
@@ -175,7 +176,8 @@ class Transformer(nn.Module):
         position_ids default to 0..seq-1, continuing each sequence of a cache that has ``lengths()``.
         segment_ids confine attention to tokens of the same packed document. prefix_lengths (batch,) make
         the first n tokens of each sequence attend bidirectionally (prefix decoder; with a cache the whole
-        prefix must be in the first call)."""
+        prefix must be in the first call). return_hidden skips the lm_head: ``logits`` holds the final hidden
+        states, for losses that apply the head themselves (the chunked cross-entropy of training)."""
         cfg = self.cfg
         if prefix_lengths is not None and cfg.structure != "prefix":
             raise ValueError("prefix_lengths: the model is a causal decoder (structure=causal)")
@@ -241,5 +243,5 @@ class Transformer(nn.Module):
                 aux_loss = aux_loss + block_aux
         if self.norm is not None:
             x = self.norm(x)
-        logits = self.lm_head(x) if self.lm_head is not None else x
+        logits = self.lm_head(x) if self.lm_head is not None and not return_hidden else x
         return ModelOutput(logits=logits, aux_loss=aux_loss)
