@@ -51,7 +51,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="ours (autocast)")
     parser.add_argument("--compile", action="store_true", help="torch.compile our blocks (precision.compile)")
-    parser.add_argument("--loss-chunk", type=int, default=0, help="ours: precision.loss_chunk_tokens")
+    parser.add_argument("--loss-chunk", type=int, default=256, help="ours: precision.loss_chunk_tokens")
     parser.add_argument(
         "--peer-dtype", default="fp32", choices=["fp32", "bf16"], help="transformers' autocast"
     )

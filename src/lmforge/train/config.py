@@ -79,7 +79,7 @@ class PrecisionConfig:
     compile: bool = False  # torch.compile each block
     # LM cross-entropy over this many positions at a time, the head applied chunk-wise so the full
     # (tokens, vocab) logits never exist (lmforge.train.objective.chunked_lm_loss_sum); 0: plain full logits.
-    loss_chunk_tokens: int = 0
+    loss_chunk_tokens: int = 256
 
     def __post_init__(self) -> None:
         check_choice("precision.dtype", self.dtype, PRECISIONS)

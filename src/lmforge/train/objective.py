@@ -138,6 +138,7 @@ class LMObjective:
     """
 
     name = "lm"
+    chunk_tokens: int | None = None  # class default too, for subclasses that skip __init__
 
     def __init__(self, chunk_tokens: int | None = None) -> None:
         if chunk_tokens is not None and chunk_tokens < 0:
