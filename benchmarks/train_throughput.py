@@ -9,6 +9,7 @@ best wall-clock step and median process-CPU time per step are reported.
 
     .venv/bin/python benchmarks/train_throughput.py                  # ~30M parameters, CPU fp32
     .venv/bin/python benchmarks/train_throughput.py --small          # quick check
+    .venv/bin/python benchmarks/train_throughput.py --fused --loss-chunk 256 --dtype bf16   # vs plain fp32 peer
     python benchmarks/train_throughput.py --device cuda --dtype bf16 --compile --d-model 768 --layers 12 \\
         --heads 12 --kv-heads 12 --d-ff 3072 --vocab 50304 --seq 1024 --batch 16   # GPU, with MFU
 """
@@ -16,6 +17,7 @@ best wall-clock step and median process-CPU time per step are reported.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -30,7 +32,6 @@ from lmforge.model import load_pretrained
 from lmforge.model.flops import flops_per_token
 from lmforge.train import Trainer
 from lmforge.train.config import TrainConfig
-from lmforge.train.metrics import peak_flops
 
 NAMES = ("lmforge", "transformers")
 
@@ -48,8 +49,13 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=6, help="alternating timing rounds, one step each")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models' blocks/model")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="ours (autocast)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our blocks (precision.compile)")
+    parser.add_argument("--loss-chunk", type=int, default=256, help="ours: precision.loss_chunk_tokens")
+    parser.add_argument(
+        "--peer-dtype", default="fp32", choices=["fp32", "bf16"], help="transformers' autocast"
+    )
+    parser.add_argument("--peer-compile", action="store_true", help="torch.compile the transformers model")
     parser.add_argument("--fused", action="store_true", help="fused AdamW kernels for both")
     parser.add_argument("--small", action="store_true", help="tiny shapes for a quick check")
     args = parser.parse_args()
@@ -99,8 +105,10 @@ def _hf_stepper(model: torch.nn.Module, args: argparse.Namespace) -> Callable[[]
         **kernel,
     )
     data = RandomBatches(args.vocab, args.batch, args.seq, args.device)
-    autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    forward = torch.compile(model) if args.compile else model
+    autocast = torch.autocast(
+        args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.peer_dtype == "bf16"
+    )
+    forward = torch.compile(model) if args.peer_compile else model
 
     def step() -> None:
         batch = next(data)
@@ -141,7 +149,11 @@ def main() -> None:
                 "threads": args.threads,
                 "optim": {"fused": args.fused or None},
                 "batch": {"micro_batch_size": args.batch},
-                "precision": {"dtype": args.dtype, "compile": args.compile},
+                "precision": {
+                    "dtype": args.dtype,
+                    "compile": args.compile,
+                    "loss_chunk_tokens": args.loss_chunk,
+                },
                 "checkpoint": {"export": False},
                 "log": {"progress": False},
             },
@@ -164,14 +176,18 @@ def main() -> None:
         for name in NAMES
     }
     params = sum(p.numel() for p in hf.parameters())
+    print(f"load average (1/5/15 min) at the end: {os.getloadavg()}")
     print(
         f"Llama-shaped, {params / 1e6:.1f}M parameters: d_model={args.d_model} layers={args.layers} "
         f"heads={args.heads}/{args.kv_heads} d_ff={args.d_ff} vocab={args.vocab}; batch {args.batch}x{args.seq}; "
-        f"{args.device} {args.dtype}{' compiled' if args.compile else ''}; threads {args.threads}; "
+        f"{args.device}; ours {args.dtype}{' compiled' if args.compile else ''} loss_chunk={args.loss_chunk}, "
+        f"transformers {args.peer_dtype}{' compiled' if args.peer_compile else ''}; "
+        f"{'fused' if args.fused else 'default'} AdamW; threads {args.threads}; "
         f"torch {torch.__version__}, transformers {transformers.__version__}"
     )
     header = ["train tok/s", "tok/CPU-s"]
-    peak = peak_flops(torch.device(args.device))
+    peak = trainer.flops_per_s_peak
+    print(f"MFU against the trainer's peak: {peak / 1e9:.1f} GFLOP/s ({args.dtype} matmul probe)")
     if peak:
         header.append("MFU")
     print(f"{'':14}" + "".join(f"{h:>14}" for h in header))

@@ -69,3 +69,26 @@ def test_unicode_fix_bounds_the_work_on_giant_documents():
     assert small.process(Document("b", "cafÃ© " * 30)).text == "cafÃ© " * 30
     assert small.stats.counters == {"unicode_docs_changed": 1, "unicode_fix_skipped_large": 1}
     assert UnicodeFixer(max_fix_chars=None).process(Document("n", "cafÃ© " * 30)).text == "café " * 30
+
+
+def test_ftfy_fast_path_matches_ftfy_fix_text():
+    """The ASCII fast path and ftfy's per-line loop give exactly ftfy.fix_text's output (independent
+    reference) on random text mixing clean ASCII, ASCII triggers, mojibake, HTML and curly quotes."""
+    import random
+
+    import ftfy
+
+    from lmforge.data.extract import ftfy_fix_text
+
+    pieces = [
+        "plain words ", "line\n", "\n", "a &amp; b ", "&lt;tag&gt; ", "<p>", "crlf\r\n", "cr\r", "\x1b[1mbold\x1b[0m",
+        "bell\x07", "tab\t", "form\x0c", "del\x7f", "doesnâ€™t ", "café ", "“quoted” ", "ﬁne ", "ｗｉｄｅ ",
+        "\u2028", "x² ", "\x85", "Ã©", "1 < 2 ", "&eacute; ",
+    ]  # fmt: skip
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        for uncurl in (False, True):
+            assert ftfy_fix_text(text, uncurl) == ftfy.fix_text(
+                text, normalization=None, uncurl_quotes=uncurl
+            )

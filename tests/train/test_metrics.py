@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,34 @@ def test_a_torn_last_line_is_dropped_and_truncate_still_works(tmp_path: Path) ->
     assert [r["step"] for r in read_jsonl(logger.path)] == [1, 2, 3]
     logger.truncate(2)
     assert logger.path.read_text().splitlines() == ['{"step": 1, "loss": 1.0}', '{"step": 2, "loss": 1.0}']
+
+
+def test_measured_peak_is_a_cached_matmul_probe() -> None:
+    from lmforge.train.metrics import _probe, measured_peak_flops
+
+    _probe.cache_clear()
+    cpu = torch.device("cpu")
+    threads = torch.get_num_threads()
+    peak = measured_peak_flops(cpu)
+    # independent check: no 256-square fp32 matmul on one thread runs faster than the probe's best one
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(256, 256)
+        start = time.perf_counter()
+        a @ a
+        one = 2 * 256**3 / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    assert 1e8 < peak < 1e15 and one <= 1.5 * peak / threads
+    assert measured_peak_flops(cpu) == peak and _probe.cache_info().hits >= 1  # cached per process
+    assert torch.get_num_threads() == threads  # the probe restores the thread count
+
+
+def test_mfu_uses_the_measured_peak_when_none_is_configured(tmp_path: Path, shards: Path) -> None:
+    from lmforge.train.metrics import measured_peak_flops
+
+    result = train(tiny_config(tmp_path / "run", shards, max_steps=2))
+    record = result.metrics
+    per_token = flops_per_token(result_model_config(result.run_dir), 16)["train"]
+    peak = measured_peak_flops(torch.device("cpu"))
+    assert record["mfu"] == pytest.approx(record["tokens_per_s"] * per_token / peak)

@@ -94,6 +94,46 @@ class ControlCharCleaner(Step):
         return doc
 
 
+# ASCII characters that some ftfy fix can change (with ftfy's default fixes, normalization aside): "&" starts
+# an HTML entity, "\r" a line break to normalise, ESC a terminal escape, the rest are the control characters
+# ftfy removes (U+0000-0008, U+000B, U+000E-001F, U+007F). Every other fix only touches non-ASCII text.
+_FTFY_ASCII_TRIGGERS = re.compile("[&\r\x1b\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+
+def _clean_ascii(text: str) -> bool:
+    """Whether ftfy leaves ``text`` unchanged for certain: ASCII without any of its ASCII triggers."""
+    return text.isascii() and _FTFY_ASCII_TRIGGERS.search(text) is None
+
+
+def ftfy_fix_text(text: str, uncurl_quotes: bool = False) -> str:
+    """``ftfy.fix_text(text, normalization=None, uncurl_quotes=...)``, with the same result, faster.
+
+    ftfy works line by line at ~10-20 us of Python per line even when nothing needs fixing. Here a
+    document (or line) that is ASCII without an ASCII character any fix acts on is passed through
+    untouched, and the other lines go through ftfy's per-line fixer in ftfy's own loop (the same line
+    segments, and the same switch-off of HTML unescaping once a segment holds a "<").
+    """
+    if _clean_ascii(text):
+        return text
+    import ftfy
+
+    config = ftfy.TextFixerConfig(normalization=None, uncurl_quotes=uncurl_quotes, explain=False)
+    out: list[str] = []
+    pos = 0
+    while pos < len(text):  # ftfy.fix_text's segmentation
+        textbreak = text.find("\n", pos) + 1
+        if textbreak == 0:
+            textbreak = len(text)
+        if textbreak - pos > config.max_decode_length:
+            textbreak = pos + config.max_decode_length
+        segment = text[pos:textbreak]
+        if config.unescape_html == "auto" and "<" in segment:
+            config = config._replace(unescape_html=False)
+        out.append(segment if _clean_ascii(segment) else ftfy.fix_and_explain(segment, config)[0])
+        pos = textbreak
+    return "".join(out)
+
+
 @register_step("unicode_fix")
 class UnicodeFixer(Step):
     """Repairs mojibake and other Unicode damage with ftfy, then normalizes (NFC by default, or NFKC...).
@@ -127,9 +167,7 @@ class UnicodeFixer(Step):
             self.stats.counters["unicode_fix_skipped_large"] += 1
             fix_text = False
         if fix_text:
-            import ftfy
-
-            text = ftfy.fix_text(text, normalization=None, uncurl_quotes=self.uncurl_quotes)
+            text = ftfy_fix_text(text, self.uncurl_quotes)
         if self.normalization is not None:
             text = unicodedata.normalize(self.normalization, text)
         if text != doc.text:

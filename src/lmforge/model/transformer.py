@@ -186,6 +186,7 @@ class Transformer(nn.Module):
         prefix_lengths: Tensor | None = None,
         cache: KVCache | None = None,
         logits_rows: Tensor | None = None,
+        return_hidden: bool = False,
     ) -> ModelOutput:
         """input_ids (batch, seq) token ids, or (batch, seq, d_model) floating point: token embeddings (positions
         and the embedding norm still apply), or hidden states when embed_tokens is None.
@@ -195,7 +196,9 @@ class Transformer(nn.Module):
         the first n tokens of each sequence attend bidirectionally (prefix decoder; with a cache the whole
         prefix must be in the first call). logits_rows (n,) index the flattened ``batch * seq`` positions whose
         logits are wanted: the result is then (n, vocab), and the LM head runs on those rows only (an inference
-        engine needs the last position of each sequence, not a ``seq x vocab`` matmul per prefill)."""
+        engine needs the last position of each sequence, not a ``seq x vocab`` matmul per prefill).
+        return_hidden skips the lm_head: ``logits`` holds the final hidden states, for losses that apply the
+        head themselves (the chunked cross-entropy of training)."""
         cfg = self.cfg
         if prefix_lengths is not None and cfg.structure != "prefix":
             raise ValueError("prefix_lengths: the model is a causal decoder (structure=causal)")
@@ -263,5 +266,5 @@ class Transformer(nn.Module):
             x = x.reshape(-1, x.shape[-1]).index_select(0, logits_rows)
         if self.norm is not None:
             x = self.norm(x)
-        logits = self.lm_head(x) if self.lm_head is not None else x
+        logits = self.lm_head(x) if self.lm_head is not None and not return_hidden else x
         return ModelOutput(logits=logits, aux_loss=aux_loss)

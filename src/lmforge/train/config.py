@@ -77,9 +77,13 @@ class PrecisionConfig:
     dtype: str = "auto"  # auto: bf16 autocast on CUDA with bf16 support, else fp32
     activation_checkpointing: bool = False  # recompute each block in backward
     compile: bool = False  # torch.compile each block
+    # LM cross-entropy over this many positions at a time, the head applied chunk-wise so the full
+    # (tokens, vocab) logits never exist (lmforge.train.objective.chunked_lm_loss_sum); 0: plain full logits.
+    loss_chunk_tokens: int = 256
 
     def __post_init__(self) -> None:
         check_choice("precision.dtype", self.dtype, PRECISIONS)
+        check_range("precision.loss_chunk_tokens", self.loss_chunk_tokens, low=0)
 
 
 @dataclass
@@ -147,7 +151,7 @@ class LogConfig:
     wandb: bool = False  # offline mode; only if wandb is installed
     plots: bool = True
     progress: bool = True
-    peak_flops: float | None = None  # per device, for MFU; None: a table by device type
+    peak_flops: float | None = None  # per device, for MFU; None: measured by a short matmul probe at start
 
     def __post_init__(self) -> None:
         check_range("log.every_steps", self.every_steps, low=1)

@@ -6,6 +6,8 @@ import json
 import logging
 import resource
 import sys
+import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +15,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity), matched against the device name.
+# Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity), matched against the device name. The
+# trainer's MFU uses the measured peak (measured_peak_flops) unless log.peak_flops is set; the table serves
+# reports that quote MFU against the datasheet (benchmarks/gpu/check.py).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
 
 
 def peak_flops(device: torch.device, configured: float | None = None) -> float | None:
-    """Peak FLOP/s of one device: the configured value, else the table for known GPUs, else None."""
+    """Datasheet peak FLOP/s of one device: the configured value, else the table for known GPUs, else None."""
     if configured:
         return configured
     if device.type == "cuda":
@@ -27,6 +31,56 @@ def peak_flops(device: torch.device, configured: float | None = None) -> float |
             if key in name:
                 return flops
     return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@lru_cache(maxsize=8)
+def _probe(device_key: str, dtype: torch.dtype, size: int, seconds: float) -> float:
+    """Best FLOP/s of ``size``-square matmuls timed for about ``seconds`` (at least five calls)."""
+    device = torch.device(device_key)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=gen).to(dtype)
+    b = torch.randn(size, size, device=device, generator=gen).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    torch.matmul(a, b, out=out)  # warm-up: kernel selection, page faults
+    _sync(device)
+    best, spent, calls = float("inf"), 0.0, 0
+    while calls < 5 or (spent < seconds and calls < 1000):
+        start = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        best, spent, calls = min(best, elapsed), spent + elapsed, calls + 1
+    return 2 * size**3 / best
+
+
+def measured_peak_flops(
+    device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.2
+) -> float:
+    """Peak matmul FLOP/s of ``device`` in ``dtype``, measured by a short probe (cached per process).
+
+    The MFU denominator the trainer uses unless ``log.peak_flops`` is set: what this machine reaches on a
+    GEMM in the training dtype, rather than a datasheet constant (unknown for most CPUs, and off by the
+    clock, the vector units and bf16 support). On a GPU: the best of 8192-square matmuls. On a CPU: the
+    best single-thread rate of 256-square matmuls (cache-resident, well under a millisecond each, so that
+    some calls run without being preempted on a busy machine) times the thread count;
+    timing one thread and scaling keeps the probe meaningful on a shared machine, where a multi-threaded
+    GEMM waits for whichever core a neighbour holds (the best of many short calls is the unloaded rate).
+    """
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _probe(f"cuda:{index}", dtype, 8192, seconds)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        per_core = _probe(str(device), dtype, 256, seconds)
+    finally:
+        torch.set_num_threads(threads)
+    return per_core * threads
 
 
 def memory_gib(device: torch.device) -> float:

@@ -16,6 +16,20 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16, from /proc/cpuinfo's flags);
+    elsewhere bf16 matmuls are emulated through fp32 and are no faster than fp32 ones."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """``auto``: bf16 on a CUDA device that supports it, otherwise fp32 (the CPU default)."""
     if name != "auto":

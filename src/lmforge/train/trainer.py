@@ -45,10 +45,10 @@ from lmforge.model.flops import flops_per_token
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import parallel
 from lmforge.train.config import TrainConfig
-from lmforge.train.metrics import MetricsLogger, memory_gib, peak_flops, read_jsonl, write_plots
+from lmforge.train.metrics import MetricsLogger, measured_peak_flops, memory_gib, read_jsonl, write_plots
 from lmforge.train.objective import Batch, LMObjective, Objective, lm_loss_sum
 from lmforge.train.optim import build_optimizer
-from lmforge.train.precision import autocast_factory, grad_scaler, resolve_precision
+from lmforge.train.precision import DTYPES, autocast_factory, grad_scaler, resolve_precision
 from lmforge.train.schedule import LRSchedule, accumulation_steps
 from lmforge.train.stability import SpikeDetector
 
@@ -173,6 +173,8 @@ class Trainer:
             self.tokenizer = load_tokenizer(cfg.tokenizer)
             self._check_vocab(f"the tokenizer {cfg.tokenizer}", len(self.tokenizer))
         self.objective: Objective = objective or LMObjective()
+        if isinstance(self.objective, LMObjective) and self.objective.chunk_tokens is None:
+            self.objective.chunk_tokens = cfg.precision.loss_chunk_tokens
         self.precision = resolve_precision(cfg.precision.dtype, self.device)
         self.autocast = autocast_factory(self.precision, self.device)
         self.scaler = grad_scaler(self.precision, self.device)
@@ -212,8 +214,15 @@ class Trainer:
         self.micro_tokens = cfg.batch.micro_batch_size * cfg.data.seq_len * env.dp
         self.seq_len = cfg.data.seq_len
         self._train_flops: dict[int, float] = {}  # training FLOPs per token by sequence length
-        peak = peak_flops(self.device, cfg.log.peak_flops)
+        peak = cfg.log.peak_flops or measured_peak_flops(
+            self.device, DTYPES.get(self.precision, torch.float32)
+        )
         self.flops_per_s_peak = peak * env.world_size if peak else None
+        log.info(
+            "MFU against %.1f GFLOP/s per device (%s)",
+            peak / 1e9,
+            "log.peak_flops" if cfg.log.peak_flops else f"measured: {self.precision} matmul probe",
+        )
         self.metrics = MetricsLogger(self.run_dir, env.is_main, cfg.log.tensorboard, cfg.log.wandb)
 
     # -- set-up ----------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ only, which makes ordinary punctuated prose fail more often than the paper's rul
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 
@@ -114,17 +115,29 @@ class WordNgrams:
 
     def __init__(self, words: Sequence[str]) -> None:
         vocab: dict[str, int] = {}
-        self.ids = np.array([vocab.setdefault(w, len(vocab)) for w in words], dtype=np.int64)
-        self.lengths = np.array([len(w) for w in words], dtype=np.int64)
-        self.prefix_chars = np.concatenate(([0], np.cumsum(self.lengths)))
-        self._vocab_size = max(len(vocab), 1)
-        self._ranks: dict[int, np.ndarray] = {1: self.ids}
+        self.ids = np.fromiter(
+            map(vocab.setdefault, words, itertools.count()), dtype=np.int64, count=len(words)
+        )
+        self.prefix_chars = np.zeros(len(words) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, words), dtype=np.int64, count=len(words)), out=self.prefix_chars[1:])
+        # ids are distinct per word but not dense (the counter also advances on known words): below len(words)
+        self._vocab_size = max(len(words), 1)
+        # per n: (dense ids of the n-grams, first position of each id, occurrences of each id), all from
+        # one np.unique (a sort) per n, shared by top_chars and duplicated_chars
+        first, counts = np.unique(self.ids, return_index=True, return_counts=True)[1:]
+        self._levels: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {1: (self.ids, first, counts)}
+
+    def _level(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        for k in range(max(self._levels) + 1, n + 1):
+            pairs = self._levels[k - 1][0][:-1] * self._vocab_size + self.ids[k - 1 :]
+            _, first, inverse, counts = np.unique(
+                pairs, return_index=True, return_inverse=True, return_counts=True
+            )
+            self._levels[k] = (inverse.reshape(-1), first, counts)
+        return self._levels[n]
 
     def ranks(self, n: int) -> np.ndarray:
-        for k in range(max(self._ranks) + 1, n + 1):
-            pairs = self._ranks[k - 1][:-1] * self._vocab_size + self.ids[k - 1 :]
-            self._ranks[k] = np.unique(pairs, return_inverse=True)[1].reshape(-1)
-        return self._ranks[n]
+        return self._level(n)[0]
 
     def chars(self, start: int, n: int) -> int:
         """Characters of the words of the n-gram at ``start`` (without separators)."""
@@ -137,39 +150,40 @@ class WordNgrams:
         """
         if len(self.ids) < n:
             return 0
-        ranks = self.ranks(n)
-        _, first, counts = np.unique(ranks, return_index=True, return_counts=True)
-        start = int(first[counts == counts.max()].min())
-        return (self.chars(start, n) + n - 1) * int(counts.max())
+        _, first, counts = self._level(n)
+        most = counts.max()
+        start = int(first[counts == most].min())
+        return (self.chars(start, n) + n - 1) * int(most)
 
     def duplicated_chars(self, n: int) -> int:
         """Characters in n-grams that occurred earlier in the text, each word counted at most once.
 
         A repeated n-gram is counted (its characters without separators) and the scan jumps past it, so
-        overlapping repeats do not count the same words twice.
+        overlapping repeats do not count the same words twice. The scan only stops at positions whose
+        n-gram occurred at some earlier position ("repeats"): every position in between is a first
+        occurrence, which the scan just remembers, so those runs are added to the seen set in bulk.
         """
         if len(self.ids) < n:
             return 0
-        ranks_array = self.ranks(n)
-        # Up to the first n-gram that occurred before, every position is new: start the scan there.
-        first_seen = np.unique(ranks_array, return_index=True)[1][ranks_array]
-        repeats = np.flatnonzero(first_seen < np.arange(len(ranks_array)))
-        if len(repeats) == 0:
+        ranks_array, first, _ = self._level(n)
+        repeats = np.flatnonzero(first[ranks_array] < np.arange(len(ranks_array))).tolist()
+        if not repeats:
             return 0
         ranks = ranks_array.tolist()
-        i = int(repeats[0])
-        seen = set(ranks[:i])
-        remember = seen.add
-        total = len(ranks)
-        repeated_chars = 0
-        while i < total:
-            rank = ranks[i]
+        prefix = self.prefix_chars.tolist()
+        seen: set[int] = set()
+        i = repeated_chars = 0
+        for position in repeats:
+            if position < i:  # jumped over by the last repeat
+                continue
+            seen.update(ranks[i:position])
+            rank = ranks[position]
             if rank in seen:
-                repeated_chars += self.chars(i, n)
-                i += n
+                repeated_chars += prefix[position + n] - prefix[position]
+                i = position + n
             else:
-                remember(rank)
-                i += 1
+                seen.add(rank)
+                i = position + 1
         return repeated_chars
 
 
