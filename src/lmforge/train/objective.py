@@ -155,7 +155,12 @@ class LMObjective:
         if not self.chunk_tokens or not isinstance(model, Transformer):
             return None
         head = model.lm_head
-        return head if type(head) is nn.Linear and head.bias is None else None
+        if type(head) is not nn.Linear or head.bias is not None:
+            return None
+        # a sharded head (FSDP2 keeps the module a Transformer, its weight a DTensor) takes the plain path
+        from torch.distributed.tensor import DTensor
+
+        return None if isinstance(head.weight, DTensor) else head
 
     def __call__(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:
         head = self._head(model)
