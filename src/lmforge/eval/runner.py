@@ -41,6 +41,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from lmforge.eval.fewshot import PromptFormat, chat_messages, plain_prompt, sample_demonstrations
+from lmforge.eval.long_context import LongContextConfig
 from lmforge.eval.metrics import (
     exact_match,
     mean,
@@ -116,6 +117,7 @@ class EvalConfig:
     tasks: list[TaskConfig] = field(default_factory=list)
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     sweeps: list[SweepConfig] = field(default_factory=list)
+    long_context: LongContextConfig = field(default_factory=LongContextConfig)  # lmforge.eval.long_context
     batch_size: int = 16
     seed: int = 1234
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
@@ -303,10 +305,30 @@ def evaluate(
             max_batches=ppl.max_batches,
         )
         results["perplexity_shards"] = score.to_dict()
+    if cfg.long_context.enabled:
+        results["long_context"] = _run_long_context(cfg, model, tokenizer, run_dir)
     results["seconds"] = round(time.perf_counter() - started, 3)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (run_dir / "results.md").write_text(results_markdown(results), encoding="utf-8")
     return results
+
+
+def _run_long_context(cfg: EvalConfig, model: Any, tokenizer: Any, run_dir: Path) -> dict[str, Any]:
+    """Passkey retrieval and perplexity by position; passkey replies go to ``samples/passkey.jsonl``."""
+    from lmforge.eval.long_context import evaluate_long_context
+
+    lc = cfg.long_context
+    texts = (
+        _read_documents(lc.perplexity.documents, lc.perplexity.max_documents)
+        if lc.perplexity.documents
+        else []
+    )
+    result = evaluate_long_context(model, tokenizer, lc, texts)
+    if "passkey" in result:
+        with (run_dir / "samples" / "passkey.jsonl").open("w", encoding="utf-8") as f:
+            for sample in result["passkey"].pop("samples"):
+                f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    return result
 
 
 def _run_task(
@@ -442,6 +464,10 @@ def results_markdown(results: dict[str, Any]) -> str:
                 f"{what}: {ppl['tokens']} tokens, {ppl['bytes']} bytes: "
                 f"perplexity {ppl['perplexity']:.3f}, bits per byte {ppl['bits_per_byte']:.4f}.",
             ]
+    if "long_context" in results:
+        from lmforge.eval.long_context import long_context_markdown
+
+        lines += long_context_markdown(results["long_context"])
     for name, sweep in results.get("sweeps", {}).items():
         lines += [
             "",
