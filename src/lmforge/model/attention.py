@@ -27,12 +27,14 @@ def attention_mask(
     prefix_lengths: Tensor | None = None,
     q_segments: Tensor | None = None,
     k_segments: Tensor | None = None,
+    allowed: Tensor | None = None,
 ) -> Tensor:
     """Which keys each query may see, (batch, 1, n_q, n_k) bool, from absolute positions.
 
     Causal (key position <= query position) or, for a prefix decoder, also every key inside the sequence's
     prefix; restricted by the sliding window, the strided sparse pattern or the Λ shape (window + global_tokens
-    first positions); keys at position -1 are empty slots.
+    first positions); keys at position -1 are empty slots. ``allowed`` (batch, n_q, n_k) bool, when given,
+    restricts visibility further (e.g. parallel context windows, :mod:`lmforge.model.pcw`).
     A query that sees nothing (padding) is allowed everything, so its (discarded) output stays finite.
     """
     q, k = q_pos[:, :, None], k_pos[:, None, :]
@@ -49,6 +51,8 @@ def attention_mask(
         visible = visible & ((distance < cfg.sparse_block) | (distance % cfg.sparse_block == 0))
     if q_segments is not None:
         visible = visible & (q_segments[:, :, None] == k_segments[:, None, :])
+    if allowed is not None:
+        visible = visible & allowed.to(device=visible.device, dtype=torch.bool)
     visible = visible & (k >= 0)
     visible = visible | ~visible.any(dim=-1, keepdim=True)
     return visible[:, None]
@@ -69,6 +73,7 @@ class AttentionContext:
     # sinks): keys are rotated after the cache, at the positions it reports
     key_rope: tuple[Tensor, float] | None = None
     causal_kernel: bool = False  # use SDPA's is_causal path: no mask at all
+    allowed: Tensor | None = None  # (batch, n_q, n_k) bool: pairs the caller lets attend (see attention_mask)
     _memo: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     def base_mask(self, k_pos: Tensor) -> Tensor:
@@ -84,7 +89,7 @@ class AttentionContext:
                 raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
             k_segments = self.segment_ids
         mask = attention_mask(
-            self.cfg, self.positions, k_pos, self.prefix_lengths, self.segment_ids, k_segments
+            self.cfg, self.positions, k_pos, self.prefix_lengths, self.segment_ids, k_segments, self.allowed
         )
         if self.cfg.position == "alibi":
             bias = alibi_bias(alibi_slopes(self.cfg.n_heads), self.positions, k_pos)

@@ -187,6 +187,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         logits_rows: Tensor | None = None,
         return_hidden: bool = False,
+        attention_mask: Tensor | None = None,
     ) -> ModelOutput:
         """input_ids (batch, seq) token ids, or (batch, seq, d_model) floating point: token embeddings (positions
         and the embedding norm still apply), or hidden states when embed_tokens is None.
@@ -198,7 +199,9 @@ class Transformer(nn.Module):
         logits are wanted: the result is then (n, vocab), and the LM head runs on those rows only (an inference
         engine needs the last position of each sequence, not a ``seq x vocab`` matmul per prefill).
         return_hidden skips the lm_head: ``logits`` holds the final hidden states, for losses that apply the
-        head themselves (the chunked cross-entropy of training)."""
+        head themselves (the chunked cross-entropy of training).
+        attention_mask (batch, seq, n_keys) bool further restricts which keys each token sees, on top of the
+        causal-by-position rule (parallel context windows: lmforge.model.pcw)."""
         cfg = self.cfg
         if prefix_lengths is not None and cfg.structure != "prefix":
             raise ValueError("prefix_lengths: the model is a causal decoder (structure=causal)")
@@ -244,6 +247,7 @@ class Transformer(nn.Module):
             or cfg.attention != "full"
             or cfg.position in ("alibi", "relative")
             or rerope is not None
+            or attention_mask is not None
         )
         ctx = AttentionContext(
             cfg,
@@ -255,6 +259,7 @@ class Transformer(nn.Module):
             rerope=rerope,
             key_rope=key_rope,
             causal_kernel=not needs_mask,
+            allowed=attention_mask,
         )
 
         aux_loss = x.new_zeros((), dtype=torch.float32)
