@@ -110,14 +110,14 @@ def test_score_passkey():
 
 def test_planted_retriever_scores_one_and_a_misplaced_one_zero():
     tok = CharTokenizer()
-    cfg = PasskeyConfig(multiples=[1, 2, 4], depths=[0.0, 0.5, 1.0], trials=2)
+    cfg = PasskeyConfig(multiples=[1, 3], depths=[0.0, 0.5, 1.0], trials=2)
     good = run_passkey(CopyModel(tok.encode(KEY_PHRASE), tok.vocab_size), tok, cfg, train_length=256)
-    assert good["by_multiple"] == {"1": 1.0, "2": 1.0, "4": 1.0}
+    assert good["by_multiple"] == {"1": 1.0, "3": 1.0}
     assert all(c["accuracy"] == 1.0 and c["digit_accuracy"] == 1.0 for c in good["cells"])
-    assert len(good["cells"]) == 9 and len(good["samples"]) == 18
+    assert len(good["cells"]) == 6 and len(good["samples"]) == 12
     # copying from two tokens too far skips the key's first digit: never exact, digits all shifted
     bad = run_passkey(CopyModel(tok.encode(KEY_PHRASE), tok.vocab_size, offset=2), tok, cfg, train_length=256)
-    assert bad["by_multiple"] == {"1": 0.0, "2": 0.0, "4": 0.0}
+    assert bad["by_multiple"] == {"1": 0.0, "3": 0.0}
     assert all(s["reply"].startswith(s["key"][1:] + ".") for s in bad["samples"])
 
 
@@ -156,7 +156,7 @@ def test_bucket_perplexity_math():
 
 def test_position_nll_matches_prefix_forwards():
     model = tiny_model()
-    ids = torch.randint(2, 130, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    ids = torch.randint(2, 130, (24,), generator=torch.Generator().manual_seed(1)).tolist()
     nll = position_nll(model, ids)
     with torch.no_grad():
         ref = [
@@ -165,9 +165,9 @@ def test_position_nll_matches_prefix_forwards():
         ]
     torch.testing.assert_close(nll, torch.stack(ref), atol=1e-5, rtol=1e-5)
     # a sink cache that never evicts is full attention, token by token or in chunks
-    torch.testing.assert_close(position_nll(model, ids, sink=2, window=60), nll, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(position_nll(model, ids, sink=2, window=30), nll, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
-        position_nll(model, ids, sink=2, window=60, chunk=7), nll, atol=1e-5, rtol=1e-5
+        position_nll(model, ids, sink=2, window=30, chunk=5), nll, atol=1e-5, rtol=1e-5
     )
 
 
@@ -224,3 +224,50 @@ def test_eval_runs_long_context_section(tmp_path, model_folder):
     md = (tmp_path / "run" / "results.md").read_text()
     assert "## Passkey retrieval (training length 200)" in md and "| 2x |" in md
     assert "| 100-199 | 100 |" in md
+
+
+def test_many_shot_task_over_parallel_windows(tmp_path, model_folder):
+    from lmforge.eval.fewshot import PromptFormat, sample_demonstrations
+    from lmforge.eval.long_context import pcw_fewshot_windows
+    from lmforge.eval.runner import EvalConfig, TaskConfig, evaluate
+    from lmforge.eval.tasks import TaskExample, load_task
+    from lmforge.model.hf import load_pretrained
+    from lmforge.model.pcw import pcw_forward
+    from lmforge.tokenizer import load_tokenizer
+
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text(
+        "".join(json.dumps({"prompt": f"What is {a} + 1?", "answer": str(a + 1)}) + "\n" for a in range(6))
+    )
+    tasks = [
+        TaskConfig(name="plain", path=str(gen), num_fewshot=4, max_tokens=4, limit=3),
+        TaskConfig(name="pcw1", path=str(gen), num_fewshot=4, max_tokens=4, limit=3, pcw_windows=1),
+        TaskConfig(name="pcw3", path=str(gen), num_fewshot=4, max_tokens=4, limit=3, pcw_windows=3),
+    ]
+    evaluate(EvalConfig(model=str(model_folder), run_dir=str(tmp_path / "run"), tasks=tasks), progress=False)
+    read = lambda name: [json.loads(x) for x in (tmp_path / "run" / "samples" / f"{name}.jsonl").open()]  # noqa: E731
+    # one window is the ordinary few-shot prompt: the engine's greedy replies
+    assert [s["prediction"] for s in read("pcw1")] == [s["prediction"] for s in read("plain")]
+    # three windows: each reply equals a full-recompute greedy decode over the one-pass PCW layout
+    model, tok = load_pretrained(model_folder).eval(), load_tokenizer(model_folder)
+    data = load_task(gen)
+    fmt = PromptFormat()
+    for i, sample in enumerate(read("pcw3")):
+        demos = sample_demonstrations(data.examples, 4, data.examples[i], 1234, i)
+        windows = pcw_fewshot_windows(fmt, demos, 3, tok)
+        assert sample["windows"] == 3 and [len(w) > 0 for w in windows] == [True] * 3
+        task_ids, out = tok.encode(fmt.question(data.examples[i])), []
+        with torch.no_grad():
+            for _ in range(4):
+                nxt = int(pcw_forward(model, windows, task_ids + out)[-1].argmax())
+                if nxt in tok.special_ids:
+                    break
+                out.append(nxt)
+        assert sample["prediction"] == tok.decode(out, skip_special_tokens=True).split("\n")[0]
+    # the windows hold the demonstrations dealt round-robin, each ending with the delimiter
+    demos = [TaskExample(prompt=f"q{i}", answers=(str(i),)) for i in range(5)]
+    texts = [tok.decode(w, skip_special_tokens=True) for w in pcw_fewshot_windows(fmt, demos, 2, tok)]
+    assert texts == [
+        "q0\nAnswer: 0\n\nq2\nAnswer: 2\n\nq4\nAnswer: 4\n\n",
+        "q1\nAnswer: 1\n\nq3\nAnswer: 3\n\n",
+    ]

@@ -399,3 +399,54 @@ def long_context_markdown(result: dict[str, Any]) -> list[str]:
         for b in ppl["buckets"]:
             lines.append(f"| {b['start']}-{b['end'] - 1} | {b['tokens']} | {b['perplexity']:.3f} |")
     return lines
+
+
+# -- many-shot prompts over parallel context windows --------------------------------------------------------
+
+
+def pcw_fewshot_windows(
+    fmt: Any, demonstrations: Sequence[Any], n_windows: int, tokenizer: Any
+) -> list[list[int]]:
+    """Token windows for a many-shot plain prompt: the demonstrations dealt round-robin into ``n_windows``
+    groups (empty ones dropped), each window the description and header followed by its group, all
+    ending with the few-shot delimiter, as :func:`lmforge.eval.fewshot.plain_prompt` lays them out."""
+    groups = [list(demonstrations[i::n_windows]) for i in range(n_windows)]
+    windows = []
+    for group in groups:
+        if not group:
+            continue
+        shots = [fmt.question(d) + fmt.target_delimiter + d.target for d in group]
+        text = fmt.description + fmt.fewshot_delimiter.join([*fmt.header, *shots]) + fmt.fewshot_delimiter
+        windows.append(tokenizer.encode(text, add_special_tokens=True))
+    return windows
+
+
+def run_pcw_generation_task(
+    task: Any, model: nn.Module, tokenizer: Any, data: Any, shots: Sequence[Sequence[Any]]
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """A plain generation task whose demonstrations sit in ``task.pcw_windows`` parallel context windows and
+    whose question attends to all of them (Ratner et al. 2023); greedy, the reply ends at the end of the line,
+    scored by exact match as :func:`lmforge.eval.runner.run_generation_task` does."""
+    from lmforge.eval.metrics import exact_match, mean, stderr_of_mean
+    from lmforge.model.pcw import pcw_generate_windows
+
+    if task.chat or task.cot or task.self_consistency > 1:
+        raise ValueError(
+            f"task {task.name}: pcw_windows takes plain prompts (no chat, cot, self_consistency)"
+        )
+    fmt = task.prompt_format
+    stop = sorted(_stop_ids(tokenizer))
+    correct, samples = [], []
+    for example, demos in zip(data.examples, shots, strict=True):
+        windows = pcw_fewshot_windows(fmt, demos, task.pcw_windows, tokenizer)
+        question = fmt.question(example)
+        task_ids = tokenizer.encode(question, add_special_tokens=not windows)
+        reply_ids = pcw_generate_windows(model, windows, task_ids, task.max_tokens, stop)
+        reply = tokenizer.decode(reply_ids, skip_special_tokens=True).split("\n")[0]
+        ok = exact_match(reply, example.answers, task.ignore_case, task.ignore_punctuation)
+        correct.append(float(ok))
+        samples.append(
+            {"question": example.prompt, "windows": len(windows), "prompt": question, "prediction": reply,
+             "answers": list(example.answers), "correct": ok}
+        )  # fmt: skip
+    return {"exact_match": mean(correct), "exact_match_stderr": stderr_of_mean(correct)}, samples

@@ -73,10 +73,16 @@ class TaskConfig:
     limit: int = 0  # 0: every example
     ignore_case: bool = True
     ignore_punctuation: bool = False
+    # >= 1: the demonstrations go into this many parallel context windows sharing positions and the question
+    # attends to them all (many-shot prompts beyond the context; lmforge.eval.long_context, model.pcw);
+    # 1 is the ordinary prompt, decoded the same way (the baseline of a comparison)
+    pcw_windows: int = 0
 
     def __post_init__(self) -> None:
-        if self.num_fewshot < 0 or self.limit < 0 or self.max_tokens < 1:
-            raise ValueError(f"task {self.name}: num_fewshot and limit must be >= 0, max_tokens >= 1")
+        if self.num_fewshot < 0 or self.limit < 0 or self.max_tokens < 1 or self.pcw_windows < 0:
+            raise ValueError(
+                f"task {self.name}: num_fewshot, limit and pcw_windows must be >= 0, max_tokens >= 1"
+            )
         if self.self_consistency < 1 or (self.self_consistency > 1 and self.temperature <= 0):
             raise ValueError(f"task {self.name}: self_consistency >= 1, and > 1 needs temperature > 0")
 
@@ -340,12 +346,23 @@ def _run_task(
     pool = load_task(task.fewshot_path).examples if task.fewshot_path else list(data.examples)
     if task.limit:
         data.examples = data.examples[: task.limit]
-    prompts = _prompts(task, tokenizer, data, pool, cfg.seed)
-    if data.kind == "generate":
+    if task.pcw_windows and data.kind != "generate":
+        raise ValueError(f"task {task.name}: pcw_windows needs a generation task")
+    if task.pcw_windows:
+        from lmforge.eval.long_context import run_pcw_generation_task
+
+        shots = [
+            sample_demonstrations(pool, task.num_fewshot, ex, cfg.seed, i)
+            for i, ex in enumerate(data.examples)
+        ]
+        metrics, samples = run_pcw_generation_task(task, model, tokenizer, data, shots)
+    elif data.kind == "generate":
+        prompts = _prompts(task, tokenizer, data, pool, cfg.seed)
         metrics, samples = run_generation_task(task, engine(), tokenizer, data, prompts, cfg.seed)
     elif task.cot or task.self_consistency > 1:
         raise ValueError(f"task {task.name}: chain of thought and self-consistency need a generation task")
     else:
+        prompts = _prompts(task, tokenizer, data, pool, cfg.seed)
         metrics, samples = run_multiple_choice_task(task, model, tokenizer, data, prompts, cfg.batch_size)
     with (run_dir / "samples" / f"{task.name}.jsonl").open("w", encoding="utf-8") as f:
         for sample in samples:

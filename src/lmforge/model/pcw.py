@@ -106,7 +106,6 @@ class ParallelWindowCache:
         return KVView(self.keys[layer], self.values[layer], self.positions[layer])
 
 
-@torch.no_grad()
 def pcw_generate(
     model: nn.Module,
     context_ids: Sequence[int],
@@ -119,13 +118,26 @@ def pcw_generate(
     """Greedy continuation of ``task_ids`` after ``context_ids`` split into ``n_windows`` parallel windows
     (see :func:`split_windows`); stops at a token in ``stop_ids``. With one window it is ordinary greedy
     decoding of ``context_ids + task_ids``."""
+    windows = split_windows(context_ids, n_windows, bos_id) if context_ids else []
+    return pcw_generate_windows(model, windows, task_ids, max_new_tokens, stop_ids)
+
+
+@torch.no_grad()
+def pcw_generate_windows(
+    model: nn.Module,
+    windows: Sequence[Sequence[int]],
+    task_ids: Sequence[int],
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+) -> list[int]:
+    """Greedy continuation of ``task_ids`` that attends to the given parallel ``windows`` (token id lists,
+    e.g. groups of few-shot demonstrations); stops at a token in ``stop_ids``."""
     if not task_ids:
         raise ValueError("pcw_generate: the task tokens (the question) must not be empty")
     device = next(model.parameters()).device
-    windows = split_windows(context_ids, n_windows, bos_id) if context_ids else []
     cache = ParallelWindowCache(model.cfg.n_layers)
     for window in windows:
-        ids = torch.tensor([window], device=device)
+        ids = torch.tensor([list(window)], device=device)
         model(ids, position_ids=torch.arange(len(window), device=device)[None], cache=cache)
     cache.close_windows()
     start = cache.longest
