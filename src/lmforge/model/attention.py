@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lmforge.model.cache import KVCache
 from lmforge.model.config import ModelConfig
+from lmforge.model.knn_memory import KNNMemory, KNNMemoryConfig
 from lmforge.model.norms import build_norm
 from lmforge.model.positions import RelativePositionBias, alibi_bias, alibi_slopes, apply_rope, rope_cos_sin
 from lmforge.model.rerope import ReRoPE
@@ -74,6 +75,9 @@ class AttentionContext:
     key_rope: tuple[Tensor, float] | None = None
     causal_kernel: bool = False  # use SDPA's is_causal path: no mask at all
     allowed: Tensor | None = None  # (batch, n_q, n_k) bool: pairs the caller lets attend (see attention_mask)
+    memory: KNNMemory | None = (
+        None  # external kNN memory its layers also attend to (lmforge.model.knn_memory)
+    )
     _memo: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     def base_mask(self, k_pos: Tensor) -> Tensor:
@@ -113,6 +117,10 @@ class Attention(nn.Module):
         self.q_norm = build_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = build_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.relative_bias = RelativePositionBias(cfg) if cfg.position == "relative" else None
+        memory = KNNMemoryConfig.from_model(cfg)
+        self.memory_gate = None  # per-head gate logit of a learned-gate memory layer
+        if memory is not None and layer in memory.layers and memory.gate == "learned":
+            self.memory_gate = nn.Parameter(torch.full((cfg.n_heads,), memory.gate_value))
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         batch, seq, _ = x.shape
@@ -132,6 +140,9 @@ class Attention(nn.Module):
         if ctx.key_rope is not None:
             k = apply_rope(k, *(t.to(q.dtype) for t in rope_cos_sin(k_pos, *ctx.key_rope)))
         mask = None if ctx.causal_kernel else self._mask(ctx, k_pos, q.dtype)
+        if ctx.memory is not None and self.layer in ctx.memory.layers:
+            y = ctx.memory.attend(self.layer, q, k, v, mask, self.memory_gate)
+            return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
         if ctx.rerope is not None:
             y = ctx.rerope(q, k, v, ctx.positions, k_pos, mask, self.dropout if self.training else 0.0)
             return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
