@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -271,3 +272,37 @@ def test_many_shot_task_over_parallel_windows(tmp_path, model_folder):
         "q0\nAnswer: 0\n\nq2\nAnswer: 2\n\nq4\nAnswer: 4\n\n",
         "q1\nAnswer: 1\n\nq3\nAnswer: 3\n\n",
     ]
+
+
+def test_position_perplexity_through_the_knn_memory():
+    from lmforge.eval.long_context import run_position_perplexity
+
+    tok = CharTokenizer()
+    text = "the sky is blue and the grass is green; " * 3
+    cfg = PositionPerplexityConfig(documents=["-"], multiple=2, memory_segment=20, bucket_size=20)
+    # gate fixed at 0: the memory is ignored, so each segment is scored on its own at positions 0..19
+    model = tiny_model(knn_memory={"layers": [1], "gate": "fixed", "gate_value": 0.0})
+    result = run_position_perplexity(model, tok, [text], cfg, train_length=40)
+    ids = document_streams(tok, [text], 80)[0]
+    with torch.no_grad():
+        logits = torch.cat([model(torch.tensor([ids[s : s + 20]])).logits[0] for s in range(0, 80, 20)])
+    nll = F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="none")
+    expected = bucket_perplexity([nll], 20)
+    assert [b["perplexity"] for b in result["buckets"]] == pytest.approx(
+        [b["perplexity"] for b in expected], rel=1e-5
+    )
+    assert result["memory_segment"] == 20
+    # with the memory in a joint softmax the later segments do see the earlier ones
+    joint = tiny_model(knn_memory={"layers": [0, 1], "gate": "joint", "top_k": 8})
+    with_memory = run_position_perplexity(joint, tok, [text], cfg, train_length=40)
+    alone = run_position_perplexity(
+        joint, tok, [text], dataclasses.replace(cfg, memory_segment=80), train_length=40
+    )
+    assert with_memory["buckets"][0]["perplexity"] == pytest.approx(
+        alone["buckets"][0]["perplexity"], rel=1e-5
+    )
+    assert with_memory["buckets"][2]["perplexity"] != pytest.approx(
+        alone["buckets"][2]["perplexity"], rel=1e-3
+    )
+    with pytest.raises(ValueError, match="not both"):
+        PositionPerplexityConfig(window=8, memory_segment=8)

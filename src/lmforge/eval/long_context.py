@@ -77,12 +77,21 @@ class PositionPerplexityConfig:
     sink: int = 0  # attention sinks kept when window > 0
     window: int = 0  # > 0: score through a sink cache of sink + window tokens (StreamingLLM)
     chunk: int = 1  # tokens per forward through the sink cache
+    # > 0: score segment by segment through the model's external kNN memory (ModelConfig.knn_memory;
+    # lmforge.model.knn_memory), positions restarting in each segment
+    memory_segment: int = 0
 
     def __post_init__(self) -> None:
-        if self.multiple < 1 or self.bucket_size < 0 or self.sink < 0 or self.window < 0 or self.chunk < 1:
+        if (
+            min(self.bucket_size, self.sink, self.window, self.memory_segment) < 0
+            or min(self.multiple, self.chunk) < 1
+        ):
             raise ValueError(
-                "long_context.perplexity: multiple and chunk must be >= 1; bucket_size, sink, window >= 0"
+                "long_context.perplexity: multiple and chunk must be >= 1; bucket_size, sink, window, "
+                "memory_segment >= 0"
             )
+        if self.window and self.memory_segment:
+            raise ValueError("long_context.perplexity: a sink cache (window) or a kNN memory, not both")
 
 
 @dataclass
@@ -347,7 +356,12 @@ def run_position_perplexity(
     streams = document_streams(tokenizer, texts, cfg.multiple * train_length, cfg.concatenate)
     if not streams:
         raise ValueError("long_context.perplexity: the documents hold no text")
-    nlls = [position_nll(model, s, cfg.sink, cfg.window, cfg.chunk) for s in streams]
+    if cfg.memory_segment:
+        from lmforge.model.knn_memory import memory_nll
+
+        nlls = [memory_nll(model, s, cfg.memory_segment) for s in streams]
+    else:
+        nlls = [position_nll(model, s, cfg.sink, cfg.window, cfg.chunk) for s in streams]
     buckets = bucket_perplexity(nlls, cfg.bucket_size or train_length)
     first, last = buckets[0]["perplexity"], buckets[-1]["perplexity"]
     return {
@@ -356,6 +370,7 @@ def run_position_perplexity(
         "tokens": sum(n.numel() for n in nlls),
         "sink": cfg.sink,
         "window": cfg.window,
+        "memory_segment": cfg.memory_segment,
         "buckets": buckets,
         "in_length_perplexity": first,
         "last_bucket_perplexity": last,
@@ -394,6 +409,8 @@ def long_context_markdown(result: dict[str, Any]) -> list[str]:
     if "perplexity" in result:
         ppl = result["perplexity"]
         how = f"sink cache ({ppl['sink']} + {ppl['window']})" if ppl["window"] else "full attention"
+        if ppl.get("memory_segment"):
+            how = f"kNN memory, segments of {ppl['memory_segment']}"
         lines += ["", f"## Perplexity by position ({how}, {ppl['streams']} streams)", ""]
         lines += ["| positions | tokens | perplexity |", "| --- | --- | --- |"]
         for b in ppl["buckets"]:
