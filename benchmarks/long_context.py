@@ -51,13 +51,19 @@ TRAIN_LEN = 256
 
 
 class PasskeyBatches:
-    """Endless batches of passkey haystacks (random key and depth) with the answer appended; labels only on
-    the answer tokens. Follows a curriculum as PackedLoader does (``curriculum``, ``stage``: the trainer reads
-    them to apply a stage's context settings); resumable by the number of batches drawn."""
+    """Endless batches of passkey haystacks (random key and depth) with the answer appended, labels only on
+    the answer tokens (prompt lengths vary, the row padded after the answer); every third row is instead a
+    random token string repeated twice, labels on the repeat
+    (a dense copying signal, from which the induction heads that retrieval needs form in a few hundred steps
+    rather than from the few answer tokens alone). Follows a curriculum as PackedLoader does (``curriculum``,
+    ``stage``: the trainer reads them to apply a stage's context settings); resumable by batches drawn."""
 
     def __init__(self, tokenizer: Any, curriculum: Curriculum, batch_size: int, seed: int) -> None:
         self.tokenizer, self.curriculum, self.batch_size, self.seed = tokenizer, curriculum, batch_size, seed
         self.drawn, self.tokens_served, self.stage = 0, 0, 0
+        self.ordinary = [i for i in range(tokenizer.vocab_size) if i not in tokenizer.special_ids]
+        self.pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        self.shortest = next(n for n in range(8, 4096) if _fits(tokenizer, n)) + 16
 
     def __iter__(self) -> PasskeyBatches:
         return self
@@ -67,13 +73,23 @@ class PasskeyBatches:
         seq_len = self.curriculum.stages[self.stage].seq_len
         rng = random.Random(f"{self.seed}:{self.drawn}")
         rows, labels = [], []
-        for _ in range(self.batch_size):
+        for row in range(self.batch_size):
+            if row % 3 == 2:
+                half = [rng.choice(self.ordinary) for _ in range((seq_len + 1) // 2 + 1)]
+                ids = (half + half)[: seq_len + 1]
+                rows.append(ids[:seq_len])
+                labels.append([IGNORE_INDEX] * (len(half) - 1) + ids[len(half) : seq_len + 1])
+                continue
             key = passkey_key(5, rng.randrange(10**9), 0)
             answer = self.tokenizer.encode(f" {key}.")
-            prompt = passkey_prompt(self.tokenizer, seq_len + 1 - len(answer), rng.random(), key).ids
+            # prompts of every length up to the row (then padding): retrieval must not hang on one layout
+            longest = seq_len + 1 - len(answer)
+            length = rng.randint(min(self.shortest, longest), longest)
+            prompt = passkey_prompt(self.tokenizer, length, rng.random(), key).ids
             ids = prompt + answer
+            ids += [self.pad] * (seq_len + 1 - len(ids))
             label = [IGNORE_INDEX] * seq_len
-            for t in range(len(prompt) - 1, seq_len):
+            for t in range(len(prompt) - 1, len(prompt) + len(answer) - 1):
                 label[t] = ids[t + 1]
             rows.append(ids[:seq_len])
             labels.append(label)
@@ -86,6 +102,14 @@ class PasskeyBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.drawn, self.tokens_served, self.stage = state["drawn"], state["tokens_served"], state["stage"]
+
+
+def _fits(tokenizer: Any, length: int) -> bool:
+    try:
+        passkey_prompt(tokenizer, length, 0.0, "12345")
+    except ValueError:
+        return False
+    return True
 
 
 class StreamBatches:
@@ -138,16 +162,16 @@ def passkey_tokenizer() -> Any:
 def passkey_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     tok = passkey_tokenizer()
     shape = ModelConfig(
-        vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=TRAIN_LEN
+        vocab_size=tok.vocab_size, d_model=96, n_layers=3, n_heads=4, d_ff=192, max_seq_len=TRAIN_LEN
     )
-    batch = 8
+    batch = 12
     base_stage = CurriculumStage(name="base", seq_len=TRAIN_LEN)
     torch.manual_seed(0)
     model = Transformer(shape)
     source = PasskeyBatches(tok, Curriculum([base_stage]), batch, seed=0)
     started = time.perf_counter()
     trainer = Trainer(
-        train_config(out / "base", shape, args.base_steps, 3e-3, 50), model=model, train_data=source
+        train_config(out / "base", shape, args.base_steps, 2e-3, 50), model=model, train_data=source
     )
     result = trainer.fit()
     base_seconds = time.perf_counter() - started
@@ -184,7 +208,7 @@ def passkey_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         )
         tuned = Transformer(shape)
         tuned.load_state_dict(base.state_dict())
-        source = PasskeyBatches(tok, Curriculum([stage]), batch // 4, seed=1)
+        source = PasskeyBatches(tok, Curriculum([stage]), batch // 4, seed=1)  # the same tokens per step
         t0 = time.perf_counter()
         run = out / f"extend-{label.split()[0].lower()}"
         ft = Trainer(train_config(run, shape, args.tune_steps, 1e-3, 10), model=tuned, train_data=source)

@@ -2,8 +2,8 @@
 
 Passkey retrieval (Mohtashami & Jaggi 2023, the "lost in the middle" sweep of Liu et al. 2023): a random
 ``digits``-digit key is hidden in a deterministic haystack of filler sentences at a relative depth
-(0 = right after the instruction, 1 = right before the question), the whole prompt being ``multiple`` times
-the training length in tokens. The model continues "... The pass key is" by greedy decoding; a trial scores
+(0 = right after the instruction, 1 = right before the question), the prompt and the room for the reply together
+``multiple`` times the training length in tokens. The model continues "... The pass key is" by greedy decoding; a trial scores
 1 when the first run of digits it writes is the key exactly (``digit_accuracy`` also gives the share of key
 digits right in place, for a softer curve).
 
@@ -225,8 +225,9 @@ def run_passkey(model: nn.Module, tokenizer: Any, cfg: PasskeyConfig, train_leng
                 exact, digit = [], []
                 for trial in range(cfg.trials):
                     key = passkey_key(cfg.digits, cfg.seed, trial)
-                    prompt = passkey_prompt(tokenizer, length, depth, key)
                     budget = len(tokenizer.encode(f" {key}")) + 2
+                    # the reply is part of the length: prompt and answer fit in multiple x train_length
+                    prompt = passkey_prompt(tokenizer, length - budget, depth, key)
                     if cfg.pcw_windows > 1:
                         from lmforge.model.pcw import pcw_generate
 
