@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import random
 import shutil
 import sysconfig
@@ -254,24 +255,32 @@ def sinks_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     lm = trainer.model.eval()
     rows = {}
-    for name, window in (("full attention", 0), ("sinks 4 + 252", 252)):
-        cfg = PositionPerplexityConfig(multiple=16, sink=4 if window else 0, window=window, chunk=64)
+    for name, window, multiple in (
+        ("in-length (256-token streams)", 0, 1),
+        ("full attention", 0, 16),
+        ("sinks 4 + 252", 252, 16),
+    ):
+        cfg = PositionPerplexityConfig(multiple=multiple, sink=4 if window else 0, window=window, chunk=64)
         t1 = time.perf_counter()
         r = run_position_perplexity(lm, tok, [held_out], cfg, TRAIN_LEN)
         r["seconds"] = time.perf_counter() - t1
+        # all predictions, and those beyond the training length (positions >= 256)
+        r["perplexity"] = _pooled(r["buckets"])
+        r["beyond_perplexity"] = _pooled(r["buckets"][1:]) if len(r["buckets"]) > 1 else None
         rows[name] = r
-        print(
-            name,
-            f"in-length {r['in_length_perplexity']:.3f}",
-            f"last {r['last_bucket_perplexity']:.3f}",
-            flush=True,
-        )
+        print(name, f"all {r['perplexity']:.3f}", f"beyond 256 {r['beyond_perplexity']}", flush=True)
     return {
         "lm_steps": args.lm_steps,
         "lm_seconds": seconds,
         "lm_loss": result.metrics.get("loss"),
         "rows": rows,
     }
+
+
+def _pooled(buckets: list[dict[str, Any]]) -> float:
+    """Perplexity over the tokens of several buckets (token-weighted mean NLL)."""
+    tokens = sum(b["tokens"] for b in buckets)
+    return math.exp(sum(b["nll"] * b["tokens"] for b in buckets) / tokens)
 
 
 def main() -> None:
@@ -283,7 +292,7 @@ def main() -> None:
     parser.add_argument("--tune-steps", type=int, default=100)
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--lm-steps", type=int, default=600)
-    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--skip", choices=["passkey", "sinks"], action="append", default=[])
     parser.add_argument("--threads", type=int, default=1)  # more oversubscribes a shared CPU
     args = parser.parse_args()
@@ -303,10 +312,14 @@ def main() -> None:
             by = row["by_multiple"]
             print(f"| {name} | {by.get('1', float('nan')):.2f} | {by.get('4', float('nan')):.2f} |")
     if "sinks" in report:
-        print("\n| attention | ppl 0-255 | ppl last bucket | ratio |\n| --- | ---: | ---: | ---: |")
+        print("\n| scoring | streams x tokens | ppl, all | ppl 0-255 | ppl 256+ | ppl last 256 |")
+        print("| --- | --- | ---: | ---: | ---: | ---: |")
         for name, r in report["sinks"]["rows"].items():
+            beyond = r["beyond_perplexity"]
             print(
-                f"| {name} | {r['in_length_perplexity']:.3f} | {r['last_bucket_perplexity']:.3f} | {r['last_over_first']:.3f} |"
+                f"| {name} | {r['streams']} x {r['tokens'] // r['streams'] + 1} | {r['perplexity']:.2f} | "
+                f"{r['in_length_perplexity']:.2f} | {'-' if beyond is None else f'{beyond:.2f}'} | "
+                f"{r['last_bucket_perplexity']:.2f} |"
             )
     print(f"report: {args.out / 'report.json'}")
 
