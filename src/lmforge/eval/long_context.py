@@ -62,9 +62,9 @@ class PasskeyConfig:
 
     def __post_init__(self) -> None:
         if any(m <= 0 for m in self.multiples) or self.trials < 1 or self.digits < 1:
-            raise ValueError("long_context.passkey: multiples must be > 0, trials and digits >= 1")
+            raise ValueError("multiples must be > 0, trials and digits >= 1")
         if any(not 0.0 <= d <= 1.0 for d in self.depths):
-            raise ValueError(f"long_context.passkey.depths: must lie in [0, 1], got {list(self.depths)}")
+            raise ValueError(f"depths: must lie in [0, 1], got {list(self.depths)}")
 
 
 @dataclass
@@ -87,11 +87,10 @@ class PositionPerplexityConfig:
             or min(self.multiple, self.chunk) < 1
         ):
             raise ValueError(
-                "long_context.perplexity: multiple and chunk must be >= 1; bucket_size, sink, window, "
-                "memory_segment >= 0"
+                "multiple and chunk must be >= 1; bucket_size, sink, window, memory_segment >= 0"
             )
         if self.window and self.memory_segment:
-            raise ValueError("long_context.perplexity: a sink cache (window) or a kNN memory, not both")
+            raise ValueError("window, memory_segment: a sink cache or a kNN memory, not both")
 
 
 @dataclass
