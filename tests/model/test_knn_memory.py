@@ -100,3 +100,18 @@ def test_config_validation():
             cache=ContiguousKVCache.for_model(model.cfg, 1, 4),
             memory=KNNMemory.for_model(model.cfg),
         )
+
+
+def test_a_model_with_a_learned_gate_saves_and_loads(tmp_path):
+    from lmforge.model.hf import load_pretrained, save_pretrained
+
+    model = tiny(knn_memory={"layers": [1], "gate": "learned", "gate_value": -1.0})
+    with torch.no_grad():
+        model.blocks["1"].attn.memory_gate.copy_(torch.tensor([0.5, -2.0, 1.0, 3.0]))
+    save_pretrained(model, tmp_path)
+    loaded = load_pretrained(tmp_path).eval()
+    assert loaded.cfg.knn_memory == model.cfg.knn_memory
+    torch.testing.assert_close(loaded.blocks["1"].attn.memory_gate, model.blocks["1"].attn.memory_gate)
+    ids = torch.randint(0, 64, (21,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(memory_forward(loaded, ids, 7), memory_forward(model, ids, 7))
