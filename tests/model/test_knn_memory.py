@@ -50,6 +50,10 @@ def test_without_memory_the_model_is_unchanged():
         )
         torch.testing.assert_close(first.logits, plain(ids[:1]).logits, atol=1e-5, rtol=1e-5)
     assert set(with_option.state_dict()) - set(plain.state_dict()) == {"blocks.1.attn.memory_gate"}
+    # the model is built on the meta device and initialised after: the gate gets its configured start
+    gated = tiny(knn_memory={"layers": [0, 1], "gate": "learned", "gate_value": 0.7})
+    for i in ("0", "1"):
+        assert gated.blocks[i].attn.memory_gate.tolist() == pytest.approx([0.7] * 4)
 
 
 def test_exact_past_with_joint_softmax_equals_full_attention():

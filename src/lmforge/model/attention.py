@@ -119,8 +119,16 @@ class Attention(nn.Module):
         self.relative_bias = RelativePositionBias(cfg) if cfg.position == "relative" else None
         memory = KNNMemoryConfig.from_model(cfg)
         self.memory_gate = None  # per-head gate logit of a learned-gate memory layer
+        self._gate_init = 0.0 if memory is None else memory.gate_value
         if memory is not None and layer in memory.layers and memory.gate == "learned":
             self.memory_gate = nn.Parameter(torch.full((cfg.n_heads,), memory.gate_value))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The parameters this module holds itself (its projections are initialised as Linear layers): a
+        learned kNN-memory gate starts at knn_memory.gate_value in every head."""
+        if self.memory_gate is not None:
+            self.memory_gate.fill_(self._gate_init)
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         batch, seq, _ = x.shape
