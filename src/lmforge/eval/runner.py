@@ -41,6 +41,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from lmforge.eval.fewshot import PromptFormat, chat_messages, plain_prompt, sample_demonstrations
+from lmforge.eval.long_context import LongContextConfig
 from lmforge.eval.metrics import (
     exact_match,
     mean,
@@ -72,10 +73,16 @@ class TaskConfig:
     limit: int = 0  # 0: every example
     ignore_case: bool = True
     ignore_punctuation: bool = False
+    # >= 1: the demonstrations go into this many parallel context windows sharing positions and the question
+    # attends to them all (many-shot prompts beyond the context; lmforge.eval.long_context, model.pcw);
+    # 1 is the ordinary prompt, decoded the same way (the baseline of a comparison)
+    pcw_windows: int = 0
 
     def __post_init__(self) -> None:
-        if self.num_fewshot < 0 or self.limit < 0 or self.max_tokens < 1:
-            raise ValueError(f"task {self.name}: num_fewshot and limit must be >= 0, max_tokens >= 1")
+        if self.num_fewshot < 0 or self.limit < 0 or self.max_tokens < 1 or self.pcw_windows < 0:
+            raise ValueError(
+                f"task {self.name}: num_fewshot, limit and pcw_windows must be >= 0, max_tokens >= 1"
+            )
         if self.self_consistency < 1 or (self.self_consistency > 1 and self.temperature <= 0):
             raise ValueError(f"task {self.name}: self_consistency >= 1, and > 1 needs temperature > 0")
 
@@ -116,6 +123,7 @@ class EvalConfig:
     tasks: list[TaskConfig] = field(default_factory=list)
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     sweeps: list[SweepConfig] = field(default_factory=list)
+    long_context: LongContextConfig = field(default_factory=LongContextConfig)  # lmforge.eval.long_context
     batch_size: int = 16
     seed: int = 1234
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
@@ -303,10 +311,30 @@ def evaluate(
             max_batches=ppl.max_batches,
         )
         results["perplexity_shards"] = score.to_dict()
+    if cfg.long_context.enabled:
+        results["long_context"] = _run_long_context(cfg, model, tokenizer, run_dir)
     results["seconds"] = round(time.perf_counter() - started, 3)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (run_dir / "results.md").write_text(results_markdown(results), encoding="utf-8")
     return results
+
+
+def _run_long_context(cfg: EvalConfig, model: Any, tokenizer: Any, run_dir: Path) -> dict[str, Any]:
+    """Passkey retrieval and perplexity by position; passkey replies go to ``samples/passkey.jsonl``."""
+    from lmforge.eval.long_context import evaluate_long_context
+
+    lc = cfg.long_context
+    texts = (
+        _read_documents(lc.perplexity.documents, lc.perplexity.max_documents)
+        if lc.perplexity.documents
+        else []
+    )
+    result = evaluate_long_context(model, tokenizer, lc, texts)
+    if "passkey" in result:
+        with (run_dir / "samples" / "passkey.jsonl").open("w", encoding="utf-8") as f:
+            for sample in result["passkey"].pop("samples"):
+                f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    return result
 
 
 def _run_task(
@@ -318,12 +346,23 @@ def _run_task(
     pool = load_task(task.fewshot_path).examples if task.fewshot_path else list(data.examples)
     if task.limit:
         data.examples = data.examples[: task.limit]
-    prompts = _prompts(task, tokenizer, data, pool, cfg.seed)
-    if data.kind == "generate":
+    if task.pcw_windows and data.kind != "generate":
+        raise ValueError(f"task {task.name}: pcw_windows needs a generation task")
+    if task.pcw_windows:
+        from lmforge.eval.long_context import run_pcw_generation_task
+
+        shots = [
+            sample_demonstrations(pool, task.num_fewshot, ex, cfg.seed, i)
+            for i, ex in enumerate(data.examples)
+        ]
+        metrics, samples = run_pcw_generation_task(task, model, tokenizer, data, shots)
+    elif data.kind == "generate":
+        prompts = _prompts(task, tokenizer, data, pool, cfg.seed)
         metrics, samples = run_generation_task(task, engine(), tokenizer, data, prompts, cfg.seed)
     elif task.cot or task.self_consistency > 1:
         raise ValueError(f"task {task.name}: chain of thought and self-consistency need a generation task")
     else:
+        prompts = _prompts(task, tokenizer, data, pool, cfg.seed)
         metrics, samples = run_multiple_choice_task(task, model, tokenizer, data, prompts, cfg.batch_size)
     with (run_dir / "samples" / f"{task.name}.jsonl").open("w", encoding="utf-8") as f:
         for sample in samples:
@@ -442,6 +481,10 @@ def results_markdown(results: dict[str, Any]) -> str:
                 f"{what}: {ppl['tokens']} tokens, {ppl['bytes']} bytes: "
                 f"perplexity {ppl['perplexity']:.3f}, bits per byte {ppl['bits_per_byte']:.4f}.",
             ]
+    if "long_context" in results:
+        from lmforge.eval.long_context import long_context_markdown
+
+        lines += long_context_markdown(results["long_context"])
     for name, sweep in results.get("sweeps", {}).items():
         lines += [
             "",

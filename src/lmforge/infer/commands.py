@@ -75,6 +75,14 @@ def register(subparsers: Any) -> None:
     gen.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / len**penalty")
     gen.add_argument("--draft", metavar="DRAFT_DIR", help="speculative decoding with this small draft model")
     gen.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens proposed per round")
+    gen.add_argument(
+        "--pcw-windows",
+        type=int,
+        default=0,
+        metavar="N",
+        help="parallel context windows: the prompt up to its last line is split into N windows sharing "
+        "positions, the last line (the task) attends to all of them; greedy decoding (0 = off)",
+    )
     add_sampling_arguments(gen)
     gen.set_defaults(handler=run_generate)
 
@@ -148,6 +156,8 @@ def run_generate(args: argparse.Namespace) -> int:
         ]
     if args.draft:
         return _speculative(engine, args, prompts, params, special)
+    if args.pcw_windows:
+        return _parallel_windows(engine, args, prompts, special)
     if len(prompts) == 1 and args.n == 1 and not args.beams:
         _stream(engine, prompts[0], params, sys.stdout, special)
         print()
@@ -181,6 +191,38 @@ def _speculative(engine, args: argparse.Namespace, prompts: list[str], params, s
         text = result.text if result.text is not None else ""
         print(f"[{number}] {text}" if len(prompts) > 1 else text)
         print(f"draft acceptance: {result.accepted}/{result.proposed}", file=sys.stderr)
+    return 0
+
+
+def _parallel_windows(engine, args: argparse.Namespace, prompts: list[str], special: bool) -> int:
+    """Greedy decoding with parallel context windows (lmforge.model.pcw), one prompt at a time."""
+    from lmforge.model.pcw import pcw_generate
+
+    if args.temperature:
+        print("lmforge generate: --pcw-windows decodes greedily (temperature ignored)", file=sys.stderr)
+    tokenizer = engine.tokenizer
+    for number, prompt in enumerate(prompts):
+        context, newline, task = prompt.rpartition("\n")
+        if not newline or not task:
+            print(
+                "lmforge generate: --pcw-windows needs a prompt whose last line is the task", file=sys.stderr
+            )
+            return 2
+        try:
+            out = pcw_generate(
+                engine.model,
+                tokenizer.encode(context + newline, add_special_tokens=special),
+                tokenizer.encode(task),
+                args.pcw_windows,
+                args.max_tokens,
+                stop_ids=sorted(engine.eos_token_ids),
+                bos_id=tokenizer.bos_id,
+            )
+        except ValueError as err:
+            print(f"lmforge generate: {err}", file=sys.stderr)
+            return 2
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        print(f"[{number}] {text}" if len(prompts) > 1 else text)
     return 0
 
 

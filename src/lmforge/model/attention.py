@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lmforge.model.cache import KVCache
 from lmforge.model.config import ModelConfig
+from lmforge.model.knn_memory import KNNMemory, KNNMemoryConfig
 from lmforge.model.norms import build_norm
 from lmforge.model.positions import RelativePositionBias, alibi_bias, alibi_slopes, apply_rope, rope_cos_sin
 from lmforge.model.rerope import ReRoPE
@@ -27,12 +28,14 @@ def attention_mask(
     prefix_lengths: Tensor | None = None,
     q_segments: Tensor | None = None,
     k_segments: Tensor | None = None,
+    allowed: Tensor | None = None,
 ) -> Tensor:
     """Which keys each query may see, (batch, 1, n_q, n_k) bool, from absolute positions.
 
     Causal (key position <= query position) or, for a prefix decoder, also every key inside the sequence's
     prefix; restricted by the sliding window, the strided sparse pattern or the Λ shape (window + global_tokens
-    first positions); keys at position -1 are empty slots.
+    first positions); keys at position -1 are empty slots. ``allowed`` (batch, n_q, n_k) bool, when given,
+    restricts visibility further (e.g. parallel context windows, :mod:`lmforge.model.pcw`).
     A query that sees nothing (padding) is allowed everything, so its (discarded) output stays finite.
     """
     q, k = q_pos[:, :, None], k_pos[:, None, :]
@@ -49,6 +52,8 @@ def attention_mask(
         visible = visible & ((distance < cfg.sparse_block) | (distance % cfg.sparse_block == 0))
     if q_segments is not None:
         visible = visible & (q_segments[:, :, None] == k_segments[:, None, :])
+    if allowed is not None:
+        visible = visible & allowed.to(device=visible.device, dtype=torch.bool)
     visible = visible & (k >= 0)
     visible = visible | ~visible.any(dim=-1, keepdim=True)
     return visible[:, None]
@@ -69,6 +74,10 @@ class AttentionContext:
     # sinks): keys are rotated after the cache, at the positions it reports
     key_rope: tuple[Tensor, float] | None = None
     causal_kernel: bool = False  # use SDPA's is_causal path: no mask at all
+    allowed: Tensor | None = None  # (batch, n_q, n_k) bool: pairs the caller lets attend (see attention_mask)
+    memory: KNNMemory | None = (
+        None  # external kNN memory its layers also attend to (lmforge.model.knn_memory)
+    )
     _memo: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     def base_mask(self, k_pos: Tensor) -> Tensor:
@@ -84,7 +93,7 @@ class AttentionContext:
                 raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
             k_segments = self.segment_ids
         mask = attention_mask(
-            self.cfg, self.positions, k_pos, self.prefix_lengths, self.segment_ids, k_segments
+            self.cfg, self.positions, k_pos, self.prefix_lengths, self.segment_ids, k_segments, self.allowed
         )
         if self.cfg.position == "alibi":
             bias = alibi_bias(alibi_slopes(self.cfg.n_heads), self.positions, k_pos)
@@ -108,6 +117,18 @@ class Attention(nn.Module):
         self.q_norm = build_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = build_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.relative_bias = RelativePositionBias(cfg) if cfg.position == "relative" else None
+        memory = KNNMemoryConfig.from_model(cfg)
+        self.memory_gate = None  # per-head gate logit of a learned-gate memory layer
+        self._gate_init = 0.0 if memory is None else memory.gate_value
+        if memory is not None and layer in memory.layers and memory.gate == "learned":
+            self.memory_gate = nn.Parameter(torch.full((cfg.n_heads,), memory.gate_value))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The parameters this module holds itself (its projections are initialised as Linear layers): a
+        learned kNN-memory gate starts at knn_memory.gate_value in every head."""
+        if self.memory_gate is not None:
+            self.memory_gate.fill_(self._gate_init)
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         batch, seq, _ = x.shape
@@ -127,6 +148,9 @@ class Attention(nn.Module):
         if ctx.key_rope is not None:
             k = apply_rope(k, *(t.to(q.dtype) for t in rope_cos_sin(k_pos, *ctx.key_rope)))
         mask = None if ctx.causal_kernel else self._mask(ctx, k_pos, q.dtype)
+        if ctx.memory is not None and self.layer in ctx.memory.layers:
+            y = ctx.memory.attend(self.layer, q, k, v, mask, self.memory_gate)
+            return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
         if ctx.rerope is not None:
             y = ctx.rerope(q, k, v, ctx.positions, k_pos, mask, self.dropout if self.training else 0.0)
             return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))

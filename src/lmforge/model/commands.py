@@ -34,6 +34,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     parser.add_argument("--no-flash", action="store_true", help="count materialised attention scores")
+    parser.add_argument(
+        "--stages",
+        default="",
+        metavar="L1,L2,...",
+        help="context lengths of a context-extension curriculum, e.g. 256,1024,4096: the KV cache (one "
+        "sequence, 2-byte values) and the training activations of a micro-batch at each",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     peft = parser.add_argument_group(
         "parameter-efficient fine-tuning plan (adapters train, the base is frozen)"
@@ -300,6 +307,19 @@ def run_info(args: argparse.Namespace) -> int:
             "memory_per_gpu_gib": {k: round(v, 3) for k, v in adapter.as_gib().items()},
             "memory_per_gpu_bytes": {k: round(v * GIB) for k, v in adapter.as_gib().items()},
         }
+    try:
+        lengths = [int(x) for x in args.stages.split(",") if x.strip()]
+    except ValueError:
+        args.parser.error(f"--stages: comma-separated context lengths, got {args.stages!r}")
+    stages = []
+    for length in lengths:
+        kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * length * 2  # keys + values, 2 bytes each
+        activations = memory_plan(
+            cfg, args.micro_batch, length, args.dp, args.zero, args.checkpointing, not args.no_flash, params
+        ).activations
+        stages.append({"context": length, "kv_cache_gib": kv / 2**30, "activations_gib": activations / 2**30})
+    if stages:
+        report["stages"] = stages
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -332,5 +352,10 @@ def run_info(args: argparse.Namespace) -> int:
         table.add_row("  adapted layers", str(len(adapter.targets)))
         for key, value in adapter.as_gib().items():
             table.add_row(f"  {key}", f"{value:.2f} GiB")
+    for stage in stages:
+        table.add_row(
+            f"context {stage['context']}: KV cache / activations",
+            f"{stage['kv_cache_gib']:.4g} / {stage['activations_gib']:.4g} GiB",
+        )
     Console().print(table)
     return 0

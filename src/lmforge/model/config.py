@@ -85,6 +85,10 @@ class ModelConfig:
     # sparse_block positions (local) and every sparse_block-th position before them (strided)
     sparse_block: int = 16
     qk_norm: bool = False
+    # external memory (lmforge.model.knn_memory, Memorizing Transformer / LongLLaMA): {layers: [i, ...],
+    # top_k: 32, size: 65536, gate: learned | fixed | joint, gate_value: 0.0}; the listed layers also attend to
+    # the top_k nearest keys of earlier segments, gated (learned per head, or fixed) or in one joint softmax
+    knn_memory: dict[str, Any] | None = None
 
     # mixture of experts (n_experts == 0 -> dense MLP everywhere)
     n_experts: int = 0
@@ -167,6 +171,15 @@ class ModelConfig:
                 raise ValueError(f"rerope_leak: must be >= 1 (1 is plain RoPE), got {self.rerope_leak}")
         elif self.rerope_leak is not None:
             raise ValueError("rerope_leak: needs rerope_window")
+        if self.knn_memory is not None:
+            mem = self.knn_memory
+            layers = mem.get("layers")
+            if not layers or any(not 0 <= int(i) < self.n_layers for i in layers):
+                raise ValueError(f"knn_memory.layers: layer indices in 0..{self.n_layers - 1}, got {layers}")
+            check_choice("knn_memory.gate", mem.get("gate", "learned"), ("learned", "fixed", "joint"))
+            for key in ("top_k", "size"):
+                if int(mem.get(key, 1)) < 1:
+                    raise ValueError(f"knn_memory.{key}: must be >= 1, got {mem[key]}")
         if self.attention == "sparse" and self.sparse_block <= 0:
             raise ValueError(f"sparse_block: must be positive, got {self.sparse_block}")
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:

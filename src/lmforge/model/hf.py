@@ -241,6 +241,7 @@ def _family_problems(cfg: ModelConfig, family: str) -> list[str]:
     need(cfg.position == "rope" and cfg.rotary_pct == 1.0, "full-width RoPE")
     need(rope_type(cfg) in ("default", *HF_ROPE_TYPES), f"a RoPE scaling of {', '.join(HF_ROPE_TYPES)}")
     need(cfg.rerope_window is None, "no ReRoPE")
+    need(cfg.knn_memory is None, "no kNN memory (lmforge.model.knn_memory)")
     if family == "llama":
         need(cfg.qkv_bias == cfg.out_bias, "the same bias on q/k/v and o")
         need(cfg.attention == "full" and not cfg.n_experts, "full attention, dense MLP")

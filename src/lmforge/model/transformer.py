@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from lmforge.model.attention import Attention, AttentionContext
 from lmforge.model.cache import KVCache
 from lmforge.model.config import ModelConfig
+from lmforge.model.knn_memory import KNNMemory
 from lmforge.model.mlp import MLP
 from lmforge.model.moe import MoE
 from lmforge.model.norms import build_norm
@@ -187,6 +188,8 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         logits_rows: Tensor | None = None,
         return_hidden: bool = False,
+        attention_mask: Tensor | None = None,
+        memory: KNNMemory | None = None,
     ) -> ModelOutput:
         """input_ids (batch, seq) token ids, or (batch, seq, d_model) floating point: token embeddings (positions
         and the embedding norm still apply), or hidden states when embed_tokens is None.
@@ -198,10 +201,16 @@ class Transformer(nn.Module):
         logits are wanted: the result is then (n, vocab), and the LM head runs on those rows only (an inference
         engine needs the last position of each sequence, not a ``seq x vocab`` matmul per prefill).
         return_hidden skips the lm_head: ``logits`` holds the final hidden states, for losses that apply the
-        head themselves (the chunked cross-entropy of training)."""
+        head themselves (the chunked cross-entropy of training).
+        attention_mask (batch, seq, n_keys) bool further restricts which keys each token sees, on top of the
+        causal-by-position rule (parallel context windows: lmforge.model.pcw).
+        memory: the external kNN memory of earlier segments that the config's knn_memory layers query (and add
+        this forward's keys to; lmforge.model.knn_memory)."""
         cfg = self.cfg
         if prefix_lengths is not None and cfg.structure != "prefix":
             raise ValueError("prefix_lengths: the model is a causal decoder (structure=causal)")
+        if memory is not None and (cache is not None or cfg.rerope_window is not None):
+            raise ValueError("memory: the kNN memory works segment by segment, without a KV cache or ReRoPE")
         batch, seq = input_ids.shape[:2]
         device = input_ids.device
         explicit_positions = position_ids is not None
@@ -244,6 +253,8 @@ class Transformer(nn.Module):
             or cfg.attention != "full"
             or cfg.position in ("alibi", "relative")
             or rerope is not None
+            or attention_mask is not None
+            or memory is not None
         )
         ctx = AttentionContext(
             cfg,
@@ -255,6 +266,8 @@ class Transformer(nn.Module):
             rerope=rerope,
             key_rope=key_rope,
             causal_kernel=not needs_mask,
+            allowed=attention_mask,
+            memory=memory,
         )
 
         aux_loss = x.new_zeros((), dtype=torch.float32)

@@ -1,7 +1,9 @@
 """Data curricula: an ordered list of stages, each with its own mixture, token budget and sequence length.
 
 E.g. general web text at 2K context, then a code-heavy mixture, then a Python-heavy mixture at 8K context.
-The trainer asks :meth:`Curriculum.stage_at` with the number of tokens trained so far and tells the loader
+A stage may also change the model's position handling from its start on (``max_seq_len``, ``rope_theta``,
+``rope_scaling``): multi-stage context extension, e.g. 2K -> 8K -> 32K with position interpolation or YaRN
+chosen per stage (the trainer applies :func:`model_overrides` when the stage begins). The trainer asks :meth:`Curriculum.stage_at` with the number of tokens trained so far and tells the loader
 to switch (``PackedLoader.set_stage``) when the stage changes.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from lmforge.shards.mixture import MixtureConfig
 
@@ -19,10 +22,32 @@ class CurriculumStage:
     tokens: int = 0  # token budget of the stage; 0 on the last stage means "until training ends"
     seq_len: int = 0  # 0 keeps the loader's seq_len
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    # context extension from this stage on (each 0 / None keeps what the earlier stages or the model had):
+    max_seq_len: int = 0  # the model's context length
+    rope_theta: float = 0.0  # RoPE base ("base modification")
+    # transformers-style scaling, e.g. {rope_type: yarn, factor: 4, original_max_position_embeddings: 256};
+    # {rope_type: default} turns an earlier stage's scaling off
+    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.tokens < 0 or self.seq_len < 0:
-            raise ValueError(f"stage {self.name!r}: tokens and seq_len must be >= 0")
+        if self.tokens < 0 or self.seq_len < 0 or self.max_seq_len < 0 or self.rope_theta < 0:
+            raise ValueError(f"stage {self.name!r}: tokens, seq_len, max_seq_len and rope_theta must be >= 0")
+
+
+def model_overrides(stages: Sequence[CurriculumStage]) -> dict[str, Any]:
+    """The model fields that ``stages`` (a curriculum's first stages, in order) set, the latest winning:
+    ``max_seq_len``, ``rope_theta`` and ``rope_scaling`` (``None`` for ``{rope_type: default}``)."""
+    out: dict[str, Any] = {}
+    for stage in stages:
+        if stage.max_seq_len:
+            out["max_seq_len"] = stage.max_seq_len
+        if stage.rope_theta:
+            out["rope_theta"] = float(stage.rope_theta)
+        if stage.rope_scaling is not None:
+            scaling = dict(stage.rope_scaling)
+            kind = scaling.get("rope_type", scaling.get("type"))
+            out["rope_scaling"] = None if kind == "default" and len(scaling) == 1 else scaling
+    return out
 
 
 class Curriculum:

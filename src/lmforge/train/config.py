@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lmforge.config import check_choice, check_range
 from lmforge.model.config import ModelConfig
+from lmforge.shards.curriculum import model_overrides
 from lmforge.shards.loader import DataConfig
 
 OPTIMIZERS = ("adamw", "adafactor")
@@ -195,9 +196,17 @@ class TrainConfig:
 
     def check_model(self, model: ModelConfig) -> None:
         """Raise a ValueError naming the keys when the data does not fit ``model``."""
-        longest = max([self.data.seq_len, *(stage.seq_len for stage in self.data.curriculum)])
-        if longest > model.max_seq_len:
-            key = "data.seq_len" if longest == self.data.seq_len else "data.curriculum[].seq_len"
-            raise ValueError(
-                f"{key}: sequences of {longest} tokens do not fit model.max_seq_len={model.max_seq_len}"
-            )
+        # a curriculum stage may extend the context (max_seq_len, rope scaling) from its start on
+        limits = [(self.data.seq_len, model.max_seq_len, "data.seq_len")]
+        stages = self.data.curriculum
+        for i, stage in enumerate(stages):
+            try:
+                staged = replace(model, **model_overrides(stages[: i + 1]))
+            except ValueError as err:
+                raise ValueError(f"data.curriculum[{i}]: {err}") from None
+            if model.position == "learned" and staged.max_seq_len > model.max_seq_len:
+                raise ValueError(f"data.curriculum[{i}].max_seq_len: learned positions cannot be extended")
+            limits.append((stage.seq_len, staged.max_seq_len, f"data.curriculum[{i}].seq_len"))
+        for length, limit, key in limits:
+            if length > limit:
+                raise ValueError(f"{key}: sequences of {length} tokens do not fit model.max_seq_len={limit}")

@@ -166,6 +166,7 @@ class Trainer:
         if isinstance(model.cfg, ModelConfig):
             self.cfg = cfg = dataclasses.replace(cfg, model=model.cfg)
         self.model_cfg = model.cfg
+        self._base_model_cfg, self._stage_applied = model.cfg, None  # curriculum context extension
         self.tokenizer = None
         if cfg.tokenizer:
             from lmforge.tokenizer import load_tokenizer
@@ -379,6 +380,7 @@ class Trainer:
             if self.batch_hook is not None:
                 batch = self.batch_hook(self.step, batch)
             batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+        self._apply_stage()
         units = torch.tensor(
             sum(self.objective.count(b) for b in batches), dtype=torch.int64, device=self.device
         )
@@ -440,6 +442,24 @@ class Trainer:
         self.step += 1
         self.tokens += step_tokens
         return {**record, "lr": lr}
+
+    def _apply_stage(self) -> None:
+        """Give the model the context settings of the loader's curriculum stage (max_seq_len, rope_theta,
+        rope_scaling, folded over the stages so far; see shards.curriculum.model_overrides) when it changes:
+        multi-stage context extension. The exported model carries the last stage's settings."""
+        curriculum = getattr(self.train_data, "curriculum", None)
+        stage = getattr(self.train_data, "stage", None)
+        if curriculum is None or stage is None or stage == self._stage_applied:
+            return
+        from lmforge.shards.curriculum import model_overrides
+
+        overrides = model_overrides(curriculum.stages[: stage + 1])
+        self.model_cfg = dataclasses.replace(self._base_model_cfg, **overrides)
+        self.model.cfg = self.model_cfg
+        self.model._rope_memo = None  # frequencies are recomputed from the new settings
+        self._stage_applied = stage
+        if overrides:
+            self.metrics.event({"event": "stage_model", "step": self.step, "stage": stage, **overrides})
 
     def _rollback(self, reason: str, loss: float, z: float, record: dict[str, Any]) -> dict[str, Any]:
         """Back to the last good checkpoint, skipping the data from it to this batch and ``skip_batches``
@@ -699,6 +719,7 @@ class Trainer:
     def export(self, folder: Path | None) -> Path | None:
         """Write the model of checkpoint ``folder`` in Hugging Face layout (rank 0; others wait)."""
         out = self.run_dir / "model"
+        self._apply_stage()  # a run resumed at its end has drawn no batch yet
         if self.env.is_main and folder is not None:
             model = type(self.model)(self.model_cfg)  # Transformer, or the class the caller trained
             ckpt.load_model_weights(folder, model)
