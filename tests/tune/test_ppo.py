@@ -226,7 +226,7 @@ def ppo_recipe(tmp_path, base_model, **overrides):
         "checkpoint": {"every_steps": 0},
     }
     for key, value in overrides.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return load_config(PPOConfig, data=data)
 
 
@@ -249,3 +249,43 @@ def test_ppo_raises_a_toy_reward(tmp_path, base_model):
     assert logged[0]["logprob_diff"] < 1e-3
     assert (tmp_path / "ppo" / "model" / "config.json").is_file()
     assert (tmp_path / "ppo" / "value_head.safetensors").is_file()
+
+
+def test_ppo_with_lora_a_reward_model_k3_and_the_adaptive_kl(tmp_path, base_model, tokenizer):
+    from lmforge.model.hf import load_pretrained, save_reward_model
+
+    backbone = load_pretrained(base_model)
+    rm_folder = tmp_path / "rm"
+    save_reward_model(
+        backbone, torch.randn(1, backbone.cfg.d_model), rm_folder, pad_token_id=tokenizer.pad_id
+    )
+    cfg = ppo_recipe(
+        tmp_path,
+        base_model,
+        max_steps=2,
+        batch={"micro_batch_size": 4},
+        ppo={
+            "prompts_per_rollout": 4,
+            "samples_per_prompt": 1,
+            "epochs": 2,
+            "max_new_tokens": 4,
+            "rewards": {},
+            "reward_model": str(rm_folder),
+            "kl_estimator": "k3",
+            "kl_coef": 0.1,
+            "kl_target": 0.5,
+            "kl_horizon": 100,
+        },
+        peft={"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+        log={"every_steps": 1},
+    )
+    summary = run_ppo(cfg, ppo_engine_rollouts, progress=False)
+    assert summary["step"] == 2 and summary["rollouts"] == 1
+    logged = [
+        json.loads(line) for line in (tmp_path / "ppo" / "align_metrics.jsonl").read_text().splitlines()
+    ]
+    assert {"reward/model", "kl", "value_loss"} <= set(logged[0]) and "reward/contains" not in logged[0]
+    assert logged[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the LoRA B matrices start at zero
+    # the rollout's KL (0) is under the target: the coefficient shrinks by 20% x 4 replies / 100
+    assert summary["kl_coef"] == pytest.approx(0.1 * (1 - 0.2 * 4 / 100))
+    assert (tmp_path / "ppo" / "adapter" / "adapter_config.json").is_file()
