@@ -57,7 +57,10 @@ The recipe is a :class:`~lmforge.train.TrainConfig` plus a ``ppo`` section (and 
 
 Outputs: ``RUN/model`` (the policy, Hugging Face layout, with the tokenizer; with ``peft`` the adapter in
 ``RUN/adapter``), ``RUN/value_head.safetensors`` (the critic's head), ``RUN/align_metrics.jsonl`` (reward,
-KL, entropy, clip fraction, approx KL, value loss, rollout / scoring / update time, logprob_diff).
+KL, entropy, clip fraction, approx KL, value loss, rollout / scoring / update time, logprob_diff). Times are
+per rollout: ``rollout_s`` (push + sampling), ``scoring_s`` (rewards), ``prepare_s`` (the actor/critic and
+reference forwards, GAE) and ``update_s``, the trainer's time on the *previous* rollout (from the end of its
+preparation to the start of this one: its optimizer steps, logging and checkpoints).
 """
 
 from __future__ import annotations
