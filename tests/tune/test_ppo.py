@@ -289,3 +289,62 @@ def test_ppo_with_lora_a_reward_model_k3_and_the_adaptive_kl(tmp_path, base_mode
     # the rollout's KL (0) is under the target: the coefficient shrinks by 20% x 4 replies / 100
     assert summary["kl_coef"] == pytest.approx(0.1 * (1 - 0.2 * 4 / 100))
     assert (tmp_path / "ppo" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_source_hands_out_epochs_of_minibatches_and_resumes(tokenizer):
+    from lmforge.tune.grpo import RLPrompt, Scorer, contains_reward
+    from lmforge.tune.ppo import PPOSource
+
+    class FixedRollouts:  # replies of 1-3 tokens; no sampling log-probs (logprob_diff is then absent)
+        pushed = 0
+
+        def push_weights(self, policy):
+            self.pushed += 1
+
+        def sample(self, prompts, n):
+            return [[[5 + i + j] * (1 + (i + j) % 3) for j in range(n)] for i in range(len(prompts))]
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=tokenizer.vocab_size, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=16
+    )
+    policy = Transformer(cfg)
+    prompts = [RLPrompt((1, 2 + i), {}) for i in range(6)]
+    rollouts = FixedRollouts()
+
+    def source():
+        return PPOSource(
+            prompts,
+            PolicyWithValue(policy),
+            rollouts,
+            Scorer({"contains": (contains_reward("x"), 1.0)}),
+            tokenizer,
+            0,
+            Transformer(cfg).eval(),
+            AdaptiveKLController(0.1, target=1.0, horizon=10),
+            prompts_per_rollout=4,
+            samples_per_prompt=2,
+            micro_batch_size=4,
+            epochs=3,
+        )
+
+    first = source()
+    batches = [next(first) for _ in range(6)]  # 3 epochs x 2 micro-batches of the 8 replies: one rollout
+    assert rollouts.pushed == 1
+    assert all(b["input_ids"].shape[0] == 4 for b in batches)
+    assert "stat/reward" in batches[0] and not any(k.startswith("stat/") for b in batches[1:] for k in b)
+    assert "stat/logprob_diff" not in batches[0]
+
+    def rows(epoch):
+        return sorted(
+            map(tuple, torch.cat([b["input_ids"] for b in batches[2 * epoch : 2 * epoch + 2]]).tolist())
+        )
+
+    assert len(set(rows(0))) == 8 and rows(1) == rows(0) and rows(2) == rows(0)  # every reply once per epoch
+    next(first)
+    assert rollouts.pushed == 2  # the 7th micro-batch starts a new rollout
+    state = first.state_dict()
+    assert state["kl_coef"] < 0.1  # KL 0 under the target: the controller lowered it, and it is saved
+    resumed = source()
+    resumed.load_state_dict(state)
+    assert (resumed.epoch, resumed.index, resumed.kl.value) == (first.epoch, first.index, first.kl.value)
