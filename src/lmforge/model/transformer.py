@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from lmforge.model.attention import Attention, AttentionContext
 from lmforge.model.cache import KVCache
 from lmforge.model.config import ModelConfig
+from lmforge.model.mamba import MambaBlock, MambaMixer
 from lmforge.model.mlp import MLP
 from lmforge.model.moe import MoE
 from lmforge.model.norms import build_norm
@@ -103,7 +104,13 @@ class Transformer(nn.Module):
             self.pos_embed = SinusoidalPositions(cfg.d_model)
         self.embed_norm = build_norm(cfg) if cfg.embedding_norm else None
         self.dropout = _dropout(cfg.dropout)
-        self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
+        # layer_types: attention Blocks, Mamba blocks (lmforge.model.mamba), or a hybrid of both
+        self.blocks = nn.ModuleDict(
+            {
+                str(i): MambaBlock(cfg, i) if cfg.layer_type(i) == "mamba" else Block(cfg, i)
+                for i in range(cfg.n_layers)
+            }
+        )
         self.norm = build_norm(cfg) if cfg.final_norm else None
         self.lm_head: nn.Linear | None = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._rope_memo: tuple[tuple, tuple[Tensor, float]] | None = None
@@ -133,14 +140,17 @@ class Transformer(nn.Module):
                     gain = 1.0 if leaf in ("q_proj", "k_proj") else cfg.deepnorm_beta
                     nn.init.xavier_normal_(module.weight, gain=gain)
                 else:
-                    std = residual_std if leaf in ("o_proj", "down_proj") else cfg.init_std
+                    std = residual_std if leaf in ("o_proj", "down_proj", "out_proj") else cfg.init_std
                     nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=cfg.init_std)
             elif hasattr(module, "reset_parameters") and module is not self:
-                module.reset_parameters()  # norms: unit scale, zero shift
+                module.reset_parameters()  # norms: unit scale, zero shift; Mamba's conv1d: kaiming uniform
+        for module in self.modules():
+            if isinstance(module, MambaMixer):
+                module.reset_ssm_parameters()  # A_log, D and dt_proj (after the generic Linear init above)
 
     def _rope_frequencies(self, position_ids: Tensor) -> tuple[Tensor, float]:
         """(inv_freq, attention factor) for this forward, memoised on (device, sequence length); the length
