@@ -40,27 +40,31 @@ def reference_scan(x, dt, A, B, C, h0):
     return torch.stack(ys, 1), h
 
 
+@pytest.mark.parametrize("parallel", [True, False], ids=["hillis-steele", "stepwise"])
 @pytest.mark.parametrize("chunk", [1, 3, 8, 64])
-def test_chunked_scan_equals_the_recurrence(chunk: int) -> None:
+def test_chunked_scan_equals_the_recurrence(chunk: int, parallel: bool) -> None:
     torch.manual_seed(1)
     b, length, d, n = 2, 29, 5, 4
     x, B, C = torch.randn(b, length, d), torch.randn(b, length, n), torch.randn(b, length, n)
     dt = torch.rand(b, length, d) * 3  # large steps: exp(dt*A) spans many orders of magnitude
     A = -torch.rand(d, n) * 8
     h0 = torch.randn(b, d, n)
-    y, h = selective_scan(x, dt, A, B, C, h0=h0, chunk=chunk)
+    y, h = selective_scan(x, dt, A, B, C, h0=h0, chunk=chunk, parallel=parallel)
     y_ref, h_ref = reference_scan(x, dt, A, B, C, h0)
     assert torch.allclose(y.double(), y_ref, atol=1e-5) and torch.allclose(h.double(), h_ref, atol=1e-5)
 
 
-def test_chunked_scan_gradients_equal_the_recurrence() -> None:
+@pytest.mark.parametrize("parallel", [True, False], ids=["hillis-steele", "stepwise"])
+def test_chunked_scan_gradients_equal_the_recurrence(parallel: bool) -> None:
     torch.manual_seed(2)
     b, length, d, n = 1, 19, 3, 2
     inputs = [torch.randn(b, length, d), torch.rand(b, length, d), -torch.rand(d, n) * 2]
     inputs += [torch.randn(b, length, n), torch.randn(b, length, n)]
     ours = [t.clone().requires_grad_() for t in inputs]
     ref = [t.double().requires_grad_() for t in inputs]
-    selective_scan(*ours, chunk=4)[0].square().sum().backward()  # chunks are checkpointed here
+    selective_scan(*ours, chunk=4, parallel=parallel)[
+        0
+    ].square().sum().backward()  # chunks are checkpointed here
     reference_scan(*ref, torch.zeros(b, d, n))[0].square().sum().backward()
     for a, r in zip(ours, ref):
         assert torch.allclose(a.grad.double(), r.grad, atol=1e-4)

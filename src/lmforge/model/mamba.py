@@ -60,28 +60,45 @@ from lmforge.model.norms import build_norm
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
 # a recurrent model has no trained context limit; max_seq_len only bounds what callers allocate or check
 MAMBA_MAX_SEQ_LEN = 1 << 20
+LOG_DECAY_MIN = -40.0  # decays are kept >= e^-40, so products of two stay normal floats (_scan_chunk)
+DECAY_MIN = math.exp(LOG_DECAY_MIN)
 
 
 # ------------------------------------------------------------------------------------------------- the scan
 
 
 def _scan_chunk(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, keep: Tensor | None, h0: Tensor
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    keep: Tensor | None,
+    h0: Tensor,
+    parallel: bool,
 ) -> tuple[Tensor, Tensor]:
     """One chunk of the selective scan. x, dt: (b, T, d); A: (d, N); B, C: (b, T, N); keep: (b, T) or None
     (0 where the state restarts); h0: (b, d, N). Returns y (b, T, d) = C_t . h_t and the last state."""
-    a = torch.exp(dt[..., None] * A)  # (b, T, d, N) decays in (0, 1]
+    # decays in [e^-40, 1]: a smaller one changes h by under 5e-18 |h| (below fp32 resolution), and the
+    # product of two stays a normal float; subnormal arithmetic runs >10x slower on CPUs
+    a = torch.exp((dt[..., None] * A).clamp(min=LOG_DECAY_MIN))  # (b, T, d, N)
     if keep is not None:
         a = a * keep[:, :, None, None]
-    u = (dt * x)[..., None] * B[:, :, None, :]  # (b, T, d, N)
-    steps, offset = a.shape[1], 1
-    while (
-        offset < steps
-    ):  # Hillis-Steele inclusive scan of (a, u) under (a1,u1)*(a2,u2) = (a2 a1, a2 u1 + u2)
-        u = torch.cat([u[:, :offset], a[:, offset:] * u[:, :-offset] + u[:, offset:]], dim=1)
-        a = torch.cat([a[:, :offset], a[:, offset:] * a[:, :-offset]], dim=1)
-        offset *= 2
-    h = a * h0[:, None] + u
+    u = (dt * x)[..., None] * B[:, :, None, :]  # (b, T, d, N): the state each step adds
+    steps = a.shape[1]
+    if parallel:  # Hillis-Steele inclusive scan of (a, u) under (a1,u1)*(a2,u2) = (a2 a1, a2 u1 + u2)
+        offset = 1
+        while offset < steps:
+            u = torch.cat([u[:, :offset], a[:, offset:] * u[:, :-offset] + u[:, offset:]], dim=1)
+            a = torch.cat([a[:, :offset], (a[:, offset:] * a[:, :-offset]).clamp(min=DECAY_MIN)], dim=1)
+            offset *= 2
+        h = a * h0[:, None] + u
+    else:  # the recurrence itself, one (b, d, N) update per step: the least work, best where ops are cheap
+        states, state = [], h0
+        for t in range(steps):
+            state = a[:, t] * state + u[:, t]
+            states.append(state)
+        h = torch.stack(states, dim=1)
     return torch.einsum("btdn,btn->btd", h, C), h[:, -1]
 
 
@@ -94,15 +111,20 @@ def selective_scan(
     h0: Tensor | None = None,
     keep: Tensor | None = None,
     chunk: int = 64,
+    parallel: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, y_t = C_t . h_t over a whole sequence, chunked (module docstring).
 
     x, dt: (batch, L, d); A: (d, N); B, C: (batch, L, N); h0: (batch, d, N) state before the first step
-    (zeros if None); keep: (batch, L), 0 where the state restarts. Computed in fp32. Returns y (batch, L, d)
-    and the final state (batch, d, N)."""
+    (zeros if None); keep: (batch, L), 0 where the state restarts. parallel: scan each chunk with the
+    log-depth Hillis-Steele scan (True) or step by step (False); None picks parallel on accelerators and
+    step by step on CPUs, where the scan's extra log2(chunk) passes over memory cost more than the loop's
+    per-op overhead. Computed in fp32. Returns y (batch, L, d) and the final state (batch, d, N)."""
     batch, length, d = x.shape
     x, dt, A, B, C = x.float(), dt.float(), A.float(), B.float(), C.float()
     h = x.new_zeros(batch, d, A.shape[-1]) if h0 is None else h0.float()
+    if parallel is None:
+        parallel = x.device.type != "cpu"
     remat = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, h))
     ys = []
     for start in range(0, length, chunk):
@@ -116,7 +138,10 @@ def selective_scan(
             None if keep is None else keep[:, part],
             h,
         )
-        y, h = checkpoint(_scan_chunk, *args, use_reentrant=False) if remat else _scan_chunk(*args)
+        if remat:
+            y, h = checkpoint(_scan_chunk, *args, parallel, use_reentrant=False)
+        else:
+            y, h = _scan_chunk(*args, parallel)
         ys.append(y)
     return torch.cat(ys, dim=1), h
 
@@ -126,7 +151,10 @@ def selective_step(
 ) -> tuple[Tensor, Tensor]:
     """One recurrent step: x, dt (batch, d); B, C (batch, N); h (batch, d, N). Returns y (batch, d), new h."""
     dt = dt.float()
-    h = torch.exp(dt[..., None] * A.float()) * h.float() + (dt * x.float())[..., None] * B.float()[:, None, :]
+    h = (
+        torch.exp((dt[..., None] * A.float()).clamp(min=LOG_DECAY_MIN)) * h.float()
+        + (dt * x.float())[..., None] * B.float()[:, None, :]
+    )
     return torch.einsum("bdn,bn->bd", h, C.float()), h
 
 
@@ -141,6 +169,7 @@ class MambaMixer(nn.Module):
         d_inner, n, k = cfg.mamba_d_inner, cfg.mamba_d_state, cfg.mamba_d_conv
         self.d_inner, self.d_state, self.d_conv, self.dt_rank = d_inner, n, k, cfg.mamba_dt_rank
         self.chunk = cfg.mamba_scan_chunk
+        self.parallel_scan: bool | None = None  # selective_scan's ``parallel`` (None: by device)
         self.in_proj = nn.Linear(cfg.d_model, 2 * d_inner, bias=cfg.mamba_proj_bias)
         self.conv1d = nn.Conv1d(d_inner, d_inner, k, groups=d_inner, padding=k - 1, bias=cfg.mamba_conv_bias)
         self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * n, bias=False)
@@ -148,6 +177,7 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(d_inner, n))
         self.D = nn.Parameter(torch.empty(d_inner))
         self.out_proj = nn.Linear(d_inner, cfg.d_model, bias=cfg.mamba_proj_bias)
+        self.reset_ssm_parameters()
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
@@ -227,7 +257,9 @@ class MambaMixer(nn.Module):
             keep = torch.ones_like(dt[..., 0])
             keep[:, 1:] = (segment_ids[:, 1:] == segment_ids[:, :-1]).to(keep.dtype)
         h0 = state[1] if state is not None else None
-        y, h = selective_scan(xc, dt, A, B, C, h0=h0, keep=keep, chunk=self.chunk)
+        y, h = selective_scan(
+            xc, dt, A, B, C, h0=h0, keep=keep, chunk=self.chunk, parallel=self.parallel_scan
+        )
         out = self._out(y, xc, z)
         if state is None:
             return out, None
