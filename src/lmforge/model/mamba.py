@@ -95,8 +95,8 @@ def _scan_chunk(
         h = a * h0[:, None] + u
     else:  # the recurrence itself, one (b, d, N) update per step: the least work, best where ops are cheap
         states, state = [], h0
-        for t in range(steps):
-            state = a[:, t] * state + u[:, t]
+        for a_t, u_t in zip(a.unbind(1), u.unbind(1)):  # unbind: one backward op, not one per step
+            state = a_t * state + u_t
             states.append(state)
         h = torch.stack(states, dim=1)
     return torch.einsum("btdn,btn->btd", h, C), h[:, -1]
