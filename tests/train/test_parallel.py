@@ -139,6 +139,7 @@ def test_split_pipeline_stage_keeps_parameter_names() -> None:
             "mlp_bias": True,
         },
         {"n_experts": 4, "moe_top_k": 2},
+        {"layer_types": ["mamba", "attention", "mamba"]},
     ],
 )
 def test_a_meta_built_model_materialises_with_the_plain_build_weights(overrides: dict) -> None:

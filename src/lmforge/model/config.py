@@ -13,6 +13,7 @@ NORM_POSITIONS = ("pre", "post", "sandwich")
 MLPS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
 POSITIONS = ("learned", "sinusoidal", "relative", "rope", "alibi", "none")
 ATTENTIONS = ("full", "sliding", "sparse", "lambda")
+LAYER_TYPES = ("attention", "mamba")
 ROPE_SCALINGS = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "truncate")
 # keys each rope_type cannot do without (the others have defaults, see lmforge.model.rope_scaling)
 ROPE_REQUIRED = {
@@ -28,7 +29,7 @@ class ModelConfig:
     """Architecture of a decoder-only Transformer (see ``lmforge.model.presets`` for named shapes)."""
 
     # Filled in by __post_init__ from other fields when left None (see lmforge.config.load_config).
-    DERIVED_FIELDS: ClassVar[tuple[str, ...]] = ("n_kv_heads", "head_dim", "d_ff")
+    DERIVED_FIELDS: ClassVar[tuple[str, ...]] = ("n_kv_heads", "head_dim", "d_ff", "mamba_dt_rank")
 
     vocab_size: int = 32000
     d_model: int = 768
@@ -99,6 +100,18 @@ class ModelConfig:
     moe_z_loss_coef: float = 0.001
     moe_normalize_top_k: bool = True
     router_init_std: float = 0.002
+
+    # sequence mixer per layer (lmforge.model.mamba): None -> attention everywhere; else n_layers entries of
+    # "attention" (a Block as above) or "mamba" (norm -> selective state-space mixer -> residual, no MLP, as
+    # transformers' MambaBlock); a mix is a hybrid. Mamba layers need pre-LN and a causal structure.
+    layer_types: list[str] | None = None
+    mamba_d_state: int = 16  # N: state size per channel
+    mamba_d_conv: int = 4  # causal depthwise convolution width
+    mamba_expand: int = 2  # d_inner = mamba_expand * d_model
+    mamba_dt_rank: int | None = None  # default ceil(d_model / 16)
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False  # bias on in_proj / out_proj
+    mamba_scan_chunk: int = 64  # time steps per chunk of the training scan (compute/memory knob, not weights)
 
     # embeddings and init
     tie_embeddings: bool = False
@@ -186,6 +199,26 @@ class ModelConfig:
             raise ValueError(f"moe_capacity_factor: must be positive or None, got {self.moe_capacity_factor}")
         if self.n_experts and not 0 < self.moe_top_k <= self.n_experts:
             raise ValueError(f"moe_top_k: {self.moe_top_k} must be in 1..n_experts={self.n_experts}")
+        self._check_layer_types()
+
+    def _check_layer_types(self) -> None:
+        """Validate ``layer_types`` and the Mamba fields (derive mamba_dt_rank)."""
+        if self.mamba_dt_rank is None:
+            self.mamba_dt_rank = -(-self.d_model // 16)
+        for name in ("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "mamba_scan_chunk"):
+            check_range(name, getattr(self, name), low=1)
+        if self.layer_types is None:
+            return
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != self.n_layers:
+            raise ValueError(f"layer_types: {len(self.layer_types)} entries for n_layers={self.n_layers}")
+        for i, kind in enumerate(self.layer_types):
+            check_choice(f"layer_types[{i}]", kind, LAYER_TYPES)
+        if self.has_mamba:
+            if self.norm_position != "pre" or self.parallel_residual:
+                raise ValueError("layer_types: mamba layers need norm_position=pre without parallel_residual")
+            if self.structure != "causal":
+                raise ValueError("layer_types: mamba layers are causal scans; structure must be causal")
 
     @property
     def gated(self) -> bool:
@@ -205,6 +238,18 @@ class ModelConfig:
     def deepnorm_beta(self) -> float:
         """DeepNet init down-scaling (gain of v/o/MLP weights) for a decoder-only model."""
         return (8 * self.n_layers) ** -0.25 if self.norm == "deepnorm" else 1.0
+
+    def layer_type(self, layer: int) -> str:
+        """``"attention"`` or ``"mamba"``: the sequence mixer of ``layer``."""
+        return "attention" if self.layer_types is None else self.layer_types[layer]
+
+    @property
+    def has_mamba(self) -> bool:
+        return self.layer_types is not None and "mamba" in self.layer_types
+
+    @property
+    def mamba_d_inner(self) -> int:
+        return self.mamba_expand * self.d_model
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.n_experts > 0 and layer % self.moe_every == self.moe_every - 1

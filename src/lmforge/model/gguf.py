@@ -80,6 +80,8 @@ def _check_model(model: Transformer) -> str:
         raise GGUFExportError(
             "this model maps onto no Hugging Face family (Llama, Mistral, Qwen2, GPT-2, Mixtral)"
         )
+    if family == "mamba":
+        raise GGUFExportError("Mamba models are not exported to GGUF (only attention families are)")
     if cfg.attention == "sliding":
         raise GGUFExportError(
             "llama.cpp's llama architecture has no sliding-window attention (attention=sliding)"

@@ -1,4 +1,4 @@
-"""Hugging Face interop: load GPT-2 / Llama / Mistral / Qwen2 / Mixtral folders, save ours in their layout;
+"""Hugging Face interop: load GPT-2 / Llama / Mistral / Qwen2 / Mixtral / Mamba folders, save ours in their layout;
 T5 (``T5ForConditionalGeneration``) folders load into and save from :class:`lmforge.model.t5.T5Model`.
 
 A model folder holds ``config.json`` and ``model.safetensors`` (or shards listed in
@@ -32,6 +32,7 @@ from torch import Tensor
 from lmforge.hub import HubError, resolve_model_dir
 from lmforge.model import t5
 from lmforge.model.config import ModelConfig
+from lmforge.model.mamba import config_from_hf_mamba, config_to_hf_mamba, mamba_family_problems, mamba_hf_key
 from lmforge.model.quant import (
     QuantizationError,
     check_method,
@@ -48,13 +49,14 @@ from lmforge.model.transformer import Transformer
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-HF_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral")
+HF_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "mamba")
 _ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "mamba": "MambaForCausalLM",
 }
 # sequence classification (reward models): the same body, no LM head, a ``score`` Linear(d_model, 1)
 _SEQ_CLS_ARCHITECTURES = {
@@ -147,6 +149,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     for key in ("bos_token_id", "eos_token_id"):
         if hf.get(key) is not None:
             extra[key] = json.dumps(hf[key])
+    if model_type == "mamba":
+        return config_from_hf_mamba(hf, extra)
     if model_type == "gpt2":
         if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx"):
             raise ModelLoadError("GPT-2 attention scaling variants are not supported")
@@ -214,12 +218,15 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 def _family_problems(cfg: ModelConfig, family: str) -> list[str]:
     """Why ``cfg`` cannot be written as ``family`` (empty: it can)."""
+    if family == "mamba":
+        return mamba_family_problems(cfg)
     problems = []
 
     def need(ok: bool, what: str) -> None:
         if not ok:
             problems.append(what)
 
+    need(not cfg.has_mamba, "attention in every layer")
     need(cfg.structure == "causal", "structure=causal")
     need(
         cfg.norm_position == "pre" and cfg.final_norm and not cfg.embedding_norm,
@@ -274,6 +281,8 @@ def config_to_hf(cfg: ModelConfig, family: str) -> dict[str, Any]:
     for key in ("bos_token_id", "eos_token_id"):
         if key in cfg.extra:
             hf[key] = json.loads(cfg.extra[key])
+    if family == "mamba":
+        return hf | config_to_hf_mamba(cfg)
     if family == "gpt2":
         activation = {v: k for k, v in _GPT2_ACTIVATIONS.items() if k != "gelu_pytorch_tanh"}[cfg.mlp]
         return hf | dict(
@@ -368,6 +377,8 @@ def hf_state_dict(model: Transformer, family: str) -> dict[str, Tensor]:
 
 def _hf_state(cfg: ModelConfig, state: dict[str, Tensor], family: str) -> dict[str, Tensor]:
     """Our state dict (consumed) in the checkpoint names and layout of ``family``."""
+    if family == "mamba":
+        return {mamba_hf_key(name): t for name, t in state.items()}
     if family != "gpt2":
         return {_llama_key(name): t for name, t in state.items()}
     out: dict[str, Tensor] = {}
@@ -445,6 +456,8 @@ def _read_state(ckpt: _Checkpoint, model: Transformer, family: str | None) -> di
             continue
         if family is None:
             key, transposed = name, False
+        elif family == "mamba":
+            key, transposed = mamba_hf_key(name), False
         elif family != "gpt2":
             key, transposed = _llama_key(name), False
         elif name == "lm_head.weight":
@@ -615,7 +628,8 @@ def save_pretrained(
             )
         family = None  # GPT-2 fuses q/k/v and transposes its weights: packed weights keep our names
     if hf_format and family is None:
-        closest = min(HF_FAMILIES, key=lambda f: len(_family_problems(cfg, f)))
+        candidates = [f for f in HF_FAMILIES if (f == "mamba") == cfg.has_mamba]
+        closest = min(candidates, key=lambda f: len(_family_problems(cfg, f)))
         needs = "; ".join(_family_problems(cfg, closest))
         raise ModelLoadError(
             f"this config maps onto no Hugging Face family (closest, {closest}, needs: {needs})"
@@ -656,6 +670,7 @@ def save_reward_model(
     if tuple(score.shape) != (1, cfg.d_model):
         raise ValueError(f"score: expected shape (1, {cfg.d_model}), got {tuple(score.shape)}")
     family = hf_family(cfg)
+    family = family if family in _SEQ_CLS_ARCHITECTURES else None  # transformers has no Mamba classifier
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in _own_state(model).items() if not k.startswith("lm_head.")}

@@ -12,6 +12,7 @@ from lmforge.model.attention import Attention, AttentionContext
 from lmforge.model.cache import KVCache
 from lmforge.model.config import ModelConfig
 from lmforge.model.knn_memory import KNNMemory
+from lmforge.model.mamba import MambaBlock, MambaMixer
 from lmforge.model.mlp import MLP
 from lmforge.model.moe import MoE
 from lmforge.model.norms import build_norm
@@ -117,7 +118,13 @@ class Transformer(nn.Module):
             self.pos_embed = SinusoidalPositions(cfg.d_model)
         self.embed_norm = build_norm(cfg) if cfg.embedding_norm else None
         self.dropout = _dropout(cfg.dropout)
-        self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
+        # layer_types: attention Blocks, Mamba blocks (lmforge.model.mamba), or a hybrid of both
+        self.blocks = nn.ModuleDict(
+            {
+                str(i): MambaBlock(cfg, i) if cfg.layer_type(i) == "mamba" else Block(cfg, i)
+                for i in range(cfg.n_layers)
+            }
+        )
         self.norm = build_norm(cfg) if cfg.final_norm else None
         self.lm_head: nn.Linear | None = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
@@ -131,16 +138,34 @@ class Transformer(nn.Module):
         """N(0, init_std) weights, zero biases, unit norms; residual output projections scaled by 1/sqrt(2N)
         (GPT-2); routers at router_init_std. DeepNorm instead uses Xavier init with gain beta on the value,
         output and MLP projections (gain 1 on queries and keys), as in the DeepNet paper."""
-        for name, module in self.named_modules():
-            if module is not self:
-                self.init_module(name, module)
+        for prefix, piece in self.init_pieces():
+            self.init_piece(prefix, piece)
+
+    def init_pieces(self) -> list[tuple[str, nn.Module]]:
+        """The model's top-level pieces (embeddings, each block, final norm, head...) in construction order:
+        the units it is initialised (and, on the meta device, materialised) in."""
+        return [
+            (f"{name}.{key}", block) if name == "blocks" else (name, child)
+            for name, child in self.named_children()
+            for key, block in (child.items() if name == "blocks" else [(None, None)])
+        ]
+
+    @torch.no_grad()
+    def init_piece(self, prefix: str, piece: nn.Module) -> None:
+        """Initialise one piece (``prefix`` its name in this model): every module by :meth:`init_module`,
+        then the state-space parameters of its Mamba mixers (which overwrite their dt projection's init)."""
+        for name, module in piece.named_modules(prefix=prefix):
+            self.init_module(name, module)
+        for module in piece.modules():
+            if isinstance(module, MambaMixer):
+                module.reset_ssm_parameters()  # A_log, D and dt_proj, after the generic Linear init
 
     @torch.no_grad()
     def init_module(self, name: str, module: nn.Module) -> None:
         """Initialise the parameters ``module`` (named ``name`` in this model) holds itself, by the rule of
         :meth:`reset_parameters`. Visiting the modules in ``named_modules`` order draws the random numbers in
         the same order, which is how a model built on the meta device is materialised piece by piece with
-        exactly these weights (``lmforge.train.parallel.materialize``)."""
+        exactly these weights (``lmforge.train.parallel.materialize``, piece by piece: :meth:`init_piece`)."""
         cfg = self.cfg
         leaf = name.rsplit(".", 1)[-1]
         if isinstance(module, nn.Linear):
@@ -150,7 +175,7 @@ class Transformer(nn.Module):
                 gain = 1.0 if leaf in ("q_proj", "k_proj") else cfg.deepnorm_beta
                 nn.init.xavier_normal_(module.weight, gain=gain)
             else:
-                residual = leaf in ("o_proj", "down_proj") and cfg.scaled_residual_init
+                residual = leaf in ("o_proj", "down_proj", "out_proj") and cfg.scaled_residual_init
                 std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if residual else cfg.init_std
                 nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
@@ -158,7 +183,7 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=cfg.init_std)
         elif hasattr(module, "reset_parameters"):
-            module.reset_parameters()  # norms: unit scale, zero shift
+            module.reset_parameters()  # norms: unit scale, zero shift; Mamba's conv1d: kaiming uniform
 
     def _rope_frequencies(self, position_ids: Tensor) -> tuple[Tensor, float]:
         """(inv_freq, attention factor) for this forward, memoised on (device, sequence length); the length

@@ -317,15 +317,9 @@ def materialize(model: Transformer, device: torch.device, seed: int | None = Non
     filled: set[str] = set()
     with torch.device("meta"):
         reference = Transformer(model.cfg)
-    pieces = [
-        (f"{name}.{key}", block) if name == "blocks" else (name, child)
-        for name, child in reference.named_children()
-        for key, block in (child.items() if name == "blocks" else [(None, None)])
-    ]
-    for prefix, piece in pieces:
+    for prefix, piece in reference.init_pieces():
         piece = copy.deepcopy(piece).to_empty(device="cpu")
-        for name, module in piece.named_modules(prefix=prefix):
-            reference.init_module(name, module)
+        reference.init_piece(prefix, piece)
         for name, full in piece.named_parameters(prefix=prefix):
             target = local.get(name)
             if target is None:
