@@ -60,6 +60,7 @@ from lmforge.infer.sampler import Sampler
 from lmforge.infer.sampling_params import InvalidRequestError, SamplingParams
 from lmforge.infer.scheduler import QueueFullError, ScheduledSeq, Scheduler
 from lmforge.infer.sequence import Sequence, SequenceGroup
+from lmforge.infer.state_pool import HybridCache, StatePool
 
 __all__ = ["EngineConfig", "EngineStats", "InvalidRequestError", "LLMEngine", "QueueFullError"]
 
@@ -139,17 +140,34 @@ class LLMEngine:
         self.eos_token_ids = list(eos_token_ids)
         self.max_model_len = config.max_model_len or cfg.max_seq_len
         param = next(model.parameters())
-        num_blocks = config.num_blocks or num_blocks_for_budget(
-            config.kv_cache_memory_bytes,
-            cfg.n_layers,
-            cfg.n_kv_heads,
-            cfg.head_dim,
-            config.block_size,
-            param.dtype,
+        # Mamba layers keep a per-sequence recurrent state (state_pool.py): the KV pool holds the attention
+        # layers only, and a state cannot be shared between prompts (no prefix cache) or mirrored
+        self.has_mamba = bool(getattr(cfg, "has_mamba", False))
+        if self.has_mamba:
+            config = self.config = dataclasses.replace(
+                config, enable_prefix_caching=False, decode_mirror=False
+            )
+        kv_layers = (
+            sum(cfg.layer_type(i) == "attention" for i in range(cfg.n_layers))
+            if self.has_mamba
+            else cfg.n_layers
         )
+        if kv_layers:
+            num_blocks = config.num_blocks or num_blocks_for_budget(
+                config.kv_cache_memory_bytes,
+                kv_layers,
+                cfg.n_kv_heads,
+                cfg.head_dim,
+                config.block_size,
+                param.dtype,
+            )
+        else:  # blocks only count tokens: enough for every sequence at full length
+            num_blocks = (
+                config.num_blocks or config.max_num_seqs * -(-self.max_model_len // config.block_size) + 2
+            )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.cache = PagedKVCache(
-            cfg.n_layers,
+            kv_layers,
             num_blocks,
             config.block_size,
             cfg.n_kv_heads,
@@ -181,6 +199,14 @@ class LLMEngine:
             model, self.cache, config.block_size, config.decode_mirror, config.max_num_seqs
         )
         self.runner.sinks = self.sinks
+        self.states: StatePool | None = None
+        if self.has_mamba:
+            if self.sinks is not None:
+                raise ValueError(
+                    "sink_window: attention sinks are for attention layers; this model has Mamba layers"
+                )
+            self.states = StatePool(cfg, config.max_num_seqs, param.dtype, param.device)
+            self.runner.state_cache = HybridCache(cfg, self.cache, self.states)
         self.sampler = Sampler(config.seed)
         self.loras: LoraSet | None = None  # LoRA adapters served next to the base model (add_lora)
         self.num_virtual = 0  # positions of the virtual prefix every request starts with (set_virtual_prefix)
@@ -251,6 +277,8 @@ class LLMEngine:
         once into pinned KV blocks that all requests share; a request's own tokens start at position V.
         Set once, before any request."""
         cfg = self.model.cfg
+        if self.has_mamba:
+            raise ValueError("virtual prefix: not for a model with Mamba layers")
         if len(keys) != cfg.n_layers or len(values) != cfg.n_layers:
             raise ValueError(f"virtual prefix: one key and one value tensor per layer ({cfg.n_layers})")
         length = keys[0].shape[1]
@@ -320,6 +348,8 @@ class LLMEngine:
         sink_refused = params.n > 1 or params.use_beam_search or params.prompt_logprobs is not None
         if self.sinks is not None and sink_refused:
             raise InvalidRequestError("n, beams and prompt_logprobs are not available with attention sinks")
+        if self.has_mamba and (params.n > 1 or params.use_beam_search):
+            raise InvalidRequestError("n, beams: one sequence per request on a model with Mamba layers")
         context = self.max_model_len - self.num_virtual  # what a virtual prefix leaves to the request
         if self.sinks is None and len(token_ids) >= context:
             raise InvalidRequestError(
@@ -430,6 +460,10 @@ class LLMEngine:
             outputs += self._run(plan.scheduled)
         outputs += [final_output(group, "error", error) for group, error in self._failed]
         self._failed = []
+        if self.states is not None:  # sequences that stopped running give their state slots back
+            self.states.retain(
+                {s.seq_id for g in self.scheduler.running for s in g.seqs if not s.is_finished}
+            )
         return outputs
 
     def _run(self, scheduled: list[ScheduledSeq]) -> list[RequestOutput]:

@@ -21,6 +21,7 @@ from lmforge.infer.kv_cache import PagedKVCache
 from lmforge.infer.lora import LoraSet
 from lmforge.infer.scheduler import ScheduledSeq
 from lmforge.infer.sequence import Sequence
+from lmforge.infer.state_pool import HybridCache
 
 
 @dataclass
@@ -55,6 +56,7 @@ class ModelRunner:
         # attention sinks (sink tokens, window): a row sees its first sink tokens and its last window ones,
         # at positions counted inside what it sees (StreamingLLM); set by the engine
         self.sinks: tuple[int, int] | None = None
+        self.state_cache: HybridCache | None = None  # a model with Mamba layers (set by the engine)
         if getattr(model, "lm_head", None) is None:
             raise ValueError("the model runner needs a model with an lm_head")
 
@@ -128,7 +130,8 @@ class ModelRunner:
             input_ids[b, :n] = torch.tensor(seq.token_ids[start : start + n])
             pos = torch.arange(start, start + n)
             positions[b, :n] = pos
-            positions[b, n:] = start + n - 1  # padding queries reuse the last position: finite, discarded
+            # padding queries reuse the last position (finite, discarded); Mamba layers need -1 (state untouched)
+            positions[b, n:] = start + n - 1 if self.state_cache is None else -1
             table = torch.tensor(seq.block_table)
             tables[b, : len(table)] = table
             slot_parts.append(table[pos // bs] * bs + pos % bs)
@@ -155,13 +158,19 @@ class ModelRunner:
         )
         rows = (torch.cat(logit_rows) if logit_rows else torch.zeros(0, dtype=torch.long)).to(dev)
         self._route([it.seq for it in items])
+        cache = self.cache
+        if self.state_cache is not None:
+            pool = self.state_cache.pool
+            slots = [pool.slot(it.seq.seq_id, fresh=it.seq.num_computed == 0) for it in items]
+            self.state_cache.bind(slots, dev)
+            cache = self.state_cache
         prefix_lengths = None
         if self.prefix_lm:  # the prompt is the bidirectional prefix
             prefix_lengths = torch.tensor([it.seq.prompt_len for it in items], device=dev)
         logits = self.model(
             input_ids.to(dev),
             position_ids=positions.to(dev),
-            cache=self.cache,
+            cache=cache,
             logits_rows=rows,
             prefix_lengths=prefix_lengths,
         ).logits
