@@ -59,8 +59,10 @@ from lmforge.infer.outputs import RequestOutput, TokenLogprob
 from lmforge.infer.sampler import Sampler
 from lmforge.infer.sampling_params import InvalidRequestError, SamplingParams
 from lmforge.infer.scheduler import QueueFullError, ScheduledSeq, Scheduler
+from lmforge.infer.seq2seq import CrossAttention
 from lmforge.infer.sequence import Sequence, SequenceGroup
 from lmforge.infer.state_pool import HybridCache, StatePool
+from lmforge.model.t5 import T5Model
 
 __all__ = ["EngineConfig", "EngineStats", "InvalidRequestError", "LLMEngine", "QueueFullError"]
 
@@ -136,6 +138,8 @@ class LLMEngine:
         cfg = model.cfg
         if eos_token_ids is None:
             eos = getattr(tokenizer, "eos_id", None)
+            if eos is None and isinstance(model, T5Model):
+                eos = cfg.eos_token_id
             eos_token_ids = [eos] if eos is not None else []
         self.eos_token_ids = list(eos_token_ids)
         self.max_model_len = config.max_model_len or cfg.max_seq_len
@@ -143,20 +147,24 @@ class LLMEngine:
         # Mamba layers keep a per-sequence recurrent state (state_pool.py): the KV pool holds the attention
         # layers only, and a state cannot be shared between prompts (no prefix cache) or mirrored
         self.has_mamba = bool(getattr(cfg, "has_mamba", False))
-        if self.has_mamba:
+        # an encoder-decoder: the engine's sequences are its decoder's (seq2seq.py); sources differ per request,
+        # so decoder prefixes are never shared
+        self.seq2seq = isinstance(model, T5Model)
+        if self.has_mamba or self.seq2seq:
             config = self.config = dataclasses.replace(
                 config, enable_prefix_caching=False, decode_mirror=False
             )
-        kv_layers = (
-            sum(cfg.layer_type(i) == "attention" for i in range(cfg.n_layers))
-            if self.has_mamba
-            else cfg.n_layers
-        )
+        kv_layers = cfg.n_layers
+        if self.has_mamba:
+            kv_layers = sum(cfg.layer_type(i) == "attention" for i in range(cfg.n_layers))
+        if self.seq2seq:
+            kv_layers = cfg.n_decoder_layers
+        kv_heads = cfg.n_heads if self.seq2seq else cfg.n_kv_heads
         if kv_layers:
             num_blocks = config.num_blocks or num_blocks_for_budget(
                 config.kv_cache_memory_bytes,
                 kv_layers,
-                cfg.n_kv_heads,
+                kv_heads,
                 cfg.head_dim,
                 config.block_size,
                 param.dtype,
@@ -170,7 +178,7 @@ class LLMEngine:
             kv_layers,
             num_blocks,
             config.block_size,
-            cfg.n_kv_heads,
+            kv_heads,
             cfg.head_dim,
             param.dtype,
             param.device,
@@ -207,6 +215,9 @@ class LLMEngine:
                 )
             self.states = StatePool(cfg, config.max_num_seqs, param.dtype, param.device)
             self.runner.state_cache = HybridCache(cfg, self.cache, self.states)
+        self.cross: CrossAttention | None = None
+        if self.seq2seq:
+            self.cross = self.runner.cross = CrossAttention(model)
         self.sampler = Sampler(config.seed)
         self.loras: LoraSet | None = None  # LoRA adapters served next to the base model (add_lora)
         self.num_virtual = 0  # positions of the virtual prefix every request starts with (set_virtual_prefix)
@@ -218,7 +229,7 @@ class LLMEngine:
     def _check_sinks(self, config: EngineConfig, cfg: Any) -> tuple[int, int] | None:
         if not config.sink_window:
             return None
-        if cfg.position != "rope" or getattr(cfg, "rerope_window", None) is not None:
+        if getattr(cfg, "position", None) != "rope" or getattr(cfg, "rerope_window", None) is not None:
             raise ValueError(
                 "sink_window: attention sinks re-position keys, which needs rotary positions (RoPE)"
             )
@@ -252,6 +263,8 @@ class LLMEngine:
     def add_lora(self, name: str, weights: LoraWeights) -> None:
         """Serve a LoRA adapter (module name -> (A, B, scale)) under ``name``; requests choose it by name,
         and one batch mixes requests of different adapters and of the base model."""
+        if self.seq2seq:
+            raise ValueError("LoRA adapters are served for decoder-only models")
         if self.loras is None:
             self.loras = LoraSet(self.model)
             self.runner.loras = self.loras
@@ -277,8 +290,8 @@ class LLMEngine:
         once into pinned KV blocks that all requests share; a request's own tokens start at position V.
         Set once, before any request."""
         cfg = self.model.cfg
-        if self.has_mamba:
-            raise ValueError("virtual prefix: not for a model with Mamba layers")
+        if self.has_mamba or self.seq2seq:
+            raise ValueError("virtual prefix: for decoder-only attention models")
         if len(keys) != cfg.n_layers or len(values) != cfg.n_layers:
             raise ValueError(f"virtual prefix: one key and one value tensor per layer ({cfg.n_layers})")
         length = keys[0].shape[1]
@@ -350,6 +363,13 @@ class LLMEngine:
             raise InvalidRequestError("n, beams and prompt_logprobs are not available with attention sinks")
         if self.has_mamba and (params.n > 1 or params.use_beam_search):
             raise InvalidRequestError("n, beams: one sequence per request on a model with Mamba layers")
+        if self.seq2seq and (params.n > 1 or params.use_beam_search or params.prompt_logprobs is not None):
+            raise InvalidRequestError(
+                "n, beams, prompt_logprobs: one sampled sequence per request on an encoder-decoder model "
+                "(beam search: lmforge.model.t5.generate)"
+            )
+        if self.seq2seq and lora is not None:
+            raise InvalidRequestError("model: LoRA adapters are served for decoder-only models")
         context = self.max_model_len - self.num_virtual  # what a virtual prefix leaves to the request
         if self.sinks is None and len(token_ids) >= context:
             raise InvalidRequestError(
@@ -370,7 +390,10 @@ class LLMEngine:
                 else min(params.prompt_logprobs, vocab),
             )
         bm = self.block_manager
-        longest = min(self.num_virtual + len(token_ids) + params.max_tokens, self.max_model_len)
+        decoder_tokens = (
+            1 if self.seq2seq else len(token_ids)
+        )  # an encoder-decoder decodes from its start token
+        longest = min(self.num_virtual + decoder_tokens + params.max_tokens, self.max_model_len)
         if self.sinks is not None:  # kept tokens plus one chunk, and a block at each end of the window
             longest = min(len(token_ids) + params.max_tokens, self.max_model_len + 2 * bm.block_size)
         if bm.blocks_for(longest) * max(params.beam_width, params.n) > bm.num_blocks - 1:
@@ -380,7 +403,12 @@ class LLMEngine:
         if request_id is None:
             request_id = f"req-{next(self._request_ids)}"
         tokenizer = self.tokenizer if params.detokenize else None
-        group = SequenceGroup(request_id, token_ids, params, tokenizer, self.num_virtual)
+        if self.seq2seq:
+            group = SequenceGroup(request_id, [self.model.cfg.decoder_start_token_id], params, tokenizer)
+            group.prompt_token_ids = token_ids  # the source, as clients count it
+            group.seqs[0].source_ids = token_ids
+        else:
+            group = SequenceGroup(request_id, token_ids, params, tokenizer, self.num_virtual)
         roots = []
         if lora is not None:
             assert self.loras is not None
@@ -460,10 +488,11 @@ class LLMEngine:
             outputs += self._run(plan.scheduled)
         outputs += [final_output(group, "error", error) for group, error in self._failed]
         self._failed = []
-        if self.states is not None:  # sequences that stopped running give their state slots back
-            self.states.retain(
-                {s.seq_id for g in self.scheduler.running for s in g.seqs if not s.is_finished}
-            )
+        if self.states is not None or self.cross is not None:  # what stopped running gives its state back
+            live = {s.seq_id for g in self.scheduler.running for s in g.seqs if not s.is_finished}
+            for store in (self.states, self.cross):
+                if store is not None:
+                    store.retain(live)
         return outputs
 
     def _run(self, scheduled: list[ScheduledSeq]) -> list[RequestOutput]:

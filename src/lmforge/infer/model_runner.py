@@ -20,6 +20,7 @@ from lmforge.infer.decode_mirror import DecodeMirror
 from lmforge.infer.kv_cache import PagedKVCache
 from lmforge.infer.lora import LoraSet
 from lmforge.infer.scheduler import ScheduledSeq
+from lmforge.infer.seq2seq import CrossAttention, PagedSelfAttention
 from lmforge.infer.sequence import Sequence
 from lmforge.infer.state_pool import HybridCache
 
@@ -57,6 +58,7 @@ class ModelRunner:
         # at positions counted inside what it sees (StreamingLLM); set by the engine
         self.sinks: tuple[int, int] | None = None
         self.state_cache: HybridCache | None = None  # a model with Mamba layers (set by the engine)
+        self.cross: CrossAttention | None = None  # an encoder-decoder's sources (set by the engine)
         if getattr(model, "lm_head", None) is None:
             raise ValueError("the model runner needs a model with an lm_head")
 
@@ -167,13 +169,27 @@ class ModelRunner:
         prefix_lengths = None
         if self.prefix_lm:  # the prompt is the bidirectional prefix
             prefix_lengths = torch.tensor([it.seq.prompt_len for it in items], device=dev)
-        logits = self.model(
-            input_ids.to(dev),
-            position_ids=positions.to(dev),
-            cache=cache,
-            logits_rows=rows,
-            prefix_lengths=prefix_lengths,
-        ).logits
+        if self.cross is not None:  # an encoder-decoder: the decoder, with each row's source
+            seqs = [it.seq for it in items]
+            self.cross.ensure(seqs, dev)
+            cross_kv, source_mask = self.cross.gather(seqs)
+            logits = self.model.decode_rows(
+                input_ids.to(dev),
+                positions.to(dev),
+                key_positions.to(dev),
+                PagedSelfAttention(self.cache),
+                cross_kv,
+                source_mask,
+                rows,
+            )
+        else:
+            logits = self.model(
+                input_ids.to(dev),
+                position_ids=positions.to(dev),
+                cache=cache,
+                logits_rows=rows,
+                prefix_lengths=prefix_lengths,
+            ).logits
         offset = 0
         for b, it in enumerate(items):
             if want_all[b]:

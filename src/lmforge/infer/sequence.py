@@ -47,6 +47,9 @@ class Sequence:
         # the LoRA adapter the sequence runs with (-1: the base model) and the root of its block-hash chain,
         # so prefix-cache entries of different adapters never match
         self.lora_slot = -1
+        self.source_ids: list[
+            int
+        ] = []  # an encoder-decoder request's source (its decoder tokens are token_ids)
         self.hash_root: int | None = None
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None

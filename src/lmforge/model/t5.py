@@ -204,14 +204,16 @@ class T5Stack(nn.Module):
 
     def position_bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """(1, heads, n_q, n_k) learned bias of the bucketed offsets key - query: both directions in the
-        encoder, only the past (offsets <= 0; the rest share bucket 0) in the decoder."""
+        encoder, only the past (offsets <= 0; the rest share bucket 0) in the decoder. With positions per row
+        (q_pos (batch, n_q), k_pos (batch, n_k)) the bias is (batch, heads, n_q, n_k)."""
         buckets = relative_position_bucket(
-            k_pos[None, :] - q_pos[:, None],
+            k_pos[..., None, :] - q_pos[..., :, None],
             bidirectional=not self.decoder,
             num_buckets=self.cfg.relative_buckets,
             max_distance=self.cfg.relative_max_distance,
         )
-        return self.relative_bias(buckets).permute(2, 0, 1)[None]
+        bias = self.relative_bias(buckets)  # (..., n_q, n_k, heads)
+        return bias.permute(2, 0, 1)[None] if bias.dim() == 3 else bias.permute(0, 3, 1, 2)
 
 
 class T5DecoderCache:
@@ -333,6 +335,36 @@ class T5Model(nn.Module):
         if incremental:
             cache.length += n_new
         x = self.decoder.dropout(self.decoder.norm(x))
+        if self.cfg.scale_decoder_outputs:
+            x = x * self.cfg.d_model**-0.5
+        return self.lm_head(x)
+
+    def decode_rows(
+        self,
+        decoder_input_ids: Tensor,
+        positions: Tensor,
+        key_positions: Tensor,
+        self_kv: Any,
+        cross_kv: list[tuple[Tensor, Tensor]],
+        encoder_mask: Tensor,
+        logits_rows: Tensor | None = None,
+    ) -> Tensor:
+        """Logits of decoder tokens for rows that each continue their own decoding (an inference engine's
+        batch): ``positions`` (batch, n) of the new tokens, ``key_positions`` (batch, n_k) of the keys
+        ``self_kv.append(layer, k, v)`` returns for them (-1: padding), the rows' cross-attention keys/values
+        per layer (batch, heads, n_src, head_dim) with ``encoder_mask`` (batch, n_src) marking real source
+        tokens. ``logits_rows`` selects flattened (batch * n) rows for the LM head, as the Transformer's."""
+        x = self.decoder.dropout(self.embed_tokens(decoder_input_ids))
+        bias = self.decoder.position_bias(positions, key_positions).to(x.dtype)
+        visible = (key_positions[:, None, :] <= positions[:, :, None]) & (key_positions[:, None, :] >= 0)
+        visible = visible | ~visible.any(dim=-1, keepdim=True)  # padding queries see everything (discarded)
+        bias = bias + additive_mask(visible[:, None], x.dtype)
+        cross_bias = additive_mask(encoder_mask[:, None, None, :], x.dtype)
+        for i, block in enumerate(self.decoder.blocks.values()):
+            x = block(x, bias, cross_kv[i], cross_bias, self_kv, i)
+        if logits_rows is not None:
+            x = x.reshape(-1, x.shape[-1]).index_select(0, logits_rows)
+        x = self.decoder.norm(x)
         if self.cfg.scale_decoder_outputs:
             x = x * self.cfg.d_model**-0.5
         return self.lm_head(x)
