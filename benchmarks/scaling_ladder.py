@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--val-batches", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
+    parser.add_argument("--run-name", default="ladder", help="folder under WORK for the rungs")
     parser.add_argument("--dry-run", action="store_true", help="print the rungs' steps and stop")
     args = parser.parse_args()
 
@@ -139,9 +141,10 @@ def main() -> None:
     tok_dir, train_shards, val_shards, split = prepare(Path(args.corpora), work, args.vocab)
     t_prep = time.perf_counter() - t0
     base = TrainConfig(
-        run_dir=str(work / "ladder"),
+        run_dir=str(work / args.run_name),
+        seed=args.seed,
         model=ModelConfig(vocab_size=args.vocab, max_seq_len=args.seq_len, d_model=32, n_layers=2, n_heads=2),
-        data=DataConfig(shards=[str(train_shards)], seq_len=args.seq_len),
+        data=DataConfig(shards=[str(train_shards)], seq_len=args.seq_len, seed=args.seed),
         val_shards=[str(val_shards)],
         tokenizer=str(tok_dir),
         threads=args.threads,
@@ -207,8 +210,8 @@ def main() -> None:
         "loss_unit": "nats per token of the BPE",
         **result,
     }
-    (work / "ladder" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {work / 'ladder' / 'summary.json'}")
+    (work / args.run_name / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {work / args.run_name / 'summary.json'}")
 
 
 if __name__ == "__main__":

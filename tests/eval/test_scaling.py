@@ -256,3 +256,5 @@ def test_rung_config_minimum_steps_own_schedule_and_final_validation(tmp_path):
     assert small.log.val_every_steps == 25  # divides 50: the last step is validated anyway
     assert large.log.val_every_steps == large.max_steps  # else validated at its own last step
     assert small.schedule == base.schedule and small.max_steps != large.max_steps  # warmup/cosine per rung
+    with pytest.raises(ValueError, match="min_steps"):
+        LadderConfig(train=base, sizes=sizes, min_steps=-1)

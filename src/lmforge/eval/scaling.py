@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from lmforge.config import check_range
 from lmforge.train.config import TrainConfig
 
 TOKENS_PER_PARAM = 20.0
@@ -125,7 +126,7 @@ def fit_power_law(flops: Sequence[float], losses: Sequence[float]) -> PowerLaw:
     """Least-squares fit of ``log L = log(a C^-b + c)``; needs at least three points.
 
     The fit is constrained to the physically meaningful region: ``a > 0``, ``b > 0`` (loss falls with
-    compute) and ``0 < c < min(L)`` (the irreducible loss lies below every observed loss), through the
+    compute) and ``0 < c <= min(L)`` (the irreducible loss is no higher than any observed loss), through the
     parametrisation ``a = exp(u)``, ``b = exp(v)``, ``c = min(L) * sigmoid(w)``. Unconstrained, a fit of three
     parameters to four noisy points puts ``c`` above a loss already reached (on losses 5.0, 4.2, 3.9, 4.1 at
     4x compute steps: ``c`` = 4.0) and then predicts that no larger run beats the noisy last point.
@@ -341,9 +342,13 @@ class LadderConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sizes: list[RungConfig] = field(default_factory=list)
     tokens_per_param: float = TOKENS_PER_PARAM
-    # Every rung trains at least this many steps: at 20 tokens/parameter the tiniest rungs would otherwise
-    # stop within the warmup and land far off the power law of the rest.
+    # Every rung trains at least this many steps: the token budget of the tiniest rungs can be a handful of
+    # steps, most of them warmup.
     min_steps: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("tokens_per_param", self.tokens_per_param, low=0.0, low_open=True)
+        check_range("min_steps", self.min_steps, low=0)
 
 
 def rung_config(ladder: LadderConfig, index: int) -> TrainConfig:
