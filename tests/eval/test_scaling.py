@@ -9,17 +9,21 @@ from lmforge.config import save_config
 from lmforge.eval.scaling import (
     CHINCHILLA,
     ChinchillaLaw,
+    LadderConfig,
     PowerLaw,
+    RungConfig,
     fit_chinchilla,
     fit_power_law,
     plan,
     predict_largest,
     read_run,
     rule_of_thumb,
+    rung_config,
     shape_for_params,
 )
 from lmforge.model import ModelConfig
-from lmforge.model.flops import count_parameters, flops_per_token, memory_plan
+from lmforge.model.flops import count_parameters, memory_plan
+from lmforge.shards.loader import DataConfig
 from lmforge.train.config import TrainConfig
 
 # Hoffmann et al. 2022, Table 3 (approach 1): parameters, FLOPs, tokens of compute-optimal models.
@@ -99,7 +103,8 @@ def _fake_run(folder, d_model, n_layers, tokens, loss_of):
         for step in range(1, 11):
             f.write(json.dumps({"step": step, "tokens": tokens * step // 10, "loss": 9.0, "lr": 1e-3}) + "\n")
         f.write(json.dumps({"step": 10, "val_loss": loss_of(n, tokens)}) + "\n")
-    return n, flops_per_token(cfg.model, 64, count)["train"] * tokens
+    # Kaplan et al. 2020, Table 1: C = (6 N + 6 n_layer n_ctx d_attn) D, N non-embedding, no LM head
+    return n, (6 * n + 6 * n_layers * 64 * d_model) * tokens
 
 
 def test_scaling_fit_reads_runs_and_predicts_the_largest(tmp_path, capsys):
@@ -174,3 +179,82 @@ def test_ladder_trains_four_sizes_through_the_trainer_and_predicts_the_largest(t
     assert report["error_power_law"] == pytest.approx(report["predicted_power_law"] - points[-1]["loss"])
     assert report["chinchilla"] is None  # five parameters need at least five fitted runs
     assert "largest rung" in capsys.readouterr().out
+
+
+def test_compute_is_kaplans_non_embedding_count_without_the_lm_head(tmp_path):
+    # d_model 64, 2 layers, vocab 256, context 64: by hand, N = 2 * (4 * 64^2 + 3 * 64 * d_ff) + norms
+    n, _ = _fake_run(tmp_path / "run", 64, 2, 1000, lambda n, d: 3.0)
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2)
+    assert n == 2 * (4 * 64 * 64 + 3 * 64 * cfg.d_ff + 2 * 64) + 64
+    point = read_run(tmp_path / "run")
+    # 6 N D for the weights + 6 * n_layer * n_ctx * d_attn * D for QK^T and AV; a vocabulary 256 LM head
+    # (6 * 256 * 64 * D more) is not counted
+    assert point.flops == 6 * n * 1000 + 6 * 2 * 64 * 64 * 1000
+    assert point.flops / (6 * point.params * point.tokens) == pytest.approx(1 + 64 * 64 * 2 / n)
+
+
+def test_read_run_prefers_the_final_held_out_loss_then_the_training_tail(tmp_path):
+    cfg = TrainConfig(
+        run_dir=str(tmp_path), model=ModelConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=2)
+    )
+    cfg.data.seq_len = 64
+
+    def run(name, records):
+        folder = tmp_path / name
+        folder.mkdir()
+        save_config(cfg, folder / "config.yaml")
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return read_run(folder).loss
+
+    train = [{"step": s, "tokens": 100 * s, "loss": 10.0 - s} for s in range(1, 9)]
+    # the validation loss of the last step wins over an earlier, lower one logged later in the file
+    final = [*train[:4], {**train[3], "val_loss": 2.5}, *train[4:], {"step": 8, "val_loss": 4.0}]
+    assert run("final", final) == 4.0
+    assert run("earlier", [*train[:4], {"step": 4, "val_loss": 6.5}, *train[4:]]) == 6.5
+    # no validation at all: the mean of the last five logged training losses, (6 + 5 + 4 + 3 + 2) / 5
+    assert run("tail", train) == 4.0
+
+
+def test_power_law_fit_stays_decreasing_with_an_offset_below_every_loss():
+    # four points whose last one is higher than the third (noise at the largest size): unconstrained, the
+    # least-squares fit put c at 4.0, above the 3.9 already reached; the constrained one keeps c <= min(L)
+    flops = [1e12, 4e12, 1.6e13, 6.4e13]
+    losses = [5.0, 4.2, 3.9, 4.1]
+    law = fit_power_law(flops, losses)
+    assert law.b > 0 and 0 < law.c <= min(losses) and law.a > 0
+    assert law(2.56e14) < law(6.4e13) < law(1e12)
+    assert law(2.56e14) < 3.95  # the unconstrained law predicted 4.0, above the 3.9 already reached
+    # and on clean data it still recovers the law exactly, a sub-1% offset included
+    true = PowerLaw(a=20.0, b=0.15, c=0.02)
+    grid = [1e10 * 3**i for i in range(5)]
+    fit = fit_power_law(grid, [true(c) for c in grid])
+    assert (fit.a, fit.b, fit.c) == pytest.approx((20.0, 0.15, 0.02), rel=1e-3)
+
+
+def test_rung_config_minimum_steps_own_schedule_and_final_validation(tmp_path):
+    base = TrainConfig(
+        run_dir=str(tmp_path),
+        model=ModelConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=2, max_seq_len=16),
+        data=DataConfig(seq_len=16),
+    )
+    base.batch.micro_batch_size = 4
+    sizes = [
+        RungConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32),
+        RungConfig(d_model=64, n_layers=2, n_heads=4),
+    ]
+    ladder = LadderConfig(train=base, sizes=sizes, tokens_per_param=1.0, min_steps=50)
+    small, large = rung_config(ladder, 0), rung_config(ladder, 1)
+    # rung 0: N = 4 * 16^2 + 3 * 16 * 32 + 2 * 16 + 16 = 2608 -> 2608 / 64 tokens per step = 41 steps < 50
+    assert small.max_steps == 50
+    count = count_parameters(large.model)
+    assert large.max_steps == round((count.active - count.embedding) / 64) > 50
+    assert small.run_dir == str(tmp_path / "rung-0")
+    assert small.log.val_every_steps == 0  # no held-out data: nothing to validate on
+    base.data.val_fraction = 0.1
+    base.log.val_every_steps = 25
+    small, large = rung_config(ladder, 0), rung_config(ladder, 1)
+    assert small.log.val_every_steps == 25  # divides 50: the last step is validated anyway
+    assert large.log.val_every_steps == large.max_steps  # else validated at its own last step
+    assert small.schedule == base.schedule and small.max_steps != large.max_steps  # warmup/cosine per rung
+    with pytest.raises(ValueError, match="min_steps"):
+        LadderConfig(train=base, sizes=sizes, min_steps=-1)

@@ -10,9 +10,11 @@ Two laws are fitted to the final losses of a ladder of training runs:
 
 A run's point is read from its folder: ``N`` = non-embedding parameters of its model (embeddings dominate
 tiny models and do not scale like the rest), ``D`` = tokens trained on (the last ``tokens`` in
-``metrics.jsonl``), ``C`` = training FLOPs per token (:func:`lmforge.model.flops.flops_per_token`, 6N plus
-attention) times ``D``, and the loss = the last validation loss, else the mean of the last few training
-losses.
+``metrics.jsonl``), ``C`` = Kaplan et al.'s non-embedding training compute ``(6 N + 6 n_layer n_ctx d_attn)
+D`` (:func:`non_embedding_flops_per_token`: the same ``N`` as the x-axis of ``L(N, D)``, so ``C ~ 6 N D``;
+the LM head, whose width is the vocabulary's and not the model's, is left out as the embeddings are), and the
+loss = the validation loss logged at the run's last step, else the mean of the last few logged training
+losses (each already an average over its logging window).
 
 Compute-optimal allocation under ``C = 6 N D`` (Chinchilla, approach 3):
 ``N_opt = G (C/6)^(beta/(alpha+beta))``, ``D_opt = G^-1 (C/6)^(alpha/(alpha+beta))`` with
@@ -32,6 +34,7 @@ from typing import Any
 
 import torch
 
+from lmforge.config import check_range
 from lmforge.train.config import TrainConfig
 
 TOKENS_PER_PARAM = 20.0
@@ -120,28 +123,37 @@ def _lbfgs(loss_fn: Any, start: Sequence[float], steps: int = 200) -> tuple[list
 
 
 def fit_power_law(flops: Sequence[float], losses: Sequence[float]) -> PowerLaw:
-    """Least-squares fit of ``log L = log(a C^-b + c)``; needs at least three points."""
+    """Least-squares fit of ``log L = log(a C^-b + c)``; needs at least three points.
+
+    The fit is constrained to the physically meaningful region: ``a > 0``, ``b > 0`` (loss falls with
+    compute) and ``0 < c <= min(L)`` (the irreducible loss is no higher than any observed loss), through the
+    parametrisation ``a = exp(u)``, ``b = exp(v)``, ``c = min(L) * sigmoid(w)``. Unconstrained, a fit of three
+    parameters to four noisy points puts ``c`` above a loss already reached (on losses 5.0, 4.2, 3.9, 4.1 at
+    4x compute steps: ``c`` = 4.0) and then predicts that no larger run beats the noisy last point.
+    """
     if len(flops) < 3 or len(flops) != len(losses):
         raise ValueError("a power law with an offset needs at least three (compute, loss) points")
     log_c = torch.tensor([math.log(f) for f in flops], dtype=torch.float64)
     log_l = torch.tensor([math.log(v) for v in losses], dtype=torch.float64)
     scale = float(log_c.mean())  # C^-b = exp(-b (log C - scale)) * exp(-b scale): keeps exp() in range
+    floor = min(losses)
 
-    def objective(x: torch.Tensor) -> torch.Tensor:  # x = (log a', b, log c), a' = a exp(-b scale)
-        pred = torch.exp(x[0] - x[1] * (log_c - scale)) + torch.exp(x[2])
+    # x = (log a', log b, logit(c / floor)) with a' = a exp(-b scale)
+    def objective(x: torch.Tensor) -> torch.Tensor:
+        pred = torch.exp(x[0] - torch.exp(x[1]) * (log_c - scale)) + floor * torch.sigmoid(x[2])
         return ((torch.log(pred) - log_l) ** 2).mean()
 
     best, best_value = None, math.inf
-    floor = min(losses)
-    for frac, b in itertools.product((0.0, 0.5, 0.9, 0.99), (0.05, 0.2, 0.5, 1.0)):
-        c0 = max(frac * floor, 1e-6)
+    for frac, b in itertools.product((0.01, 0.5, 0.9, 0.99), (0.05, 0.2, 0.5, 1.0)):
+        c0 = frac * floor
         a0 = max(float(torch.exp(log_l).mean()) - c0, 1e-6)
-        x, value = _lbfgs(objective, [math.log(a0), b, math.log(c0)])
+        x, value = _lbfgs(objective, [math.log(a0), math.log(b), math.log(frac / (1 - frac))])
         if value < best_value:
             best, best_value = x, value
     assert best is not None
-    log_a, b, log_cc = best
-    return PowerLaw(a=math.exp(log_a + b * scale), b=b, c=math.exp(log_cc))
+    log_a, log_b, logit_c = best
+    b = math.exp(log_b)
+    return PowerLaw(a=math.exp(log_a + b * scale), b=b, c=floor / (1 + math.exp(-logit_c)))
 
 
 def fit_chinchilla(
@@ -176,10 +188,26 @@ def fit_chinchilla(
 
 
 # -- runs ------------------------------------------------------------------------------------------------------
+def non_embedding_flops_per_token(cfg: Any, context: int, params: float) -> float:
+    """Kaplan et al. (2020, Table 1) training FLOPs per token, ``3 * (2 N + 2 n_layer n_ctx d_attn)``, with
+    ``N`` the non-embedding parameters and the attention term as
+    :func:`lmforge.model.flops.attention_flops_per_token` counts it (equal to Kaplan's for full causal
+    attention: ``2 * 2 n_layer (n_ctx / 2) d_attn``); neither the embeddings nor the LM head."""
+    from lmforge.model.flops import attention_flops_per_token
+
+    return 3 * (2 * params + attention_flops_per_token(cfg, context))
+
+
 def read_run(run_dir: str | Path) -> ScalingPoint:
-    """The (N, D, C, loss) point of one finished training run folder."""
+    """The (N, D, C, loss) point of one finished training run folder.
+
+    The loss is the held-out loss measured at the run's last step; a validation loss logged earlier in the
+    run is not the final model's, so it is used only when nothing else exists. Without any validation, the
+    mean of the last :data:`TAIL_STEPS` logged training losses is taken (a training loss underestimates the
+    held-out loss once data repeat).
+    """
     from lmforge.config import load_config
-    from lmforge.model.flops import count_parameters, flops_per_token
+    from lmforge.model.flops import count_parameters
     from lmforge.train.metrics import read_jsonl
 
     run_dir = Path(run_dir)
@@ -188,12 +216,21 @@ def read_run(run_dir: str | Path) -> ScalingPoint:
     train = [r for r in records if "loss" in r and "tokens" in r]
     if not train:
         raise ValueError(f"{run_dir}: metrics.jsonl has no training records")
-    val = [r["val_loss"] for r in records if "val_loss" in r]
-    loss = val[-1] if val else sum(r["loss"] for r in train[-TAIL_STEPS:]) / len(train[-TAIL_STEPS:])
+    last_step = train[-1].get("step")
+    val = [r for r in records if "val_loss" in r]
+    final_val = [r["val_loss"] for r in val if r.get("step") == last_step]
+    if final_val:
+        loss = final_val[-1]
+    elif val:
+        loss = val[-1]["val_loss"]
+    else:
+        tail = train[-TAIL_STEPS:]
+        loss = sum(r["loss"] for r in tail) / len(tail)
     count = count_parameters(cfg.model)
+    params = float(count.active - count.embedding)
     tokens = float(train[-1]["tokens"])
-    flops = flops_per_token(cfg.model, cfg.data.seq_len, count)["train"] * tokens
-    return ScalingPoint(str(run_dir), float(count.active - count.embedding), tokens, flops, float(loss))
+    flops = non_embedding_flops_per_token(cfg.model, cfg.data.seq_len, params) * tokens
+    return ScalingPoint(str(run_dir), params, tokens, flops, float(loss))
 
 
 @dataclass
@@ -297,12 +334,21 @@ class RungConfig:
 @dataclass
 class LadderConfig:
     """A base training recipe trained at several sizes, each for ``tokens_per_param`` tokens per
-    non-embedding parameter; the rungs go to ``train.run_dir/rung-<i>``, the report to
-    ``train.run_dir/ladder.json``."""
+    non-embedding parameter (at least ``min_steps`` steps); the rungs go to ``train.run_dir/rung-<i>``, the
+    report to ``train.run_dir/ladder.json``. Each rung's LR schedule (warmup fraction, cosine) runs to that
+    rung's own last step, and when the recipe has held-out data (``val_shards`` or ``data.val_fraction``)
+    each rung is validated at its last step, the loss the fit uses."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     sizes: list[RungConfig] = field(default_factory=list)
     tokens_per_param: float = TOKENS_PER_PARAM
+    # Every rung trains at least this many steps: the token budget of the tiniest rungs can be a handful of
+    # steps, most of them warmup.
+    min_steps: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("tokens_per_param", self.tokens_per_param, low=0.0, low_open=True)
+        check_range("min_steps", self.min_steps, low=0)
 
 
 def rung_config(ladder: LadderConfig, index: int) -> TrainConfig:
@@ -322,8 +368,16 @@ def rung_config(ladder: LadderConfig, index: int) -> TrainConfig:
     )
     count = count_parameters(model)
     tokens_per_step = base.batch.micro_batch_size * base.batch.grad_accum_steps * base.data.seq_len
-    steps = max(1, round(ladder.tokens_per_param * (count.active - count.embedding) / tokens_per_step))
-    return replace(base, run_dir=str(Path(base.run_dir) / f"rung-{index}"), model=model, max_steps=steps)
+    steps = round(ladder.tokens_per_param * (count.active - count.embedding) / tokens_per_step)
+    steps = max(1, ladder.min_steps, steps)
+    log = base.log
+    if base.val_shards or base.data.val_fraction > 0:
+        # validate at the rung's last step (and wherever the base recipe asked, if that divides it)
+        every = log.val_every_steps
+        log = replace(log, val_every_steps=every if every and steps % every == 0 else steps)
+    return replace(
+        base, run_dir=str(Path(base.run_dir) / f"rung-{index}"), model=model, max_steps=steps, log=log
+    )
 
 
 def run_ladder(ladder: LadderConfig) -> ScalingReport:
