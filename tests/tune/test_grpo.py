@@ -217,3 +217,15 @@ def test_grpo_with_a_reward_model_and_the_k3_kl(tmp_path, base_model, tokenizer)
     assert [r["step"] for r in logged] == [1, 2]
     assert {"reward/model", "reward/exact_answer", "kl", "clip_fraction"} <= set(logged[-1])
     assert logged[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first update starts from the reference
+
+
+def test_a_recipes_rewards_replace_the_default_instead_of_joining_it():
+    from lmforge.config import load_config
+    from lmforge.tune.grpo import GRPOConfig
+
+    base = {"init_from": "x", "run_dir": "/tmp/unused", "grpo": {"paths": ["p.jsonl"]}}
+    assert load_config(GRPOConfig, data=base).grpo.reward_weights == {"exact_answer": 1.0}
+    chosen = {**base, "grpo": {"paths": ["p.jsonl"], "rewards": {"contains": 1.0}, "contains": "apple"}}
+    assert load_config(GRPOConfig, data=chosen).grpo.reward_weights == {"contains": 1.0}
+    with_rm = {**base, "grpo": {"paths": ["p.jsonl"], "reward_model": "rm"}}
+    assert load_config(GRPOConfig, data=with_rm).grpo.reward_weights == {}

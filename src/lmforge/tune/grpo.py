@@ -356,25 +356,35 @@ class GRPODataConfig:
     eps_low: float = 0.2  # clip range of the ratio: [1 - eps_low, 1 + eps_high] (DAPO's clip-higher: 0.28)
     eps_high: float = 0.2
     kl_coef: float = 0.0  # k3 KL to the starting model; 0 = no reference model kept
-    rewards: dict[str, float] = field(default_factory=dict)  # exact_answer | format | contains -> weight
+    # exact_answer | format | contains -> weight; None: exact_answer alone unless a reward model is given. (A
+    # dict default would be merged into a recipe's rewards by the config loader, not replaced by them.)
+    rewards: dict[str, float] | None = None
     format_pattern: str = ""  # regular expression the whole reply must match (the "format" reward)
     contains: str = ""  # text the reply must contain (the "contains" reward)
     reward_model: str | None = None  # a folder written by `lmforge rm`
     reward_model_weight: float = 1.0
 
+    @property
+    def reward_weights(self) -> dict[str, float]:
+        """The reward functions and weights in force (``rewards`` unset: exact_answer, without a reward model)."""
+        if self.rewards is not None:
+            return dict(self.rewards)
+        return {} if self.reward_model is not None else {"exact_answer": 1.0}
+
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.rewards) - set(REWARD_FUNCTIONS))
+        rewards = self.reward_weights
+        unknown = sorted(set(rewards) - set(REWARD_FUNCTIONS))
         if unknown:
             raise ValueError(
                 f"grpo.rewards: unknown {', '.join(unknown)}; one of {', '.join(REWARD_FUNCTIONS)}"
             )
-        if not self.rewards and self.reward_model is None:
+        if not rewards and self.reward_model is None:
             raise ValueError(
                 "grpo: give reward functions (grpo.rewards) and/or a reward model (grpo.reward_model)"
             )
-        if "format" in self.rewards and not self.format_pattern:
+        if "format" in rewards and not self.format_pattern:
             raise ValueError("grpo.format_pattern: required by the format reward")
-        if "contains" in self.rewards and not self.contains:
+        if "contains" in rewards and not self.contains:
             raise ValueError("grpo.contains: required by the contains reward")
         if self.group_size < 2:
             raise ValueError(f"grpo.group_size: at least 2, got {self.group_size}")
@@ -393,7 +403,7 @@ class GRPODataConfig:
 
 @dataclass
 class GRPOConfig(TrainConfig):
-    grpo: GRPODataConfig = field(default_factory=lambda: GRPODataConfig(rewards={"exact_answer": 1.0}))
+    grpo: GRPODataConfig = field(default_factory=GRPODataConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -406,7 +416,7 @@ class GRPOConfig(TrainConfig):
 def build_scorer(cfg: GRPODataConfig) -> Scorer:
     """The reward functions named in ``cfg.rewards`` with their weights, and the reward model if any."""
     functions: dict[str, tuple[RewardFn, float]] = {}
-    for name, weight in cfg.rewards.items():
+    for name, weight in cfg.reward_weights.items():
         if name == "exact_answer":
             functions[name] = (exact_answer, weight)
         elif name == "format":

@@ -504,6 +504,11 @@ class PPODataConfig:
     reward_model: str | None = None  # a folder written by `lmforge rm`
     reward_model_weight: float = 1.0
 
+    @property
+    def reward_weights(self) -> dict[str, float]:
+        """The reward functions and their weights (what the scorer builds on; no default: see PPOConfig)."""
+        return dict(self.rewards)
+
     def __post_init__(self) -> None:
         unknown = sorted(set(self.rewards) - set(REWARD_FUNCTIONS))
         if unknown:
