@@ -251,6 +251,56 @@ class Scorer:
         return self.reward_model.eval()(ids.to(device), lengths.to(device)).cpu()
 
 
+def next_prompts(
+    prompts: Sequence[RLPrompt], n: int, seed: int, epoch: int, index: int
+) -> tuple[list[RLPrompt], int, int]:
+    """The next ``n`` prompts of a seeded order reshuffled every epoch, from position (``epoch``, ``index``);
+    returns them and the new position (what a resumable RL source saves)."""
+    chosen: list[RLPrompt] = []
+    order: list[int] | None = None
+    while len(chosen) < n:
+        if index >= len(prompts):
+            epoch, index, order = epoch + 1, 0, None
+        if order is None:
+            order = list(range(len(prompts)))
+            random.Random(f"{seed}:{epoch}").shuffle(order)
+        chosen.append(prompts[order[index]])
+        index += 1
+    return chosen, epoch, index
+
+
+@dataclass
+class ScoredRollout:
+    """Sampled replies with their prompts, scored and padded into one batch."""
+
+    rows: list[tuple[RLPrompt, list[int]]]  # (prompt, completion) per reply, prompt-major
+    input_ids: Tensor  # (replies, longest prompt + completion), right-padded
+    completion_mask: Tensor  # True on each reply's completion tokens
+    rewards: Tensor  # (replies,) the weighted reward
+    parts: dict[str, Tensor]  # each reward component
+
+
+def score_rollout(
+    prompts: Sequence[RLPrompt],
+    completions: Sequence[Sequence[list[int]]],
+    tokenizer: Tokenizer,
+    scorer: Scorer,
+    pad_id: int,
+) -> ScoredRollout:
+    """Decode and score every reply of every prompt and pad prompt + reply rows into one batch."""
+    rows = [(p, c) for p, group in zip(prompts, completions) for c in group]
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for _, c in rows]
+    sequences = [[*p.input_ids, *c] for p, c in rows]
+    rewards, parts = scorer(texts, [p.record for p, _ in rows], sequences)
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), length), dtype=torch.bool)
+    for row, ((prompt, _), seq) in enumerate(zip(rows, sequences)):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        completion_mask[row, len(prompt.input_ids) : len(seq)] = True
+    return ScoredRollout(rows, input_ids, completion_mask, rewards, parts)
+
+
 class RolloutSource:
     """The trainer's ``train_data`` for GRPO: each ``next()`` pushes the policy into the sampler, samples
     ``group_size`` replies for each of ``prompts_per_batch`` prompts and returns the rollout batch.
@@ -283,15 +333,9 @@ class RolloutSource:
         self.index = 0
 
     def _next_prompts(self) -> list[RLPrompt]:
-        chosen = []
-        while len(chosen) < self.prompts_per_batch:
-            order = list(range(len(self.prompts)))
-            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
-            if self.index >= len(order):
-                self.epoch, self.index = self.epoch + 1, 0
-                continue
-            chosen.append(self.prompts[order[self.index]])
-            self.index += 1
+        chosen, self.epoch, self.index = next_prompts(
+            self.prompts, self.prompts_per_batch, self.seed, self.epoch, self.index
+        )
         return chosen
 
     def __iter__(self) -> Iterator[Batch]:
@@ -306,24 +350,16 @@ class RolloutSource:
                 frozen.to(device)
         self.rollouts.push_weights(self.policy)
         completions = self.rollouts.sample([p.input_ids for p in prompts], self.group_size)
-        rows = [(p, c) for p, group in zip(prompts, completions) for c in group]
-        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for _, c in rows]
-        sequences = [[*p.input_ids, *c] for p, c in rows]
-        rewards, parts = self.scorer(texts, [p.record for p, _ in rows], sequences)
+        scored = score_rollout(prompts, completions, self.tokenizer, self.scorer, self.pad_id)
+        rewards, input_ids = scored.rewards, scored.input_ids
         advantages = group_advantages(rewards.view(len(prompts), self.group_size)).flatten()
-        length = max(len(s) for s in sequences)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        completion_mask = torch.zeros((len(rows), length), dtype=torch.bool)
-        for row, ((prompt, _), seq) in enumerate(zip(rows, sequences)):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            completion_mask[row, len(prompt.input_ids) : len(seq)] = True
         batch = {
             "input_ids": input_ids,
-            "completion_mask": completion_mask,
+            "completion_mask": scored.completion_mask,
             "advantages": advantages.float(),
             "old_logps": self._logps(self.policy, input_ids),
             "reward": rewards.float(),
-            **{name: values.float() for name, values in parts.items()},
+            **{name: values.float() for name, values in scored.parts.items()},
         }
         if self.reference is not None:
             batch["ref_logps"] = self._logps(self.reference, input_ids)

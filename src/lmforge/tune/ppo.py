@@ -68,7 +68,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -84,7 +83,16 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train import TrainConfig
 from lmforge.train.objective import Batch, ObjectiveOutput
 from lmforge.tune.align_log import AlignMetrics
-from lmforge.tune.grpo import REWARD_FUNCTIONS, RLPrompt, Scorer, build_scorer, load_rl_prompts, token_logps
+from lmforge.tune.grpo import (
+    REWARD_FUNCTIONS,
+    RLPrompt,
+    Scorer,
+    build_scorer,
+    load_rl_prompts,
+    next_prompts,
+    score_rollout,
+    token_logps,
+)
 from lmforge.tune.peft import PeftConfig, apply_peft, save_adapter
 from lmforge.tune.preference import chat_tokenizer
 from lmforge.tune.run import run_copy
@@ -343,15 +351,9 @@ class PPOSource:
         self.last_rollout_end: float | None = None
 
     def _next_prompts(self) -> list[RLPrompt]:
-        chosen = []
-        while len(chosen) < self.prompts_per_rollout:
-            order = list(range(len(self.prompts)))
-            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
-            if self.index >= len(order):
-                self.epoch, self.index = self.epoch + 1, 0
-                continue
-            chosen.append(self.prompts[order[self.index]])
-            self.index += 1
+        chosen, self.epoch, self.index = next_prompts(
+            self.prompts, self.prompts_per_rollout, self.seed, self.epoch, self.index
+        )
         return chosen
 
     def __iter__(self) -> Iterator[Batch]:
@@ -399,18 +401,10 @@ class PPOSource:
         else:
             completions = self.rollouts.sample(prompt_ids, self.samples_per_prompt)
         sampled_at = time.perf_counter()
-        rows = [(p, c) for p, group in zip(prompts, completions) for c in group]
-        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for _, c in rows]
-        sequences = [[*p.input_ids, *c] for p, c in rows]
-        scores, parts = self.scorer(texts, [p.record for p, _ in rows], sequences)
+        scored = score_rollout(prompts, completions, self.tokenizer, self.scorer, self.pad_id)
         scored_at = time.perf_counter()
-
-        length = max(len(s) for s in sequences)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        completion_mask = torch.zeros((len(rows), length), dtype=torch.bool)
-        for row, ((prompt, _), seq) in enumerate(zip(rows, sequences)):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            completion_mask[row, len(prompt.input_ids) : len(seq)] = True
+        rows, scores, parts = scored.rows, scored.rewards, scored.parts
+        input_ids, completion_mask = scored.input_ids, scored.completion_mask
         was_training = self.model.training
         self.model.eval()
         out = self.model(input_ids.to(device))
