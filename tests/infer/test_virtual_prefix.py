@@ -84,3 +84,14 @@ def test_a_lora_folder_is_not_a_prefix(base, tmp_path):
     folder = save_adapter(lora, tmp_path / "lora", None)
     with pytest.raises(ValueError, match="not a soft prompt or prefix"):
         virtual_prefix(base.cfg, folder)
+
+
+def test_a_virtual_prefix_and_lora_adapters_do_not_mix(base, tmp_path):
+    engine = serve(base, adapted(base, "prefix_tuning", 3), tmp_path)
+    weights = {"blocks.0.attn.q_proj": (torch.zeros(2, 64), torch.zeros(64, 2), 1.0)}
+    with pytest.raises(ValueError, match="soft prompt or prefix"):
+        engine.add_lora("a", weights)
+    plain = LLMEngine(copy.deepcopy(base), None, EngineConfig(num_blocks=64, block_size=8))
+    plain.add_lora("a", weights)
+    with pytest.raises(ValueError, match="not with LoRA"):
+        plain.set_soft_prompt(torch.zeros(2, 64))

@@ -74,3 +74,11 @@ def test_a_server_without_an_embedding_model_says_so(server):
         f"{server.base_url}/v1/embeddings", json={"input": "x"}, headers=server.headers(), timeout=30
     )
     assert reply.status_code == 404 and "does not serve embeddings" in reply.json()["error"]["message"]
+
+
+def test_an_adapter_name_or_a_folder_that_cannot_embed_is_refused(tokenizer, tmp_path):
+    with running_server(lambda: build_engine(tokenizer), embeddings=EmbeddingService(tmp_path)) as running:
+        reply = httpx.post(f"{running.base_url}/v1/embeddings", json={"input": "x"}, timeout=30)
+        assert reply.status_code == 503 and "embeddings are unavailable" in reply.json()["error"]["message"]
+        health = httpx.get(f"{running.base_url}/health", timeout=30)
+        assert health.status_code == 200  # the server goes on

@@ -58,6 +58,8 @@ def test_requests_pick_adapters_by_model_name(tokenizer, adapters):
         assert with_adapter["choices"][0]["text"] == offline(tokenizer, adapters["alpha"])
         assert base["choices"][0]["text"] == offline(tokenizer)
         assert with_adapter["choices"][0]["text"] != base["choices"][0]["text"]
+        embed = httpx.post(f"{running.base_url}/v1/embeddings", json={"model": "alpha", "input": "x"})
+        assert embed.status_code == 400 and "base model" in embed.json()["error"]["message"]
         missing = complete(running, "gamma")
         assert missing.status_code == 404 and "'alpha'" in missing.json()["error"]["message"]
         refused = httpx.post(

@@ -265,6 +265,8 @@ class LLMEngine:
         and one batch mixes requests of different adapters and of the base model."""
         if self.seq2seq:
             raise ValueError("LoRA adapters are served for decoder-only models")
+        if self.num_virtual:  # the shared virtual prefix was computed without any adapter
+            raise ValueError("LoRA adapters cannot be served behind a soft prompt or prefix adapter")
         if self.loras is None:
             self.loras = LoraSet(self.model)
             self.runner.loras = self.loras
@@ -292,6 +294,8 @@ class LLMEngine:
         cfg = self.model.cfg
         if self.has_mamba or self.seq2seq:
             raise ValueError("virtual prefix: for decoder-only attention models")
+        if self.loras is not None:
+            raise ValueError("virtual prefix: not with LoRA adapters (the prefix would be the base model's)")
         if len(keys) != cfg.n_layers or len(values) != cfg.n_layers:
             raise ValueError(f"virtual prefix: one key and one value tensor per layer ({cfg.n_layers})")
         length = keys[0].shape[1]

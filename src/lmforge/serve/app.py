@@ -218,7 +218,7 @@ def create_app(
             # reading and checking the folder is blocking work: off the event loop
             weights = await asyncio.to_thread(load_lora, serving.engine.engine.model.cfg, req.lora_path)
             await serving.engine.add_lora(req.lora_name, weights)
-        except ValueError as err:
+        except (ValueError, OSError) as err:  # a bad or unreadable folder is the caller's
             raise APIError(400, f"cannot load the adapter: {err}", "lora_path", "invalid_value") from err
         state.loras[req.lora_name] = req.lora_path
         return JSONResponse({"status": "ok", "lora_name": req.lora_name})
@@ -248,7 +248,10 @@ def create_app(
     @api.post("/v1/embeddings")
     async def create_embeddings(req: EmbeddingRequest) -> JSONResponse:
         serving = state.ready()
-        serving.check_model(req.model)
+        if serving.check_model(req.model) is not None:
+            raise APIError(
+                400, "model: embeddings come from the base model, not an adapter", "model", "invalid_value"
+            )
         if embeddings is None:
             raise APIError(404, "this server does not serve embeddings", None, "embeddings_not_served")
         rows = await asyncio.to_thread(embeddings.token_rows, req)

@@ -33,8 +33,16 @@ class EmbeddingService:
                 from lmforge.tokenizer import load_tokenizer
                 from lmforge.tune.embed import load_embedding_model
 
-                self._tokenizer = load_tokenizer(self.folder)
-                self._model = load_embedding_model(self.folder)
+                try:
+                    self._tokenizer = load_tokenizer(self.folder)
+                    self._model = load_embedding_model(self.folder)
+                except Exception as err:  # the served folder cannot embed: say why, every time, as a 503
+                    raise APIError(
+                        503,
+                        f"embeddings are unavailable: {type(err).__name__}: {err}",
+                        None,
+                        "embeddings_unavailable",
+                    ) from err
         return self._model, self._tokenizer
 
     def token_rows(self, req: EmbeddingRequest) -> list[tuple[int, ...]]:

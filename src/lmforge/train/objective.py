@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 IGNORE_INDEX = -100
 Batch = dict[str, Tensor]
@@ -158,8 +159,6 @@ class LMObjective:
         if type(head) is not nn.Linear or head.bias is not None:
             return None
         # a sharded head (FSDP2 keeps the module a Transformer, its weight a DTensor) takes the plain path
-        from torch.distributed.tensor import DTensor
-
         return None if isinstance(head.weight, DTensor) else head
 
     def __call__(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:
