@@ -73,7 +73,6 @@ class LoraSet:
         if not weights:
             raise ValueError(f"lora {name!r}: the adapter has no weights")
         modules = dict(self.model.named_modules())
-        device, dtype = None, None
         checked: dict[str, tuple[Tensor, Tensor, float]] = {}
         for module_name, (a, b, scale) in weights.items():
             module = modules.get(module_name)
@@ -102,8 +101,8 @@ class LoraSet:
                     f"needs A (r, {module.in_features}) and B ({module.out_features}, r) (an adapter for a "
                     "different base model?)"
                 )
-            device, dtype = module.weight.device, module.weight.dtype
-            checked[module_name] = (a.to(device, dtype), b.to(device, dtype), float(scale))
+            weight = module.weight
+            checked[module_name] = (a.to(weight), b.to(weight), float(scale))
         slot = self._next_slot
         self._next_slot += 1
         for module_name, adapter in checked.items():
