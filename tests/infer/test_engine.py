@@ -213,6 +213,14 @@ def test_admission_limits_and_bad_requests(tiny_model):
         EngineConfig(block_size=0)
 
 
+def test_offline_generate_is_not_bounded_by_the_waiting_queue(tiny_model, expected):
+    # max_waiting is the server's back-pressure limit; an offline batch larger than it still runs whole.
+    engine = _engine(tiny_model, max_waiting=2, max_num_seqs=2)
+    assert _tokens(engine.generate(random_prompts(LENGTHS), GREEDY)) == expected
+    with pytest.raises(ValueError, match="3 prompts, 2 sampling params"):
+        engine.generate([[1, 2]] * 3, [GREEDY] * 2)
+
+
 def test_pool_is_sized_from_a_memory_budget(tiny_model):
     cfg = tiny_model.cfg
     per_block = 2 * cfg.n_layers * 16 * cfg.n_kv_heads * cfg.head_dim * 4

@@ -648,21 +648,33 @@ class LLMEngine:
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         loras = [lora] * len(prompts) if lora is None or isinstance(lora, str) else list(lora)
-        ids = []
-        for prompt, p, name in zip(prompts, params, loras, strict=True):
-            ids.append(self.add_request(None, prompt, p, lora=name).request_id)
+        if not len(prompts) == len(params) == len(loras):
+            raise ValueError(
+                f"generate: {len(prompts)} prompts, {len(params)} sampling params and {len(loras)} adapters"
+            )
+        ids: list[str] = []
         final: dict[str, RequestOutput] = {}
         progress = None
         if use_tqdm:
             from tqdm import tqdm
 
-            progress = tqdm(total=len(ids), desc="generate", unit="req")
-        while self.has_unfinished():
+            progress = tqdm(total=len(prompts), desc="generate", unit="req")
+
+        def step() -> None:
             for out in self.step():
                 if out.finished:
                     final[out.request_id] = out
                     if progress is not None:
                         progress.update(1)
+
+        # Requests join as the waiting queue has room, so any number of prompts fits its bound (the
+        # server's back-pressure limit is not a limit on offline batches).
+        for prompt, p, name in zip(prompts, params, loras):
+            while len(self.scheduler.waiting) >= self.scheduler.max_waiting:
+                step()
+            ids.append(self.add_request(None, prompt, p, lora=name).request_id)
+        while self.has_unfinished():
+            step()
         if progress is not None:
             progress.close()
         return [final[i] for i in ids]
