@@ -141,6 +141,16 @@ def test_micro_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     wins, ties, losses = (int(x) for x in judge["rows"][0][1].split(" / "))
     assert wins + ties + losses == 16  # 4 held-out questions of each of 4 tasks
 
+    # the align stage: a reward model, DPO and GRPO models, each scored on the held-out tasks
+    align = json.loads((run_dir / "stages" / "align.json").read_text())
+    (scores,) = align["tables"]
+    assert [row[0] for row in scores["rows"]] == ["addition", "reverse_words", "count_letter"]
+    assert all(0.0 <= value <= 1.0 for row in scores["rows"] for value in row[1:4])
+    for folder in ("rm", "dpo", "grpo"):
+        assert (run_dir / "align" / folder / "model" / "model.safetensors").is_file()
+    for path in ("plots/align_exact_match.png", "plots/align_grpo.png"):
+        assert (run_dir / path).is_file() and f"({path})" in report
+
     # A rerun skips every finished stage; --restart-from redoes the chosen stage onwards only.
     markers = {p.name: p.stat().st_mtime_ns for p in (run_dir / "stages").glob("*.json")}
     changed = build_config(
@@ -152,7 +162,11 @@ def test_micro_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     demo.restart_from("eval")
     demo.run()
     after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "stages").glob("*.json")}
-    assert sorted(name for name in markers if after[name] != markers[name]) == ["eval.json", "review.json"]
+    assert sorted(name for name in markers if after[name] != markers[name]) == [
+        "align.json",
+        "eval.json",
+        "review.json",
+    ]
 
     # The app the demo serves answers the openai client and shows the chat page.
     with serving(demo.serve_app()) as base_url:

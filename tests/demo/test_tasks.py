@@ -1,10 +1,11 @@
 import json
 import re
+from collections import Counter
 
 import pytest
 
 from lmforge.data.io import write_records
-from lmforge.demo.tasks import TASKS, generate_tasks, multiple_choice_records
+from lmforge.demo.tasks import RL_EXTRA_WORDS, TASKS, generate_tasks, multiple_choice_records, rl_prompts
 
 
 def test_answers_are_correct_for_every_task():
@@ -71,3 +72,32 @@ def test_task_records_written_as_jsonl_round_trip(tmp_path):
     path = tmp_path / "sub" / "train.jsonl"
     assert write_records(path, train) == len(train)
     assert [json.loads(line) for line in path.read_text().splitlines()] == train
+
+
+def test_rl_prompts_are_fresh_verifiable_and_never_a_heldout_input():
+    _, heldout = generate_tasks(50, 30, seed=3)
+    per_task = {"addition": 400, "reverse_words": 200, "count_letter": 300}
+    prompts = rl_prompts(heldout, per_task, seed=3)
+    assert Counter(r["task"] for r in prompts) == per_task
+    reserved = {(r["task"], r["prompt"]) for r in heldout}
+    assert not any((r["task"], r["messages"][0]["content"]) in reserved for r in prompts)
+    for r in prompts:
+        text = r["messages"][0]["content"]
+        if r["task"] == "addition":
+            a, b = (int(x) for x in text.removeprefix("What is ").removesuffix("?").split(" + "))
+            assert r["answer"] == str(a + b)
+        elif r["task"] == "count_letter":
+            letter, word = (
+                text.removeprefix("How many times does the letter ").removesuffix("?").split(" appear in ")
+            )
+            assert r["answer"] == str(word.count(letter))
+        else:
+            words = text.removeprefix("Reverse the order of these words: ").split()
+            assert r["answer"] == " ".join(reversed(words))
+    counted = {
+        r["messages"][0]["content"].split()[-1].rstrip("?") for r in prompts if r["task"] == "count_letter"
+    }
+    assert counted & set(RL_EXTRA_WORDS)  # words the instruction set never asks about
+    assert rl_prompts(heldout, per_task, seed=3) == prompts
+    with pytest.raises(ValueError, match="unknown task"):
+        rl_prompts(heldout, {"division": 3})

@@ -52,6 +52,29 @@ class InstructSettings:
 
 
 @dataclass
+class AlignSettings:
+    """The align stage (:mod:`lmforge.demo.align`): preference rankings of the SFT model's own samples, a
+    reward model and DPO on them, then GRPO with engine rollouts."""
+
+    enabled: bool = True
+    pair_prompts: int = 600  # prompts sampled for preference pairs
+    samples: int = 8  # replies per prompt (pairs) and group size (GRPO)
+    max_new_tokens: int = 20
+    rl_prompts_per_task: int = 2000
+    rm_steps: int = 100
+    rm_lr: float = 1e-4
+    dpo_steps: int = 100
+    dpo_lr: float = 5e-5
+    dpo_beta: float = 0.1
+    rl_steps: int = 120
+    rl_lr: float = 5e-5
+    rl_prompts_per_step: int = 8
+    kl_coef: float = 0.02  # k3 KL to the SFT model (also what the KL curve shows)
+    reward_model_weight: float = 0.0  # > 0: GRPO's reward adds the trained reward model's score
+    batch_size: int = 16  # preference groups per step (reward model, DPO)
+
+
+@dataclass
 class DemoConfig:
     size: str = "tiny"
     run_dir: str = "runs/demo"
@@ -63,6 +86,7 @@ class DemoConfig:
     pretrain: TrainSettings = field(default_factory=TrainSettings)
     sft: TrainSettings = field(default_factory=lambda: TrainSettings(steps=600, batch_size=16, lr=2e-3))
     instruct: InstructSettings = field(default_factory=InstructSettings)
+    align: AlignSettings = field(default_factory=AlignSettings)
     serve: bool = True
     host: str = "127.0.0.1"
     port: int = 8000
@@ -80,6 +104,17 @@ SIZES: dict[str, dict[str, Any]] = {
         "pretrain": {"steps": 4, "batch_size": 4, "seq_len": 64, "warmup_steps": 1},
         "sft": {"steps": 4, "batch_size": 4, "seq_len": 128, "warmup_steps": 1},
         "instruct": {"train_counts": _train_counts(30, 30), "heldout_per_task": 4},
+        "align": {
+            "pair_prompts": 16,
+            "samples": 4,
+            "max_new_tokens": 8,
+            "rl_prompts_per_task": 16,
+            "rm_steps": 2,
+            "dpo_steps": 2,
+            "rl_steps": 2,
+            "rl_prompts_per_step": 2,
+            "batch_size": 4,
+        },
     },
     "tiny": {},
     "small": {

@@ -1,4 +1,5 @@
-"""``lmforge demo``: raw corpus -> cleaned data -> tokenizer -> shards -> pretraining -> SFT -> eval -> serve.
+"""``lmforge demo``: raw corpus -> cleaned data -> tokenizer -> shards -> pretraining -> SFT -> eval -> align
+(reward model, DPO, GRPO) -> review -> serve.
 
 Every stage is a call into the layer that owns it (``lmforge.data``, ``lmforge.tokenizer``,
 ``lmforge.train``, ``lmforge.tune.sft``, ``lmforge.eval``, ``lmforge.serve``); this module only wires their
@@ -13,6 +14,7 @@ inputs and outputs together inside one run folder and writes the report card::
     RUN/pretrain/      trainer run folder; the base model in pretrain/model
     RUN/sft/           trainer run folder; the chat model in sft/model
     RUN/eval/base, RUN/eval/sft   results.json, results.md, samples/
+    RUN/align/         preference rankings, rm/, dpo/, grpo/ run folders (models in */model), eval/
     RUN/stages/        completion markers (a rerun skips finished stages)
     RUN/report.md, RUN/report.html
 """
@@ -47,6 +49,7 @@ STAGES = {
     "pretrain": "Pretraining",
     "sft": "Supervised fine-tuning",
     "eval": "Evaluation: base vs SFT",
+    "align": "Alignment: reward model, DPO, GRPO",
     "review": "Review: red team and LLM-as-judge",
 }
 
@@ -292,6 +295,11 @@ class Demo(RunLayout):
         return StageCard(
             "eval", STAGES["eval"], tables=tables, images=["plots/eval_base_vs_sft.png"], note=note
         )
+
+    def align(self) -> StageCard:
+        from lmforge.demo.align import align_card
+
+        return align_card(self, self.console, STAGES["align"])
 
     def review(self) -> StageCard:
         from lmforge.demo.review import review_card

@@ -111,8 +111,8 @@ def _reverse_words(rng: random.Random) -> tuple[str, str, str]:
     return prompt, prompt, " ".join(reversed(words))
 
 
-def _count_letter(rng: random.Random) -> tuple[str, str, str]:
-    word = rng.choice(WORDS)
+def _count_letter(rng: random.Random, words: list[str] = WORDS) -> tuple[str, str, str]:
+    word = rng.choice(words)
     # Ask about a letter of the word most of the time, sometimes about one it lacks (answer 0).
     letter = rng.choice(word) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
     prompt = f"How many times does the letter {letter} appear in {word}?"
@@ -210,3 +210,41 @@ def multiple_choice_records(
             }
         )
     return out
+
+
+# Words the instruction set never counts letters in: RL prompts of count_letter draw from these as well, since
+# the instruction set's (letter, word) pairs are nearly all used by its training and held-out splits.
+RL_EXTRA_WORDS = sorted({w.lower() for w in NAMES + OBJECTS + COLORS + PLACES} - set(WORDS))
+
+
+def rl_prompts(
+    heldout: Iterable[dict[str, Any]], per_task: dict[str, int], seed: int = 0
+) -> list[dict[str, Any]]:
+    """Fresh prompts for online RL (``{"task", "messages", "answer"}``, shuffled): new draws of each task's
+    generator from their own seed, never one whose defining input is a held-out example's (for addition the
+    operand pair, otherwise the prompt). ``count_letter`` also asks about words outside the instruction set
+    (:data:`RL_EXTRA_WORDS`). Draws may repeat training examples; a small key space yields fewer prompts."""
+    reserved = {(r["task"], r["prompt"]) for r in heldout}
+    rl_generators = {
+        **GENERATORS,
+        "count_letter": lambda rng: _count_letter(rng, WORDS + RL_EXTRA_WORDS),
+    }
+    records: list[dict[str, Any]] = []
+    for task, want in per_task.items():
+        if task not in rl_generators:
+            raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+        rng = random.Random(f"rl:{seed}:{task}")
+        seen: set[str] = set()
+        made, attempts = 0, 0
+        while made < want and attempts < 50 * want + 1000:
+            attempts += 1
+            key, prompt, answer = rl_generators[task](rng)
+            if key in seen or (task, prompt) in reserved:
+                continue
+            seen.add(key)
+            records.append(
+                {"task": task, "messages": [{"role": "user", "content": prompt}], "answer": answer}
+            )
+            made += 1
+    random.Random(seed).shuffle(records)
+    return records
