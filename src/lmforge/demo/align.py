@@ -31,16 +31,24 @@ ALIGN_TASKS = ("addition", "reverse_words", "count_letter")
 
 
 def preference_rankings(
-    model_dir: Path, prompts: list[dict[str, Any]], samples: int, max_new_tokens: int, seed: int
+    model_dir: Path,
+    prompts: list[dict[str, Any]],
+    samples: int,
+    max_new_tokens: int,
+    seed: int,
+    threads: int = 0,
 ) -> tuple[list[dict[str, Any]], Counter[str]]:
-    """Sample ``samples`` replies per prompt from the model and rank them: correct ones (exact answer) 0,
-    incorrect ones (a reply cut off at ``max_new_tokens`` among them) 1. When no reply is correct the
+    """Sample ``samples`` replies per prompt from the model and rank a correct one (exact answer) above up to
+    three distinct incorrect ones (a reply cut off at ``max_new_tokens`` among them). When no reply is correct the
     reference answer is ranked first instead (counted), so a weak model still yields preferences; prompts
-    whose replies are all correct carry no preference and are counted, not kept."""
+    whose replies are all correct carry no preference and are counted, not kept. ``threads``: torch threads
+    (0 keeps torch's default)."""
     import torch
 
     from lmforge.infer import LLMEngine, SamplingParams
 
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     engine = LLMEngine.from_pretrained(model_dir)
     tokenizer = engine.tokenizer
@@ -65,12 +73,14 @@ def preference_rankings(
         if not good:
             good = [record["answer"]]
             stats["reference answer ranked first"] += 1
-        responses = good + bad
+        # One correct reply against up to three incorrect ones: the pairs that carry the preference, at a
+        # quarter of the sequences of all distinct replies.
+        good, bad = good[:1], bad[:3]
         records.append(
             {
                 "task": record["task"],
                 "messages": record["messages"],
-                "responses": responses,
+                "responses": good + bad,
                 "ranking": [0] * len(good) + [1] * len(bad),
             }
         )
@@ -171,7 +181,12 @@ def align_card(demo: RunLayout, console: Any, title: str) -> StageCard:
         f"sampling {settings.samples} replies for each of {len(pair_prompts)} prompts from the SFT model"
     )
     rankings, pair_stats = preference_rankings(
-        demo.path("sft", "model"), pair_prompts, settings.samples, settings.max_new_tokens, cfg.seed
+        demo.path("sft", "model"),
+        pair_prompts,
+        settings.samples,
+        settings.max_new_tokens,
+        cfg.seed,
+        cfg.threads,
     )
     if len(rankings) < 2:
         raise ValueError(f"align: only {len(rankings)} of {len(pair_prompts)} prompts gave a preference")
