@@ -63,10 +63,46 @@ from lmforge.infer.seq2seq import CrossAttention
 from lmforge.infer.sequence import Sequence, SequenceGroup
 from lmforge.infer.state_pool import HybridCache, StatePool
 from lmforge.model.t5 import T5Model
+from lmforge.model.transformer import Transformer
 
 __all__ = ["EngineConfig", "EngineStats", "InvalidRequestError", "LLMEngine", "QueueFullError"]
 
 logger = logging.getLogger(__name__)
+
+DTYPES = ("model", "auto", "float32", "bfloat16")
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 in hardware (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo's
+    flags); without it bf16 matmuls are emulated and slower than fp32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[-1].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype ``model``'s blocks compute in (a model cast by ``Transformer.to_inference_dtype`` keeps its
+    embeddings and head in fp32)."""
+    return getattr(model, "_hidden_dtype", None) or next(model.parameters()).dtype
+
+
+def resolve_dtype(name: str, model: nn.Module) -> torch.dtype:
+    """The dtype the engine runs ``model`` in for the :class:`EngineConfig` ``dtype`` option ``name``."""
+    current = compute_dtype(model)
+    if name == "model":
+        return current
+    if name == "auto":
+        device = next(model.parameters()).device
+        native = device.type == "cpu" and cpu_has_native_bf16()
+        return torch.bfloat16 if native and current == torch.float32 else current
+    return getattr(torch, name)
 
 
 @dataclass
@@ -89,8 +125,16 @@ class EngineConfig:
     # runs past the context length in constant KV memory (keys are cached before RoPE, rotated at attention)
     sink_tokens: int = 0
     sink_window: int = 0
+    # weights and KV cache: "model" keeps the model's dtype; "float32" / "bfloat16" cast the blocks (the final
+    # norm, LM head and embeddings stay fp32, so logits are fp32); "auto" picks bfloat16 on a CPU that
+    # multiplies bf16 natively (AVX512-BF16 / AMX) and the model's dtype elsewhere (see docs/benchmarks.md)
+    dtype: str = "model"
+    # run q/k/v and gate/up as one matmul each (fused once, at load: Transformer.fuse_for_inference)
+    fuse_projections: bool = True
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in (
             "block_size",
             "kv_cache_memory_bytes",
@@ -136,6 +180,7 @@ class LLMEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.cfg
+        self.dtype = self._prepare_model(model, config)
         if eos_token_ids is None:
             eos = getattr(tokenizer, "eos_id", None)
             if eos is None and isinstance(model, T5Model):
@@ -167,7 +212,7 @@ class LLMEngine:
                 kv_heads,
                 cfg.head_dim,
                 config.block_size,
-                param.dtype,
+                self.dtype,
             )
         else:  # blocks only count tokens: enough for every sequence at full length
             num_blocks = (
@@ -180,7 +225,7 @@ class LLMEngine:
             config.block_size,
             kv_heads,
             cfg.head_dim,
-            param.dtype,
+            self.dtype,
             param.device,
         )
         self.sinks = self._check_sinks(config, cfg)
@@ -213,7 +258,7 @@ class LLMEngine:
                 raise ValueError(
                     "sink_window: attention sinks are for attention layers; this model has Mamba layers"
                 )
-            self.states = StatePool(cfg, config.max_num_seqs, param.dtype, param.device)
+            self.states = StatePool(cfg, config.max_num_seqs, self.dtype, param.device)
             self.runner.state_cache = HybridCache(cfg, self.cache, self.states)
         self.cross: CrossAttention | None = None
         if self.seq2seq:
@@ -225,6 +270,23 @@ class LLMEngine:
         self._aborted: list[SequenceGroup] = []
         self._failed: list[tuple[SequenceGroup, str]] = []  # requests that broke mid-step, with why
         self._prompt_tokens_total = 0
+
+    @staticmethod
+    def _prepare_model(model: nn.Module, config: EngineConfig) -> torch.dtype:
+        """Cast the model to the configured dtype and fuse its projections (both in place, once); returns the
+        dtype of its blocks, which the KV cache takes."""
+        current = compute_dtype(model)
+        dtype = resolve_dtype(config.dtype, model)
+        if dtype != current:
+            if not isinstance(model, Transformer) or getattr(model.cfg, "has_mamba", False):
+                raise ValueError(
+                    f"dtype: {config.dtype} casts decoder-only attention models; load this model in the "
+                    "dtype wanted instead (or leave dtype='model')"
+                )
+            model.to_inference_dtype(dtype)
+        if config.fuse_projections and isinstance(model, Transformer):
+            model.fuse_for_inference()
+        return compute_dtype(model)
 
     def _check_sinks(self, config: EngineConfig, cfg: Any) -> tuple[int, int] | None:
         if not config.sink_window:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lmforge.model.cache import KVCache
 from lmforge.model.config import ModelConfig
+from lmforge.model.fusion import FusedLinear, fusable
 from lmforge.model.knn_memory import KNNMemory, KNNMemoryConfig
 from lmforge.model.norms import build_norm
 from lmforge.model.positions import RelativePositionBias, alibi_bias, alibi_slopes, apply_rope, rope_cos_sin
@@ -122,6 +123,20 @@ class Attention(nn.Module):
         self._gate_init = 0.0 if memory is None else memory.gate_value
         if memory is not None and layer in memory.layers and memory.gate == "learned":
             self.memory_gate = nn.Parameter(torch.full((cfg.n_heads,), memory.gate_value))
+        self._fused_qkv: FusedLinear | None = None  # set by fuse_for_inference
+
+    def fuse_for_inference(self) -> bool:
+        """Run q/k/v as one matmul from now on (see :mod:`lmforge.model.fusion`); False when they cannot be
+        fused (quantized, adapter-wrapped or distributed projections), which leaves the layer as it was."""
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        self._fused_qkv = FusedLinear(projections) if fusable(projections) else None
+        return self._fused_qkv is not None
+
+    def unfuse(self) -> None:
+        """Undo :meth:`fuse_for_inference`: each projection gets its own storage again."""
+        if self._fused_qkv is not None:
+            self._fused_qkv.unfuse()
+            self._fused_qkv = None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -133,9 +148,14 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         batch, seq, _ = x.shape
         # head counts are inferred (-1) so a tensor-parallel plan may shard the projections by heads
-        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        fused = self._fused_qkv
+        if fused is not None and fused.valid([self.q_proj, self.k_proj, self.v_proj]):
+            q, k, v = fused(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, -1, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if ctx.rope is not None:

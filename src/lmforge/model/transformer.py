@@ -106,6 +106,8 @@ class Transformer(nn.Module):
             self._build(cfg)
         self.to_empty(device=device)
         self._rope_memo: tuple[tuple, tuple[Tensor, float]] | None = None
+        # set by to_inference_dtype: the blocks' dtype when the embeddings/head are kept in fp32
+        self._hidden_dtype: torch.dtype | None = None
         self.reset_parameters()
         self.tie_weights()
 
@@ -195,6 +197,34 @@ class Transformer(nn.Module):
             self._rope_memo = (key, rope_frequencies(self.cfg, seq_len, position_ids.device))
         return self._rope_memo[1]
 
+    def to_inference_dtype(self, dtype: torch.dtype) -> Transformer:
+        """Cast the blocks (weights and hidden states) to ``dtype`` for inference, keeping the final norm,
+        the LM head and the token embedding (tied to the head or not) in fp32, so logits stay fp32: a bf16 head
+        rounds logits to 3 significant digits, enough to swap near-tied greedy choices. Returns the model."""
+        keep = [m for m in (self.norm, self.lm_head, self.embed_tokens) if m is not None]
+        for child in self.children():
+            if all(child is not m for m in keep):
+                child.to(dtype)
+        for module in keep:
+            module.float()
+        self._hidden_dtype = None if dtype == torch.float32 else dtype
+        return self
+
+    def fuse_for_inference(self) -> int:
+        """Fuse each attention layer's q/k/v and each gated MLP's gate/up projections into one matmul (done
+        once, for decoding: :mod:`lmforge.model.fusion`). Parameter names, values and memory are unchanged;
+        layers that cannot be fused (quantized, serving LoRA adapters, sharded) are left alone, and a layer
+        replaced later falls back to its separate projections by itself. Returns how many groups were fused."""
+        return sum(
+            module.fuse_for_inference() for module in self.modules() if isinstance(module, (Attention, MLP))
+        )
+
+    def unfuse(self) -> None:
+        """Undo :meth:`fuse_for_inference`."""
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP)):
+                module.unfuse()
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied head counts once); optionally without token/position embeddings."""
         params = {id(p): p for p in self.parameters()}
@@ -261,6 +291,8 @@ class Transformer(nn.Module):
             x = self.dropout(x)
         else:
             x = input_ids
+        if self._hidden_dtype is not None and x.is_floating_point():
+            x = x.to(self._hidden_dtype)  # fp32 embeddings into reduced-precision blocks (to_inference_dtype)
 
         rope, rerope, key_rope = None, None, None
         if cfg.position == "rope" and cfg.rerope_window is not None:
@@ -302,6 +334,8 @@ class Transformer(nn.Module):
                 aux_loss = aux_loss + block_aux
         if logits_rows is not None:
             x = x.reshape(-1, x.shape[-1]).index_select(0, logits_rows)
+        if self._hidden_dtype is not None:
+            x = x.float()  # the final norm and the head stay fp32 (to_inference_dtype)
         if self.norm is not None:
             x = self.norm(x)
         logits = self.lm_head(x) if self.lm_head is not None and not return_hidden else x

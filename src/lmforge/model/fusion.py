@@ -1,0 +1,77 @@
+"""Fused projections for inference: several ``nn.Linear`` reading the same input run as one matmul.
+
+A decode step runs each projection at batch size 1..64, where a matmul costs its weight bytes plus a fixed
+dispatch; concatenating q/k/v (and gate/up) weights once at load time turns 5 matmuls per layer into 2. The
+concatenation is done once, and the original layers' parameters are rebound as views into the fused tensor:
+no memory is duplicated, ``state_dict`` names and values are unchanged, and any in-place change of a
+parameter (``load_state_dict``, an optimizer step) is seen by the fused path too.
+
+The fused path is taken only when it computes exactly what the separate layers would: the layers are still
+the plain ``nn.Linear`` objects that were fused (a served LoRA adapter or a quantized layer replaces them),
+their parameters still live in the fused tensor (``model.to(dtype)`` or ``load_state_dict(assign=True)``
+rebinds them), and autograd is off (the views' gradients would not reach the fused tensor's users).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def fusable(linears: list[nn.Module | None]) -> bool:
+    """Whether these layers can share one matmul: plain ``nn.Linear`` with ordinary (non-distributed,
+    non-meta) parameters of one dtype and device, all with or all without a bias."""
+    if not linears or any(type(m) is not nn.Linear for m in linears):
+        return False
+    params = [p for m in linears for p in m.parameters(recurse=False)]
+    if any(type(p.data) is not torch.Tensor or p.is_meta for p in params):
+        return False
+    first = linears[0].weight
+    if any(m.weight.dtype != first.dtype or m.weight.device != first.device for m in linears):
+        return False
+    return len({m.bias is None for m in linears}) == 1
+
+
+class FusedLinear:
+    """The concatenated weight (and bias) of ``linears`` (which must be :func:`fusable`), whose parameters
+    become views into it. Not a module: it holds no parameters of its own, so it adds nothing to the model's
+    ``state_dict``."""
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        if not fusable(linears):
+            raise ValueError("FusedLinear: the layers must be plain nn.Linear of one dtype and device")
+        self.linears = linears
+        self.sizes = [m.out_features for m in linears]
+        with torch.no_grad():
+            self.weight = torch.cat([m.weight.detach() for m in linears])
+            has_bias = linears[0].bias is not None
+            self.bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
+        offset = 0
+        for m, n in zip(linears, self.sizes):
+            m.weight = nn.Parameter(self.weight[offset : offset + n], requires_grad=m.weight.requires_grad)
+            if self.bias is not None:
+                m.bias = nn.Parameter(self.bias[offset : offset + n], requires_grad=m.bias.requires_grad)
+            offset += n
+        self._ptrs = [m.weight.data_ptr() for m in linears]
+
+    def valid(self, current: list[nn.Module | None]) -> bool:
+        """Whether ``current`` (the layers now in the modules' slots) are still these, backed by the fused
+        tensor, with autograd off."""
+        if torch.is_grad_enabled():
+            return False
+        for m, fused, ptr in zip(current, self.linears, self._ptrs):
+            if m is not fused or m.weight.data_ptr() != ptr:
+                return False
+        return True
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        """The layers' outputs, in order, from one matmul (views of one result tensor)."""
+        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+    def unfuse(self) -> None:
+        """Give each layer its own storage again (the fused tensor is then freed with this object)."""
+        for m in self.linears:
+            m.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
+            if m.bias is not None:
+                m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
