@@ -78,8 +78,7 @@ class MirrorBin:
         k = self.cache.k.new_zeros(layers, shape[0], heads, shape[1], dim)
         v = self.cache.v.new_zeros(layers, shape[0], heads, shape[1], dim)
         if self.k is not None and self.v is not None:
-            keep = min(have_rows, shape[0])  # rows past the ones in use may be dropped (see planned_shape)
-            assert keep >= self.num_rows
+            keep = min(have_rows, shape[0])  # rows past num_rows (unused) may be dropped: see planned_shape
             k[:, :keep, :, :have_len] = self.k[:, :keep]
             v[:, :keep, :, :have_len] = self.v[:, :keep]
         self.k, self.v = k, v
