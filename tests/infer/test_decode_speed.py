@@ -25,9 +25,10 @@ def _tokens(outs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-def test_fused_engine_decodes_as_the_unfused_one_and_the_reference(tiny_model):
+@pytest.mark.parametrize("pack", [False, True])
+def test_fused_engine_decodes_as_the_unfused_one_and_the_reference(tiny_model, pack):
     prompts = random_prompts([3, 17, 9, 30])
-    fused = _engine(tiny_model)
+    fused = _engine(tiny_model, pack_weights=pack)
     assert fused.model.blocks["0"].attn._fused_qkv is not None
     unfused = _engine(tiny_model, fuse_projections=False)
     assert unfused.model.blocks["0"].attn._fused_qkv is None
@@ -36,11 +37,12 @@ def test_fused_engine_decodes_as_the_unfused_one_and_the_reference(tiny_model):
     assert got == [reference_greedy(tiny_model, p, 12) for p in prompts]
 
 
-def test_served_lora_on_a_fused_model_matches_the_merged_model(tiny_model):
+@pytest.mark.parametrize("pack", [False, True])
+def test_served_lora_on_a_fused_model_matches_the_merged_model(tiny_model, pack):
     # the adapter wraps q_proj / v_proj / down_proj: those layers leave the fused path, gate/up stay fused
     lora = random_lora(tiny_model, 1)
     prompts = random_prompts([5, 14])
-    engine = _engine(tiny_model)
+    engine = _engine(tiny_model, pack_weights=pack)
     engine.add_lora("a", lora)
     attn, mlp = engine.model.blocks["0"].attn, engine.model.blocks["0"].mlp
     assert not attn._fused_qkv.valid([attn.q_proj, attn.k_proj, attn.v_proj])

@@ -131,6 +131,9 @@ class EngineConfig:
     dtype: str = "model"
     # run q/k/v and gate/up as one matmul each (fused once, at load: Transformer.fuse_for_inference)
     fuse_projections: bool = True
+    # with fuse_projections: keep the block projections and LM head also prepacked for oneDNN (CPU): faster
+    # decode matmuls for a second copy of those weights in memory (see docs/benchmarks.md)
+    pack_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -285,7 +288,7 @@ class LLMEngine:
                 )
             model.to_inference_dtype(dtype)
         if config.fuse_projections and isinstance(model, Transformer):
-            model.fuse_for_inference()
+            model.fuse_for_inference(pack=config.pack_weights)
         return compute_dtype(model)
 
     def _check_sinks(self, config: EngineConfig, cfg: Any) -> tuple[int, int] | None:

@@ -124,19 +124,29 @@ class Attention(nn.Module):
         if memory is not None and layer in memory.layers and memory.gate == "learned":
             self.memory_gate = nn.Parameter(torch.full((cfg.n_heads,), memory.gate_value))
         self._fused_qkv: FusedLinear | None = None  # set by fuse_for_inference
+        self._fused_o: FusedLinear | None = None
 
-    def fuse_for_inference(self) -> bool:
-        """Run q/k/v as one matmul from now on (see :mod:`lmforge.model.fusion`); False when they cannot be
-        fused (quantized, adapter-wrapped or distributed projections), which leaves the layer as it was."""
+    def fuse_for_inference(self, pack: bool = False) -> int:
+        """Run q/k/v as one matmul from now on, and with ``pack`` every projection on prepacked weights (see
+        :mod:`lmforge.model.fusion`); projections that cannot be (quantized, adapter-wrapped, distributed)
+        are left as they are. Returns 1 if q/k/v were fused, else 0."""
         projections = [self.q_proj, self.k_proj, self.v_proj]
-        self._fused_qkv = FusedLinear(projections) if fusable(projections) else None
-        return self._fused_qkv is not None
+        self._fused_qkv = FusedLinear(projections, pack) if fusable(projections) else None
+        self._fused_o = FusedLinear([self.o_proj], pack) if pack and fusable([self.o_proj]) else None
+        return int(self._fused_qkv is not None)
 
     def unfuse(self) -> None:
         """Undo :meth:`fuse_for_inference`: each projection gets its own storage again."""
-        if self._fused_qkv is not None:
-            self._fused_qkv.unfuse()
-            self._fused_qkv = None
+        for fused in (self._fused_qkv, self._fused_o):
+            if fused is not None:
+                fused.unfuse()
+        self._fused_qkv = self._fused_o = None
+
+    def _out(self, y: Tensor) -> Tensor:
+        fused = self._fused_o
+        if fused is not None and fused.valid([self.o_proj]):
+            return fused(y)[0]
+        return self.o_proj(y)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -170,10 +180,10 @@ class Attention(nn.Module):
         mask = None if ctx.causal_kernel else self._mask(ctx, k_pos, q.dtype)
         if ctx.memory is not None and self.layer in ctx.memory.layers:
             y = ctx.memory.attend(self.layer, q, k, v, mask, self.memory_gate)
-            return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+            return self._out(y.transpose(1, 2).reshape(batch, seq, -1))
         if ctx.rerope is not None:
             y = ctx.rerope(q, k, v, ctx.positions, k_pos, mask, self.dropout if self.training else 0.0)
-            return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+            return self._out(y.transpose(1, 2).reshape(batch, seq, -1))
         grouped = k.shape[1] != q.shape[1]
         if grouped and mask is not None and q.device.type != "cpu":
             # GPU kernels that take a mask do not take grouped heads (SDPA would fall back to the slow
@@ -190,7 +200,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=grouped,
         )
-        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+        return self._out(y.transpose(1, 2).reshape(batch, seq, -1))
 
     def _mask(self, ctx: AttentionContext, k_pos: Tensor, dtype: torch.dtype) -> Tensor:
         mask = ctx.base_mask(k_pos)

@@ -33,27 +33,58 @@ def fusable(linears: list[nn.Module | None]) -> bool:
     return len({m.bias is None for m in linears}) == 1
 
 
+def packing_available() -> bool:
+    """Whether this PyTorch can prepack linear weights for oneDNN (CPU builds with mkldnn)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
 class FusedLinear:
     """The concatenated weight (and bias) of ``linears`` (which must be :func:`fusable`), whose parameters
     become views into it. Not a module: it holds no parameters of its own, so it adds nothing to the model's
-    ``state_dict``."""
+    ``state_dict``. A single layer is not copied (its weight is used as it is: a tied LM head stays tied).
 
-    def __init__(self, linears: list[nn.Linear]) -> None:
+    ``pack=True`` also keeps the weight prepacked in oneDNN's blocked layout (CPU, fp32 or bf16): a decode
+    matmul then streams the weight without reordering it per call, 1.3-1.9x faster on a 2-core AVX512-BF16
+    VM, for a second copy of the weight in memory. An in-place change of the weight (tracked by its version
+    counter) makes the packed copy stale, and the plain weight is used until :meth:`pack` runs again."""
+
+    def __init__(self, linears: list[nn.Linear], pack: bool = False) -> None:
         if not fusable(linears):
             raise ValueError("FusedLinear: the layers must be plain nn.Linear of one dtype and device")
         self.linears = linears
         self.sizes = [m.out_features for m in linears]
-        with torch.no_grad():
-            self.weight = torch.cat([m.weight.detach() for m in linears])
-            has_bias = linears[0].bias is not None
-            self.bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
-        offset = 0
-        for m, n in zip(linears, self.sizes):
-            m.weight = nn.Parameter(self.weight[offset : offset + n], requires_grad=m.weight.requires_grad)
-            if self.bias is not None:
-                m.bias = nn.Parameter(self.bias[offset : offset + n], requires_grad=m.bias.requires_grad)
-            offset += n
+        if len(linears) == 1:
+            self.weight, self.bias = linears[0].weight, linears[0].bias
+        else:
+            with torch.no_grad():
+                self.weight = torch.cat([m.weight.detach() for m in linears])
+                has_bias = linears[0].bias is not None
+                self.bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
+            offset = 0
+            for m, n in zip(linears, self.sizes):
+                m.weight = nn.Parameter(
+                    self.weight[offset : offset + n], requires_grad=m.weight.requires_grad
+                )
+                if self.bias is not None:
+                    m.bias = nn.Parameter(self.bias[offset : offset + n], requires_grad=m.bias.requires_grad)
+                offset += n
         self._ptrs = [m.weight.data_ptr() for m in linears]
+        self.packed: Tensor | None = None
+        self._packed_version = -1
+        if pack:
+            self.pack()
+
+    def pack(self) -> bool:
+        """(Re)pack the weight for oneDNN; False where that is not available (not a CPU fp32/bf16 weight)."""
+        weight = self.weight
+        if not packing_available() or weight.device.type != "cpu":
+            return False
+        if weight.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        self._packed_version = weight._version
+        return True
 
     def valid(self, current: list[nn.Module | None]) -> bool:
         """Whether ``current`` (the layers now in the modules' slots) are still these, backed by the fused
@@ -67,10 +98,24 @@ class FusedLinear:
 
     def __call__(self, x: Tensor) -> list[Tensor]:
         """The layers' outputs, in order, from one matmul (views of one result tensor)."""
-        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+        if (
+            self.packed is not None
+            and self.weight._version == self._packed_version
+            and x.dtype == self.weight.dtype
+        ):
+            flat = x.reshape(-1, x.shape[-1])
+            bias = None if self.bias is None else self.bias.detach()
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, bias, "none", [], "")
+            out = out.view(*x.shape[:-1], out.shape[-1])
+        else:
+            out = F.linear(x, self.weight, self.bias)
+        return [out] if len(self.sizes) == 1 else list(out.split(self.sizes, dim=-1))
 
     def unfuse(self) -> None:
         """Give each layer its own storage again (the fused tensor is then freed with this object)."""
+        self.packed = None
+        if len(self.linears) == 1:
+            return
         for m in self.linears:
             m.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
             if m.bias is not None:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from lmforge.model.attention import Attention, AttentionContext
 from lmforge.model.cache import KVCache
 from lmforge.model.config import ModelConfig
+from lmforge.model.fusion import FusedLinear, fusable
 from lmforge.model.knn_memory import KNNMemory
 from lmforge.model.mamba import MambaBlock, MambaMixer
 from lmforge.model.mlp import MLP
@@ -108,6 +109,7 @@ class Transformer(nn.Module):
         self._rope_memo: tuple[tuple, tuple[Tensor, float]] | None = None
         # set by to_inference_dtype: the blocks' dtype when the embeddings/head are kept in fp32
         self._hidden_dtype: torch.dtype | None = None
+        self._fused_head: FusedLinear | None = None  # the prepacked LM head (fuse_for_inference(pack=True))
         self.reset_parameters()
         self.tie_weights()
 
@@ -210,20 +212,30 @@ class Transformer(nn.Module):
         self._hidden_dtype = None if dtype == torch.float32 else dtype
         return self
 
-    def fuse_for_inference(self) -> int:
+    def fuse_for_inference(self, pack: bool = False) -> int:
         """Fuse each attention layer's q/k/v and each gated MLP's gate/up projections into one matmul (done
-        once, for decoding: :mod:`lmforge.model.fusion`). Parameter names, values and memory are unchanged;
-        layers that cannot be fused (quantized, serving LoRA adapters, sharded) are left alone, and a layer
-        replaced later falls back to its separate projections by itself. Returns how many groups were fused."""
-        return sum(
-            module.fuse_for_inference() for module in self.modules() if isinstance(module, (Attention, MLP))
+        once, for decoding: :mod:`lmforge.model.fusion`); with ``pack`` every block projection and the LM head
+        also run on oneDNN-prepacked weights (faster on CPU, a second copy of those weights in memory).
+        Parameter names and values are unchanged; layers that cannot be fused (quantized, serving LoRA
+        adapters, sharded) are left alone, and a layer replaced later falls back to its separate projections
+        by itself. Returns how many groups of projections were fused."""
+        fused = sum(
+            module.fuse_for_inference(pack)
+            for module in self.modules()
+            if isinstance(module, (Attention, MLP))
         )
+        head = self.lm_head
+        self._fused_head = (
+            FusedLinear([head], pack) if pack and head is not None and fusable([head]) else None
+        )
+        return fused
 
     def unfuse(self) -> None:
         """Undo :meth:`fuse_for_inference`."""
         for module in self.modules():
             if isinstance(module, (Attention, MLP)):
                 module.unfuse()
+        self._fused_head = None
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied head counts once); optionally without token/position embeddings."""
@@ -338,5 +350,11 @@ class Transformer(nn.Module):
             x = x.float()  # the final norm and the head stay fp32 (to_inference_dtype)
         if self.norm is not None:
             x = self.norm(x)
-        logits = self.lm_head(x) if self.lm_head is not None and not return_hidden else x
+        head = self._fused_head
+        if return_hidden or self.lm_head is None:
+            logits = x
+        elif head is not None and head.valid([self.lm_head]):
+            logits = head(x)[0]
+        else:
+            logits = self.lm_head(x)
         return ModelOutput(logits=logits, aux_loss=aux_loss)
