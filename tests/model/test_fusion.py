@@ -111,6 +111,8 @@ def test_prepacked_weights_give_the_same_logits_and_go_stale_on_in_place_changes
     model.fuse_for_inference(pack=True)
     assert model._fused_head is not None and model.embed_tokens.weight is model.lm_head.weight  # still tied
     assert model.blocks["0"].mlp._fused_down.packed is not None
+    copied = copy.deepcopy(model)  # (oneDNN's packed tensors cannot be copied: the copy runs unpacked)
+    torch.testing.assert_close(_logits(copied, IDS), reference, atol=1e-5, rtol=1e-5)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(_logits(model, IDS), reference, atol=tol, rtol=tol)
     with torch.no_grad():  # an in-place update (a pushed policy, an optimizer step): the packed copy is stale

@@ -74,6 +74,13 @@ class FusedLinear:
         if pack:
             self.pack()
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the packed weight out (oneDNN's opaque tensors cannot be copied); a
+        deep-copied model's layers have new storage, so its copy of this object is not used anyway."""
+        state = self.__dict__.copy()
+        state["packed"] = None
+        return state
+
     def pack(self) -> bool:
         """(Re)pack the weight for oneDNN; False where that is not available (not a CPU fp32/bf16 weight)."""
         weight = self.weight
