@@ -181,6 +181,7 @@ OPTION_VARIANTS = {
     "fp32 fused+packed": {"pack_weights": True},
     "bf16 fused": {"dtype": "bfloat16"},
     "bf16 fused+packed": {"dtype": "bfloat16", "pack_weights": True},
+    "fp32, bf16 packed": {"pack_weights": True, "pack_dtype": "bfloat16"},
 }
 
 

@@ -96,3 +96,13 @@ def test_greedy_fast_path_equals_the_general_path():
     general, _ = Sampler(seed=0)(torch.cat([logits, logits[:1]]), mixed)
     assert fast == general[:6] == logits.argmax(-1).tolist()
     assert fast[2] == 7
+
+
+def test_weight_only_bf16_engine_keeps_an_fp32_cache(tiny_model):
+    engine = _engine(tiny_model, pack_weights=True, pack_dtype="bfloat16")
+    assert engine.cache.k.dtype == torch.float32
+    assert engine.model.blocks["0"].attn.q_proj.weight.dtype == torch.float32
+    out = _tokens(engine.generate(random_prompts([6, 13]), GREEDY))
+    assert [len(t) for t in out] == [12, 12]
+    with pytest.raises(ValueError, match="pack_dtype"):
+        EngineConfig(pack_dtype="float16")

@@ -124,3 +124,23 @@ def test_prepacked_weights_give_the_same_logits_and_go_stale_on_in_place_changes
             p.mul_(1.5)
     fresh.to_inference_dtype(dtype)
     torch.testing.assert_close(_logits(model, IDS), _logits(fresh, IDS), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not packing_available(), reason="this PyTorch has no oneDNN weight prepacking")
+def test_weight_only_bf16_packing_keeps_fp32_activations():
+    model = _model()
+    reference = _logits(model, IDS)
+    model.fuse_for_inference(pack=True, pack_dtype=torch.bfloat16)
+    fused = model.blocks["0"].attn._fused_qkv
+    assert model.blocks["0"].attn.q_proj.weight.dtype == torch.float32  # the parameters stay fp32
+    x = torch.randn(2, 3, 64)
+    with torch.inference_mode():
+        q = fused(x)[0]
+        assert q.dtype == torch.float32
+        # what a bf16 matmul of bf16-rounded operands gives, accumulated in fp32
+        want = (x.bfloat16().float() @ fused.weight.bfloat16().float().T)[..., :64]
+        torch.testing.assert_close(q, want, atol=1e-2, rtol=1e-2)
+        assert not torch.equal(q, x @ fused.weight[:64].T)  # (it really is the bf16 path)
+    logits = _logits(model, IDS)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, reference, atol=5e-2, rtol=5e-2)

@@ -134,10 +134,15 @@ class EngineConfig:
     # with fuse_projections: keep the block projections and LM head also prepacked for oneDNN (CPU): faster
     # decode matmuls for a second copy of those weights in memory (see docs/benchmarks.md)
     pack_weights: bool = False
+    # with pack_weights: the dtype of the packed copies, "model" (the weights' own) or "bfloat16" (weight-only
+    # bf16: an fp32 model keeps fp32 activations and KV cache, its matmuls read bf16 weights)
+    pack_dtype: str = "model"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.pack_dtype not in ("model", "bfloat16"):
+            raise ValueError(f"pack_dtype: model or bfloat16, got {self.pack_dtype!r}")
         for name in (
             "block_size",
             "kv_cache_memory_bytes",
@@ -288,7 +293,8 @@ class LLMEngine:
                 )
             model.to_inference_dtype(dtype)
         if config.fuse_projections and isinstance(model, Transformer):
-            model.fuse_for_inference(pack=config.pack_weights)
+            pack_dtype = None if config.pack_dtype == "model" else getattr(torch, config.pack_dtype)
+            model.fuse_for_inference(pack=config.pack_weights, pack_dtype=pack_dtype)
         return compute_dtype(model)
 
     def _check_sinks(self, config: EngineConfig, cfg: Any) -> tuple[int, int] | None:

@@ -126,13 +126,15 @@ class Attention(nn.Module):
         self._fused_qkv: FusedLinear | None = None  # set by fuse_for_inference
         self._fused_o: FusedLinear | None = None
 
-    def fuse_for_inference(self, pack: bool = False) -> int:
+    def fuse_for_inference(self, pack: bool = False, pack_dtype: torch.dtype | None = None) -> int:
         """Run q/k/v as one matmul from now on, and with ``pack`` every projection on prepacked weights (see
         :mod:`lmforge.model.fusion`); projections that cannot be (quantized, adapter-wrapped, distributed)
         are left as they are. Returns 1 if q/k/v were fused, else 0."""
         projections = [self.q_proj, self.k_proj, self.v_proj]
-        self._fused_qkv = FusedLinear(projections, pack) if fusable(projections) else None
-        self._fused_o = FusedLinear([self.o_proj], pack) if pack and fusable([self.o_proj]) else None
+        self._fused_qkv = FusedLinear(projections, pack, pack_dtype) if fusable(projections) else None
+        self._fused_o = (
+            FusedLinear([self.o_proj], pack, pack_dtype) if pack and fusable([self.o_proj]) else None
+        )
         return int(self._fused_qkv is not None)
 
     def unfuse(self) -> None:

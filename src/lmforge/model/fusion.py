@@ -48,7 +48,9 @@ class FusedLinear:
     VM, for a second copy of the weight in memory. An in-place change of the weight (tracked by its version
     counter) makes the packed copy stale, and the plain weight is used until :meth:`pack` runs again."""
 
-    def __init__(self, linears: list[nn.Linear], pack: bool = False) -> None:
+    def __init__(
+        self, linears: list[nn.Linear], pack: bool = False, pack_dtype: torch.dtype | None = None
+    ) -> None:
         if not fusable(linears):
             raise ValueError("FusedLinear: the layers must be plain nn.Linear of one dtype and device")
         self.linears = linears
@@ -70,6 +72,10 @@ class FusedLinear:
                 offset += n
         self._ptrs = [m.weight.data_ptr() for m in linears]
         self.packed: Tensor | None = None
+        # pack_dtype (bf16 of an fp32 layer): the packed copy holds the weight in that dtype, and the matmul
+        # casts its input to it and its output back (weight-only bf16: KV cache and activations stay fp32)
+        self.pack_dtype = pack_dtype
+        self._packed_bias: Tensor | None = None
         self._packed_version = -1
         if pack:
             self.pack()
@@ -86,10 +92,15 @@ class FusedLinear:
         weight = self.weight
         if not packing_available() or weight.device.type != "cpu":
             return False
-        if weight.dtype not in (torch.float32, torch.bfloat16):
+        dtype = self.pack_dtype or weight.dtype
+        if weight.dtype not in (torch.float32, torch.bfloat16) or dtype not in (
+            torch.float32,
+            torch.bfloat16,
+        ):
             return False
         with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), 1)
+            self._packed_bias = None if self.bias is None else self.bias.detach().to(dtype)
         self._packed_version = weight._version
         return True
 
@@ -111,9 +122,10 @@ class FusedLinear:
             and x.dtype == self.weight.dtype
         ):
             flat = x.reshape(-1, x.shape[-1])
-            bias = None if self.bias is None else self.bias.detach()
-            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, bias, "none", [], "")
-            out = out.view(*x.shape[:-1], out.shape[-1])
+            if self.pack_dtype is not None:
+                flat = flat.to(self.pack_dtype)
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self._packed_bias, "none", [], "")
+            out = out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
         else:
             out = F.linear(x, self.weight, self.bias)
         return [out] if len(self.sizes) == 1 else list(out.split(self.sizes, dim=-1))

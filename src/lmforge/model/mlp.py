@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -39,14 +40,16 @@ class MLP(nn.Module):
         self._fused_gate_up: FusedLinear | None = None  # set by fuse_for_inference (up alone when ungated)
         self._fused_down: FusedLinear | None = None
 
-    def fuse_for_inference(self, pack: bool = False) -> int:
+    def fuse_for_inference(self, pack: bool = False, pack_dtype: torch.dtype | None = None) -> int:
         """Run gate and up as one matmul from now on, and with ``pack`` every projection on prepacked weights
         (see :mod:`lmforge.model.fusion`); projections that cannot be (quantized, adapter-wrapped,
         distributed) are left as they are. Returns 1 if gate/up were fused, else 0."""
         first = [self.gate_proj, self.up_proj] if self.gate_proj is not None else [self.up_proj]
         fuse_first = fusable(first) and (len(first) == 2 or pack)
-        self._fused_gate_up = FusedLinear(first, pack) if fuse_first else None
-        self._fused_down = FusedLinear([self.down_proj], pack) if pack and fusable([self.down_proj]) else None
+        self._fused_gate_up = FusedLinear(first, pack, pack_dtype) if fuse_first else None
+        self._fused_down = (
+            FusedLinear([self.down_proj], pack, pack_dtype) if pack and fusable([self.down_proj]) else None
+        )
         return int(self._fused_gate_up is not None and len(first) == 2)
 
     def unfuse(self) -> None:

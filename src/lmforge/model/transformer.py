@@ -212,7 +212,7 @@ class Transformer(nn.Module):
         self._hidden_dtype = None if dtype == torch.float32 else dtype
         return self
 
-    def fuse_for_inference(self, pack: bool = False) -> int:
+    def fuse_for_inference(self, pack: bool = False, pack_dtype: torch.dtype | None = None) -> int:
         """Fuse each attention layer's q/k/v and each gated MLP's gate/up projections into one matmul (done
         once, for decoding: :mod:`lmforge.model.fusion`); with ``pack`` every block projection and the LM head
         also run on oneDNN-prepacked weights (faster on CPU, a second copy of those weights in memory).
@@ -220,7 +220,7 @@ class Transformer(nn.Module):
         adapters, sharded) are left alone, and a layer replaced later falls back to its separate projections
         by itself. Returns how many groups of projections were fused."""
         fused = sum(
-            module.fuse_for_inference(pack)
+            module.fuse_for_inference(pack, pack_dtype)
             for module in self.modules()
             if isinstance(module, (Attention, MLP))
         )
