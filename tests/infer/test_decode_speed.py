@@ -10,6 +10,7 @@ from lmforge.infer.engine import cpu_has_native_bf16, resolve_dtype
 from lmforge.infer.sampler import Sampler
 from lmforge.infer.sequence import Sequence
 from lmforge.model import ModelConfig, Transformer
+from lmforge.model.fusion import packing_available
 
 from .helpers import random_prompts, reference_greedy
 from .test_lora import merged, random_lora
@@ -77,8 +78,7 @@ def test_dtype_option_resolution():
     model = torch.nn.Linear(2, 2)
     assert resolve_dtype("model", model) == torch.float32
     assert resolve_dtype("bfloat16", model) == torch.bfloat16
-    auto = resolve_dtype("auto", model)
-    assert auto == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert resolve_dtype("auto", model) == torch.float32  # auto changes the weights' copies only
     with pytest.raises(ValueError, match="dtype"):
         EngineConfig(dtype="float16x")
 
@@ -106,3 +106,17 @@ def test_weight_only_bf16_engine_keeps_an_fp32_cache(tiny_model):
     assert [len(t) for t in out] == [12, 12]
     with pytest.raises(ValueError, match="pack_dtype"):
         EngineConfig(pack_dtype="float16")
+
+
+def test_auto_dtype_packs_bf16_weights_only_where_the_cpu_has_bf16(tiny_model, monkeypatch):
+    import lmforge.infer.engine as engine_module
+
+    for native in (True, False):
+        monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda native=native: native)
+        engine = _engine(tiny_model, dtype="auto")
+        fused = engine.model.blocks["0"].attn._fused_qkv
+        assert engine.cache.k.dtype == torch.float32
+        if native and packing_available():
+            assert fused.packed is not None and fused.pack_dtype == torch.bfloat16
+        else:
+            assert fused.packed is None
