@@ -11,6 +11,8 @@ measured copy bandwidth.
     .venv/bin/python benchmarks/serve_throughput.py                       # 64 requests, the default model
     .venv/bin/python benchmarks/serve_throughput.py --dist loguniform     # many short requests, few long
     .venv/bin/python benchmarks/serve_throughput.py --requests 16 --quick # a fast smoke run
+    .venv/bin/python benchmarks/serve_throughput.py --stream-only --dtype bfloat16 --pack  # one table, options
+    .venv/bin/python benchmarks/serve_throughput.py --compare-options --repeats 2  # engine options A/B
 """
 
 from __future__ import annotations
@@ -53,7 +55,13 @@ def make_engine(model, args: argparse.Namespace):
     """A fresh engine (an empty prefix cache: repeated runs must not reuse each other's prompts)."""
     from lmforge.infer import EngineConfig, LLMEngine
 
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.token_budget)
+    config = EngineConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.token_budget,
+        dtype=args.dtype,
+        fuse_projections=not args.no_fuse,
+        pack_weights=args.pack,
+    )
     return LLMEngine(model, None, config, eos_token_ids=[])
 
 
@@ -118,9 +126,12 @@ def copy_bandwidth(megabytes: int = 256) -> float:
     return 2 * src.numel() * 4 / best
 
 
-def single_stream(args: argparse.Namespace, prompt_len: int, new_tokens: int) -> tuple[float, float, float]:
+def single_stream(
+    args: argparse.Namespace, prompt_len: int, new_tokens: int
+) -> tuple[float, float, float, float]:
     """Decode tokens/s of one request on a model too big for the CPU caches, and its bandwidth bound at the
-    mean context length. Returns (tokens/s, bound tokens/s, parameters)."""
+    mean context length (for the weights as the engine holds them: bf16 blocks read half the bytes). Returns
+    (tokens/s, bound tokens/s, parameters, time to first token in seconds)."""
     from lmforge.infer import EngineConfig, LLMEngine, SamplingParams
     from lmforge.model import ModelConfig, Transformer
 
@@ -134,21 +145,118 @@ def single_stream(args: argparse.Namespace, prompt_len: int, new_tokens: int) ->
         max_seq_len=2048,
     )
     model = Transformer(cfg).eval()
-    engine = LLMEngine(model, None, EngineConfig(enable_prefix_caching=False), eos_token_ids=[])
+    config = EngineConfig(
+        enable_prefix_caching=False,
+        dtype=args.dtype,
+        fuse_projections=not args.no_fuse,
+        pack_weights=args.pack,
+    )
+    engine = LLMEngine(model, None, config, eos_token_ids=[])
     prompt = list(range(3, 3 + prompt_len))
-    engine.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))  # warm-up
+    # warm-up: the same request once, so buffers (decode mirror, allocator) are sized before timing
+    engine.generate([prompt], SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
-    start = time.perf_counter()
-    engine.generate([prompt], params)
-    prefill = time.perf_counter() - start
+    prefills = []
+    for _ in range(3):
+        start = time.perf_counter()
+        engine.generate([prompt], params)
+        prefills.append(time.perf_counter() - start)
+    prefill = sorted(prefills)[1]  # time to first token, median of 3
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
     start = time.perf_counter()
     engine.generate([prompt], params)
     decode_rate = (new_tokens - 1) / (time.perf_counter() - start - prefill)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # bytes one decode step reads: every parameter once (a tied head counts once), KV in the cache's dtype
+    params_read = {id(p): p for p in model.parameters()}.values()
+    weight_bytes = sum(p.numel() * p.element_size() for p in params_read)
     context = prompt_len + new_tokens / 2
-    kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4 * context
-    return decode_rate, copy_bandwidth() / (weight_bytes + kv_bytes), model.num_parameters()
+    kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * engine.cache.k.element_size() * context
+    return decode_rate, copy_bandwidth() / (weight_bytes + kv_bytes), model.num_parameters(), prefill
+
+
+# engine options compared by --compare-options (EngineConfig fields)
+OPTION_VARIANTS = {
+    "fp32 unfused": {"fuse_projections": False},
+    "fp32 fused": {},
+    "fp32 fused+packed": {"pack_weights": True},
+    "bf16 fused": {"dtype": "bfloat16"},
+    "bf16 fused+packed": {"dtype": "bfloat16", "pack_weights": True},
+    "fp32, bf16 packed": {"pack_weights": True, "pack_dtype": "bfloat16"},
+}
+
+
+def compare_options(args: argparse.Namespace) -> None:
+    """Engine options in one process, alternating, best of ``--repeats``: decode tokens per process-CPU
+    second (steadier than wall time on a shared machine) and per wall second, for the single stream and for
+    the batched workload."""
+    import copy
+
+    from lmforge.infer import EngineConfig, LLMEngine, SamplingParams
+    from lmforge.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=args.vocab,
+        d_model=args.stream_d_model,
+        n_layers=args.stream_layers,
+        n_heads=args.stream_d_model // 64,
+        n_kv_heads=args.stream_d_model // 256,
+        max_seq_len=2048,
+    )
+    stream_model = Transformer(cfg).eval()
+    prompt = list(range(3, 131))
+    stream_params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, detokenize=False)
+    _, batch_model = build_models(args)
+    requests = workload(args)
+    batch_params = [
+        SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False) for _, n in requests
+    ]
+    useful = sum(n for _, n in requests)
+
+    def stream(engine) -> tuple[float, float]:
+        engine.add_request(None, prompt, stream_params)
+        engine.step()  # the prefill
+        wall, cpu, steps = time.perf_counter(), time.process_time(), 0
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+        return steps / (time.process_time() - cpu), steps / (time.perf_counter() - wall)
+
+    def batch(model, options) -> tuple[float, float]:
+        config = EngineConfig(
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.token_budget, **options
+        )
+        engine = LLMEngine(model, None, config, eos_token_ids=[])
+        wall, cpu = time.perf_counter(), time.process_time()
+        engine.generate([p for p, _ in requests], batch_params)
+        return useful / (time.process_time() - cpu), useful / (time.perf_counter() - wall)
+
+    stream_engines = {
+        name: LLMEngine(
+            copy.deepcopy(stream_model),
+            None,
+            EngineConfig(enable_prefix_caching=False, **opts),
+            eos_token_ids=[],
+        )
+        for name, opts in OPTION_VARIANTS.items()
+    }
+    batch_models = {name: copy.deepcopy(batch_model) for name in OPTION_VARIANTS}
+    for engine in stream_engines.values():
+        engine.generate([prompt], stream_params)  # warm-up: buffers sized
+    best = {name: [0.0, 0.0, 0.0, 0.0] for name in OPTION_VARIANTS}
+    for _ in range(args.repeats):
+        for name, opts in OPTION_VARIANTS.items():
+            rates = (*stream(stream_engines[name]), *batch(batch_models[name], opts))
+            best[name] = [max(a, b) for a, b in zip(best[name], rates)]
+    base = best["fp32 unfused"]
+    print(
+        f"{'engine option':<20} {'stream tok/CPU-s':>17} {'(wall)':>8} {'ratio':>6} {'batch tok/CPU-s':>16} {'(wall)':>8} {'ratio':>6}"
+    )
+    for name, (s_cpu, s_wall, b_cpu, b_wall) in best.items():
+        print(
+            f"{name:<20} {s_cpu:>17.1f} {s_wall:>8.1f} {s_cpu / base[0]:>5.2f}x {b_cpu:>16.1f} {b_wall:>8.1f} "
+            f"{b_cpu / base[2]:>5.2f}x"
+        )
 
 
 def main() -> None:
@@ -177,9 +285,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both systems")
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs of each; the best counts")
     parser.add_argument("--quick", action="store_true", help="skip the single-stream table")
+    parser.add_argument(
+        "--dtype",
+        default="model",
+        choices=["model", "auto", "float32", "bfloat16"],
+        help="the engine's dtype option (transformers stays fp32)",
+    )
+    parser.add_argument("--no-fuse", action="store_true", help="engine without fused q/k/v and gate/up")
+    parser.add_argument("--pack", action="store_true", help="engine with oneDNN-prepacked weights")
+    parser.add_argument("--stream-only", action="store_true", help="only the single-stream table")
+    parser.add_argument(
+        "--compare-options",
+        action="store_true",
+        help="engine options (fusion, prepacking, bf16) alternating in one process, single stream and batch",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    if args.compare_options:
+        compare_options(args)
+        return
+    if args.stream_only:
+        print_single_stream(args)
+        return
     hf, model = build_models(args)
     requests = workload(args)
     # alternate the two systems and keep each one's best time: the machine is shared, and a load spike during
@@ -209,12 +337,18 @@ def main() -> None:
     ratio = (engine_tokens / engine_time) / (hf_tokens / hf_time)
     print(f"ratio engine / transformers: {ratio:.2f}x   (identical greedy outputs: {same}/{len(requests)})")
     if not args.quick:
-        rate, bound, size = single_stream(args, prompt_len=128, new_tokens=64)
-        print(
-            f"\nsingle-stream decode ({size / 1e6:.0f} M-parameter model, {args.stream_layers} layers, "
-            f"d_model {args.stream_d_model}): {rate:.1f} tokens/s; bandwidth bound {bound:.1f} tokens/s "
-            f"({100 * rate / bound:.0f}% of bound)"
-        )
+        print_single_stream(args)
+
+
+def print_single_stream(args: argparse.Namespace) -> None:
+    rate, bound, size, ttft = single_stream(args, prompt_len=128, new_tokens=64)
+    print(
+        f"\nsingle-stream decode ({size / 1e6:.0f} M-parameter model, {args.stream_layers} layers, "
+        f"d_model {args.stream_d_model}, engine dtype {args.dtype}, fused {not args.no_fuse}, packed {args.pack}): "
+        f"{rate:.1f} "
+        f"tokens/s; bandwidth bound {bound:.1f} tokens/s ({100 * rate / bound:.0f}% of bound); time to "
+        f"first token (128-token prompt, median of 3) {1e3 * ttft:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -102,3 +102,12 @@ def test_generate_reports_a_broken_model_folder(tmp_path):
         main(["generate", str(tmp_path), "--prompt", "x"])
     with pytest.raises(SystemExit, match="not a model folder"):
         main(["chat", str(tmp_path / "missing")])
+
+
+def test_generate_in_bf16_without_fusion_runs(model_dir, capsys):
+    argv = ["generate", str(model_dir), "--prompt", "hello", "--max-tokens", "4", "--temperature", "0"]
+    assert main([*argv, "--dtype", "bfloat16", "--no-fuse"]) == 0
+    assert main([*argv, "--pack-weights"]) == 0
+    assert capsys.readouterr().out.strip()
+    with pytest.raises(SystemExit):  # argparse refuses a dtype the engine does not offer
+        main([*argv, "--dtype", "float16"])

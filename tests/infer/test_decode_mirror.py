@@ -91,3 +91,21 @@ def test_engine_within_a_small_mirror_budget(tiny_model):
     outs = engine.generate(prompts, params)
     assert fell_back and 0 < engine.stats().decode_mirror_bytes <= 130_000
     assert [o.outputs[0].token_ids for o in outs] == [reference_greedy(tiny_model, p, 8) for p in prompts]
+
+
+def test_near_the_budget_unused_rows_are_dropped_instead_of_reallocating_every_step():
+    # 16 pre-sized rows x 128 tokens fit the budget, 16 x 256 do not: one decoding sequence growing past 128
+    # must not make every step reallocate the buffer one token longer (it keeps its one row, length doubled)
+    cache = PagedKVCache(n_layers=2, num_blocks=80, block_size=4, n_kv_heads=2, head_dim=8)
+    cache.k.copy_(torch.randn_like(cache.k))
+    cache.v.copy_(torch.randn_like(cache.v))
+    row_bytes_per_token = 2 * 2 * 2 * 8 * 4
+    mirror = DecodeMirror(cache, max_bytes=16 * 200 * row_bytes_per_token, max_rows=16, max_bins=1)
+    table = list(range(1, 60))
+    buffers = set()
+    for computed in range(120, 200):
+        ((b, _),) = mirror.arrange([7], [table], [computed])
+        buffers.add(b.k.data_ptr())
+        assert _row_matches_pool(mirror, cache, 7, table, 120)  # (later tokens come from update())
+    assert b.k.shape[1] == 1 and b.k.shape[3] >= 200
+    assert len(buffers) <= 2

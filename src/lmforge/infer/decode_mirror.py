@@ -49,16 +49,22 @@ class MirrorBin:
 
     def planned_shape(self, rows: int, length: int, growth: str = "double") -> tuple[int, int]:
         """(rows, length) the buffer will have after growing to hold ``rows`` x ``length``. Every reallocation
-        copies the whole buffer, so growth doubles; near the memory limit it rounds the length up to
-        ``MIN_LENGTH`` ("round") or takes just what is needed ("exact")."""
+        copies the whole buffer, so growth doubles; near the memory limit the buffer first gives up its unused
+        rows and doubles the length ("fit_rows"), then rounds the length up to ``MIN_LENGTH`` ("round"), and
+        only as a last resort takes just what is needed ("exact": a reallocation per step while it lasts).
+
+        Pre-sized rows that no sequence uses must not pin the buffer at the limit: keeping them made every
+        step past it reallocate (and zero) the whole buffer for one more token, 5x the cost of the step."""
         have_rows, have_len = (0, 0) if self.k is None else (self.k.shape[1], self.k.shape[3])
         if rows <= have_rows and length <= have_len:
             return have_rows, have_len
         if growth == "double":
             return max(rows, 2 * have_rows, self.min_rows), max(length, 2 * have_len, self.MIN_LENGTH)
+        if growth == "fit_rows":
+            return rows, max(length, 2 * have_len, self.MIN_LENGTH)
         if growth == "round":
-            length = -(-length // self.MIN_LENGTH) * self.MIN_LENGTH
-        return max(rows, have_rows), max(length, have_len)
+            return rows, max(-(-length // self.MIN_LENGTH) * self.MIN_LENGTH, have_len)
+        return rows, max(length, have_len)
 
     def bytes_for(self, shape: tuple[int, int]) -> int:
         layers, _, heads, dim = self.cache.k.shape
@@ -72,8 +78,9 @@ class MirrorBin:
         k = self.cache.k.new_zeros(layers, shape[0], heads, shape[1], dim)
         v = self.cache.v.new_zeros(layers, shape[0], heads, shape[1], dim)
         if self.k is not None and self.v is not None:
-            k[:, :have_rows, :, :have_len] = self.k
-            v[:, :have_rows, :, :have_len] = self.v
+            keep = min(have_rows, shape[0])  # rows past num_rows (unused) may be dropped: see planned_shape
+            k[:, :keep, :, :have_len] = self.k[:, :keep]
+            v[:, :keep, :, :have_len] = self.v[:, :keep]
         self.k, self.v = k, v
 
     def add(self, seq_id: int) -> None:
@@ -192,7 +199,7 @@ class DecodeMirror:
     def _planned_shapes(
         self, contexts: dict[MirrorBin, list[int]]
     ) -> dict[MirrorBin, tuple[int, int]] | None:
-        for growth in ("double", "round", "exact"):
+        for growth in ("double", "fit_rows", "round", "exact"):
             shapes = {
                 b: b.planned_shape(b.num_rows, max(rows), growth) if rows else b.planned_shape(0, 0)
                 for b, rows in contexts.items()

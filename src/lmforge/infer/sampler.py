@@ -75,9 +75,23 @@ class Sampler:
         self.generator = torch.Generator()
         if seed is not None:
             self.generator.manual_seed(seed)
+        self.fast_path_steps = 0  # batches that took the greedy fast path (all greedy, nothing else asked)
+
+    @staticmethod
+    def plain_greedy(seqs: list[Sequence]) -> bool:
+        """Whether every row is greedy with no logprobs, penalties, bans or biases: its token is the argmax
+        of the raw logits, and nothing else (no softmax, no copy to fp32, no per-row Python) is needed."""
+        for s in seqs:
+            p = s.params
+            if not p.greedy or p.logprobs is not None or p.needs_token_history or p.logit_bias:
+                return False
+        return True
 
     def __call__(self, logits: Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """Choose one token per row of ``logits`` (rows, vocab); returns token ids and, where asked, logprobs."""
+        if self.plain_greedy(seqs):
+            self.fast_path_steps += 1
+            return logits.argmax(dim=-1).tolist(), [None] * len(seqs)
         logits = logits.float().cpu()  # the generators (shared and per-request) live on the CPU
         wants_logprobs = [s.params.logprobs is not None for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(wants_logprobs) else None

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lmforge.model.cache import KVCache
 from lmforge.model.config import ModelConfig
+from lmforge.model.fusion import FusedLinear, fusable
 from lmforge.model.knn_memory import KNNMemory, KNNMemoryConfig
 from lmforge.model.norms import build_norm
 from lmforge.model.positions import RelativePositionBias, alibi_bias, alibi_slopes, apply_rope, rope_cos_sin
@@ -122,6 +123,32 @@ class Attention(nn.Module):
         self._gate_init = 0.0 if memory is None else memory.gate_value
         if memory is not None and layer in memory.layers and memory.gate == "learned":
             self.memory_gate = nn.Parameter(torch.full((cfg.n_heads,), memory.gate_value))
+        self._fused_qkv: FusedLinear | None = None  # set by fuse_for_inference
+        self._fused_o: FusedLinear | None = None
+
+    def fuse_for_inference(self, pack: bool = False, pack_dtype: torch.dtype | None = None) -> int:
+        """Run q/k/v as one matmul from now on, and with ``pack`` every projection on prepacked weights (see
+        :mod:`lmforge.model.fusion`); projections that cannot be (quantized, adapter-wrapped, distributed)
+        are left as they are. Returns 1 if q/k/v were fused, else 0."""
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        self._fused_qkv = FusedLinear(projections, pack, pack_dtype) if fusable(projections) else None
+        self._fused_o = (
+            FusedLinear([self.o_proj], pack, pack_dtype) if pack and fusable([self.o_proj]) else None
+        )
+        return int(self._fused_qkv is not None)
+
+    def unfuse(self) -> None:
+        """Undo :meth:`fuse_for_inference`: each projection gets its own storage again."""
+        for fused in (self._fused_qkv, self._fused_o):
+            if fused is not None:
+                fused.unfuse()
+        self._fused_qkv = self._fused_o = None
+
+    def _out(self, y: Tensor) -> Tensor:
+        fused = self._fused_o
+        if fused is not None and fused.valid([self.o_proj]):
+            return fused(y)[0]
+        return self.o_proj(y)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -133,9 +160,14 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         batch, seq, _ = x.shape
         # head counts are inferred (-1) so a tensor-parallel plan may shard the projections by heads
-        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        fused = self._fused_qkv
+        if fused is not None and fused.valid([self.q_proj, self.k_proj, self.v_proj]):
+            q, k, v = fused(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, -1, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if ctx.rope is not None:
@@ -150,10 +182,10 @@ class Attention(nn.Module):
         mask = None if ctx.causal_kernel else self._mask(ctx, k_pos, q.dtype)
         if ctx.memory is not None and self.layer in ctx.memory.layers:
             y = ctx.memory.attend(self.layer, q, k, v, mask, self.memory_gate)
-            return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+            return self._out(y.transpose(1, 2).reshape(batch, seq, -1))
         if ctx.rerope is not None:
             y = ctx.rerope(q, k, v, ctx.positions, k_pos, mask, self.dropout if self.training else 0.0)
-            return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+            return self._out(y.transpose(1, 2).reshape(batch, seq, -1))
         grouped = k.shape[1] != q.shape[1]
         if grouped and mask is not None and q.device.type != "cpu":
             # GPU kernels that take a mask do not take grouped heads (SDPA would fall back to the slow
@@ -170,7 +202,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=grouped,
         )
-        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+        return self._out(y.transpose(1, 2).reshape(batch, seq, -1))
 
     def _mask(self, ctx: AttentionContext, k_pos: Tensor, dtype: torch.dtype) -> Tensor:
         mask = ctx.base_mask(k_pos)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from lmforge.model.attention import Attention, AttentionContext
 from lmforge.model.cache import KVCache
 from lmforge.model.config import ModelConfig
+from lmforge.model.fusion import FusedLinear, fusable
 from lmforge.model.knn_memory import KNNMemory
 from lmforge.model.mamba import MambaBlock, MambaMixer
 from lmforge.model.mlp import MLP
@@ -106,6 +107,9 @@ class Transformer(nn.Module):
             self._build(cfg)
         self.to_empty(device=device)
         self._rope_memo: tuple[tuple, tuple[Tensor, float]] | None = None
+        # set by to_inference_dtype: the blocks' dtype when the embeddings/head are kept in fp32
+        self._hidden_dtype: torch.dtype | None = None
+        self._fused_head: FusedLinear | None = None  # the prepacked LM head (fuse_for_inference(pack=True))
         self.reset_parameters()
         self.tie_weights()
 
@@ -195,6 +199,44 @@ class Transformer(nn.Module):
             self._rope_memo = (key, rope_frequencies(self.cfg, seq_len, position_ids.device))
         return self._rope_memo[1]
 
+    def to_inference_dtype(self, dtype: torch.dtype) -> Transformer:
+        """Cast the blocks (weights and hidden states) to ``dtype`` for inference, keeping the final norm,
+        the LM head and the token embedding (tied to the head or not) in fp32, so logits stay fp32: a bf16 head
+        rounds logits to 3 significant digits, enough to swap near-tied greedy choices. Returns the model."""
+        keep = [m for m in (self.norm, self.lm_head, self.embed_tokens) if m is not None]
+        for child in self.children():
+            if all(child is not m for m in keep):
+                child.to(dtype)
+        for module in keep:
+            module.float()
+        self._hidden_dtype = None if dtype == torch.float32 else dtype
+        return self
+
+    def fuse_for_inference(self, pack: bool = False, pack_dtype: torch.dtype | None = None) -> int:
+        """Fuse each attention layer's q/k/v and each gated MLP's gate/up projections into one matmul (done
+        once, for decoding: :mod:`lmforge.model.fusion`); with ``pack`` every block projection and the LM head
+        also run on oneDNN-prepacked weights (faster on CPU, a second copy of those weights in memory).
+        Parameter names and values are unchanged; layers that cannot be fused (quantized, serving LoRA
+        adapters, sharded) are left alone, and a layer replaced later falls back to its separate projections
+        by itself. Returns how many groups of projections were fused."""
+        fused = sum(
+            module.fuse_for_inference(pack, pack_dtype)
+            for module in self.modules()
+            if isinstance(module, (Attention, MLP))
+        )
+        head = self.lm_head
+        self._fused_head = (
+            FusedLinear([head], pack) if pack and head is not None and fusable([head]) else None
+        )
+        return fused
+
+    def unfuse(self) -> None:
+        """Undo :meth:`fuse_for_inference`."""
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP)):
+                module.unfuse()
+        self._fused_head = None
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied head counts once); optionally without token/position embeddings."""
         params = {id(p): p for p in self.parameters()}
@@ -261,6 +303,8 @@ class Transformer(nn.Module):
             x = self.dropout(x)
         else:
             x = input_ids
+        if self._hidden_dtype is not None and x.is_floating_point():
+            x = x.to(self._hidden_dtype)  # fp32 embeddings into reduced-precision blocks (to_inference_dtype)
 
         rope, rerope, key_rope = None, None, None
         if cfg.position == "rope" and cfg.rerope_window is not None:
@@ -302,7 +346,15 @@ class Transformer(nn.Module):
                 aux_loss = aux_loss + block_aux
         if logits_rows is not None:
             x = x.reshape(-1, x.shape[-1]).index_select(0, logits_rows)
+        if self._hidden_dtype is not None:
+            x = x.float()  # the final norm and the head stay fp32 (to_inference_dtype)
         if self.norm is not None:
             x = self.norm(x)
-        logits = self.lm_head(x) if self.lm_head is not None and not return_hidden else x
+        head = self._fused_head
+        if return_hidden or self.lm_head is None:
+            logits = x
+        elif head is not None and head.valid([self.lm_head]):
+            logits = head(x)[0]
+        else:
+            logits = self.lm_head(x)
         return ModelOutput(logits=logits, aux_loss=aux_loss)
