@@ -288,8 +288,8 @@ def align_card(demo: RunLayout, console: Any, title: str) -> StageCard:
     note = (
         f"{n} held-out examples per task, greedy, the same exam as the evaluation stage (a difference of 10 "
         "points on 100 examples is about two standard errors). GRPO prompts are fresh draws of the task "
-        "generators that never repeat a held-out input; count_letter's also ask about words outside the "
-        "instruction set, whose (letter, word) pairs SFT nearly exhausts. Rejected replies are always the SFT "
+        "generators that never repeat a held-out input; count_letter's ask about words outside the "
+        "instruction set, whose (letter, word) pairs SFT and the exam exhaust. Rejected replies are always the SFT "
         "model's own; the chosen one is too, except where none of its replies was correct."
     )
     return StageCard(

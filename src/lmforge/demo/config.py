@@ -69,7 +69,7 @@ class AlignSettings:
     rl_steps: int = 120
     rl_lr: float = 5e-5
     rl_prompts_per_step: int = 8
-    kl_coef: float = 0.02  # k3 KL to the SFT model (also what the KL curve shows)
+    kl_coef: float = 0.005  # k3 KL penalty to the SFT model (> 0 also gives the card its KL curve)
     reward_model_weight: float = 0.0  # > 0: GRPO's reward adds the trained reward model's score
     batch_size: int = 16  # preference groups per step (reward model, DPO)
 

@@ -212,8 +212,8 @@ def multiple_choice_records(
     return out
 
 
-# Words the instruction set never counts letters in: RL prompts of count_letter draw from these as well, since
-# the instruction set's (letter, word) pairs are nearly all used by its training and held-out splits.
+# Words the instruction set never counts letters in: RL prompts of count_letter draw from these, since the
+# instruction set's (letter, word) pairs are nearly all used by its training and held-out splits.
 RL_EXTRA_WORDS = sorted({w.lower() for w in NAMES + OBJECTS + COLORS + PLACES} - set(WORDS))
 
 
@@ -222,12 +222,12 @@ def rl_prompts(
 ) -> list[dict[str, Any]]:
     """Fresh prompts for online RL (``{"task", "messages", "answer"}``, shuffled): new draws of each task's
     generator from their own seed, never one whose defining input is a held-out example's (for addition the
-    operand pair, otherwise the prompt). ``count_letter`` also asks about words outside the instruction set
+    operand pair, otherwise the prompt). ``count_letter`` asks about words outside the instruction set
     (:data:`RL_EXTRA_WORDS`). Draws may repeat training examples; a small key space yields fewer prompts."""
     reserved = {(r["task"], r["prompt"]) for r in heldout}
     rl_generators = {
         **GENERATORS,
-        "count_letter": lambda rng: _count_letter(rng, WORDS + RL_EXTRA_WORDS),
+        "count_letter": lambda rng: _count_letter(rng, RL_EXTRA_WORDS),
     }
     records: list[dict[str, Any]] = []
     for task, want in per_task.items():
