@@ -3,7 +3,9 @@
 PYTHONPATH=src .venv/bin/python benchmarks/long_context.py [--skip sinks] [--out DIR]
 
 Passkey: a tiny Llama-shaped model (RoPE) is trained with the trainer at 256 tokens on passkey haystacks
-(lmforge.eval.long_context's prompts; loss on the answer digits), then extended to 1024 by a second curriculum
+(lmforge.eval.long_context's prompts; loss on the answer digits; 2000 steps: retrieval appears abruptly, after
+the copying rows are solved, at ~650-950 steps depending on the init, and a 1000-step run whose learning rate has
+decayed by then can miss it), then extended to 1024 by a second curriculum
 stage that sets ``max_seq_len`` and the RoPE scaling (position interpolation, ``linear`` x4, or YaRN x4) and
 fine-tunes briefly at 1024. The fine-tune mix puts half its haystacks at the full 1024 tokens and 30% of its keys
 at depth exactly 0 or 1 (``--full-share``, ``--edge-share``): with uniform lengths and depths a key ~1000 tokens
@@ -320,7 +322,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path("/tmp/lmforge-long-context"))
-    parser.add_argument("--base-steps", type=int, default=1000)
+    parser.add_argument("--base-steps", type=int, default=2000)
     parser.add_argument("--tune-steps", type=int, default=400)
     # fine-tune mix: share of haystacks filling the 1024-token row, share of keys at depth exactly 0 or 1
     parser.add_argument("--full-share", type=float, default=0.5)
