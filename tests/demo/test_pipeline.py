@@ -160,6 +160,7 @@ def test_micro_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
         Demo(changed).run()
     demo = Demo(cfg)
     demo.restart_from("eval")
+    assert not (run_dir / "align").exists() and (run_dir / "sft" / "model").is_dir()  # no stale trainer runs
     demo.run()
     after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "stages").glob("*.json")}
     assert sorted(name for name in markers if after[name] != markers[name]) == [

@@ -25,6 +25,7 @@ import importlib.util
 import itertools
 import json
 import shlex
+import shutil
 import sys
 import zlib
 from pathlib import Path
@@ -52,6 +53,9 @@ STAGES = {
     "align": "Alignment: reward model, DPO, GRPO",
     "review": "Review: red team and LLM-as-judge",
 }
+
+# Stages whose folder holds trainer runs, which resume from their newest checkpoint when run again.
+TRAINING_DIRS = {"pretrain": "pretrain", "sft": "sft", "align": "align"}
 
 # Pipeline steps for the demo corpus. Code is part of the corpus, so the repetition filter is loosened
 # (Gopher's prose thresholds would drop most source files); it still removes generated tables.
@@ -324,8 +328,12 @@ class Demo(RunLayout):
 
     # -- driver ---------------------------------------------------------------------------------------------
     def restart_from(self, stage: str) -> None:
-        """Redo ``stage`` and every later one; the current settings become the run's."""
+        """Redo ``stage`` and every later one; the current settings become the run's. Training folders of
+        the redone stages are removed, since the trainer would otherwise resume their finished runs."""
         self.stages.restart_from(stage)
+        for name in list(STAGES)[list(STAGES).index(stage) :]:
+            if name in TRAINING_DIRS:
+                shutil.rmtree(self.path(TRAINING_DIRS[name]), ignore_errors=True)
         (self.run_dir / "settings.json").unlink(missing_ok=True)
 
     def check_settings(self) -> None:
