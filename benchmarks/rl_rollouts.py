@@ -68,6 +68,15 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=8, help="PPO optimizer steps (GRPO: a quarter as many)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--small", action="store_true", help="tiny shapes for a quick check")
+    parser.add_argument(
+        "--model",
+        help="a trained model folder (e.g. a demo run's sft/model) instead of random weights: its replies end "
+        "at EOS at different lengths, as an RL policy's do",
+    )
+    parser.add_argument(
+        "--prompts-file", help="RL prompt records (JSONL) for --model; default MODEL/prompts.jsonl"
+    )
+    parser.add_argument("--rollouts-only", action="store_true", help="skip the PPO / GRPO step split")
     args = parser.parse_args()
     if args.small:
         args.d_model, args.layers, args.d_ff, args.prompts, args.new, args.rounds = 64, 2, 176, 4, 16, 2
@@ -102,14 +111,12 @@ def _reply_length(ids: Sequence[int], eos: int) -> int:
     return ids.index(eos) + 1 if eos in ids else len(ids)
 
 
-def rollout_throughput(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+def rollout_throughput(args: argparse.Namespace, folder: Path, prompts_file: Path) -> dict[str, Any]:
     from lmforge.infer.rollout import EngineRollouts
     from lmforge.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(folder)
-    prompts = [p.input_ids for p in load_rl_prompts([folder / "prompts.jsonl"], tokenizer, 200)][
-        : args.prompts
-    ]
+    prompts = [p.input_ids for p in load_rl_prompts([prompts_file], tokenizer, 200)][: args.prompts]
     policy = load_pretrained(folder).train()  # the trainer's model
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     rollouts = EngineRollouts(tokenizer, args.new, temperature=1.0)
@@ -242,7 +249,7 @@ def _recipe(args: argparse.Namespace, folder: Path, run_dir: Path, steps: int, m
 def ppo_split(args: argparse.Namespace, folder: Path, run_dir: Path) -> dict[str, Any]:
     data = _recipe(args, folder, run_dir, args.steps, 16)
     data["ppo"] = {
-        "paths": [str(folder / "prompts.jsonl")],
+        "paths": [str(args.prompts_path)],
         "prompts_per_rollout": 8,
         "samples_per_prompt": 4,
         "epochs": 2,
@@ -265,7 +272,7 @@ def grpo_split(args: argparse.Namespace, folder: Path, run_dir: Path) -> dict[st
     steps = max(1, args.steps // 4)  # one rollout per step: as many rollouts as PPO's run
     data = _recipe(args, folder, run_dir, steps, 4)
     data["grpo"] = {
-        "paths": [str(folder / "prompts.jsonl")],
+        "paths": [str(args.prompts_path)],
         "group_size": 8,
         "max_new_tokens": args.new,
         "rewards": {"contains": 1.0},
@@ -296,20 +303,29 @@ def main() -> None:
     args = _parse()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "model"
-        _build(args, folder)
-        n_params = sum(p.numel() for p in load_pretrained(folder).parameters())
-        print(
-            f"Llama-shaped: d_model={args.d_model} layers={args.layers} heads={args.heads}/{args.kv_heads} "
-            f"d_ff={args.d_ff} vocab={args.vocab}: {n_params / 1e6:.2f}M parameters; threads={args.threads}"
-        )
-        result = {"rollouts": rollout_throughput(args, folder)}
+        if args.model:
+            folder = Path(args.model)
+            n_params = sum(p.numel() for p in load_pretrained(folder).parameters())
+            print(f"{folder}: {n_params / 1e6:.2f}M parameters; threads={args.threads}")
+        else:
+            folder = Path(tmp) / "model"
+            _build(args, folder)
+            n_params = sum(p.numel() for p in load_pretrained(folder).parameters())
+            print(
+                f"Llama-shaped: d_model={args.d_model} layers={args.layers} heads={args.heads}/{args.kv_heads} "
+                f"d_ff={args.d_ff} vocab={args.vocab}: {n_params / 1e6:.2f}M parameters; threads={args.threads}"
+            )
+        args.prompts_path = Path(args.prompts_file) if args.prompts_file else folder / "prompts.jsonl"
+        result = {"rollouts": rollout_throughput(args, folder, args.prompts_path)}
         r = result["rollouts"]
         print(
             f"rollouts ({args.prompts} prompts x {args.n}, <= {args.new} new tokens, median of {args.rounds} rounds): "
             f"engine {r['tokens_per_s']['engine']:.0f} tok/s (push + sample), transformers.generate "
             f"{r['tokens_per_s']['transformers']:.0f} tok/s: {r['ratio']:.2f}x"
         )
+        if args.rollouts_only:
+            print(json.dumps(result, indent=2))
+            return
         result["ppo"] = ppo_split(args, folder, Path(tmp) / "ppo")
         result["grpo"] = grpo_split(args, folder, Path(tmp) / "grpo")
         for name in ("ppo", "grpo"):
