@@ -139,3 +139,11 @@ def train_test_tokenizer() -> Tokenizer:
 def metric_values(base_url: str) -> dict[str, float]:
     text = httpx.get(f"{base_url}/metrics").text
     return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def build_slow_engine(tokenizer: Tokenizer, step_delay_s: float, **engine_overrides: int) -> LLMEngine:
+    """``build_engine`` with every step slowed by ``step_delay_s`` (a module-level function, so that
+    ``functools.partial`` of it can be sent to an engine process)."""
+    engine = build_engine(tokenizer, **engine_overrides)
+    StepDelay(engine, step_delay_s)
+    return engine
