@@ -27,6 +27,7 @@ import torch
 from lmforge.infer import SamplingParams
 from lmforge.serve.engine_process import _encode, _Rebuilder, _Tracker
 from lmforge.tokenizer import Tokenizer
+from lmforge.tune.peft.serving import lora_weights
 from tests.serve.live_server import (
     MODEL_ID,
     RunningServer,
@@ -36,6 +37,7 @@ from tests.serve.live_server import (
     running_server,
     wait_until_idle,
 )
+from tests.serve.test_lora import PROMPT, make_adapter, offline
 
 STEP_DELAY_S = 0.02  # 80 steps take 1.6 s: a request is reliably still running when a test acts on it
 
@@ -164,13 +166,28 @@ def test_disconnect_aborts_in_the_engine_process_and_429_beyond_the_limit(server
     assert completion(server, prompt="Hello", max_tokens=2).status_code == 200
 
 
-def test_a_killed_engine_process_fails_its_requests_with_503_and_is_restarted(tokenizer):
+def test_a_killed_engine_process_fails_its_requests_with_503_and_is_restarted_with_its_adapters(
+    tokenizer, tmp_path
+):
+    alpha, beta = (
+        make_adapter(tmp_path / name, tokenizer, seed) for seed, name in enumerate(["alpha", "beta"])
+    )
     load = functools.partial(build_slow_engine, tokenizer, STEP_DELAY_S)
-    with running_server(load, engine_mode="process") as running:
-        engine = running.state.engine
+    with running_server(
+        load,
+        engine_mode="process",
+        loras={"alpha": str(alpha)},  # read by the core process
+        load_lora=lora_weights,
+        allow_lora_loading=True,
+    ) as running:
+        url, engine = running.base_url, running.state.engine
+        # adapters change at run time: beta is sent to the core, alpha unloaded there
+        loaded = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "beta", "lora_path": str(beta)})
+        assert loaded.status_code == 200
+        assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "alpha"}).status_code == 200
         first_pid = engine.pid
         body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 80, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{running.base_url}/v1/completions", json=body, timeout=30) as response:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")  # running in the engine process
             os.kill(first_pid, signal.SIGKILL)
@@ -178,11 +195,17 @@ def test_a_killed_engine_process_fails_its_requests_with_503_and_is_restarted(to
         assert rest[-1] == "data: [DONE]"
         error = json.loads(rest[-2][6:])["error"]
         assert error["code"] == "engine_unavailable" and "SIGKILL" in error["message"], error
-        wait_for(lambda: httpx.get(f"{running.base_url}/health").status_code == 200, 30, "the restart")
+        wait_for(lambda: httpx.get(f"{url}/health").status_code == 200, 30, "the restart")
         assert engine.restarts == 1 and engine.pid != first_pid and not alive(first_pid)
-        again = completion(running, prompt="Hello", max_tokens=3)
-        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 3
-        assert "lmforge_requests_running" in metric_values(running.base_url)
+        # the new core serves what the old one served at its death: beta, not alpha
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == [MODEL_ID, "beta"]
+        again = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": "beta", "prompt": PROMPT, "max_tokens": 8, "temperature": 0},
+            timeout=30,
+        )
+        assert again.status_code == 200 and again.json()["choices"][0]["text"] == offline(tokenizer, beta)
+        assert "lmforge_requests_running" in metric_values(url)
         second_pid = engine.pid
     assert not alive(second_pid)  # the lifespan's end stopped the core
 

@@ -21,7 +21,7 @@ since its last message, so a message costs what the step produced, not what the 
 The core idles on the pipe (no cost) and exits when told to stop or when its end of the pipe closes (the
 HTTP process died). When the core dies (killed, out of memory, a crash in native code), every request in
 flight fails with :class:`EngineUnavailable` (a 503 naming the exit code), and the core is started again
-with the same construction arguments and the adapters loaded since; after ``max_restarts`` deaths within
+with the same construction arguments and the adapters loaded since (before it takes requests); after ``max_restarts`` deaths within
 ``restart_window_s`` it stays down and every request gets a 503.
 """
 
@@ -180,7 +180,7 @@ class _Core:
         self.conn = conn
         self.trackers: dict[str, _Tracker] = {}
         self.acks: list[tuple[str, BaseException | None]] = []
-        self.lora_acks: list[tuple[int | None, BaseException | None, list[str]]] = []
+        self.lora_acks: list[tuple[int, BaseException | None, list[str]]] = []
         self.errors: list[tuple[str, str]] = []
         self.stopping = False
 
@@ -265,9 +265,12 @@ def _core_main(
     load_engine: Callable[[], LLMEngine],
     loras: dict[str, str],
     load_lora: LoraLoader | None,
+    loaded_loras: bytes,
     conn: Connection,
 ) -> None:
-    """Entry point of the core process: build the engine, say ready (or why not), then serve commands."""
+    """Entry point of the core process: build the engine, add the adapters (``loras`` folders read with
+    ``load_lora``, then ``loaded_loras``: pickled {name: weights} loaded at run time into a core that
+    died), say ready (or why not), then serve commands."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server stops us
     logging.basicConfig(level=logging.WARNING, format="lmforge-engine-core: %(levelname)s %(message)s")
 
@@ -283,6 +286,8 @@ def _core_main(
                 engine.add_lora(name, load_lora(engine.model.cfg, folder))
             except Exception as err:
                 raise ValueError(f"the LoRA adapter {name}={folder}: {err}") from err
+        for name, weights in pickle.loads(loaded_loras).items():
+            engine.add_lora(name, weights)
         blocks = engine.block_manager
         info = CoreInfo(
             engine.tokenizer,
@@ -502,7 +507,13 @@ class ProcessEngine:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=_core_main,
-            args=(self._load_engine, dict(self._loras), self._load_lora, child_conn),
+            args=(
+                self._load_engine,
+                dict(self._loras),
+                self._load_lora,
+                pickle.dumps(dict(self._runtime_loras), protocol=pickle.HIGHEST_PROTOCOL),
+                child_conn,
+            ),
             name="lmforge-engine-core",
             daemon=True,  # multiprocessing ends it when this process exits, whatever the path
         )
@@ -592,7 +603,7 @@ class ProcessEngine:
                 request.accepted = None
             for op_id, error, names in lora_acks:
                 self._lora_names = names
-                op = self._lora_ops.pop(op_id, None) if op_id is not None else None
+                op = self._lora_ops.pop(op_id, None)
                 if op is not None:
                     later(op[0].get_loop(), _settle, op[0], error)
             for delta in outputs:
@@ -666,9 +677,7 @@ class ProcessEngine:
             process.join(10)
             return
         self._process, self._conn = process, conn
-        self._apply_info(info)
-        for name, weights in self._runtime_loras.items():  # adapters loaded at run time come back too
-            self._send(("lora", None, name, weights))
+        self._apply_info(info)  # with the adapters loaded at run time: the new core loaded them too
         self.restarts += 1
         self._down = None
         logger.warning("engine process restarted (pid %d)", process.pid)
