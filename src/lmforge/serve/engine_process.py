@@ -271,7 +271,9 @@ def _core_main(
     """Entry point of the core process: build the engine, add the adapters (``loras`` folders read with
     ``load_lora``, then ``loaded_loras``: pickled {name: weights} loaded at run time into a core that
     died), say ready (or why not), then serve commands."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server stops us
+    # Ctrl-C reaches the whole process group: the HTTP process stops the core itself once its open streams
+    # have finished. SIGTERM keeps its default (multiprocessing's exit handler ends daemon children with it).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="lmforge-engine-core: %(levelname)s %(message)s")
 
     def send(message: tuple) -> None:
