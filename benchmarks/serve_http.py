@@ -104,7 +104,8 @@ def run_engine(folder: Path, requests: list[tuple[list[int], int]], args: argpar
     from lmforge.infer import EngineConfig, LLMEngine, SamplingParams
 
     engine = LLMEngine.from_pretrained(folder, EngineConfig(max_num_seqs=args.max_num_seqs))
-    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in requests]
+    # logprobs=0 as the clients ask (the chosen token's log-probability): the same work as in the server
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0) for _, n in requests]
     start, cpu_start = time.perf_counter(), time.process_time()
     outputs = engine.generate([p for p, _ in requests], params)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -147,17 +148,21 @@ async def run_clients(base_url: str, requests: list[tuple[list[int], int]]):
         return time.perf_counter() - start, results
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of another process and its live children (the engine process) (Linux /proc)."""
-    total = 0.0
+def process_cpu_seconds(pid: int) -> tuple[float, float]:
+    """User + system CPU time of another process, and of its live children together (the engine process)
+    (Linux /proc)."""
+    own = children = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(stat.parent.name) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if int(stat.parent.name) == pid:
+            own += seconds
+        elif int(fields[1]) == pid:
+            children += seconds
+    return own, children
 
 
 def free_port() -> int:
@@ -189,13 +194,14 @@ def serve(folder: Path, port: int, args: argparse.Namespace, mode: str) -> subpr
 
 
 def run_server(folder: Path, requests, args: argparse.Namespace, mode: str):
-    """One server run: (wall s, server CPU s, client CPU s, [(ttft, tokens)])."""
+    """One server run: (wall s, (HTTP process CPU s, engine process CPU s), client CPU s, [(ttft, tokens)])."""
     port = free_port()
     process = serve(folder, port, args, mode)
     try:
         server_cpu_start, client_cpu_start = process_cpu_seconds(process.pid), time.process_time()
         server_s, results = asyncio.run(run_clients(f"http://127.0.0.1:{port}", requests))
-        server_cpu = process_cpu_seconds(process.pid) - server_cpu_start
+        server_cpu_end = process_cpu_seconds(process.pid)
+        server_cpu = (server_cpu_end[0] - server_cpu_start[0], server_cpu_end[1] - server_cpu_start[1])
         client_cpu = time.process_time() - client_cpu_start
     finally:
         process.send_signal(signal.SIGINT)
@@ -276,9 +282,10 @@ def main() -> None:
         same = sum(tokens == expected for (_, tokens), expected in zip(results, engine_tokens))
         print(
             f"{'lmforge serve, engine ' + ('process' if mode == 'process' else 'in a thread'):<40}"
-            f"{server_s:>9.2f}{total / server_s:>11.1f}{server_cpu:>9.2f}{engine_s / server_s:>9.2f}x"
+            f"{server_s:>9.2f}{total / server_s:>11.1f}{sum(server_cpu):>9.2f}{engine_s / server_s:>9.2f}x"
             f"{statistics.median(ttfts) * 1000:>8.0f}ms{ttfts[int(0.9 * (len(ttfts) - 1))] * 1000:>6.0f}ms"
-            f"   tokens equal to in-process: {same}/{len(results)}; client CPU {client_cpu:.2f} s"
+            f"   tokens equal to in-process: {same}/{len(results)}; CPU s: HTTP process {server_cpu[0]:.2f}, "
+            f"engine process {server_cpu[1]:.2f}, clients {client_cpu:.2f}"
         )
     if hf is not None:
         hf_s, hf_tokens = best["hf"]

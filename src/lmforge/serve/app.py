@@ -86,13 +86,16 @@ class ServerState:
         return self.engine.stats() if self.engine is not None else None
 
     def start_loading(self) -> None:
+        """Load in a background thread; called on the event loop that will serve (an engine process's pipe
+        is read there)."""
+        self._loop = asyncio.get_running_loop()
         threading.Thread(target=self._load, name="lmforge-model-loader", daemon=True).start()
 
     def _load(self) -> None:
         engine: AsyncEngine | ProcessEngine
         if self.engine_mode == "process":  # the core process loads the model and the adapters
             try:
-                engine = ProcessEngine(self.load_engine, self.metrics, self.loras, self.load_lora)
+                engine = ProcessEngine(self.load_engine, self._loop, self.metrics, self.loras, self.load_lora)
             except Exception as err:
                 logger.exception("starting the engine process failed")
                 self.load_error = (

@@ -14,6 +14,9 @@ The channel is one duplex ``multiprocessing`` pipe (a Unix socket pair) carrying
   ``("batch", acks, lora_acks, outputs, errors, stats)`` message per engine iteration: the verdicts on the
   commands it read, every request's delta of that step, requests that failed, and the engine's counters.
 
+The HTTP side reads the pipe in its event loop (an asyncio transport: no reader thread that would wait for
+the GIL at every read while the loop renders responses, and writes that never block the loop).
+
 Outputs travel as deltas (:class:`OutputDelta`): the tokens, text and log-probabilities a completion gained
 since its last message, so a message costs what the step produced, not what the requests hold in all;
 :class:`_Rebuilder` turns them back into cumulative ``RequestOutput``s on the HTTP side.
@@ -33,6 +36,8 @@ import logging
 import multiprocessing
 import pickle
 import signal
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -43,13 +48,7 @@ from typing import Any
 from lmforge.infer import EngineStats, LLMEngine, SamplingParams
 from lmforge.infer.lora import LoraWeights
 from lmforge.infer.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from lmforge.serve.async_engine import (
-    EngineFailure,
-    EngineUnavailable,
-    RequestStream,
-    _call_soon,
-    _Delivery,
-)
+from lmforge.serve.async_engine import EngineFailure, EngineUnavailable, RequestStream, _call_soon
 from lmforge.serve.metrics import ServerMetrics
 from lmforge.tokenizer import Tokenizer
 
@@ -358,9 +357,70 @@ class _Rebuilder:
         )
 
 
+def _frame(message: tuple) -> bytes:
+    """A message as ``Connection.send_bytes`` frames it (what the core's ``recv_bytes`` reads)."""
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(data) > 0x7FFFFFFF:
+        return struct.pack("!iQ", -1, len(data)) + data
+    return struct.pack("!i", len(data)) + data
+
+
+def _recv_frame(sock: socket.socket) -> tuple:
+    """One message, read from a blocking socket (the handshake, before the event loop takes the socket)."""
+
+    def exactly(n: int) -> bytes:
+        chunks, left = [], n
+        while left:
+            chunk = sock.recv(min(left, 1 << 20))
+            if not chunk:
+                raise EOFError
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    (size,) = struct.unpack("!i", exactly(4))
+    if size == -1:
+        (size,) = struct.unpack("!Q", exactly(8))
+    return pickle.loads(exactly(size))
+
+
+class _CoreProtocol(asyncio.Protocol):
+    """The event loop's end of the pipe: frames the bytes into messages, reports the pipe's end."""
+
+    def __init__(self, owner: ProcessEngine) -> None:
+        self.owner = owner
+        self.buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        start = 0
+        while len(buffer) - start >= 4:
+            (size,) = struct.unpack_from("!i", buffer, start)
+            header = 4
+            if size == -1:
+                if len(buffer) - start < 12:
+                    break
+                (size,) = struct.unpack_from("!Q", buffer, start + 4)
+                header = 12
+            end = start + header + size
+            if len(buffer) < end:
+                break
+            message = pickle.loads(memoryview(buffer)[start + header : end])
+            start = end
+            try:
+                self.owner._dispatch(message)
+            except Exception:  # never let a bad message stop the reading: the requests would hang
+                logger.exception("dispatching an engine message failed")
+        del buffer[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner._on_pipe_closed(self)
+
+
 @dataclass
 class _Request:
-    delivery: _Delivery
+    outputs: asyncio.Queue[RequestOutput | BaseException]
     rebuilder: _Rebuilder
     accepted: asyncio.Future[None] | None  # until the core answers the add
 
@@ -370,12 +430,16 @@ class ProcessEngine:
 
     ``load_engine`` (picklable: a module-level function or a ``functools.partial`` of one) runs in the core
     process, then ``loras`` (name -> folder) are read there with ``load_lora``. The constructor blocks until
-    the engine is loaded and raises ``RuntimeError`` with the core's reason when it cannot load.
+    the engine is loaded and raises ``RuntimeError`` with the core's reason when it cannot load; call it off
+    ``loop``, the event loop that serves the requests: the pipe is read there (no reader thread: a thread
+    would wait for the GIL at every read while the loop renders responses), and every method but
+    ``shutdown`` and the properties runs there.
     """
 
     def __init__(
         self,
         load_engine: Callable[[], LLMEngine],
+        loop: asyncio.AbstractEventLoop,
         metrics: ServerMetrics | None = None,
         loras: dict[str, str] | None = None,
         load_lora: LoraLoader | None = None,
@@ -383,26 +447,25 @@ class ProcessEngine:
         restart_window_s: float = 300.0,
     ) -> None:
         self.metrics = metrics
+        self.loop = loop
         self.max_restarts = max_restarts
         self.restart_window_s = restart_window_s
         self._load_engine = load_engine
         self._loras = dict(loras or {})  # adapter folders the core reads at start (minus those unloaded)
-        self._runtime_loras: dict[str, LoraWeights] = {}  # adapters loaded since: re-sent after a restart
+        self._runtime_loras: dict[str, LoraWeights] = {}  # adapters loaded since: given to a restarted core
         self._load_lora = load_lora
         self._ctx = multiprocessing.get_context("spawn")
-        self._lock = threading.Lock()  # guards the tables below (event loop thread vs reader thread)
-        self._send_lock = threading.Lock()
-        self._requests: dict[str, _Request] = {}
-        self._lora_ops: dict[int, tuple[asyncio.Future[None], str, LoraWeights | None]] = {}
+        self._requests: dict[str, _Request] = {}  # only the event loop touches these tables
+        self._lora_ops: dict[int, asyncio.Future[None]] = {}
         self._next_op = 0
         self._crashes: list[float] = []
         self._closing = False
         self._down: str | None = "the engine process is starting"
         self.restarts = 0
-        self._process, self._conn, info = self._start_core()
+        self._process, sock, info = self._start_core()
         self._apply_info(info)
+        self._transport, self._protocol = self._connect(sock)
         self._down = None
-        self._reader = self._start_reader()
 
     # -- AsyncEngine's interface ------------------------------------------------------------------------------
 
@@ -429,8 +492,7 @@ class ProcessEngine:
 
     @property
     def num_active(self) -> int:
-        with self._lock:
-            return len(self._requests)
+        return len(self._requests)
 
     @property
     def unavailable_reason(self) -> str | None:
@@ -454,27 +516,20 @@ class ProcessEngine:
     ) -> RequestStream:
         """Hand a request to the core; returns once the core accepted it. Raises ``ValueError`` for what the
         engine refuses, ``QueueFullError`` when its queue is full, ``EngineUnavailable`` while it is down."""
-        loop = asyncio.get_running_loop()
-        delivery = _Delivery(loop, asyncio.Queue())
-        accepted: asyncio.Future[None] = loop.create_future()
-        with self._lock:  # _on_core_death sets _down under this lock before it fails what is registered
-            if self._down is not None:
-                raise EngineUnavailable(self._down)
-            if request_id in self._requests:
-                raise ValueError(f"request id {request_id!r} is already running")
-            self._requests[request_id] = _Request(delivery, _Rebuilder(list(prompt_token_ids)), accepted)
-        try:
-            self._send(("add", request_id, list(prompt_token_ids), params, lora))
-        except OSError:  # the core just died; the reader thread tells everyone why
-            with self._lock:
-                self._requests.pop(request_id, None)
-            raise EngineUnavailable(self._down or "the engine process is not running") from None
+        if self._down is not None:
+            raise EngineUnavailable(self._down)
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        accepted: asyncio.Future[None] = self.loop.create_future()
+        request = _Request(asyncio.Queue(), _Rebuilder(list(prompt_token_ids)), accepted)
+        self._requests[request_id] = request
+        self._transport.write(_frame(("add", request_id, list(prompt_token_ids), params, lora)))
         try:
             await accepted
         except asyncio.CancelledError:
             self._abort(request_id)
             raise
-        return RequestStream(self, request_id, delivery.outputs, len(prompt_token_ids))
+        return RequestStream(self, request_id, request.outputs, len(prompt_token_ids))
 
     async def add_lora(self, name: str, weights: LoraWeights) -> None:
         """Serve adapter ``name``; raises ValueError if the engine refuses it."""
@@ -491,22 +546,21 @@ class ProcessEngine:
         """Stop the core (it finishes its step and exits; killed if it does not within ``timeout_s``)."""
         self._closing = True
         self._down = "the server is shutting down"
-        with contextlib.suppress(OSError):
-            self._send(("stop",))
+        self._call_in_loop(self._transport.write, _frame(("stop",)))
         self._process.join(timeout_s)
         if self._process.is_alive():
             logger.warning("the engine process did not stop in %.0f s; killing it", timeout_s)
             self._process.kill()
             self._process.join(5)
-        self._conn.close()
-        self._reader.join(timeout=5)
-        self._fail_all(EngineUnavailable("the server is shutting down"))
+        self._call_in_loop(self._transport.close)
+        self._call_in_loop(self._fail_all, EngineUnavailable("the server is shutting down"))
 
     # -- internals --------------------------------------------------------------------------------------------
 
-    def _start_core(self) -> tuple[Any, Connection, CoreInfo]:
-        """Spawn a core process and wait until it has loaded the engine (runs on a worker thread)."""
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+    def _start_core(self) -> tuple[Any, socket.socket, CoreInfo]:
+        """Spawn a core process and wait until it has loaded the engine (blocking: not on the loop)."""
+        ours, theirs = socket.socketpair()
+        child_conn = Connection(theirs.detach())
         process = self._ctx.Process(
             target=_core_main,
             args=(
@@ -520,137 +574,110 @@ class ProcessEngine:
             daemon=True,  # multiprocessing ends it when this process exits, whatever the path
         )
         process.start()
-        child_conn.close()  # only the core holds its end: its death reads as EOF here
+        child_conn.close()  # only the core holds its end: its death reads as the end of the pipe here
         try:
-            message = pickle.loads(parent_conn.recv_bytes())
+            message = _recv_frame(ours)
         except (EOFError, OSError):
             process.join(5)
-            parent_conn.close()
+            ours.close()
             raise RuntimeError(
                 f"the engine process exited while loading (exit code {process.exitcode})"
             ) from None
         if message[0] != "ready":
             process.join(10)
-            parent_conn.close()
+            ours.close()
             raise RuntimeError(message[1])
         logger.info("engine core process %d ready", process.pid)
-        return process, parent_conn, message[1]
+        return process, ours, message[1]
+
+    def _connect(self, sock: socket.socket) -> tuple[asyncio.Transport, _CoreProtocol]:
+        """Hand the socket to the event loop (from another thread: blocks until the loop took it)."""
+
+        async def connect() -> tuple[asyncio.Transport, _CoreProtocol]:
+            return await self.loop.connect_accepted_socket(lambda: _CoreProtocol(self), sock)
+
+        return asyncio.run_coroutine_threadsafe(connect(), self.loop).result()
 
     def _apply_info(self, info: CoreInfo) -> None:
         self._info = info
         self._lora_names = list(info.lora_names)
         self._stats = info.stats
 
-    def _start_reader(self) -> threading.Thread:
-        thread = threading.Thread(
-            target=self._read, args=(self._conn,), name="lmforge-engine-reader", daemon=True
-        )
-        thread.start()
-        return thread
-
-    def _send(self, message: tuple) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        with self._send_lock:
-            self._conn.send_bytes(data)
+    def _call_in_loop(self, fn: Callable[..., object], *args: object) -> None:
+        if _running_loop() is self.loop:
+            fn(*args)
+        else:
+            _call_soon(self.loop, fn, *args)
 
     async def _lora_command(self, name: str, weights: LoraWeights | None) -> None:
         if self._down is not None:
             raise EngineUnavailable(self._down)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        with self._lock:
-            op_id = self._next_op
-            self._next_op += 1
-            self._lora_ops[op_id] = (done, name, weights)
-        # a big adapter is many megabytes to pickle and write: off the event loop
-        await asyncio.to_thread(self._send, ("lora", op_id, name, weights))
+        done: asyncio.Future[None] = self.loop.create_future()
+        op_id = self._next_op
+        self._next_op += 1
+        self._lora_ops[op_id] = done
+        # a big adapter is many megabytes to pickle: off the event loop (the write itself is buffered)
+        frame = await asyncio.to_thread(_frame, ("lora", op_id, name, weights))
+        self._transport.write(frame)
         await done
 
     def _abort(self, request_id: str) -> None:
-        with self._lock:
-            active = self._requests.pop(request_id, None) is not None
-        if active and self._down is None:
-            with contextlib.suppress(OSError):
-                self._send(("abort", request_id))
-
-    def _read(self, conn: Connection) -> None:
-        """The reader thread: one message per engine iteration, dispatched with one hop per event loop."""
-        while True:
-            try:
-                message = pickle.loads(conn.recv_bytes())
-            except (EOFError, OSError):
-                break
-            try:
-                self._dispatch(message)
-            except Exception:  # never let a bad message kill the reader: the requests would hang
-                logger.exception("dispatching an engine message failed")
-        if not self._closing:
-            self._on_core_death()
+        """Drop a request and tell the core; callable from any thread (a stream's finalizer)."""
+        if _running_loop() is not self.loop:
+            _call_soon(self.loop, self._abort, request_id)
+            return
+        if self._requests.pop(request_id, None) is not None and self._down is None:
+            self._transport.write(_frame(("abort", request_id)))
 
     def _dispatch(self, message: tuple) -> None:
+        """One engine iteration's message: verdicts, outputs, failures and counters (on the loop)."""
         _, acks, lora_acks, outputs, errors, stats = message
         self._stats = stats
-        calls: dict[asyncio.AbstractEventLoop, list[tuple[Callable[..., object], tuple]]] = {}
-
-        def later(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: object) -> None:
-            calls.setdefault(loop, []).append((fn, args))
-
-        with self._lock:
-            for request_id, error in acks:
-                request = self._requests.get(request_id)
-                if request is None or request.accepted is None:
-                    continue  # the handler gave up (its abort is on the way)
-                if error is not None:
-                    del self._requests[request_id]
-                later(request.delivery.loop, _settle, request.accepted, error)
-                request.accepted = None
-            for op_id, error, names in lora_acks:
-                self._lora_names = names
-                op = self._lora_ops.pop(op_id, None)
-                if op is not None:
-                    later(op[0].get_loop(), _settle, op[0], error)
-            for delta in outputs:
-                request = self._requests.get(delta.request_id)
-                if request is None:
-                    continue
-                output = request.rebuilder.update(delta)
-                if delta.error is not None:  # this request alone broke inside the step; the others go on
-                    item: RequestOutput | BaseException = EngineFailure(
-                        f"the request failed in the engine: {delta.error}"
-                    )
-                else:
-                    item = output
-                if delta.finished or delta.error is not None:
-                    del self._requests[delta.request_id]
-                later(request.delivery.loop, request.delivery.outputs.put_nowait, item)
-            for request_id, error_message in errors:
-                request = self._requests.pop(request_id, None)
-                if request is not None:
-                    later(
-                        request.delivery.loop,
-                        request.delivery.outputs.put_nowait,
-                        EngineFailure(error_message),
-                    )
-        for loop, batch in calls.items():
-            _call_soon(loop, _run_all, batch)
+        for request_id, error in acks:
+            request = self._requests.get(request_id)
+            if request is None or request.accepted is None:
+                continue  # the handler gave up (its abort is on the way)
+            if error is not None:
+                del self._requests[request_id]
+            _settle(request.accepted, error)
+            request.accepted = None
+        for op_id, error, names in lora_acks:
+            self._lora_names = names
+            done = self._lora_ops.pop(op_id, None)
+            if done is not None:
+                _settle(done, error)
+        for delta in outputs:
+            request = self._requests.get(delta.request_id)
+            if request is None:
+                continue
+            output = request.rebuilder.update(delta)
+            if delta.error is not None:  # this request alone broke inside the step; the others go on
+                request.outputs.put_nowait(EngineFailure(f"the request failed in the engine: {delta.error}"))
+            else:
+                request.outputs.put_nowait(output)
+            if delta.finished or delta.error is not None:
+                del self._requests[delta.request_id]
+        for request_id, error_message in errors:
+            request = self._requests.pop(request_id, None)
+            if request is not None:
+                request.outputs.put_nowait(EngineFailure(error_message))
 
     def _fail_all(self, error: EngineFailure) -> None:
-        with self._lock:
-            requests, self._requests = self._requests, {}
-            lora_ops, self._lora_ops = self._lora_ops, {}
-        calls: dict[asyncio.AbstractEventLoop, list[tuple[Callable[..., object], tuple]]] = {}
+        requests, self._requests = self._requests, {}
+        lora_ops, self._lora_ops = self._lora_ops, {}
         for request in requests.values():
-            loop = request.delivery.loop
             if request.accepted is not None:
-                calls.setdefault(loop, []).append((_settle, (request.accepted, error)))
-            calls.setdefault(loop, []).append((request.delivery.outputs.put_nowait, (error,)))
-        for done, _, _ in lora_ops.values():
-            calls.setdefault(done.get_loop(), []).append((_settle, (done, error)))
-        for loop, batch in calls.items():
-            _call_soon(loop, _run_all, batch)
+                _settle(request.accepted, error)
+            request.outputs.put_nowait(error)
+        for done in lora_ops.values():
+            _settle(done, error)
 
-    def _on_core_death(self) -> None:
-        """The core's end of the pipe closed without a stop: fail what it held, then start a new core."""
-        self._process.join(5)
+    def _on_pipe_closed(self, protocol: _CoreProtocol) -> None:
+        """The pipe to the core closed (on the loop). Unless we closed it, the core died: fail what it held,
+        then start a new core in a worker thread."""
+        if self._closing or protocol is not self._protocol:
+            return
+        self._process.join(1)
         code = self._process.exitcode
         how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
         now = time.monotonic()
@@ -659,31 +686,40 @@ class ProcessEngine:
         then = (
             "the server is restarting it" if restart else "it died too often; the server will not restart it"
         )
-        reason = f"the engine process died ({how}); {then}"
-        logger.error("%s", reason)
-        with self._lock:
-            self._down = reason
-        self._conn.close()
-        self._fail_all(EngineUnavailable(f"{reason}; the request was lost, retry it"))
-        if not restart or self._closing:
-            return
+        self._down = f"the engine process died ({how}); {then}"
+        logger.error("%s", self._down)
+        self._fail_all(EngineUnavailable(f"{self._down}; the request was lost, retry it"))
+        if restart:
+            threading.Thread(
+                target=self._restart, args=(how,), name="lmforge-engine-restart", daemon=True
+            ).start()
+
+    def _restart(self, how: str) -> None:
         try:
-            process, conn, info = self._start_core()
+            process, sock, info = self._start_core()
         except RuntimeError as err:
             self._down = f"the engine process died ({how}) and could not be restarted: {err}"
             logger.error("%s", self._down)
             return
         if self._closing:  # the server stopped while the core was restarting
             with contextlib.suppress(OSError):
-                conn.send_bytes(pickle.dumps(("stop",)))
+                sock.sendall(_frame(("stop",)))
             process.join(10)
+            sock.close()
             return
-        self._process, self._conn = process, conn
+        self._process = process
         self._apply_info(info)  # with the adapters loaded at run time: the new core loaded them too
+        self._transport, self._protocol = self._connect(sock)
         self.restarts += 1
         self._down = None
         logger.warning("engine process restarted (pid %d)", process.pid)
-        self._reader = self._start_reader()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
@@ -693,8 +729,3 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(error)
-
-
-def _run_all(batch: list[tuple[Callable[..., object], tuple]]) -> None:
-    for fn, args in batch:
-        fn(*args)
