@@ -30,9 +30,10 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.tune.peft.serving import lora_weights
 from tests.serve.live_server import (
     MODEL_ID,
+    POISON_PROMPT,
     RunningServer,
     build_engine,
-    build_slow_engine,
+    build_faulty_engine,
     metric_values,
     running_server,
     wait_until_idle,
@@ -60,9 +61,24 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tokenizer: Tokenizer) -> Iterator[RunningServer]:
-    load = functools.partial(build_slow_engine, tokenizer, STEP_DELAY_S)
-    with running_server(load, engine_mode="process", max_active_requests=3) as running:
+def adapters(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(root / name, tokenizer, seed) for seed, name in enumerate(["alpha", "beta"])}
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer: Tokenizer, adapters: dict[str, Path]) -> Iterator[RunningServer]:
+    """One server for the module (an engine process costs seconds to start): its engine's steps are slowed,
+    a poisoned prompt makes a step raise, and it serves the adapter alpha, read in the core process."""
+    load = functools.partial(build_faulty_engine, tokenizer, STEP_DELAY_S)
+    with running_server(
+        load,
+        engine_mode="process",
+        max_active_requests=3,
+        loras={"alpha": str(adapters["alpha"])},
+        load_lora=lora_weights,
+        allow_lora_loading=True,
+    ) as running:
         yield running
 
 
@@ -166,48 +182,53 @@ def test_disconnect_aborts_in_the_engine_process_and_429_beyond_the_limit(server
     assert completion(server, prompt="Hello", max_tokens=2).status_code == 200
 
 
+def test_a_failing_engine_step_fails_its_requests_with_500_and_the_core_serves_on(server):
+    """Fault injection inside the engine process: the step raises; its request gets the error, the core
+    lives on (no restart) and serves the next request."""
+    pid = server.state.engine.pid
+    failed = completion(server, prompt=POISON_PROMPT, max_tokens=4)
+    assert failed.status_code == 500, failed.text
+    error = failed.json()["error"]
+    assert error["code"] == "engine_error" and "injected fault" in error["message"]
+    wait_until_idle(server)
+    again = completion(server, prompt="Hello", max_tokens=4, ignore_eos=True)
+    assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 4
+    assert server.state.engine.pid == pid and server.state.engine.restarts == 0
+
+
 def test_a_killed_engine_process_fails_its_requests_with_503_and_is_restarted_with_its_adapters(
-    tokenizer, tmp_path
+    server, tokenizer, adapters
 ):
-    alpha, beta = (
-        make_adapter(tmp_path / name, tokenizer, seed) for seed, name in enumerate(["alpha", "beta"])
-    )
-    load = functools.partial(build_slow_engine, tokenizer, STEP_DELAY_S)
-    with running_server(
-        load,
-        engine_mode="process",
-        loras={"alpha": str(alpha)},  # read by the core process
-        load_lora=lora_weights,
-        allow_lora_loading=True,
-    ) as running:
-        url, engine = running.base_url, running.state.engine
-        # adapters change at run time: beta is sent to the core, alpha unloaded there
-        loaded = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "beta", "lora_path": str(beta)})
-        assert loaded.status_code == 200
-        assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "alpha"}).status_code == 200
-        first_pid = engine.pid
-        body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 80, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
-            lines = response.iter_lines()
-            assert next(lines).startswith("data: ")  # running in the engine process
-            os.kill(first_pid, signal.SIGKILL)
-            rest = [line for line in lines if line.startswith("data: ")]
-        assert rest[-1] == "data: [DONE]"
-        error = json.loads(rest[-2][6:])["error"]
-        assert error["code"] == "engine_unavailable" and "SIGKILL" in error["message"], error
-        wait_for(lambda: httpx.get(f"{url}/health").status_code == 200, 30, "the restart")
-        assert engine.restarts == 1 and engine.pid != first_pid and not alive(first_pid)
-        # the new core serves what the old one served at its death: beta, not alpha
-        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == [MODEL_ID, "beta"]
-        again = httpx.post(
-            f"{url}/v1/completions",
-            json={"model": "beta", "prompt": PROMPT, "max_tokens": 8, "temperature": 0},
-            timeout=30,
-        )
-        assert again.status_code == 200 and again.json()["choices"][0]["text"] == offline(tokenizer, beta)
-        assert "lmforge_requests_running" in metric_values(url)
-        second_pid = engine.pid
-    assert not alive(second_pid)  # the lifespan's end stopped the core
+    """(Last of the module's server tests: it changes the served adapters.)"""
+    url, engine = server.base_url, server.state.engine
+    assert complete_with(url, "alpha") == offline(tokenizer, adapters["alpha"])  # read by the core process
+    # adapters change at run time: beta is sent to the core, alpha unloaded there
+    beta = str(adapters["beta"])
+    assert httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "beta", "lora_path": beta}).is_success
+    assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "alpha"}).status_code == 200
+    first_pid = engine.pid
+    body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 80, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")  # running in the engine process
+        os.kill(first_pid, signal.SIGKILL)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2][6:])["error"]
+    assert error["code"] == "engine_unavailable" and "SIGKILL" in error["message"], error
+    wait_for(lambda: httpx.get(f"{url}/health").status_code == 200, 60, "the restart")
+    assert engine.restarts == 1 and engine.pid != first_pid and not alive(first_pid)
+    # the new core serves what the old one served at its death: beta, not alpha
+    assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == [MODEL_ID, "beta"]
+    assert complete_with(url, "beta") == offline(tokenizer, adapters["beta"])
+    assert "lmforge_requests_running" in metric_values(url)
+
+
+def complete_with(url: str, model: str) -> str:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
 
 
 def test_lmforge_serve_runs_the_engine_in_a_process_and_sigterm_leaves_none(tmp_path, tokenizer):
@@ -232,8 +253,9 @@ def test_lmforge_serve_runs_the_engine_in_a_process_and_sigterm_leaves_none(tmp_
                 return False
 
         wait_for(healthy, 60, "lmforge serve becoming healthy")
-        children = _children(process.pid)
-        assert len(children) >= 1  # the engine core (and multiprocessing's resource tracker)
+        children = _children(process.pid)  # the engine core and multiprocessing's resource tracker
+        cores = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(cores) == 1, children
         response = httpx.post(
             f"{base_url}/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "ignore_eos": True}
         )

@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import pickle
 import signal
 import socket
@@ -305,6 +306,11 @@ def _core_main(
     send(("ready", info))
     with contextlib.suppress(EOFError, OSError):  # the HTTP process went away: nothing left to serve
         _Core(engine, conn).run()
+    # Nothing of the core outlives it (the engine holds no files): skip the interpreter's teardown, which
+    # takes seconds with torch loaded and would hold the server's shutdown.
+    logging.shutdown()
+    conn.close()
+    os._exit(0)
 
 
 # -- the HTTP side --------------------------------------------------------------------------------------------
