@@ -24,7 +24,9 @@ import httpx
 import pytest
 import torch
 
+from lmforge.cli import build_parser
 from lmforge.infer import SamplingParams
+from lmforge.serve.app import create_app
 from lmforge.serve.engine_process import _encode, _Rebuilder, _Tracker
 from lmforge.tokenizer import Tokenizer
 from lmforge.tune.peft.serving import lora_weights
@@ -86,6 +88,13 @@ def completion(server: RunningServer, **body) -> httpx.Response:
     return httpx.post(f"{server.base_url}/v1/completions", json={"model": MODEL_ID, **body}, timeout=30)
 
 
+def test_the_engine_runs_in_a_process_unless_asked_for_a_thread():
+    assert build_parser().parse_args(["serve", "m"]).engine_in_thread is False
+    assert build_parser().parse_args(["serve", "m", "--engine-in-thread"]).engine_in_thread is True
+    with pytest.raises(ValueError, match="engine_mode"):
+        create_app(lambda: None, MODEL_ID, engine_mode="fork")
+
+
 def test_delta_messages_rebuild_the_engines_outputs_exactly(tokenizer):
     """What the core sends (deltas, pickled) turns back into the engine's own RequestOutputs, step by step:
     sampled n=2 with logprobs, beam search, stop strings, prompt logprobs."""
@@ -113,6 +122,7 @@ def test_delta_messages_rebuild_the_engines_outputs_exactly(tokenizer):
     assert finished == set(trackers) and sent > len(trackers)
 
 
+@pytest.mark.multiprocess
 def test_completions_over_http_equal_the_engine_in_process(server, tokenizer):
     prompt = tokenizer.encode("Hello world")
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
@@ -127,6 +137,7 @@ def test_completions_over_http_equal_the_engine_in_process(server, tokenizer):
     assert plain["text"] == expected.text
 
 
+@pytest.mark.multiprocess
 def test_streaming_and_chat_through_the_engine_process(server, tokenizer):
     body = {"prompt": "Hello", "max_tokens": 10, "temperature": 0, "ignore_eos": True, "stream": True}
     with httpx.stream(
@@ -149,6 +160,7 @@ def test_streaming_and_chat_through_the_engine_process(server, tokenizer):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_p"
 
 
+@pytest.mark.multiprocess
 def test_disconnect_aborts_in_the_engine_process_and_429_beyond_the_limit(server):
     before = metric_values(server.base_url)
     body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 80, "ignore_eos": True, "stream": True}
@@ -182,6 +194,7 @@ def test_disconnect_aborts_in_the_engine_process_and_429_beyond_the_limit(server
     assert completion(server, prompt="Hello", max_tokens=2).status_code == 200
 
 
+@pytest.mark.multiprocess
 def test_a_failing_engine_step_fails_its_requests_with_500_and_the_core_serves_on(server):
     """Fault injection inside the engine process: the step raises; its request gets the error, the core
     lives on (no restart) and serves the next request."""
@@ -196,6 +209,7 @@ def test_a_failing_engine_step_fails_its_requests_with_500_and_the_core_serves_o
     assert server.state.engine.pid == pid and server.state.engine.restarts == 0
 
 
+@pytest.mark.multiprocess
 def test_a_killed_engine_process_fails_its_requests_with_503_and_is_restarted_with_its_adapters(
     server, tokenizer, adapters
 ):
@@ -231,6 +245,7 @@ def complete_with(url: str, model: str) -> str:
     return response.json()["choices"][0]["text"]
 
 
+@pytest.mark.multiprocess
 def test_lmforge_serve_runs_the_engine_in_a_process_and_sigterm_leaves_none(tmp_path, tokenizer):
     from lmforge.model.hf import save_pretrained
 

@@ -36,6 +36,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import queue
 import signal
 import socket
 import struct
@@ -178,6 +179,11 @@ class _Core:
     def __init__(self, engine: LLMEngine, conn: Connection) -> None:
         self.engine = engine
         self.conn = conn
+        # Messages leave through a writer thread: a step never waits for the HTTP process to read the last one
+        # (it may be descheduled on a busy machine); the thread holds the GIL only around each write.
+        self.outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.writer = threading.Thread(target=self.write, name="lmforge-core-writer", daemon=True)
+        self.writer.start()
         self.trackers: dict[str, _Tracker] = {}
         self.acks: list[tuple[str, BaseException | None]] = []
         self.lora_acks: list[tuple[int, BaseException | None, list[str]]] = []
@@ -185,9 +191,23 @@ class _Core:
         self.stopping = False
 
     def send(self, message: tuple) -> None:
-        self.conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        self.outbox.put(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def write(self) -> None:
+        while (data := self.outbox.get()) is not None:
+            try:
+                self.conn.send_bytes(data)
+            except OSError:  # the HTTP process went away; the loop sees the closed pipe too
+                return
 
     def run(self) -> None:
+        try:
+            self.loop()
+        finally:
+            self.outbox.put(None)  # what was sent before a stop still leaves
+            self.writer.join(timeout=10)
+
+    def loop(self) -> None:
         while not self.stopping:
             if not self.engine.has_unfinished():
                 self.conn.poll(None)  # idle: sleep until a command comes (or the pipe closes)
@@ -470,7 +490,12 @@ class ProcessEngine:
         self.restarts = 0
         self._process, sock, info = self._start_core()
         self._apply_info(info)
-        self._transport, self._protocol = self._connect(sock)
+        try:
+            self._transport, self._protocol = self._connect(sock)
+        except BaseException:  # the loop is gone (the server stopped while the model loaded)
+            self._process.kill()
+            sock.close()
+            raise
         self._down = None
 
     # -- AsyncEngine's interface ------------------------------------------------------------------------------
@@ -602,7 +627,7 @@ class ProcessEngine:
         async def connect() -> tuple[asyncio.Transport, _CoreProtocol]:
             return await self.loop.connect_accepted_socket(lambda: _CoreProtocol(self), sock)
 
-        return asyncio.run_coroutine_threadsafe(connect(), self.loop).result()
+        return asyncio.run_coroutine_threadsafe(connect(), self.loop).result(timeout=60)
 
     def _apply_info(self, info: CoreInfo) -> None:
         self._info = info
@@ -714,8 +739,13 @@ class ProcessEngine:
             sock.close()
             return
         self._process = process
+        try:
+            self._transport, self._protocol = self._connect(sock)
+        except BaseException:  # the loop is gone: the server has stopped
+            process.kill()
+            sock.close()
+            return
         self._apply_info(info)  # with the adapters loaded at run time: the new core loaded them too
-        self._transport, self._protocol = self._connect(sock)
         self.restarts += 1
         self._down = None
         logger.warning("engine process restarted (pid %d)", process.pid)
