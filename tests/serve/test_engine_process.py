@@ -246,6 +246,41 @@ def complete_with(url: str, model: str) -> str:
 
 
 @pytest.mark.multiprocess
+def test_the_engine_process_is_built_with_lmforge_serves_arguments_and_prompt_adapter(tmp_path, tokenizer):
+    """``lmforge serve``'s engine construction (config, dtype, prompt adapter) reaches the engine process."""
+    from lmforge.infer import EngineConfig
+    from lmforge.model.hf import save_pretrained
+    from lmforge.serve.commands import load_served_engine
+    from lmforge.tune.peft import PeftConfig, apply_peft, save_adapter
+
+    base = build_engine(tokenizer).model
+    save_pretrained(base, tmp_path / "base")
+    tokenizer.save(tmp_path / "base")
+    adapted = apply_peft(
+        build_engine(tokenizer).model, PeftConfig(method="prompt_tuning", num_virtual_tokens=4)
+    )
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    adapter = save_adapter(adapted, tmp_path / "adapter", None)
+    config = EngineConfig(block_size=8, num_blocks=64, max_num_seqs=4)
+    load = functools.partial(load_served_engine, tmp_path / "base", config, "float32", "cpu", str(adapter), 1)
+    prompt = tokenizer.encode("Hello world")
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    expected = load().generate([prompt], params)[0].outputs[0].token_ids  # the same construction, in-process
+    plain = build_engine(tokenizer).generate([prompt], params)[0].outputs[0].token_ids
+    assert expected != plain  # the adapter matters
+    with running_server(load, engine_mode="process") as running:
+        assert running.state.engine.kv_capacity_tokens == 63 * 8  # the config reached the core
+        body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "logprobs": 0}
+        response = completion(running, **body, return_tokens_as_token_ids=True)
+        assert response.status_code == 200, response.text
+        tokens = response.json()["choices"][0]["logprobs"]["tokens"]
+        assert [int(t.removeprefix("token_id:")) for t in tokens] == expected
+
+
+@pytest.mark.multiprocess
 def test_lmforge_serve_runs_the_engine_in_a_process_and_sigterm_leaves_none(tmp_path, tokenizer):
     from lmforge.model.hf import save_pretrained
 
