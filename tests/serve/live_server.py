@@ -139,3 +139,30 @@ def train_test_tokenizer() -> Tokenizer:
 def metric_values(base_url: str) -> dict[str, float]:
     text = httpx.get(f"{base_url}/metrics").text
     return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def build_slow_engine(tokenizer: Tokenizer, step_delay_s: float, **engine_overrides: int) -> LLMEngine:
+    """``build_engine`` with every step slowed by ``step_delay_s`` (a module-level function, so that
+    ``functools.partial`` of it can be sent to an engine process)."""
+    engine = build_engine(tokenizer, **engine_overrides)
+    StepDelay(engine, step_delay_s)
+    return engine
+
+
+POISON_PROMPT = [7, 7, 7, 7, 7]  # a prompt that makes the next engine step of build_faulty_engine raise
+
+
+def build_faulty_engine(tokenizer: Tokenizer, step_delay_s: float) -> LLMEngine:
+    """``build_slow_engine`` whose step raises "injected fault" while a request with ``POISON_PROMPT`` is
+    scheduled (fault injection that survives being sent to an engine process)."""
+    engine = build_slow_engine(tokenizer, step_delay_s)
+    step = engine.step
+
+    def faulty_step():
+        groups = (*engine.scheduler.waiting, *engine.scheduler.running)
+        if any(list(g.prompt_token_ids) == POISON_PROMPT and not g.aborted for g in groups):
+            raise RuntimeError("injected fault")
+        return step()
+
+    engine.step = faulty_step
+    return engine

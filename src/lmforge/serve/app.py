@@ -2,6 +2,10 @@
 
 The model loads in a background thread once the server starts, so ``/health`` answers 503 (and the
 model endpoints refuse with 503) until it is ready, which lets orchestrators and tests wait on it.
+
+With ``engine_mode="process"`` (``lmforge serve``'s default) the engine runs in its own process
+(:mod:`lmforge.serve.engine_process`); with ``"thread"`` in a thread of this one (:mod:`.async_engine`).
+While an engine process is down (it died and is restarting) ``/health`` answers 503 too.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from lmforge.infer.lora import LoraWeights
 from lmforge.serve.async_engine import AsyncEngine
 from lmforge.serve.completions import OpenAIServing
 from lmforge.serve.embeddings import EmbeddingService, embedding_response
+from lmforge.serve.engine_process import ProcessEngine
 from lmforge.serve.errors import APIError, install_error_handlers
 from lmforge.serve.guard import RequestGuard
 from lmforge.serve.metrics import ServerMetrics
@@ -46,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 
 LoraLoader = Callable[[Any, str], LoraWeights]  # (base model config, adapter folder) -> the adapter's tensors
+ENGINE_MODES = ("process", "thread")
 
 
 class ServerState:
@@ -58,14 +64,18 @@ class ServerState:
         max_active_requests: int,
         loras: dict[str, str] | None = None,
         load_lora: LoraLoader | None = None,
+        engine_mode: str = "thread",
     ) -> None:
+        if engine_mode not in ENGINE_MODES:
+            raise ValueError(f"engine_mode: one of {ENGINE_MODES}, got {engine_mode!r}")
+        self.engine_mode = engine_mode
         self.load_engine = load_engine
         self.model_id = model_id
         self.loras = dict(loras or {})  # adapter name -> folder (served at start, then as loaded/unloaded)
         self.load_lora = load_lora
         self.max_active_requests = max_active_requests
         self.created = now()
-        self.engine: AsyncEngine | None = None
+        self.engine: AsyncEngine | ProcessEngine | None = None
         self.serving: OpenAIServing | None = None
         self.load_error: str | None = None
         self.metrics = ServerMetrics(self.engine_stats)
@@ -76,9 +86,24 @@ class ServerState:
         return self.engine.stats() if self.engine is not None else None
 
     def start_loading(self) -> None:
+        """Load in a background thread; called on the event loop that will serve (an engine process's pipe
+        is read there)."""
+        self._loop = asyncio.get_running_loop()
         threading.Thread(target=self._load, name="lmforge-model-loader", daemon=True).start()
 
     def _load(self) -> None:
+        engine: AsyncEngine | ProcessEngine
+        if self.engine_mode == "process":  # the core process loads the model and the adapters
+            try:
+                engine = ProcessEngine(self.load_engine, self._loop, self.metrics, self.loras, self.load_lora)
+            except Exception as err:
+                logger.exception("starting the engine process failed")
+                self.load_error = (
+                    f"{type(err).__name__}: {err}" if not isinstance(err, RuntimeError) else str(err)
+                )
+                return
+            self._serve(engine)
+            return
         try:
             llm = self.load_engine()
             for name, folder in self.loras.items():
@@ -93,6 +118,9 @@ class ServerState:
             logger.exception("loading the model failed")
             self.load_error = f"{type(err).__name__}: {err}"
             return
+        self._serve(engine)
+
+    def _serve(self, engine: AsyncEngine | ProcessEngine) -> None:
         with self._lock:
             if self._closed:  # the server stopped while the model was loading
                 engine.shutdown()
@@ -107,6 +135,12 @@ class ServerState:
             engine = self.engine
         if engine is not None:
             engine.shutdown()
+
+    def check_engine(self) -> None:
+        """503 while the engine cannot take requests (its process died and is restarting)."""
+        reason = self.engine.unavailable_reason if self.engine is not None else None
+        if reason is not None:
+            raise APIError(503, reason, code="engine_unavailable")
 
     def ready(self) -> OpenAIServing:
         if self.serving is None:
@@ -135,6 +169,7 @@ def create_app(
     load_lora: LoraLoader | None = None,
     allow_lora_loading: bool = False,
     embeddings: EmbeddingService | None = None,
+    engine_mode: str = "thread",
 ) -> FastAPI:
     """The server app. ``load_engine`` runs in a background thread at start-up; ``model_id`` is the name
     clients use in ``model``; requests beyond ``max_active_requests`` in flight get a 429. With ``api_key``
@@ -144,8 +179,12 @@ def create_app(
     ``loras`` (name -> adapter folder) are served next to the base model from the start, read by
     ``load_lora``; a request picks one by its ``model`` field. With ``allow_lora_loading``,
     ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` change the set at run time.
-    ``embeddings`` serves ``/v1/embeddings`` (a 404 without it)."""
-    state = ServerState(load_engine, model_id, max_active_requests, loras, load_lora)
+    ``embeddings`` serves ``/v1/embeddings`` (a 404 without it).
+
+    ``engine_mode`` "process" runs the engine in its own process (then ``load_engine`` and ``load_lora``
+    must be picklable: module-level functions or ``functools.partial``s of them); "thread" in a thread of
+    this process."""
+    state = ServerState(load_engine, model_id, max_active_requests, loras, load_lora, engine_mode)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -172,6 +211,7 @@ def create_app(
     @app.get("/health")
     async def health() -> JSONResponse:
         state.ready()
+        state.check_engine()
         return JSONResponse({"status": "ok", "model": model_id})
 
     @app.get("/metrics")
@@ -216,7 +256,7 @@ def create_app(
         assert load_lora is not None
         try:
             # reading and checking the folder is blocking work: off the event loop
-            weights = await asyncio.to_thread(load_lora, serving.engine.engine.model.cfg, req.lora_path)
+            weights = await asyncio.to_thread(load_lora, serving.engine.model_config, req.lora_path)
             await serving.engine.add_lora(req.lora_name, weights)
         except (ValueError, OSError) as err:  # a bad or unreadable folder is the caller's
             raise APIError(400, f"cannot load the adapter: {err}", "lora_path", "invalid_value") from err

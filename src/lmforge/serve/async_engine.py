@@ -22,6 +22,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from lmforge.infer import EngineStats, LLMEngine, SamplingParams
 from lmforge.infer.lora import LoraWeights
@@ -35,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 class EngineFailure(RuntimeError):
     """The engine raised while stepping; the requests it was serving cannot continue."""
+
+
+class EngineUnavailable(EngineFailure):
+    """The engine cannot serve now: its process died (the server restarts it) or the server is stopping.
+    The server answers 503 (retrying later can succeed), not 500."""
 
 
 @dataclass
@@ -69,7 +75,7 @@ class RequestStream:
     """The outputs of one engine request, step by step (``async for``), until it finishes."""
 
     def __init__(
-        self, owner: AsyncEngine, request_id: str, outputs: asyncio.Queue, num_prompt_tokens: int
+        self, owner: _StreamOwner, request_id: str, outputs: asyncio.Queue, num_prompt_tokens: int
     ) -> None:
         self.request_id = request_id
         self.finished = False
@@ -124,7 +130,15 @@ class RequestStream:
                 metrics.completions_finished.labels(completion.finish_reason or "unknown").inc()
 
 
-def _abandon(owner: AsyncEngine, request_id: str) -> None:
+class _StreamOwner(Protocol):
+    """What a :class:`RequestStream` needs of its engine bridge (``AsyncEngine`` or ``ProcessEngine``)."""
+
+    metrics: ServerMetrics | None
+
+    def _abort(self, request_id: str) -> None: ...
+
+
+def _abandon(owner: _StreamOwner, request_id: str) -> None:
     if owner.metrics is not None:
         owner.metrics.requests_aborted.inc()
     owner._abort(request_id)
@@ -160,6 +174,16 @@ class AsyncEngine:
         """Tokens the KV pool holds in all (block 0 is the engine's padding block)."""
         blocks = self.engine.block_manager
         return (blocks.num_blocks - 1) * blocks.block_size
+
+    @property
+    def model_config(self) -> Any:
+        """The served model's config (what an adapter loader checks an adapter against)."""
+        return self.engine.model.cfg
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        """Why the engine cannot take requests now; None: the engine thread serves as long as the server."""
+        return None
 
     @property
     def num_active(self) -> int:

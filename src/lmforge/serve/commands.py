@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmforge.infer.commands import add_sink_arguments
+
+if TYPE_CHECKING:
+    from lmforge.infer import EngineConfig, LLMEngine
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -90,6 +94,12 @@ def register(subparsers: Any) -> None:
     engine.add_argument(
         "--no-prefix-caching", action="store_true", help="do not share the KV blocks of equal prompt prefixes"
     )
+    engine.add_argument(
+        "--engine-in-thread",
+        action="store_true",
+        help="run the engine in a thread of the HTTP process instead of its own process (the default: an "
+        "engine process, restarted if it dies, so the HTTP side and the engine never share one GIL)",
+    )
     parser.set_defaults(handler=run_serve)
 
 
@@ -98,7 +108,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from lmforge.hub import HubError, resolve_model_dir
-    from lmforge.infer import EngineConfig, LLMEngine
+    from lmforge.infer import EngineConfig
     from lmforge.serve.app import create_app
     from lmforge.serve.embeddings import EmbeddingService
     from lmforge.tune.peft.serving import lora_weights
@@ -136,14 +146,10 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-
-    def load_engine() -> LLMEngine:
-        engine = LLMEngine.from_pretrained(model_dir, config, dtype=dtype, device=args.device)
-        if args.prompt_adapter:
-            serve_virtual_prefix(engine, args.prompt_adapter)
-        return engine
-
+    # A partial of a module-level function: it is sent to the engine process (spawned, so pickled).
+    load_engine = functools.partial(
+        load_served_engine, model_dir, config, args.dtype, args.device, args.prompt_adapter, args.threads
+    )
     app = create_app(
         load_engine,
         model_id=model_id,
@@ -156,10 +162,33 @@ def run_serve(args: argparse.Namespace) -> int:
         load_lora=lora_weights,
         allow_lora_loading=args.allow_lora_loading,
         embeddings=EmbeddingService(model_dir),
+        engine_mode="thread" if args.engine_in_thread else "process",
     )
     # On Ctrl-C, streams still open get a few seconds to finish before they are cut (and aborted).
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
+
+
+def load_served_engine(
+    model_dir: Path,
+    config: EngineConfig,
+    dtype: str,
+    device: str,
+    prompt_adapter: str | None,
+    threads: int | None,
+) -> LLMEngine:
+    """The engine ``lmforge serve`` runs: the folder's model behind ``prompt_adapter`` if given. Runs in the
+    engine process (or the model-loading thread with ``--engine-in-thread``), so it sets torch's threads."""
+    import torch
+
+    from lmforge.infer import LLMEngine
+
+    if threads:
+        torch.set_num_threads(threads)
+    engine = LLMEngine.from_pretrained(model_dir, config, dtype=getattr(torch, dtype), device=device)
+    if prompt_adapter:
+        serve_virtual_prefix(engine, prompt_adapter)
+    return engine
 
 
 def parse_loras(specs: list[str], model_id: str) -> dict[str, str]:

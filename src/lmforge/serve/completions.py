@@ -11,7 +11,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lmforge.infer import QueueFullError, RequestOutput, SamplingParams
-from lmforge.serve.async_engine import AsyncEngine, EngineFailure, RequestStream
+from lmforge.serve.async_engine import AsyncEngine, EngineFailure, EngineUnavailable, RequestStream
+from lmforge.serve.engine_process import ProcessEngine
 from lmforge.serve.errors import APIError
 from lmforge.serve.logprobs import TokenTexts
 from lmforge.serve.responses import ChatAssembler, CompletionAssembler, Prompt
@@ -46,7 +47,7 @@ def bad_request(err: ValueError) -> APIError:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, model_id: str, max_active_requests: int) -> None:
+    def __init__(self, engine: AsyncEngine | ProcessEngine, model_id: str, max_active_requests: int) -> None:
         self.engine = engine
         self.model_id = model_id
         self.max_active_requests = max_active_requests
@@ -177,6 +178,8 @@ class OpenAIServing:
         except BaseException as err:
             for stream in streams:
                 stream.abort()
+            if isinstance(err, EngineUnavailable):
+                raise APIError(503, str(err), None, "engine_unavailable") from err
             if isinstance(err, QueueFullError):
                 raise APIError(429, f"the server is busy: {err}", None, "server_overloaded") from err
             if isinstance(err, ValueError):
@@ -197,6 +200,8 @@ class OpenAIServing:
                 async with aclosing(_merge(streams)) as merged:
                     async for item in merged:
                         yield item
+        except EngineUnavailable as err:  # the engine process died: retrying can succeed
+            raise APIError(503, str(err), None, "engine_unavailable") from err
         except EngineFailure as err:
             raise APIError(500, str(err), None, "engine_error") from err
         finally:
