@@ -30,6 +30,27 @@ def test_serve_arguments_and_defaults():
     assert (args.kv_cache_mb, args.dtype, args.no_prefix_caching) == (8, "bfloat16", True)
 
 
+@pytest.mark.parametrize(
+    ("flags", "engine_dtype", "load_dtype", "fuse", "pack"),
+    [
+        ([], "model", "float32", True, False),
+        (["--dtype", "auto", "--pack-weights"], "auto", "float32", True, True),
+        (["--dtype", "bfloat16", "--no-fuse"], "bfloat16", "float32", False, False),
+        (["--dtype", "float16"], "model", "float16", True, False),
+    ],
+)
+def test_serve_engine_speed_flags_reach_the_engine_config(flags, engine_dtype, load_dtype, fuse, pack):
+    from lmforge.serve.commands import engine_settings
+
+    config, loaded = engine_settings(build_parser().parse_args(["serve", "m", *flags]))
+    assert (config.dtype, loaded, config.fuse_projections, config.pack_weights) == (
+        engine_dtype,
+        load_dtype,
+        fuse,
+        pack,
+    )
+
+
 def test_serve_refuses_a_folder_without_a_model(tmp_path, capsys):
     args = build_parser().parse_args(["serve", str(tmp_path)])
     assert args.handler(args) == 2

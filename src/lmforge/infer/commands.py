@@ -39,17 +39,21 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_speed_arguments(parser)
 
 
-def add_engine_speed_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--dtype`` / ``--no-fuse``: the engine's precision and projection fusion (EngineConfig.dtype,
-    EngineConfig.fuse_projections)."""
-    parser.add_argument(
-        "--dtype",
-        choices=("model", "auto", "float32", "bfloat16"),  # engine.DTYPES (not imported: keeps the CLI light)
-        default="model",
-        help="weights and KV cache: model (as loaded, fp32), float32, bfloat16 (logits stay fp32), or auto "
-        "(where the CPU has avx512_bf16/amx_bf16: fp32 activations and KV cache, packed bf16 weights, the "
-        "fastest measured; elsewhere as loaded) (default: model)",
-    )
+def add_engine_speed_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, with_dtype: bool = True
+) -> None:
+    """``--dtype`` / ``--no-fuse`` / ``--pack-weights``: the engine's precision, projection fusion and weight
+    prepacking (EngineConfig.dtype, fuse_projections, pack_weights). ``with_dtype=False`` leaves ``--dtype``
+    to a command that defines its own."""
+    if with_dtype:
+        parser.add_argument(
+            "--dtype",
+            choices=("model", "auto", "float32", "bfloat16"),  # engine.DTYPES (not imported: a light CLI)
+            default="model",
+            help="weights and KV cache: model (as loaded, fp32), float32, bfloat16 (logits stay fp32), or auto "
+            "(where the CPU has avx512_bf16/amx_bf16: fp32 activations and KV cache, packed bf16 weights, the "
+            "fastest measured; elsewhere as loaded) (default: model)",
+        )
     parser.add_argument(
         "--no-fuse", action="store_true", help="run q/k/v and gate/up as separate matmuls (default: fused)"
     )

@@ -9,12 +9,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmforge.infer.commands import add_sink_arguments
+from lmforge.infer.commands import add_engine_speed_arguments, add_sink_arguments
 
 if TYPE_CHECKING:
     from lmforge.infer import EngineConfig, LLMEngine
 
-DTYPES = ("float32", "bfloat16", "float16")
+# float32 / float16: the model is loaded in that dtype. bfloat16 / auto: loaded in fp32, then the engine's
+# dtype option casts it (bfloat16: blocks and KV cache, fp32 head and logits; auto: packed bf16 weights on CPUs
+# with native bf16 matmul, as measured fastest there).
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 def register(subparsers: Any) -> None:
@@ -82,7 +85,15 @@ def register(subparsers: Any) -> None:
     engine.add_argument(
         "--device", default="cpu", help="torch device of the model and KV cache (default: cpu)"
     )
-    engine.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and KV-cache dtype")
+    engine.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="weights and KV cache: float32, float16, bfloat16 (logits stay fp32) or auto (on CPUs with "
+        "avx512_bf16/amx_bf16: fp32 activations and KV cache, packed bf16 weights; elsewhere fp32) "
+        "(default: float32)",
+    )
+    add_engine_speed_arguments(engine, with_dtype=False)
     engine.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     engine.add_argument("--max-model-len", type=int, help="context length (default: the model's max_seq_len)")
     engine.add_argument(
@@ -108,7 +119,6 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from lmforge.hub import HubError, resolve_model_dir
-    from lmforge.infer import EngineConfig
     from lmforge.serve.app import create_app
     from lmforge.serve.embeddings import EmbeddingService
     from lmforge.tune.peft.serving import lora_weights
@@ -128,16 +138,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"lmforge serve: --lora: {err}", file=sys.stderr)
         return 2
-    config = EngineConfig(
-        block_size=args.block_size,
-        kv_cache_memory_bytes=args.kv_cache_mb * 2**20,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=max(EngineConfig.max_num_batched_tokens, args.max_num_seqs),
-        max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching,
-        sink_tokens=args.sink_tokens if args.sink_window else 0,
-        sink_window=args.sink_window,
-    )
+    config, load_dtype = engine_settings(args)
     if args.prompt_adapter and not (Path(args.prompt_adapter) / "adapter_config.json").is_file():
         print(
             f"lmforge serve: --prompt-adapter: {args.prompt_adapter} has no adapter_config.json",
@@ -148,7 +149,7 @@ def run_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     # A partial of a module-level function: it is sent to the engine process (spawned, so pickled).
     load_engine = functools.partial(
-        load_served_engine, model_dir, config, args.dtype, args.device, args.prompt_adapter, args.threads
+        load_served_engine, model_dir, config, load_dtype, args.device, args.prompt_adapter, args.threads
     )
     app = create_app(
         load_engine,
@@ -167,6 +168,26 @@ def run_serve(args: argparse.Namespace) -> int:
     # On Ctrl-C, streams still open get a few seconds to finish before they are cut (and aborted).
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
+
+
+def engine_settings(args: argparse.Namespace) -> tuple[EngineConfig, str]:
+    """The engine's config from ``lmforge serve``'s flags, and the dtype the model is loaded in."""
+    from lmforge.infer import EngineConfig
+
+    config = EngineConfig(
+        block_size=args.block_size,
+        kv_cache_memory_bytes=args.kv_cache_mb * 2**20,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=max(EngineConfig.max_num_batched_tokens, args.max_num_seqs),
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        sink_tokens=args.sink_tokens if args.sink_window else 0,
+        sink_window=args.sink_window,
+        dtype=args.dtype if args.dtype in ("bfloat16", "auto") else "model",
+        fuse_projections=not args.no_fuse,
+        pack_weights=args.pack_weights,
+    )
+    return config, args.dtype if args.dtype == "float16" else "float32"
 
 
 def load_served_engine(
