@@ -126,13 +126,9 @@ def copy_bandwidth(megabytes: int = 256) -> float:
     return 2 * src.numel() * 4 / best
 
 
-def single_stream(
-    args: argparse.Namespace, prompt_len: int, new_tokens: int
-) -> tuple[float, float, float, float]:
-    """Decode tokens/s of one request on a model too big for the CPU caches, and its bandwidth bound at the
-    mean context length (for the weights as the engine holds them: bf16 blocks read half the bytes). Returns
-    (tokens/s, bound tokens/s, parameters, time to first token in seconds)."""
-    from lmforge.infer import EngineConfig, LLMEngine, SamplingParams
+def build_stream_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The single-stream model: Llama-shaped, --stream-d-model wide and --stream-layers deep, too big for the
+    CPU caches (seeded, random weights)."""
     from lmforge.model import ModelConfig, Transformer
 
     torch.manual_seed(0)
@@ -144,7 +140,18 @@ def single_stream(
         n_kv_heads=args.stream_d_model // 256,
         max_seq_len=2048,
     )
-    model = Transformer(cfg).eval()
+    return Transformer(cfg).eval()
+
+
+def single_stream(
+    args: argparse.Namespace, prompt_len: int, new_tokens: int
+) -> tuple[float, float, float, float]:
+    """Decode tokens/s of one request on a model too big for the CPU caches, and its bandwidth bound at the
+    mean context length (for the weights as the engine holds them: bf16 blocks read half the bytes). Returns
+    (tokens/s, bound tokens/s, parameters, time to first token in seconds)."""
+    from lmforge.infer import EngineConfig, LLMEngine, SamplingParams
+
+    model = build_stream_model(args)
     config = EngineConfig(
         enable_prefix_caching=False,
         dtype=args.dtype,
@@ -170,6 +177,7 @@ def single_stream(
     params_read = {id(p): p for p in model.parameters()}.values()
     weight_bytes = sum(p.numel() * p.element_size() for p in params_read)
     context = prompt_len + new_tokens / 2
+    cfg = model.cfg
     kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * engine.cache.k.element_size() * context
     return decode_rate, copy_bandwidth() / (weight_bytes + kv_bytes), model.num_parameters(), prefill
 
@@ -192,18 +200,8 @@ def compare_options(args: argparse.Namespace) -> None:
     import copy
 
     from lmforge.infer import EngineConfig, LLMEngine, SamplingParams
-    from lmforge.model import ModelConfig, Transformer
 
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=args.vocab,
-        d_model=args.stream_d_model,
-        n_layers=args.stream_layers,
-        n_heads=args.stream_d_model // 64,
-        n_kv_heads=args.stream_d_model // 256,
-        max_seq_len=2048,
-    )
-    stream_model = Transformer(cfg).eval()
+    stream_model = build_stream_model(args)
     prompt = list(range(3, 131))
     stream_params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, detokenize=False)
     _, batch_model = build_models(args)

@@ -157,6 +157,19 @@ def _load_engine(
         raise SystemExit(f"lmforge: cannot load {folder}: {err}") from err
 
 
+def _engine_from_args(args: argparse.Namespace):
+    """The engine of ``lmforge generate`` / ``chat`` from their shared model and engine flags."""
+    return _load_engine(
+        args.model_dir,
+        args.kv_cache_mb,
+        args.sink_tokens,
+        args.sink_window,
+        args.dtype,
+        not args.no_fuse,
+        args.pack_weights,
+    )
+
+
 def _stream(engine, prompt: str | list[int], params, out: TextIO, add_special_tokens: bool = True) -> str:
     """Run one request, writing its text as it comes; returns the whole completion."""
     engine.add_request(None, prompt, params, add_special_tokens)
@@ -185,15 +198,7 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"lmforge generate: {err}", file=sys.stderr)
         return 2
-    engine = _load_engine(
-        args.model_dir,
-        args.kv_cache_mb,
-        args.sink_tokens,
-        args.sink_window,
-        args.dtype,
-        not args.no_fuse,
-        args.pack_weights,
-    )
+    engine = _engine_from_args(args)
     special = not args.chat  # a chat template writes its own special tokens
     if args.chat:
         prompts = [
@@ -278,15 +283,7 @@ def run_chat(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"lmforge chat: {err}", file=sys.stderr)
         return 2
-    engine = _load_engine(
-        args.model_dir,
-        args.kv_cache_mb,
-        args.sink_tokens,
-        args.sink_window,
-        args.dtype,
-        not args.no_fuse,
-        args.pack_weights,
-    )
+    engine = _engine_from_args(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     print("lmforge chat: /reset forgets the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
