@@ -286,8 +286,8 @@ def align_card(demo: RunLayout, console: Any, title: str) -> StageCard:
     }
     n = sum(1 for r in heldout if r.get("task") == ALIGN_TASKS[0])
     note = (
-        f"{n} held-out examples per task, greedy, the same exam as the evaluation stage (a difference of 10 "
-        "points on 100 examples is about two standard errors). GRPO prompts are fresh draws of the task "
+        f"{n} held-out examples per task, greedy, the same exam as the evaluation stage (one score's "
+        f"standard error is up to {50 / max(n, 1) ** 0.5:.0f} points). GRPO prompts are fresh draws of the task "
         "generators that never repeat a held-out input; count_letter's ask about words outside the "
         "instruction set, whose (letter, word) pairs SFT and the exam exhaust. Rejected replies are always the SFT "
         "model's own; the chosen one is too, except where none of its replies was correct."
