@@ -43,6 +43,19 @@ def test_config_precedence_size_then_recipe_then_flags_then_overrides(tmp_path):
         build_config(args(overrides=["model.nope=1"]))
 
 
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("align.samples=1", "align.samples"),
+        ("align.rl_lr=0", "align.rl_lr"),
+        ("align.kl_coef=-1", "align.kl_coef"),
+    ],
+)
+def test_align_settings_are_checked_before_anything_runs(override, key):
+    with pytest.raises(ConfigError, match=key):
+        build_config(args(overrides=[override]))
+
+
 def test_user_corpus_goes_through_the_data_pipeline(tmp_path):
     corpus = tmp_path / "mine.jsonl"
     rng = random.Random(0)

@@ -24,7 +24,7 @@ from lmforge.config import load_config
 from lmforge.data.io import read_records, write_records
 from lmforge.demo.config import RunLayout
 from lmforge.demo.report import StageCard, Table, plot_comparison
-from lmforge.demo.tasks import rl_prompts
+from lmforge.demo.tasks import exam_tasks, rl_prompts
 
 # The task families with room above SFT; read_answer is already at 1.0 after SFT.
 ALIGN_TASKS = ("addition", "reverse_words", "count_letter")
@@ -109,17 +109,12 @@ def _recipe(demo: RunLayout, run_dir: Path, steps: int, lr: float, batch_size: i
 
 
 def _exact_match(demo: RunLayout, model_dir: Path, which: str) -> dict[str, float]:
-    from lmforge.eval.runner import EvalConfig, TaskConfig, evaluate, headline_metric
+    from lmforge.eval.runner import EvalConfig, evaluate, headline_metric
 
-    heldout = str(demo.path("instruct", "heldout.jsonl"))
-    tasks = [
-        TaskConfig(name=task, path=heldout, where={"task": task}, chat=True, max_tokens=24)
-        for task in ALIGN_TASKS
-    ]
     cfg = EvalConfig(
         model=str(model_dir),
         run_dir=str(demo.path("align", "eval", which)),
-        tasks=tasks,
+        tasks=exam_tasks(str(demo.path("instruct", "heldout.jsonl")), ALIGN_TASKS),
         threads=demo.cfg.threads,
     )
     results = evaluate(cfg)
@@ -168,7 +163,12 @@ def align_card(demo: RunLayout, console: Any, title: str) -> StageCard:
     out = demo.path("align")
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
-    started = time.perf_counter()
+
+    def timed(name: str, work: Any) -> Any:
+        begun = time.perf_counter()
+        result = work()
+        seconds[name] = time.perf_counter() - begun
+        return result
 
     heldout = list(read_records(demo.path("instruct", "heldout.jsonl")))
     pool = rl_prompts(heldout, dict.fromkeys(ALIGN_TASKS, settings.rl_prompts_per_task), seed=cfg.seed)
@@ -180,26 +180,22 @@ def align_card(demo: RunLayout, console: Any, title: str) -> StageCard:
     console.print(
         f"sampling {settings.samples} replies for each of {len(pair_prompts)} prompts from the SFT model"
     )
-    rankings, pair_stats = preference_rankings(
-        demo.path("sft", "model"),
-        pair_prompts,
-        settings.samples,
-        settings.max_new_tokens,
-        cfg.seed,
-        cfg.threads,
+    rankings, pair_stats = timed(
+        "preference sampling",
+        lambda: preference_rankings(
+            demo.path("sft", "model"),
+            pair_prompts,
+            settings.samples,
+            settings.max_new_tokens,
+            cfg.seed,
+            cfg.threads,
+        ),
     )
     if len(rankings) < 2:
         raise ValueError(f"align: only {len(rankings)} of {len(pair_prompts)} prompts gave a preference")
     val = rankings[::10]  # every tenth prompt is held out for the pairwise accuracies
     write_records(out / "pairs_train.jsonl", [r for i, r in enumerate(rankings) if i % 10])
     write_records(out / "pairs_heldout.jsonl", val)
-    seconds["preference sampling"] = time.perf_counter() - started
-
-    def timed(name: str, work: Any) -> Any:
-        begun = time.perf_counter()
-        result = work()
-        seconds[name] = time.perf_counter() - begun
-        return result
 
     pairs = {"paths": [str(out / "pairs_train.jsonl")], "val_paths": [str(out / "pairs_heldout.jsonl")]}
     console.print("training the reward model on the rankings")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import check_choice
+from lmforge.config import check_choice, check_range
 
 
 @dataclass
@@ -72,6 +72,17 @@ class AlignSettings:
     kl_coef: float = 0.005  # k3 KL penalty to the SFT model (> 0 also gives the card its KL curve)
     reward_model_weight: float = 0.0  # > 0: GRPO's reward adds the trained reward model's score
     batch_size: int = 16  # preference groups per step (reward model, DPO)
+
+    def __post_init__(self) -> None:
+        for name in ("pair_prompts", "max_new_tokens", "rl_prompts_per_task", "rm_steps", "dpo_steps"):
+            check_range(f"align.{name}", getattr(self, name), low=1)
+        for name in ("rl_steps", "rl_prompts_per_step", "batch_size"):
+            check_range(f"align.{name}", getattr(self, name), low=1)
+        check_range("align.samples", self.samples, low=2)  # a GRPO group needs two replies to compare
+        for name in ("rm_lr", "dpo_lr", "dpo_beta", "rl_lr"):
+            check_range(f"align.{name}", getattr(self, name), low=0, low_open=True)
+        check_range("align.kl_coef", self.kl_coef, low=0)
+        check_range("align.reward_model_weight", self.reward_model_weight, low=0)
 
 
 @dataclass

@@ -54,8 +54,9 @@ STAGES = {
     "review": "Review: red team and LLM-as-judge",
 }
 
-# Stages whose folder holds trainer runs, which resume from their newest checkpoint when run again.
-TRAINING_DIRS = {"pretrain": "pretrain", "sft": "sft", "align": "align"}
+# Stages whose folder (RUN/<stage>) holds trainer runs, which resume from their newest checkpoint when run
+# again.
+TRAINING_STAGES = ("pretrain", "sft", "align")
 
 # Pipeline steps for the demo corpus. Code is part of the corpus, so the repetition filter is loosened
 # (Gopher's prose thresholds would drop most source files); it still removes generated tables.
@@ -234,13 +235,11 @@ class Demo(RunLayout):
         return finetune(self)
 
     def eval(self) -> StageCard:
+        from lmforge.demo.tasks import TASKS, exam_tasks
         from lmforge.eval.runner import EvalConfig, PerplexityConfig, TaskConfig, evaluate, headline_metric
 
         heldout = str(self.path("instruct", "heldout.jsonl"))
-        tasks = [
-            TaskConfig(name=task, path=heldout, where={"task": task}, chat=True, max_tokens=24)
-            for task in ("addition", "reverse_words", "count_letter", "read_answer")
-        ]
+        tasks = exam_tasks(heldout, TASKS)
         tasks.append(
             TaskConfig(name="addition-3shot", path=heldout, where={"task": "addition"}, num_fewshot=3)
         )
@@ -332,8 +331,8 @@ class Demo(RunLayout):
         the redone stages are removed, since the trainer would otherwise resume their finished runs."""
         self.stages.restart_from(stage)
         for name in list(STAGES)[list(STAGES).index(stage) :]:
-            if name in TRAINING_DIRS:
-                shutil.rmtree(self.path(TRAINING_DIRS[name]), ignore_errors=True)
+            if name in TRAINING_STAGES:
+                shutil.rmtree(self.path(name), ignore_errors=True)
         (self.run_dir / "settings.json").unlink(missing_ok=True)
 
     def check_settings(self) -> None:

@@ -16,7 +16,7 @@ measures generalisation, not recall. Records are JSON-ready dicts in the ``messa
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Any
 
 TASKS = ("addition", "reverse_words", "count_letter", "read_answer")
@@ -172,18 +172,31 @@ def generate_tasks(
         rng = random.Random(f"{seed}:{index}:{task}")
         seen: set[str] = set()
         for want, out in ((want_heldout, heldout), (want_train, train)):
-            made, attempts = 0, 0
-            # Bounded attempts: small key spaces (e.g. count_letter) run out of fresh keys.
-            while made < want and attempts < 50 * want + 1000:
-                attempts += 1
-                key, prompt, answer = GENERATORS[task](rng)
-                if key in seen:
-                    continue
-                seen.add(key)
-                out.append(make_record(task, prompt, answer))
-                made += 1
+            drawn = _draw(GENERATORS[task], rng, want, seen)
+            out.extend(make_record(task, prompt, answer) for prompt, answer in drawn)
     random.Random(seed).shuffle(train)
     return train, heldout
+
+
+def _draw(
+    generator: Callable[[random.Random], tuple[str, str, str]],
+    rng: random.Random,
+    want: int,
+    seen: set[str],
+    reserved: Container[str] = frozenset(),
+) -> list[tuple[str, str]]:
+    """Up to ``want`` (prompt, answer) draws whose keys are not in ``seen`` (which they join) and whose
+    prompts are not ``reserved``. Attempts are bounded: small key spaces (e.g. count_letter) run out."""
+    drawn: list[tuple[str, str]] = []
+    attempts = 0
+    while len(drawn) < want and attempts < 50 * want + 1000:
+        attempts += 1
+        key, prompt, answer = generator(rng)
+        if key in seen or prompt in reserved:
+            continue
+        seen.add(key)
+        drawn.append((prompt, answer))
+    return drawn
 
 
 def multiple_choice_records(
@@ -224,7 +237,9 @@ def rl_prompts(
     generator from their own seed, never one whose defining input is a held-out example's (for addition the
     operand pair, otherwise the prompt). ``count_letter`` asks about words outside the instruction set
     (:data:`RL_EXTRA_WORDS`). Draws may repeat training examples; a small key space yields fewer prompts."""
-    reserved = {(r["task"], r["prompt"]) for r in heldout}
+    reserved: dict[str, set[str]] = {}  # task -> its held-out prompts
+    for r in heldout:
+        reserved.setdefault(r["task"], set()).add(r["prompt"])
     rl_generators = {
         **GENERATORS,
         "count_letter": lambda rng: _count_letter(rng, RL_EXTRA_WORDS),
@@ -234,17 +249,21 @@ def rl_prompts(
         if task not in rl_generators:
             raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
         rng = random.Random(f"rl:{seed}:{task}")
-        seen: set[str] = set()
-        made, attempts = 0, 0
-        while made < want and attempts < 50 * want + 1000:
-            attempts += 1
-            key, prompt, answer = rl_generators[task](rng)
-            if key in seen or (task, prompt) in reserved:
-                continue
-            seen.add(key)
-            records.append(
-                {"task": task, "messages": [{"role": "user", "content": prompt}], "answer": answer}
-            )
-            made += 1
+        drawn = _draw(rl_generators[task], rng, want, set(), reserved.get(task, set()))
+        records.extend(
+            {"task": task, "messages": [{"role": "user", "content": prompt}], "answer": answer}
+            for prompt, answer in drawn
+        )
     random.Random(seed).shuffle(records)
     return records
+
+
+def exam_tasks(heldout_path: str, tasks: Iterable[str]) -> list[Any]:
+    """The demo's held-out exam as ``lmforge eval`` tasks (``TaskConfig``): each task's examples,
+    chat-templated, greedy, scored by exact match."""
+    from lmforge.eval.runner import TaskConfig
+
+    return [
+        TaskConfig(name=task, path=heldout_path, where={"task": task}, chat=True, max_tokens=24)
+        for task in tasks
+    ]
