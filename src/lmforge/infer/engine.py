@@ -51,6 +51,7 @@ from torch import nn
 
 from lmforge.infer.beam import BeamSearch, advance_beams
 from lmforge.infer.block_manager import BlockManager
+from lmforge.infer.cuda_graphs import DecodeGraphs, supports_graphs
 from lmforge.infer.kv_cache import PagedKVCache, num_blocks_for_budget
 from lmforge.infer.lora import LoraSet, LoraWeights
 from lmforge.infer.model_runner import ChunkLogits, ModelRunner
@@ -144,6 +145,9 @@ class EngineConfig:
     # with pack_weights: the dtype of the packed copies, "model" (the weights' own) or "bfloat16" (weight-only
     # bf16: an fp32 model keeps fp32 activations and KV cache, its matmuls read bf16 weights)
     pack_dtype: str = "model"
+    # on a CUDA device: replay the decode-mirror forward as CUDA graphs captured per batch bucket (one launch
+    # per decode step instead of one per kernel; cuda_graphs.py); ignored on a CPU
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -267,6 +271,12 @@ class LLMEngine:
             model, self.cache, config.block_size, config.decode_mirror, config.max_num_seqs
         )
         self.runner.sinks = self.sinks
+        if config.cuda_graphs and param.device.type == "cuda" and self.runner.mirror is not None:
+            why_not = supports_graphs(model)
+            if why_not is None:
+                self.runner.graphs = DecodeGraphs(model, self.cache)
+            else:
+                logger.info("CUDA graphs off for this model: %s", why_not)
         self.states: StatePool | None = None
         if self.has_mamba:
             if self.sinks is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lmforge.infer.cuda_graphs import DecodeGraphs
 from lmforge.infer.decode_mirror import DecodeMirror
 from lmforge.infer.kv_cache import PagedKVCache
 from lmforge.infer.lora import LoraSet
@@ -58,6 +59,9 @@ class ModelRunner:
         # at positions counted inside what it sees (StreamingLLM); set by the engine
         self.sinks: tuple[int, int] | None = None
         self.state_cache: HybridCache | None = None  # a model with Mamba layers (set by the engine)
+        self.graphs: DecodeGraphs | None = (
+            None  # CUDA graphs of the mirrored decode forward (set by the engine)
+        )
         self.cross: CrossAttention | None = None  # an encoder-decoder's sources (set by the engine)
         if getattr(model, "lm_head", None) is None:
             raise ValueError("the model runner needs a model with an lm_head")
@@ -97,9 +101,18 @@ class ModelRunner:
         for mirror_bin, order in batches:
             rows = [seqs[i] for i in order]
             pos_list = [s.num_computed for s in rows]
+            id_list = [s.token_ids[p] for s, p in zip(rows, pos_list)]
+            slot_list = [s.block_table[p // bs] * bs + p % bs for s, p in zip(rows, pos_list)]
+            graphed = None
+            if self.graphs is not None and self.loras is None:
+                graphed = self.graphs.run(mirror_bin, id_list, pos_list, slot_list)
+            if graphed is not None:
+                for row, i in enumerate(order):
+                    results[indices[i]].last = graphed[row]
+                continue
             positions = torch.tensor(pos_list)
-            input_ids = torch.tensor([s.token_ids[p] for s, p in zip(rows, pos_list)])
-            slots = torch.tensor([s.block_table[p // bs] * bs + p % bs for s, p in zip(rows, pos_list)])
+            input_ids = torch.tensor(id_list)
+            slots = torch.tensor(slot_list)
             key_positions = torch.arange(max(pos_list) + 1).expand(len(rows), -1)
             key_positions = torch.where(key_positions <= positions[:, None], key_positions, -1)
             dev = self.device

@@ -60,6 +60,12 @@ def attention_mask(
     return visible[:, None]
 
 
+def _share_kv_heads(x: Tensor, n_heads: int) -> Tensor:
+    """(B, n_kv, S, D) -> (B, n_heads, S, D), each key/value head repeated for its group of query heads."""
+    b, n_kv, s, d = x.shape
+    return x[:, :, None].expand(b, n_kv, n_heads // n_kv, s, d).reshape(b, n_heads, s, d)
+
+
 @dataclass
 class AttentionContext:
     """Per-forward inputs every attention layer shares; masks are built once per distinct key-position tensor."""
@@ -189,9 +195,9 @@ class Attention(nn.Module):
         grouped = k.shape[1] != q.shape[1]
         if grouped and mask is not None and q.device.type != "cpu":
             # GPU kernels that take a mask do not take grouped heads (SDPA would fall back to the slow
-            # math path), so share the key/value heads explicitly there
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+            # math path), so share the key/value heads explicitly there (expand + reshape: no host sync,
+            # so a CUDA graph can capture it)
+            k, v = _share_kv_heads(k, q.shape[1]), _share_kv_heads(v, q.shape[1])
             grouped = False
         y = F.scaled_dot_product_attention(
             q,
