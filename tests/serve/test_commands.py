@@ -31,24 +31,22 @@ def test_serve_arguments_and_defaults():
 
 
 @pytest.mark.parametrize(
-    ("flags", "engine_dtype", "load_dtype", "fuse", "pack"),
+    ("flags", "engine_dtype", "load_dtype", "fuse", "pack", "graphs"),
     [
-        ([], "model", "float32", True, False),
-        (["--dtype", "auto", "--pack-weights"], "auto", "float32", True, True),
-        (["--dtype", "bfloat16", "--no-fuse"], "bfloat16", "float32", False, False),
-        (["--dtype", "float16"], "model", "float16", True, False),
+        ([], "model", "float32", True, False, True),
+        (["--dtype", "auto", "--pack-weights"], "auto", "float32", True, True, True),
+        (["--dtype", "bfloat16", "--no-fuse"], "bfloat16", "float32", False, False, True),
+        (["--dtype", "float16", "--no-cuda-graphs"], "model", "float16", True, False, False),
     ],
 )
-def test_serve_engine_speed_flags_reach_the_engine_config(flags, engine_dtype, load_dtype, fuse, pack):
+def test_serve_engine_speed_flags_reach_the_engine_config(
+    flags, engine_dtype, load_dtype, fuse, pack, graphs
+):
     from lmforge.serve.commands import engine_settings
 
     config, loaded = engine_settings(build_parser().parse_args(["serve", "m", *flags]))
-    assert (config.dtype, loaded, config.fuse_projections, config.pack_weights) == (
-        engine_dtype,
-        load_dtype,
-        fuse,
-        pack,
-    )
+    got = (config.dtype, loaded, config.fuse_projections, config.pack_weights, config.cuda_graphs)
+    assert got == (engine_dtype, load_dtype, fuse, pack, graphs)
 
 
 def test_serve_refuses_a_folder_without_a_model(tmp_path, capsys):

@@ -94,6 +94,11 @@ def register(subparsers: Any) -> None:
         "(default: float32)",
     )
     add_engine_speed_arguments(engine, with_dtype=False)
+    engine.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="on a CUDA device, run every decode step eagerly instead of replaying captured CUDA graphs",
+    )
     engine.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     engine.add_argument("--max-model-len", type=int, help="context length (default: the model's max_seq_len)")
     engine.add_argument(
@@ -186,6 +191,7 @@ def engine_settings(args: argparse.Namespace) -> tuple[EngineConfig, str]:
         dtype=args.dtype if args.dtype in ("bfloat16", "auto") else "model",
         fuse_projections=not args.no_fuse,
         pack_weights=args.pack_weights,
+        cuda_graphs=not args.no_cuda_graphs,
     )
     return config, args.dtype if args.dtype == "float16" else "float32"
 
