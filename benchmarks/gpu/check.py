@@ -95,9 +95,10 @@ def section_train(args: argparse.Namespace, device: torch.device) -> list[dict[s
 
     peak, source = device_peak_flops(device)
     rows = []
-    for size in ["124M"] if args.cpu_smoke else ["124M", "1B"]:
+    for size in ["124M"] if args.cpu_smoke else args.train_sizes:
         model = llama_config(size, args.cpu_smoke)
         seq, micro = (64, 2) if args.cpu_smoke else (2048, 8 if size == "124M" else 4)
+        micro = args.micro_batch or micro
         steps = 3 if args.cpu_smoke else args.train_steps
         with tempfile.TemporaryDirectory() as tmp:
             shards = Path(tmp) / "shards"
@@ -312,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     parser.add_argument("--train-steps", type=int, default=30)
+    parser.add_argument("--train-sizes", nargs="+", choices=["124M", "1B"], default=["124M", "1B"])
+    parser.add_argument(
+        "--micro-batch", type=int, help="training micro-batch (default: 8 for 124M, 4 for 1B)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     if args.cpu_smoke:
