@@ -17,10 +17,12 @@ Banded LSH over the signatures, and the clustering of its candidates, live in ``
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lmforge.data.dedup.common import (
     ClusterDecision,
@@ -127,6 +129,20 @@ def _mersenne_exact_rows(a_bytes: bytes, b_bytes: bytes) -> np.ndarray:
     return np.array([k for k, (a, b) in enumerate(pairs) if mersenne_folding_fails(a, b)], dtype=np.int64)
 
 
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Run torch's kernels on the calling thread only: the pipeline parallelizes over worker processes,
+    and a block of ~2^17 values is too small to gain from more threads (it would only add overhead)."""
+    threads = torch.get_num_threads()
+    if threads != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads != 1:
+            torch.set_num_threads(threads)
+
+
 class _Segments:
     """Documents' shingle ranges cut at chunk boundaries: every segment lies inside one chunk."""
 
@@ -193,9 +209,14 @@ class MinHasher:
             a, b = a & MAX_HASH, (b + np.uint64(_MAX_HIGH)) & MAX_HASH
             self._exact_rows = _mersenne_exact_rows(self.a.tobytes(), self.b.tobytes())
         shape = (self.num_perm, self._chunk)
-        self._a_block = np.ascontiguousarray(np.broadcast_to(a.astype(np.uint32)[:, None], shape))
-        self._b_block = np.ascontiguousarray(np.broadcast_to(b.astype(np.uint32)[:, None], shape))
+        # The 32-bit block is computed by torch on int32 views of the same memory: its kernels stay
+        # vectorized with a broadcast operand (numpy's do not), so ``a x + b`` is two passes over the block
+        # (a broadcast multiply, a broadcast add) instead of four (copy, multiply and add of pre-expanded
+        # parameters). Wrapping int32 arithmetic has the bits of uint32 arithmetic.
         self._values = np.empty(shape, dtype=np.uint32)
+        self._values_t = torch.from_numpy(self._values.view(np.int32))
+        self._a_t = torch.from_numpy(a.astype(np.uint32).view(np.int32))[:, None]
+        self._b_t = torch.from_numpy(b.astype(np.uint32).view(np.int32))[:, None]
         self._candidates = np.empty(shape, dtype=bool)
 
     # -- shingles
@@ -242,11 +263,10 @@ class MinHasher:
     # -- signatures
     def _affine_chunk(self, hashes: np.ndarray) -> np.ndarray:
         """``a x + b (mod 2^32)`` for every permutation (rows) and shingle hash x of the chunk (columns)."""
-        values = self._values
-        np.copyto(values, hashes[None, :])
-        np.multiply(values, self._a_block, out=values)  # wraps mod 2^32, as datasketch's arithmetic
-        np.add(values, self._b_block, out=values)
-        return values
+        x = torch.from_numpy(hashes.view(np.int32))[None, :]
+        torch.mul(self._a_t, x, out=self._values_t)  # wraps mod 2^32, as datasketch's arithmetic
+        self._values_t.add_(self._b_t)
+        return self._values
 
     def _affine32_segment_minima(self, padded: np.ndarray, segments: _Segments) -> np.ndarray:
         seg_min = np.empty((self.num_perm, len(segments.starts)), dtype=np.uint32)
@@ -325,12 +345,13 @@ class MinHasher:
         padded = np.concatenate(
             (hashes, np.full(segments.padded_length - len(hashes), hashes[-1], dtype=np.uint32))
         )
-        if self.scheme == "affine32":
-            seg_min = self._affine32_segment_minima(padded, segments)
-        else:
-            seg_min = self._mersenne_segment_minima(padded, segments)
-            for k in self._exact_rows:
-                seg_min[k] = np.minimum.reduceat(self._exact_mersenne_row(k, hashes), segments.starts)
+        with _one_torch_thread():
+            if self.scheme == "affine32":
+                seg_min = self._affine32_segment_minima(padded, segments)
+            else:
+                seg_min = self._mersenne_segment_minima(padded, segments)
+                for k in self._exact_rows:
+                    seg_min[k] = np.minimum.reduceat(self._exact_mersenne_row(k, hashes), segments.starts)
         doc_first_segment = np.searchsorted(segments.starts, offsets[nonempty])
         out[nonempty] = np.minimum.reduceat(seg_min, doc_first_segment, axis=1).T
         return out
