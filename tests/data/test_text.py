@@ -70,3 +70,22 @@ def test_word_hashes_match_a_reference_over_every_separator():
     words = [w for t in texts for w in fold_case_and_punctuation(t).split()]
     assert counts.tolist() == [len(fold_case_and_punctuation(t).split()) for t in texts]
     assert hashes.tolist() == [reference_word_hash(w) for w in words]
+
+
+def test_word_hashes_of_ascii_documents_fold_case_as_str_lower():
+    """ASCII documents skip ``str.lower`` (the byte table lowercases them): same words and hashes as the
+    reference, also next to non-ASCII documents in the same group and in a document cut into pieces."""
+    from lmforge.data.text import fold_case_and_punctuation
+
+    letters = "".join(chr(c) for c in range(ord("A"), ord("Z") + 1))
+    texts = [
+        f"{letters} {letters.lower()} MiXeD-CaSe@WORDS[1]{{2}}~Z",
+        "Ärger ÜBER Straße",
+        "ABC " * 300_000 + "TAIL",  # 1.2 MB: cut into pieces at spaces
+    ]
+    hashes, counts = word_hashes(texts)
+    words = [w for t in texts for w in fold_case_and_punctuation(t).split()]
+    assert counts.tolist() == [len(fold_case_and_punctuation(t).split()) for t in texts]
+    distinct = {w: reference_word_hash(w) for w in set(words)}
+    assert hashes.tolist() == [distinct[w] for w in words]
+    assert distinct["abc"] == reference_word_hash("abc") != reference_word_hash("ABC")

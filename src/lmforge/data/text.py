@@ -97,8 +97,12 @@ _ASCII_SEPARATOR_BYTES = "".join(c for c in _SEPARATOR_CHARS if c.isascii()).enc
 _ASCII_SEPARATORS_TO_SPACE = bytes.maketrans(_ASCII_SEPARATOR_BYTES, b" " * len(_ASCII_SEPARATOR_BYTES))
 # ASCII whitespace (as str.split sees it) also becomes a space before the word boundaries are found, in
 # the same table. Bytes >= 0x80 are never separators: they are parts of multi-byte UTF-8 characters.
+# The table lowercases ASCII letters too: an ASCII document skips ``str.lower`` (see _lowered_utf8).
 _SEPARATOR_BYTES = _ASCII_SEPARATOR_BYTES + b"\t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
-_SEPARATORS_TO_SPACE = bytes.maketrans(_SEPARATOR_BYTES, b" " * len(_SEPARATOR_BYTES))
+_ASCII_UPPER = bytes(range(ord("A"), ord("Z") + 1))
+_SEPARATORS_TO_SPACE = bytes.maketrans(
+    _SEPARATOR_BYTES + _ASCII_UPPER, b" " * len(_SEPARATOR_BYTES) + _ASCII_UPPER.lower()
+)
 _BYTE_BASE = 0x100000001B3  # odd, so it is invertible modulo 2^64
 _GROUP_BYTES = 1 << 17  # text hashed per vectorized pass: its uint64 temporaries stay in cache
 _PIECE_BYTES = 1 << 20  # longer documents are cut (at whitespace when possible) into pieces this long
@@ -111,12 +115,16 @@ def fold_case_and_punctuation(text: str) -> str:
 
 
 def _lowered_utf8(text: str) -> bytes:
-    """UTF-8 of the lowercased text with its non-ASCII separators turned into spaces: translated with
-    ``_ASCII_SEPARATORS_TO_SPACE``, it is ``fold_case_and_punctuation(text).encode("utf-8")``."""
-    text = text.lower()
-    if not text.isascii():
-        text = _NON_ASCII_SEPARATOR_RE.sub(" ", text)
-    return text.encode("utf-8")
+    """UTF-8 of the text, lowercased but for ASCII letters, with its non-ASCII separators turned into
+    spaces: translated with ``_SEPARATORS_TO_SPACE``, it is ``fold_case_and_punctuation(text).encode("utf-8")``
+    (up to the other ASCII whitespace that table also turns into spaces).
+
+    An ASCII document is only encoded: ``str.lower`` costs more than the byte table that lowercases its
+    letters, and for ASCII text the two agree.
+    """
+    if text.isascii():
+        return text.encode("ascii")
+    return _NON_ASCII_SEPARATOR_RE.sub(" ", text.lower()).encode("utf-8")
 
 
 def _byte_powers() -> tuple[np.ndarray, np.ndarray]:
