@@ -5,7 +5,9 @@ swaps, random word insertions, deletions, or truncation of the end. The planted 
 truth; a method's predicted pairs are all pairs inside its clusters. Methods, at the same Jaccard
 threshold and num_perm on word 5-grams: lmforge MinHash-LSH with each ``banding`` preset of
 ``minhash_dedup`` (precision, balanced, recall), each with and without exact-Jaccard verification of
-candidates, and datasketch's MinHashLSH (its candidates joined with the same union-find). "recall
+candidates, for each permutation ``--schemes`` ("mersenne", datasketch's ``legacy``, and "affine32",
+datasketch's default), and datasketch's MinHashLSH (its default scheme, ``affine32``; its candidates joined
+with the same union-find). "recall
 0.80-0.85" is the recall on the true pairs whose exact Jaccard lies in [0.80, 0.85): those just above a
 0.8 threshold, which the balanced banding finds least often.
 
@@ -107,6 +109,9 @@ def main() -> None:
     parser.add_argument("--dup-fraction", type=float, default=0.3, help="base documents that get copies")
     parser.add_argument("--rate", type=float, default=0.01, help="fraction of words edited per copy")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--schemes", nargs="+", default=["mersenne", "affine32"], choices=["mersenne", "affine32"]
+    )
     args = parser.parse_args()
 
     bases = load_documents(args.corpus, args.docs, seed=args.seed)
@@ -122,15 +127,16 @@ def main() -> None:
         f"{np.mean(np.array(planted_jaccard) >= args.threshold):.0%} >= threshold {args.threshold}"
     )
 
-    signatures = hasher.signatures(texts)
     methods = {}
-    for banding, weights in BANDINGS.items():
-        bands, rows = optimal_lsh_params(args.threshold, args.num_perm, *weights)
-        for verify in (False, True):
-            name = f"lmforge {banding} ({bands}x{rows})" + (" + exact check" if verify else "")
-            methods[name] = lambda b=bands, r=rows, v=verify: cluster_near_duplicates(
-                signatures, args.threshold, b, r, shingle_sets=shingles if v else None
-            )
+    for scheme in args.schemes:
+        signatures = MinHasher(num_perm=args.num_perm, ngram=args.ngram, scheme=scheme).signatures(texts)
+        for banding, weights in BANDINGS.items():
+            bands, rows = optimal_lsh_params(args.threshold, args.num_perm, *weights)
+            for verify in (False, True):
+                name = f"lmforge {scheme} {banding} ({bands}x{rows})" + (" + exact check" if verify else "")
+                methods[name] = lambda s=signatures, b=bands, r=rows, v=verify: cluster_near_duplicates(
+                    s, args.threshold, b, r, shingle_sets=shingles if v else None
+                )
     methods["datasketch MinHashLSH"] = lambda: datasketch_roots(
         texts, args.threshold, args.num_perm, args.ngram
     )

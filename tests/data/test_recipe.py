@@ -72,7 +72,9 @@ def make_corpus(root: Path) -> dict[str, str]:
     rng = random.Random(7)
     good = {f"w{i:02d}": prose(rng) for i in range(6)}
     words = good["w03"].split(" ")
-    near = " ".join("market" if i in (40, 90) else w for i, w in enumerate(words))  # 2 of ~140 words changed
+    # 1 of ~130 words changed: exact 5-gram Jaccard 0.925, which 9x13 banding finds with probability 0.98
+    # (2 changed words, 0.856, was found with 0.72: by the mersenne permutations, not by affine32's).
+    near = " ".join("market" if i == 90 else w for i, w in enumerate(words))
     pii = (
         prose(rng) + "\nFor questions write to jane.doe@example.com or call +1 415 555 0134 during the week."
     )

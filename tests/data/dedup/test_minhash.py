@@ -50,7 +50,7 @@ def test_permutations_where_the_fast_mersenne_reduction_fails_are_computed_exact
     """A permutation made to hit v & (2^61 - 1) == 2^61 - 1 on a shingle, where v + (v >> 61) is off by
     one (mod 2^32), must still give datasketch's exact values."""
     text = "the quick brown fox jumps over the lazy dog and runs far away"
-    hasher = MinHasher(num_perm=16, seed=5)
+    hasher = MinHasher(num_perm=16, seed=5, scheme="mersenne")
     assert len(hasher._exact_rows) == 0 and not mersenne_folding_fails(int(hasher.a[0]), int(hasher.b[0]))
     x0 = int(hasher.shingle_hashes(text)[3])
     a, b = hasher.a.copy(), hasher.b.copy()
@@ -69,7 +69,7 @@ def test_low_halves_that_wrap_are_candidates():
     """Permutations crafted so a shingle's low 32 bits L sit within 7 of 2^32: ``L + (v >> 61)`` wraps to
     a tiny value (the true minimum) or the candidate bound overflows; the result must still be exact."""
     long_text = " ".join(f"w{i}" for i in range(300))
-    hasher = MinHasher(num_perm=8, seed=2)
+    hasher = MinHasher(num_perm=8, seed=2, scheme="mersenne")
     (x_single,) = hasher.shingle_hashes("one two")  # fewer words than an n-gram: a single shingle
     a, b = hasher.a.copy(), hasher.b.copy()
     rng = np.random.default_rng(9)
@@ -97,7 +97,7 @@ def test_low_halves_that_wrap_are_candidates():
 def test_minimum_from_a_shingle_whose_low_half_is_not_the_smallest():
     """A permutation crafted so shingle 1's low 32 bits are one more than shingle 0's (the smallest) but
     its v >> 61 is smaller by two or more: the minimum comes from shingle 1."""
-    hasher = MinHasher(num_perm=4, seed=4)
+    hasher = MinHasher(num_perm=4, seed=4, scheme="mersenne")
     rng = np.random.default_rng(10)
     text = next(
         t
@@ -121,16 +121,17 @@ def test_minimum_from_a_shingle_whose_low_half_is_not_the_smallest():
     np.testing.assert_array_equal(signature, reference.hashvalues)
 
 
-def test_signatures_of_many_documents_straddling_chunks_match_datasketch():
+@pytest.mark.parametrize("scheme", ["mersenne", "affine32"])
+def test_signatures_of_many_documents_straddling_chunks_match_datasketch(scheme):
     rng = np.random.default_rng(8)
-    hasher = MinHasher(num_perm=32)
+    hasher = MinHasher(num_perm=32, scheme=scheme)
     hasher._chunk = 128  # small chunks: most documents straddle chunk boundaries
     hasher._set_permutations(hasher.a, hasher.b)
     texts = [random_text(rng, int(rng.integers(0, 3 * hasher._chunk))) for _ in range(40)]
     hashes, offsets = hasher.shingle_hash_batch(texts)
     signatures = hasher.signatures_from_hashes(hashes, offsets)
     for i, signature in enumerate(signatures):
-        reference = MinHash(num_perm=32, scheme="legacy", hashfunc=int)
+        reference = MinHash(num_perm=32, scheme=DATASKETCH_SCHEME[scheme], hashfunc=int)
         reference.update_batch(hashes[offsets[i] : offsets[i + 1]].tolist())
         np.testing.assert_array_equal(signature, reference.hashvalues)
     # Hashes outside the documents' ranges are ignored.
@@ -141,11 +142,12 @@ def test_signatures_of_many_documents_straddling_chunks_match_datasketch():
         hasher.signatures_from_hashes(hashes.astype(np.uint64), offsets)
 
 
-def test_giant_document_is_sliced_without_changing_the_signature():
+@pytest.mark.parametrize("scheme", ["mersenne", "affine32"])
+def test_giant_document_is_sliced_without_changing_the_signature(scheme):
     rng = np.random.default_rng(1)
-    hasher = MinHasher(num_perm=64)
+    hasher = MinHasher(num_perm=64, scheme=scheme)
     text = random_text(rng, 5 * hasher._chunk)
-    reference = MinHash(num_perm=64, seed=1, scheme="legacy", hashfunc=int)
+    reference = MinHash(num_perm=64, seed=1, scheme=DATASKETCH_SCHEME[scheme], hashfunc=int)
     reference.update_batch(hasher.shingle_hashes(text).tolist())
     np.testing.assert_array_equal(hasher.signatures([text, "a short one"])[0], reference.hashvalues)
 
@@ -370,3 +372,19 @@ def test_banding_presets():
         MinHashDedup(banding="fast")
     with pytest.raises(ValueError, match="not two"):
         MinHashDedup(banding="recall", false_negative_weight=0.7)
+
+
+def test_default_scheme_is_datasketchs_and_part_of_the_run_fingerprint():
+    """The default is affine32 (datasketch's own default); a run folder records the scheme, so one started
+    with another scheme is not resumed with this one, and a recipe naming mersenne keeps it."""
+    from lmforge.data.dedup.minhash import MinHashDedup
+    from lmforge.data.pipeline import step_config
+
+    assert MinHasher().scheme == "affine32"
+    default = MinHashDedup()
+    assert default.scheme == "affine32" and default.hasher.scheme == "affine32"
+    assert step_config(default)["scheme"] == "affine32"
+    named = MinHashDedup(scheme="mersenne")
+    assert step_config(named)["scheme"] == "mersenne" and named.hasher.scheme == "mersenne"
+    text = "a few words to sign here and there"
+    assert not np.array_equal(default.hasher.signatures([text]), named.hasher.signatures([text]))

@@ -1,11 +1,13 @@
 """Near-duplicate detection with MinHash signatures and banded LSH (Broder 1997; Leskovec et al., MMDS ch. 3).
 
 Pipeline: a document becomes a set of word n-gram hashes (``uint32``); its signature is, for each of
-``num_perm`` universal hash functions ``h_k(x) = ((a_k x + b_k) mod (2^61 - 1)) & (2^32 - 1)``, the minimum
-over the set. The permutation parameters are drawn exactly as datasketch's ``scheme="legacy"`` MinHash
-draws them and the arithmetic wraps in ``uint64`` as datasketch's does, so for the same input hashes and
-seed the signatures are bit-identical to datasketch's (``scheme="affine32"`` reproduces datasketch's
-default scheme since 2.0 the same way). All permutations are applied in one array operation per
+``num_perm`` hash functions, the minimum over the set. The default scheme, ``"affine32"`` (datasketch's
+default since 2.0), pre-mixes each hash with a bijection and applies ``h_k(x) = (a_k x + b_k) mod 2^32``
+with odd ``a_k``; ``"mersenne"`` is the classic universal hash ``((a_k x + b_k) mod (2^61 - 1)) & (2^32 - 1)``
+(datasketch's ``scheme="legacy"``, lmforge's default before 2026-12-04; the two give the same F1 in
+``benchmarks/neardup_quality.py``, affine32 in about half the time). The permutation parameters are drawn
+exactly as datasketch's MinHash of that scheme draws them and the arithmetic wraps as datasketch's does,
+so for the same input hashes and seed the signatures are bit-identical to datasketch's. All permutations are applied in one array operation per
 cache-sized chunk of shingles; nothing loops over permutations in Python. The Mersenne reduction is
 never a division: the low 32 bits of ``v mod (2^61 - 1)`` are those of ``v + (v >> 61)`` (bar a
 provably rare case, detected per permutation), and most of it runs in 32-bit arithmetic (see
@@ -47,7 +49,7 @@ SCHEMES = ("mersenne", "affine32")
 
 
 def datasketch_permutations(
-    num_perm: int, seed: int = 1, scheme: str = "mersenne"
+    num_perm: int, seed: int = 1, scheme: str = "affine32"
 ) -> tuple[np.ndarray, np.ndarray]:
     """(a, b) drawn in the same order from the same generator as datasketch's MinHash of that scheme
     ("mersenne" is datasketch's ``scheme="legacy"``, "affine32" its default since 2.0)."""
@@ -169,9 +171,9 @@ class MinHasher:
     :func:`lmforge.data.text.word_hashes`; a document shorter than ``ngram`` words is one shingle of all
     its words, and one without words has the all-``2^32 - 1`` signature of the empty set (as datasketch).
 
-    ``scheme="mersenne"`` is the classic universal hash ``((a x + b) mod (2^61 - 1)) & (2^32 - 1)``
-    (datasketch's ``legacy``); ``scheme="affine32"`` pre-mixes each shingle hash with a bijection and
-    applies ``a x + b mod 2^32`` with odd ``a`` (datasketch's default since 2.0).
+    ``scheme="affine32"`` (the default, datasketch's default since 2.0) pre-mixes each shingle hash with
+    a bijection and applies ``a x + b mod 2^32`` with odd ``a``; ``scheme="mersenne"`` is the classic
+    universal hash ``((a x + b) mod (2^61 - 1)) & (2^32 - 1)`` (datasketch's ``legacy``).
 
     Shingles are processed in fixed chunks of ``_chunk`` (documents may straddle chunks: the minima of
     their pieces, "segments", are combined afterwards). A chunk is a ``(num_perm, _chunk)`` ``uint32``
@@ -185,7 +187,7 @@ class MinHasher:
         num_perm: int = 128,
         ngram: int = 5,
         seed: int = 1,
-        scheme: str = "mersenne",
+        scheme: str = "affine32",
     ):
         if num_perm < 1 or ngram < 1:
             raise ValueError("num_perm and ngram must be positive")
@@ -383,6 +385,11 @@ class MinHashDedup(GlobalFilter):
     document records the kept one's id in ``meta.duplicate_of`` and its cluster in ``meta.minhash_cluster``
     (``"<task>:<position>"`` of the kept document), which the exclusions output shows.
 
+    ``scheme`` is the permutation family (see :class:`MinHasher`): ``"affine32"`` by default,
+    ``"mersenne"`` (the default before 2026-12-04) where a recipe names it. It is part of the run's
+    fingerprint, so a run folder started with the other scheme is refused rather than resumed with
+    signatures of two families.
+
     ``banding`` picks (bands, rows) for the threshold: ``"balanced"`` weighs the false-positive and
     false-negative areas under the S-curve equally (datasketch's default), ``"recall"`` weighs false
     negatives 9:1 (more candidates: pairs just above the threshold are found far more often) and
@@ -401,7 +408,7 @@ class MinHashDedup(GlobalFilter):
         num_perm: int = 128,
         ngram: int = 5,
         seed: int = 1,
-        scheme: str = "mersenne",
+        scheme: str = "affine32",
         bands: int | None = None,
         rows: int | None = None,
         banding: str | None = None,
