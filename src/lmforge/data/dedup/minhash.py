@@ -9,10 +9,9 @@ with odd ``a_k``; ``"mersenne"`` is the classic universal hash ``((a_k x + b_k) 
 exactly as datasketch's MinHash of that scheme draws them and the arithmetic wraps as datasketch's does,
 so for the same input hashes and seed the signatures are bit-identical to datasketch's. All permutations
 are applied in one array operation per fixed-size chunk of shingles; nothing loops over permutations in
-Python. The Mersenne reduction is
-never a division: the low 32 bits of ``v mod (2^61 - 1)`` are those of ``v + (v >> 61)`` (bar a
-provably rare case, detected per permutation), and most of it runs in 32-bit arithmetic (see
-``MinHasher._mersenne_segment_minima``).
+Python. The Mersenne reduction is never a division: the low 32 bits of ``v mod (2^61 - 1)`` are those of
+``v + (v >> 61)`` (bar a provably rare case, detected per permutation), and most of it runs in 32-bit
+arithmetic (see ``MinHasher._mersenne_segment_minima``).
 
 Banded LSH over the signatures, and the clustering of its candidates, live in ``lmforge.data.dedup.lsh``.
 """
