@@ -388,3 +388,19 @@ def test_default_scheme_is_datasketchs_and_part_of_the_run_fingerprint():
     assert step_config(named)["scheme"] == "mersenne" and named.hasher.scheme == "mersenne"
     text = "a few words to sign here and there"
     assert not np.array_equal(default.hasher.signatures([text]), named.hasher.signatures([text]))
+
+
+@pytest.mark.parametrize("scheme", ["mersenne", "affine32"])
+def test_a_pickled_hasher_gives_the_same_signatures(scheme):
+    """The work buffers are shared with torch views; a copy sent to a worker must rebuild them together."""
+    import pickle
+
+    rng = np.random.default_rng(11)
+    texts = [random_text(rng, int(rng.integers(0, 200))) for _ in range(10)]
+    hasher = MinHasher(num_perm=32, scheme=scheme)
+    hasher._chunk = 64  # kept by the copy
+    hasher._set_permutations(hasher.a, hasher.b)
+    expected = hasher.signatures(texts)
+    copy = pickle.loads(pickle.dumps(hasher))
+    assert copy._chunk == 64
+    np.testing.assert_array_equal(copy.signatures(texts), expected)

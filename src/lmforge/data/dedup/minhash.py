@@ -24,7 +24,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lmforge.data.dedup.common import (
     ClusterDecision,
@@ -134,7 +133,9 @@ def _mersenne_exact_rows(a_bytes: bytes, b_bytes: bytes) -> np.ndarray:
 @contextmanager
 def _one_torch_thread() -> Iterator[None]:
     """Run torch's kernels on the calling thread only: the pipeline parallelizes over worker processes,
-    and a block of ~2^17 values is too small to gain from more threads (it would only add overhead)."""
+    and a block of ~2^19 values is too small to gain from more threads (it would only add overhead)."""
+    import torch
+
     threads = torch.get_num_threads()
     if threads != 1:
         torch.set_num_threads(1)
@@ -217,11 +218,26 @@ class MinHasher:
         # vectorized with a broadcast operand (numpy's do not), so ``a x + b`` is two passes over the block
         # (a broadcast multiply, a broadcast add) instead of four (copy, multiply and add of pre-expanded
         # parameters). Wrapping int32 arithmetic has the bits of uint32 arithmetic.
+        # torch is imported here, not with the module: every recipe imports all step modules, and the
+        # other steps need no torch.
+        import torch
+
         self._values = np.empty(shape, dtype=np.uint32)
         self._values_t = torch.from_numpy(self._values.view(np.int32))
         self._a_t = torch.from_numpy(a.astype(np.uint32).view(np.int32))[:, None]
         self._b_t = torch.from_numpy(b.astype(np.uint32).view(np.int32))[:, None]
         self._candidates = np.empty(shape, dtype=bool)
+
+    # The work buffers share memory with torch views of them, which pickling would split: a pickled
+    # hasher carries its configuration and permutations, and rebuilds the buffers.
+    _BUFFERS = ("_values", "_values_t", "_a_t", "_b_t", "_candidates")
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in self._BUFFERS}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._set_permutations(self.a, self.b)
 
     # -- shingles
     def shingle_hash_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -267,6 +283,8 @@ class MinHasher:
     # -- signatures
     def _affine_chunk(self, hashes: np.ndarray) -> np.ndarray:
         """``a x + b (mod 2^32)`` for every permutation (rows) and shingle hash x of the chunk (columns)."""
+        import torch
+
         x = torch.from_numpy(hashes.view(np.int32))[None, :]
         torch.mul(self._a_t, x, out=self._values_t)  # wraps mod 2^32, as datasketch's arithmetic
         self._values_t.add_(self._b_t)
