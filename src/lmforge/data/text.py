@@ -161,8 +161,10 @@ def _hash_group(pieces: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     np.not_equal(data, ord(" "), out=in_word[1:-1])
     edges = np.flatnonzero(in_word[1:] != in_word[:-1])
     word_starts, word_ends = edges[0::2], edges[1::2]
-    prefix = np.zeros(len(data) + 1, dtype=np.uint64)
-    np.multiply(data, up[: len(data)], out=prefix[1:])
+    prefix = np.empty(len(data) + 1, dtype=np.uint64)
+    prefix[0] = 0
+    np.copyto(prefix[1:], data)  # widened first: a uint8 x uint64 multiply casts in a slower loop
+    np.multiply(prefix[1:], up[: len(data)], out=prefix[1:])
     np.cumsum(prefix[1:], out=prefix[1:])
     sums = prefix[word_ends]
     sums -= prefix[word_starts]
