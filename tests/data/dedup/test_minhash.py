@@ -404,3 +404,16 @@ def test_a_pickled_hasher_gives_the_same_signatures(scheme):
     copy = pickle.loads(pickle.dumps(hasher))
     assert copy._chunk == 64
     np.testing.assert_array_equal(copy.signatures(texts), expected)
+
+
+def test_affine_block_wraps_like_uint32_arithmetic_on_extreme_values():
+    """The block ``a x + b (mod 2^32)`` is computed with int32 torch kernels: check the wrap-around bits."""
+    hasher = MinHasher(num_perm=4, scheme="affine32")
+    hasher._chunk = 16
+    top = (1 << 32) - 1
+    a = np.array([1, top, 1 << 31 | 1, 0x9E3779B1], dtype=np.uint32)
+    b = np.array([0, top, 1 << 31, 12345], dtype=np.uint32)
+    hasher._set_permutations(a, b)
+    x = np.array([0, 1, 2, 7, 1 << 31, (1 << 31) - 1, top, top - 1] * 2, dtype=np.uint32)
+    expected = np.array([[(int(ak) * int(xi) + int(bk)) % (1 << 32) for xi in x] for ak, bk in zip(a, b)])
+    np.testing.assert_array_equal(hasher._affine_chunk(x), expected)
