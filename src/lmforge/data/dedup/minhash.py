@@ -178,9 +178,8 @@ class MinHasher:
 
     Shingles are processed in fixed chunks of ``_chunk`` (documents may straddle chunks: the minima of
     their pieces, "segments", are combined afterwards). A chunk is a ``(num_perm, _chunk)`` ``uint32``
-    block worked on in place, with the parameters pre-expanded to the block's shape: numpy's SIMD loops
-    only apply to contiguous operands, not to broadcast ones. An instance reuses these buffers: use one
-    instance per thread.
+    block, filled in one pass by torch (see ``_affine_chunk``) and reduced by numpy. An instance reuses
+    these buffers: use one instance per thread.
     """
 
     def __init__(
@@ -226,7 +225,8 @@ class MinHasher:
         self._values_t = torch.from_numpy(self._values.view(np.int32))
         self._a_t = torch.from_numpy(a.astype(np.uint32).view(np.int32))[:, None]
         self._b_t = torch.from_numpy(b.astype(np.uint32).view(np.int32))[:, None]
-        self._candidates = np.empty(shape, dtype=bool)
+        # The candidate mask of the mersenne scheme (see _mersenne_segment_minima).
+        self._candidates = np.empty(shape if self.scheme == "mersenne" else (0, 0), dtype=bool)
 
     # The work buffers share memory with torch views of them, which pickling would split: a pickled
     # hasher carries its configuration and permutations, and rebuilds the buffers.
