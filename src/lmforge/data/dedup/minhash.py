@@ -5,7 +5,7 @@ Pipeline: a document becomes a set of word n-gram hashes (``uint32``); its signa
 default since 2.0), pre-mixes each hash with a bijection and applies ``h_k(x) = (a_k x + b_k) mod 2^32``
 with odd ``a_k``; ``"mersenne"`` is the classic universal hash ``((a_k x + b_k) mod (2^61 - 1)) & (2^32 - 1)``
 (datasketch's ``scheme="legacy"``, lmforge's default before 2026-12-04; the two give the same F1 in
-``benchmarks/neardup_quality.py``, affine32 in about half the time). The permutation parameters are drawn
+``benchmarks/neardup_quality.py``, affine32 1.6-1.8x faster end to end). The permutation parameters are drawn
 exactly as datasketch's MinHash of that scheme draws them and the arithmetic wraps as datasketch's does,
 so for the same input hashes and seed the signatures are bit-identical to datasketch's. All permutations
 are applied in one array operation per fixed-size chunk of shingles; nothing loops over permutations in
