@@ -148,9 +148,10 @@ def _pieces(encoded: bytes) -> list[bytes]:
     return pieces
 
 
-def _hash_group(pieces: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+def _hash_group(pieces: list[bytes], piece_starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Hashes of the words of the joined pieces, and the number of words in each piece.
 
+    ``piece_starts`` are the pieces' offsets in ``b" ".join(pieces)``, with its length + 1 at the end.
     With prefix sums ``S`` of ``byte_i * B^i`` (mod 2^64), the word spanning ``[s, e)`` hashes to
     ``(S[e] - S[s]) * B^-s = sum c_j * B^j``: the same value wherever the word sits.
     """
@@ -169,7 +170,6 @@ def _hash_group(pieces: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     sums = prefix[word_ends]
     sums -= prefix[word_starts]
     sums *= down[word_starts]
-    piece_starts = np.cumsum([0] + [len(p) + 1 for p in pieces])
     return fmix64(sums), np.diff(np.searchsorted(word_starts, piece_starts))
 
 
@@ -181,27 +181,37 @@ def word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     avalanched by a bijective mixer: deterministic across processes (unlike ``hash()``) and computed for
     all words of a group of documents in a few vectorized passes over their bytes.
     """
-    pieces: list[bytes] = []
-    piece_doc: list[int] = []
-    for doc, text in enumerate(texts):
-        encoded = _lowered_utf8(text)
-        if len(encoded) > _PIECE_BYTES:  # cut where punctuation, spaces, newlines or tabs are
-            encoded_pieces = _pieces(encoded.translate(_ASCII_SEPARATORS_TO_SPACE))
-        else:
-            encoded_pieces = [encoded]
-        for piece in encoded_pieces:
-            pieces.append(piece)
-            piece_doc.append(doc)
+    pieces = [_lowered_utf8(text) for text in texts]
+    piece_doc: np.ndarray | None = None  # the document of each piece, when some document was cut
+    if any(len(piece) > _PIECE_BYTES for piece in pieces):
+        cut: list[bytes] = []
+        owners: list[int] = []
+        for doc, encoded in enumerate(pieces):
+            if len(encoded) > _PIECE_BYTES:  # cut where punctuation, spaces, newlines or tabs are
+                encoded_pieces = _pieces(encoded.translate(_ASCII_SEPARATORS_TO_SPACE))
+            else:
+                encoded_pieces = [encoded]
+            cut.extend(encoded_pieces)
+            owners.extend([doc] * len(encoded_pieces))
+        pieces, piece_doc = cut, np.asarray(owners, dtype=np.int64)
+    # Offsets of the pieces joined by one space; a group is a run of pieces of at most _GROUP_BYTES (or a
+    # single piece, at most _PIECE_BYTES), found by bisection rather than piece by piece.
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)) + 1, out=offsets[1:])
     hashes: list[np.ndarray] = [np.empty(0, dtype=np.uint64)]
     piece_words: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
-    start, size = 0, 0
-    for end, piece in enumerate(pieces, 1):
-        size += len(piece) + 1
-        if size >= _GROUP_BYTES or end == len(pieces) or size + len(pieces[end]) > _PIECE_BYTES:
-            group_hashes, group_words = _hash_group(pieces[start:end])
-            hashes.append(group_hashes)
-            piece_words.append(group_words)
-            start, size = end, 0
-    counts = np.zeros(len(texts), dtype=np.int64)
-    np.add.at(counts, np.asarray(piece_doc, dtype=np.int64), np.concatenate(piece_words))
+    start = 0
+    while start < len(pieces):
+        end = int(np.searchsorted(offsets, offsets[start] + _GROUP_BYTES, side="right")) - 1
+        end = max(end, start + 1)
+        group_hashes, group_words = _hash_group(pieces[start:end], offsets[start : end + 1] - offsets[start])
+        hashes.append(group_hashes)
+        piece_words.append(group_words)
+        start = end
+    words = np.concatenate(piece_words)
+    if piece_doc is None:
+        counts = words
+    else:
+        counts = np.zeros(len(texts), dtype=np.int64)
+        np.add.at(counts, piece_doc, words)
     return np.concatenate(hashes), counts
