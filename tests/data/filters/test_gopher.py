@@ -187,12 +187,24 @@ class TestGopherRepetition:
         assert duplicated_ngram_chars(["a", "b", "c", "d"], 2) == 0
         assert duplicated_ngram_chars(["a"], 2) == 0 and top_ngram_chars([], 2) == 0
 
-    def test_ngram_counting_matches_string_reference(self):
-        """Against a direct string implementation of the published rules on random text."""
-        rng = random.Random(0)
-        for _ in range(20):
-            words = [rng.choice(["a", "bb", "ccc", "dd", "e", "ffff"]) for _ in range(rng.randint(0, 60))]
-            for n in range(2, 8):
+    @pytest.mark.parametrize("rare_words", [0, 300])
+    def test_ngram_counting_matches_string_reference(self, rare_words):
+        """Against a direct string implementation of the published rules on random text: a few frequent
+        words, with or without many rare ones and copied phrases (n-grams that occur once among repeats)."""
+        rng = random.Random(rare_words)
+        common = ["a", "bb", "ccc", "dd", "e", "ffff"]
+        rare = [f"r{i}" for i in range(rare_words)]
+        for _ in range(30):
+            words = [
+                rng.choice(common if rng.random() < 0.5 or not rare else rare)
+                for _ in range(rng.randint(0, 80))
+            ]
+            for _ in range(rng.randint(0, 3) if words else 0):  # paste a phrase again later
+                start = rng.randrange(len(words))
+                phrase = words[start : start + rng.randint(1, 12)]
+                at = rng.randint(0, len(words))
+                words[at:at] = phrase
+            for n in range(2, 11):
                 grams = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
                 counts = Counter(grams)
                 expected_top = len(counts.most_common(1)[0][0]) * counts.most_common(1)[0][1] if grams else 0
