@@ -230,3 +230,26 @@ class TestGopherRepetition:
         )
         assert GopherRepetitionFilter().decide(Document("d", text)) is None
         assert top_ngram_chars(text.split(), n) / len(text) < 0.16
+
+
+def test_alphabetic_word_count_matches_a_search_per_word():
+    """The one-pass count of words without a letter equals the per-word letter search on tokens of
+    random text mixing letters of several scripts, ASCII and other decimal digits, superscripts,
+    underscores and apostrophes."""
+    from lmforge.data.filters.gopher import _HAS_LETTER_RE, _NO_LETTER_WORD_RE
+    from lmforge.data.text import split_words
+
+    rng = random.Random(3)
+    alphabet = (
+        "ab\u00e9\u0416\u05d0\u4e2d\u0e01"
+        + "0123456789"
+        + "\u0663\u096a\uff11"
+        + "\u00b2\u00bd"
+        + "_'\u2019"
+        + " .-\n"
+    )
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+        words = split_words(text.lower(), symbols=False)
+        expected = sum(1 for w in words if not _HAS_LETTER_RE.search(w))
+        assert len(_NO_LETTER_WORD_RE.findall("\n".join(words))) == expected, text

@@ -24,6 +24,9 @@ from lmforge.data.step import Filter, register_step
 from lmforge.data.text import duplicate_stats, split_words
 
 _HAS_LETTER_RE = re.compile(r"[^\W\d_]")
+# A word (``split_words``: word characters with inner apostrophes) has no letter (no match of
+# _HAS_LETTER_RE) exactly when every character is a digit, "_" or an apostrophe; words one per line.
+_NO_LETTER_WORD_RE = re.compile(r"^[\d_'’]+$", re.MULTILINE)
 GOPHER_STOP_WORDS: tuple[str, ...] = ("the", "be", "to", "of", "and", "that", "have", "with")
 
 
@@ -94,12 +97,14 @@ class GopherQualityFilter(Filter):
                 return "gopher_too_many_end_ellipsis"
 
         if self.min_alpha_words_ratio is not None:
-            alpha_words = sum(1 for w in words if _HAS_LETTER_RE.search(w))
+            # a word without a letter is all digits, underscores and inner apostrophes: one regex pass
+            # over the words, one per line, instead of a search per word
+            alpha_words = n_words - len(_NO_LETTER_WORD_RE.findall("\n".join(words)))
             if alpha_words / n_words < self.min_alpha_words_ratio:
                 return "gopher_below_alpha_threshold"
 
         if self.min_stop_words is not None:
-            stop_words = sum(1 for w in words if w in self._stop_words)
+            stop_words = sum(map(self._stop_words.__contains__, words))
             if stop_words < self.min_stop_words:
                 return "gopher_not_enough_stop_words"
         return None
