@@ -4,9 +4,9 @@ Runs trafilatura as ``HtmlExtractor`` calls it over the Python-docs HTML pages o
 with the step's default options (the full cascade: main extractor, readability/jusText fallbacks, recall
 retry) and once per faster setting, and prints per setting: CPU seconds, pages with identical text, and
 the mean similarity to the full-cascade text per page (character level: 2 * matched characters / total
-characters, difflib over the two texts, 1.0 for identical texts; pages whose texts are both longer than
-``--max-diff-chars`` are compared line by line instead, which undercounts near-identical lines, because
-difflib is quadratic).
+characters, from difflib; 1.0 for identical texts). difflib is quadratic, so a page where either text
+is longer than ``--max-diff-chars`` is compared line by line (matched lines' characters), which counts a
+line that differs in one character as unmatched: a lower bound.
 
     PYTHONPATH=src .venv/bin/python benchmarks/html_extract_agreement.py [--html-pages 120]
 """
@@ -39,7 +39,7 @@ def similarity(reference: str, text: str, max_chars: int) -> float:
     """2 * matched characters / (len(reference) + len(text)); 1.0 when equal (both empty included)."""
     if reference == text:
         return 1.0
-    if min(len(reference), len(text)) <= max_chars:
+    if max(len(reference), len(text)) <= max_chars:
         return difflib.SequenceMatcher(None, reference, text, autojunk=False).ratio()
     left, right = reference.splitlines(keepends=True), text.splitlines(keepends=True)
     blocks = difflib.SequenceMatcher(None, left, right, autojunk=False).get_matching_blocks()
