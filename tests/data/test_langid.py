@@ -80,6 +80,8 @@ def _texts() -> list[str]:
         "日本",
         "\x00",
         "12345",
+        "a\ud800b",  # a lone surrogate: py3langid encodes it with surrogatepass
+        "ÉCOLE PUBLIQUE",
     ]
     for sentence in SENTENCES:
         texts.append(sentence)
@@ -102,10 +104,21 @@ def test_scores_are_identical_to_py3langid():
 
     reference, fast = _identifier(), _fast_identifier()
     texts = _texts()
-    assert len(texts) > 400
+    assert len(texts) > 440
     for text in texts:
         assert fast.classify(text) == reference.classify(text), repr(text[:60])
     assert fast.depth >= 2
     # the decision is not trivially the same: the texts cover many languages and scores
     languages = {reference.classify(text)[0] for text in texts}
     assert len(languages) >= 15, languages
+
+
+def test_threads_share_the_model_not_the_scratch_array():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lmforge.data.langid import _identifier
+
+    texts = _texts()[:120]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(identify_language, texts))
+    assert results == [_identifier().classify(text) for text in texts]

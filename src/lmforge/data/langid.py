@@ -14,6 +14,7 @@ probability are bit-for-bit py3langid's (``tests/data/test_langid.py`` checks it
 from __future__ import annotations
 
 import math
+import threading
 import unicodedata
 from collections.abc import Sequence
 from functools import lru_cache
@@ -80,7 +81,7 @@ class FastLanguageIdentifier:
         self._next_feature = output[nextmove].astype(np.int32)
         after_one = self._next_row[rowbase[0] + np.arange(256)]
         self._start2 = self._next_row[(after_one[:, None] + np.arange(256)).reshape(-1)]
-        self._first = np.zeros(len(self._ptc), dtype=np.int64)  # scratch: feature -> first position
+        self._scratch = threading.local()  # per thread: feature -> first position (then rank) array
 
     @staticmethod
     def encode(text: str) -> bytes:
@@ -115,7 +116,9 @@ class FastLanguageIdentifier:
         if len(found) == 0:
             return found, found
         positions = np.arange(len(found))
-        first = self._first
+        first = getattr(self._scratch, "first", None)
+        if first is None:  # entries are only read after this call wrote them: never cleared
+            first = self._scratch.first = np.zeros(len(self._ptc), dtype=np.int64)
         first[found[::-1]] = positions[::-1]  # numpy writes repeated indices in order: the first one stays
         if np.any(first[found] > positions):  # not guaranteed by numpy's documentation: then the slow way
             first[found] = len(found)
