@@ -52,8 +52,12 @@ def corpus(corpora: Path, html_pages: int, work: Path) -> tuple[Path, list[Path]
     return html_dir, jsonl, raw_bytes
 
 
-def plain_loop(html_dir: Path, jsonl: list[Path], out: Path, work: Path) -> tuple[int, float]:
-    """The same steps in a bare loop: read everything, apply each step in turn, write one file."""
+def plain_loop(
+    html_dir: Path, jsonl: list[Path], out: Path, work: Path, step_cpu: dict[str, float] | None = None
+) -> tuple[int, float]:
+    """The same steps in a bare loop: read everything, apply each step in turn, write one file. The CPU
+    seconds of each step (``time.process_time``, this process only) go into ``step_cpu``."""
+    step_cpu = {} if step_cpu is None else step_cpu
     start = time.perf_counter()
     docs = [
         Document(p.name, p.read_text(encoding="utf-8"), {"format": "html"})
@@ -64,6 +68,7 @@ def plain_loop(html_dir: Path, jsonl: list[Path], out: Path, work: Path) -> tupl
             record = json.loads(line)
             docs.append(Document(record["id"], record["text"], record.get("meta", {})))
     for step in recipe_steps():
+        step_start = time.process_time()
         if isinstance(step, GlobalStep):
             step.start_collect(0)
             for position, doc in enumerate(docs):
@@ -80,6 +85,7 @@ def plain_loop(html_dir: Path, jsonl: list[Path], out: Path, work: Path) -> tupl
             docs = kept
         else:
             docs = [d for d in docs if step.process(d) is not None]
+        step_cpu[step.name] = time.process_time() - step_start
     with gzip.open(out, "wt", encoding="utf-8") as f:
         for doc in docs:
             f.write(json.dumps(doc.to_record(), ensure_ascii=False) + "\n")
@@ -124,7 +130,8 @@ def main() -> int:
                          cpu_seconds() - cpu))  # fmt: skip
         (work / "plain").mkdir()
         cpu = cpu_seconds()
-        kept, seconds = plain_loop(html_dir, jsonl, work / "plain.jsonl.gz", work / "plain")
+        step_cpu: dict[str, float] = {}
+        kept, seconds = plain_loop(html_dir, jsonl, work / "plain.jsonl.gz", work / "plain", step_cpu)
         rows.append(("plain loop over the same steps (peer)", kept, seconds, cpu_seconds() - cpu))
 
     report = reports[1]
@@ -135,6 +142,13 @@ def main() -> int:
     total = sum(s.seconds for s in report.steps)
     for s in report.steps:
         print(f"| {s.name} | {s.docs_in} | {s.kept} | {s.seconds:.2f} | {100 * s.seconds / total:.1f}% |")
+    steps_total = sum(step_cpu.values())
+    print(
+        "\nplain loop, CPU seconds per step (the dominant step first):\n| step | CPU s | share |\n| --- | ---: | ---: |"
+    )
+    for name, seconds in sorted(step_cpu.items(), key=lambda item: -item[1]):
+        print(f"| {name} | {seconds:.2f} | {100 * seconds / steps_total:.1f}% |")
+    print(f"| all steps | {steps_total:.2f} ({mb / steps_total:.2f} MB/s) | |")
     print("\n| run | kept | wall s | CPU s | MB/s per core (CPU) |\n| --- | ---: | ---: | ---: | ---: |")
     for name, kept, wall, cpu in rows:
         print(f"| {name} | {kept} | {wall:.1f} | {cpu:.1f} | {mb / cpu:.2f} |")

@@ -26,6 +26,23 @@ def test_extracts_main_text_without_boilerplate():
     assert step.stats.counters["html_extracted"] == 1
 
 
+def test_fast_extraction_is_trafilaturas_fast_mode_and_an_option_away():
+    import trafilatura
+
+    # an article page and a link-heavy index page, each step against trafilatura called directly
+    items = "".join(f'<li><a href="/f{i}.html">function_{i}</a> (module m{i % 7})</li>' for i in range(60))
+    index = f"<html><body><h1>Index</h1><ul>{items}</ul><p>{ARTICLE}</p></body></html>"
+    options = dict(output_format="txt", with_metadata=False, include_comments=False, include_tables=True)
+    for page in (PAGE, index):
+        fast = HtmlExtractor(fast=True).process(Document("p", page, {"format": "html"}))
+        full = HtmlExtractor().process(Document("p", page, {"format": "html"}))
+        assert fast.text == trafilatura.extract(page, fast=True, **options).strip()
+        assert full.text == trafilatura.extract(page, **options).strip()
+    assert ARTICLE in HtmlExtractor(fast=True).process(Document("p", PAGE, {"format": "html"})).text
+    # the default step's options (its fingerprint) are what they were before the option existed
+    assert "fast" not in HtmlExtractor().options and HtmlExtractor(fast=True).options["fast"] is True
+
+
 def test_page_without_text_is_removed_with_reason_and_plain_text_passes():
     step = HtmlExtractor()
     empty = Document("e", "<html><body><script>x()</script></body></html>", {"format": "html"})

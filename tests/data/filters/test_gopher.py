@@ -187,12 +187,24 @@ class TestGopherRepetition:
         assert duplicated_ngram_chars(["a", "b", "c", "d"], 2) == 0
         assert duplicated_ngram_chars(["a"], 2) == 0 and top_ngram_chars([], 2) == 0
 
-    def test_ngram_counting_matches_string_reference(self):
-        """Against a direct string implementation of the published rules on random text."""
-        rng = random.Random(0)
-        for _ in range(20):
-            words = [rng.choice(["a", "bb", "ccc", "dd", "e", "ffff"]) for _ in range(rng.randint(0, 60))]
-            for n in range(2, 8):
+    @pytest.mark.parametrize("rare_words", [0, 300])
+    def test_ngram_counting_matches_string_reference(self, rare_words):
+        """Against a direct string implementation of the published rules on random text: a few frequent
+        words, with or without many rare ones and copied phrases (n-grams that occur once among repeats)."""
+        rng = random.Random(rare_words)
+        common = ["a", "bb", "ccc", "dd", "e", "ffff"]
+        rare = [f"r{i}" for i in range(rare_words)]
+        for _ in range(30):
+            words = [
+                rng.choice(common if rng.random() < 0.5 or not rare else rare)
+                for _ in range(rng.randint(0, 80))
+            ]
+            for _ in range(rng.randint(0, 3) if words else 0):  # paste a phrase again later
+                start = rng.randrange(len(words))
+                phrase = words[start : start + rng.randint(1, 12)]
+                at = rng.randint(0, len(words))
+                words[at:at] = phrase
+            for n in range(2, 11):
                 grams = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
                 counts = Counter(grams)
                 expected_top = len(counts.most_common(1)[0][0]) * counts.most_common(1)[0][1] if grams else 0
@@ -218,3 +230,26 @@ class TestGopherRepetition:
         )
         assert GopherRepetitionFilter().decide(Document("d", text)) is None
         assert top_ngram_chars(text.split(), n) / len(text) < 0.16
+
+
+def test_alphabetic_word_count_matches_a_search_per_word():
+    """The one-pass count of words without a letter equals the per-word letter search on tokens of
+    random text mixing letters of several scripts, ASCII and other decimal digits, superscripts,
+    underscores and apostrophes."""
+    from lmforge.data.filters.gopher import _HAS_LETTER_RE, _NO_LETTER_WORD_RE
+    from lmforge.data.text import split_words
+
+    rng = random.Random(3)
+    alphabet = (
+        "ab\u00e9\u0416\u05d0\u4e2d\u0e01"
+        + "0123456789"
+        + "\u0663\u096a\uff11"
+        + "\u00b2\u00bd"
+        + "_'\u2019"
+        + " .-\n"
+    )
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+        words = split_words(text.lower(), symbols=False)
+        expected = sum(1 for w in words if not _HAS_LETTER_RE.search(w))
+        assert len(_NO_LETTER_WORD_RE.findall("\n".join(words))) == expected, text

@@ -90,7 +90,7 @@ class C4Filter(Filter):
         for raw in units:
             line = raw.strip()
             words = line.split()
-            if self.max_word_length is not None and any(len(w) > self.max_word_length for w in words):
+            if self.max_word_length is not None and max(map(len, words), default=0) > self.max_word_length:
                 counters["c4_line_too_long_word"] += 1
                 continue
             if self.remove_citations:
