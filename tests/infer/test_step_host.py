@@ -43,6 +43,9 @@ def test_stack_last_gathers_rows_of_several_forwards_in_order() -> None:
     whole = [ChunkLogits(block=b, row=i) for i in range(3)]
     assert stack_last(whole) is b  # every row in order: the block itself, no copy
     assert torch.equal(stack_last(whole[::-1]), b.flip(0))
+    two = [ChunkLogits(block=a, row=i) for i in range(5)] + whole  # two forwards, each whole and in order
+    assert torch.equal(stack_last(two), torch.cat([a, b]))
+    assert torch.equal(stack_last(two[:3] + whole), torch.cat([a[:3], b]))
 
 
 def test_scheduler_fills_the_budget_exactly_when_it_chunks_under_preemption() -> None:

@@ -693,6 +693,10 @@ class LLMEngine:
             batch += [(group, seq, logits) for seq, logits in entries]
         if not batch:
             return
+        if len(batch) > 1 and Sampler.plain_greedy([seq for _, seq, _ in batch]):
+            # each row's token depends on its logits alone: take the rows in the forwards' order, so that the
+            # sampler reads the forward's logits block as it is (no gather copy)
+            batch.sort(key=lambda entry: (id(entry[2].block), entry[2].row))
         try:
             tokens, logprobs = self.sampler(stack_last([c for _, _, c in batch]), [s for _, s, _ in batch])
         except Exception as batch_error:

@@ -44,23 +44,23 @@ class ChunkLogits:
 
 
 def stack_last(chunks: list[ChunkLogits]) -> Tensor:
-    """The ``last`` logits of ``chunks`` (each must complete) as one ``[len(chunks), vocab]`` tensor: one
-    ``index_select`` per distinct forward block, in the order given."""
+    """The ``last`` logits of ``chunks`` (each must complete) as one ``[len(chunks), vocab]`` tensor, in the order
+    given: a block whose rows are all taken in order is used as it is, others give one ``index_select`` each."""
     blocks: dict[int, tuple[Tensor, list[int], list[int]]] = {}
     for i, chunk in enumerate(chunks):
         assert chunk.block is not None
         entry = blocks.setdefault(id(chunk.block), (chunk.block, [], []))
         entry[1].append(chunk.row)
         entry[2].append(i)
-    if len(blocks) == 1:
-        ((block, rows, _),) = blocks.values()
-        if rows == list(range(block.shape[0])):
-            return block
-        return block.index_select(0, torch.tensor(rows, device=block.device))
     parts = [
-        block.index_select(0, torch.tensor(rows, device=block.device)) for block, rows, _ in blocks.values()
+        block
+        if rows == list(range(block.shape[0]))
+        else block.index_select(0, torch.tensor(rows, device=block.device))
+        for block, rows, _ in blocks.values()
     ]
     order = [i for _, _, where in blocks.values() for i in where]
+    if order == list(range(len(order))):  # the chunks follow their forwards' rows: no permutation
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
     return torch.cat(parts).index_select(0, inverse.to(parts[0].device))
