@@ -54,7 +54,7 @@ from lmforge.infer.block_manager import BlockManager
 from lmforge.infer.cuda_graphs import DecodeGraphs, supports_graphs
 from lmforge.infer.kv_cache import PagedKVCache, num_blocks_for_budget
 from lmforge.infer.lora import LoraSet, LoraWeights
-from lmforge.infer.model_runner import ChunkLogits, ModelRunner
+from lmforge.infer.model_runner import ChunkLogits, ModelRunner, stack_last
 from lmforge.infer.output_builder import final_output, record_prompt_logprobs, step_output
 from lmforge.infer.outputs import RequestOutput, TokenLogprob
 from lmforge.infer.sampler import Sampler
@@ -600,7 +600,7 @@ class LLMEngine:
         }
         chunk_logits = self._execute(scheduled, wants_prompt_logprobs, groups)
         touched: dict[str, SequenceGroup] = {}
-        by_group: dict[str, list[tuple[Sequence, torch.Tensor]]] = {}
+        by_group: dict[str, list[tuple[Sequence, ChunkLogits]]] = {}
         for i, (item, logits) in enumerate(zip(scheduled, chunk_logits)):
             group = groups[item.seq.seq_id]
             if logits is None or group.aborted:
@@ -613,7 +613,7 @@ class LLMEngine:
             if self.sinks is not None:
                 self._evict_middle(item.seq)
             if completes and not group.aborted:
-                by_group.setdefault(group.request_id, []).append((item.seq, logits.last))
+                by_group.setdefault(group.request_id, []).append((item.seq, logits))
                 touched[group.request_id] = group
         self._sample(by_group, touched)
         outputs = []
@@ -672,13 +672,16 @@ class LLMEngine:
         self._failed.append((group, f"{type(err).__name__}: {err}"))
 
     def _sample(
-        self, by_group: dict[str, list[tuple[Sequence, torch.Tensor]]], touched: dict[str, SequenceGroup]
+        self, by_group: dict[str, list[tuple[Sequence, ChunkLogits]]], touched: dict[str, SequenceGroup]
     ) -> None:
-        batch: list[tuple[SequenceGroup, Sequence, torch.Tensor]] = []
+        """Sample the next token of every completed chunk: one sampler call over a ``[rows, vocab]`` block
+        gathered per forward (``stack_last``), then ``append_token`` per sequence."""
+        batch: list[tuple[SequenceGroup, Sequence, ChunkLogits]] = []
         for request_id, entries in by_group.items():
             group = touched[request_id]
             if group.beam is not None:
-                self._guard(group, advance_beams, group, entries, self.scheduler)
+                rows = [(seq, chunk.last) for seq, chunk in entries]
+                self._guard(group, advance_beams, group, rows, self.scheduler)
                 continue
             if group.expands_after_prefill:
                 ((parent, logits),) = entries
@@ -690,10 +693,12 @@ class LLMEngine:
             batch += [(group, seq, logits) for seq, logits in entries]
         if not batch:
             return
+        if len(batch) > 1 and Sampler.plain_greedy([seq for _, seq, _ in batch]):
+            # each row's token depends on its logits alone: take the rows in the forwards' order, so that the
+            # sampler reads the forward's logits block as it is (no gather copy)
+            batch.sort(key=lambda entry: (id(entry[2].block), entry[2].row))
         try:
-            tokens, logprobs = self.sampler(
-                torch.stack([row for _, _, row in batch]), [s for _, s, _ in batch]
-            )
+            tokens, logprobs = self.sampler(stack_last([c for _, _, c in batch]), [s for _, s, _ in batch])
         except Exception as batch_error:
             logger.warning("batched sampling failed (%s); sampling request by request", batch_error)
             tokens, logprobs = self._sample_each(batch)
@@ -702,7 +707,7 @@ class LLMEngine:
                 self._guard(group, self.scheduler.append_token, group, seq, token, logprob)
 
     def _sample_each(
-        self, batch: list[tuple[SequenceGroup, Sequence, torch.Tensor]]
+        self, batch: list[tuple[SequenceGroup, Sequence, ChunkLogits]]
     ) -> tuple[list[int | None], list[TokenLogprob | None]]:
         """Sampling one request at a time: the requests whose rows raise are failed, the rest get tokens."""
         tokens: list[int | None] = [None] * len(batch)
@@ -713,7 +718,7 @@ class LLMEngine:
         for rows in rows_of.values():
             group = batch[rows[0]][0]
             got = self._guard(
-                group, self.sampler, torch.stack([batch[i][2] for i in rows]), [batch[i][1] for i in rows]
+                group, self.sampler, stack_last([batch[i][2] for i in rows]), [batch[i][1] for i in rows]
             )
             if got is not None:
                 for i, token, logprob in zip(rows, *got):

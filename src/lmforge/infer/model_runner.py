@@ -28,11 +28,42 @@ from lmforge.infer.state_pool import HybridCache
 
 @dataclass
 class ChunkLogits:
-    """Logits a scheduled chunk produced: ``last`` for its final token if it completes, ``all`` for every
-    token of the chunk when prompt logprobs are collected."""
+    """Logits a scheduled chunk produced: row ``row`` of ``block`` (a forward's ``[rows, vocab]`` logits) for
+    its final token if it completes, ``all`` for every token of the chunk when prompt logprobs are collected.
 
-    last: Tensor | None = None
+    The row is kept as an index into its forward's block rather than sliced out, so that a step's sampling
+    rows are gathered with one ``index_select`` per forward (:func:`stack_last`) instead of a view per row."""
+
     all: Tensor | None = None
+    block: Tensor | None = None
+    row: int = 0
+
+    @property
+    def last(self) -> Tensor | None:
+        return None if self.block is None else self.block[self.row]
+
+
+def stack_last(chunks: list[ChunkLogits]) -> Tensor:
+    """The ``last`` logits of ``chunks`` (each must complete) as one ``[len(chunks), vocab]`` tensor, in the order
+    given: a block whose rows are all taken in order is used as it is, others give one ``index_select`` each."""
+    blocks: dict[int, tuple[Tensor, list[int], list[int]]] = {}
+    for i, chunk in enumerate(chunks):
+        assert chunk.block is not None
+        entry = blocks.setdefault(id(chunk.block), (chunk.block, [], []))
+        entry[1].append(chunk.row)
+        entry[2].append(i)
+    parts = [
+        block
+        if rows == list(range(block.shape[0]))
+        else block.index_select(0, torch.tensor(rows, device=block.device))
+        for block, rows, _ in blocks.values()
+    ]
+    order = [i for _, _, where in blocks.values() for i in where]
+    if order == list(range(len(order))):  # the chunks follow their forwards' rows: no permutation
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return torch.cat(parts).index_select(0, inverse.to(parts[0].device))
 
 
 class ModelRunner:
@@ -100,30 +131,33 @@ class ModelRunner:
             return False
         for mirror_bin, order in batches:
             rows = [seqs[i] for i in order]
-            pos_list = [s.num_computed for s in rows]
-            id_list = [s.token_ids[p] for s, p in zip(rows, pos_list)]
-            slot_list = [s.block_table[p // bs] * bs + p % bs for s, p in zip(rows, pos_list)]
+            pos_list, id_list, slot_list = [], [], []
+            for s in rows:  # one pass: the sequences' state lives in Python lists
+                p = s.num_computed
+                pos_list.append(p)
+                id_list.append(s.token_ids[p])
+                slot_list.append(s.block_table[p // bs] * bs + p % bs)
             graphed = None
             if self.graphs is not None and self.loras is None:
                 graphed = self.graphs.run(mirror_bin, id_list, pos_list, slot_list)
             if graphed is not None:
                 for row, i in enumerate(order):
-                    results[indices[i]].last = graphed[row]
+                    result = results[indices[i]]
+                    result.block, result.row = graphed, row
                 continue
-            positions = torch.tensor(pos_list)
-            input_ids = torch.tensor(id_list)
-            slots = torch.tensor(slot_list)
-            key_positions = torch.arange(max(pos_list) + 1).expand(len(rows), -1)
-            key_positions = torch.where(key_positions <= positions[:, None], key_positions, -1)
             dev = self.device
-            positions, key_positions = positions.to(dev), key_positions.to(dev)
-            self.cache.bind_mirrored(mirror_bin, slots.to(dev), positions, key_positions)
+            # ids, positions and slots travel as one tensor (one host -> device copy)
+            packed = torch.tensor([id_list, pos_list, slot_list]).to(dev)
+            input_ids, positions, slots = packed[0], packed[1], packed[2]
+            key_positions = torch.arange(max(pos_list) + 1, device=dev).expand(len(rows), -1)
+            key_positions = torch.where(key_positions <= positions[:, None], key_positions, -1)
+            self.cache.bind_mirrored(mirror_bin, slots, positions, key_positions)
             self._route(rows)
-            logits = self.model(
-                input_ids[:, None].to(dev), position_ids=positions[:, None], cache=self.cache
-            ).logits
+            logits = self.model(input_ids[:, None], position_ids=positions[:, None], cache=self.cache).logits
+            block = logits[:, -1]
             for row, i in enumerate(order):
-                results[indices[i]].last = logits[row, -1]
+                result = results[indices[i]]
+                result.block, result.row = block, row
         return True
 
     def _run_batch(
@@ -205,13 +239,14 @@ class ModelRunner:
             ).logits
         offset = 0
         for b, it in enumerate(items):
+            result = results[indices[b]]
             if want_all[b]:
-                chunk = logits[offset : offset + it.num_tokens]
+                result.all = logits[offset : offset + it.num_tokens]
+                if it.completes:
+                    result.block, result.row = logits, offset + it.num_tokens - 1
                 offset += it.num_tokens
-                results[indices[b]].all = chunk
-                results[indices[b]].last = chunk[-1] if it.completes else None
             elif it.completes:
-                results[indices[b]].last = logits[offset]
+                result.block, result.row = logits, offset
                 offset += 1
 
     def _sink_view(self, items: list[ScheduledSeq], positions: Tensor) -> tuple[Tensor, Tensor]:

@@ -56,6 +56,26 @@ def warp_logits(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     return logits
 
 
+ARGMAX_BLOCK = 128  # vocabulary slice width of the blocked argmax
+
+
+def greedy_argmax(logits: Tensor) -> Tensor:
+    """``logits.argmax(dim=-1)`` of a ``[rows, vocab]`` block, the same indices (first maximum; a NaN counts as
+    the maximum), computed faster on a CPU.
+
+    ``argmax`` over the last dimension runs element by element on a CPU (about 7 us per 8192-wide row, 0.46 ms
+    for 64 rows: ~2% of a decode step), while ``amax`` is vectorised and ~17x faster. So the rows are cut
+    into slices of ``ARGMAX_BLOCK``: ``amax`` per slice, ``argmax`` over the slice maxima picks the first slice
+    holding the row's maximum, and ``argmax`` inside that slice alone gives the first index holding it."""
+    rows, vocab = logits.shape
+    if logits.device.type != "cpu" or rows < 4 or vocab % ARGMAX_BLOCK or not logits.is_contiguous():
+        return logits.argmax(dim=-1)
+    blocks = logits.view(rows, vocab // ARGMAX_BLOCK, ARGMAX_BLOCK)
+    first = blocks.amax(dim=-1).argmax(dim=-1)
+    inner = blocks[torch.arange(rows), first].argmax(dim=-1)
+    return first * ARGMAX_BLOCK + inner
+
+
 def top_logprobs(logprobs: Tensor, chosen: Tensor, k: list[int]) -> list[TokenLogprob]:
     """Chosen-token log-probability and the ``k[i]`` best alternatives of each row."""
     chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
@@ -91,13 +111,13 @@ class Sampler:
         """Choose one token per row of ``logits`` (rows, vocab); returns token ids and, where asked, logprobs."""
         if self.plain_greedy(seqs):
             self.fast_path_steps += 1
-            return logits.argmax(dim=-1).tolist(), [None] * len(seqs)
+            return greedy_argmax(logits).tolist(), [None] * len(seqs)
         logits = logits.float().cpu()  # the generators (shared and per-request) live on the CPU
         wants_logprobs = [s.params.logprobs is not None for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(wants_logprobs) else None
         if any(s.params.needs_token_history or s.params.logit_bias for s in seqs):
             logits = process_logits(logits.clone(), seqs)
-        chosen = logits.argmax(dim=-1)
+        chosen = greedy_argmax(logits)
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled:
             probs = warp_logits(logits[sampled], [seqs[i].params for i in sampled]).softmax(dim=-1)

@@ -165,8 +165,9 @@ class Scheduler:
         decoding = [g for g in self.running if all(s.num_uncomputed == 1 for s in g.live_seqs)]
         decoding_ids = {id(g) for g in decoding}
         prefilling = [g for g in self.running if id(g) not in decoding_ids]
+        used = out.num_tokens  # kept up to date here: summing out.scheduled per group is quadratic
         for group in decoding + prefilling:
-            budget = self.max_num_batched_tokens - out.num_tokens
+            budget = self.max_num_batched_tokens - used
             if budget <= 0:
                 return
             if group not in self.running:
@@ -178,19 +179,25 @@ class Scheduler:
             if sum(wanted) > budget:
                 continue
             placed = []
+            preempted = False
             for seq, n in zip(seqs, wanted):
                 while group in self.running and not self.block_manager.ensure_slots(seq, n):
                     self._preempt(self.running[-1], out)
+                    preempted = True
                 if group not in self.running:
                     break  # it was the most recently admitted: it preempted itself
                 placed.append(ScheduledSeq(seq, n))
             if group in self.running:
                 out.scheduled.extend(placed)
+                used += sum(wanted)
+            if preempted:  # a preemption took scheduled chunks back out
+                used = out.num_tokens
 
     def _admit_waiting(self, out: SchedulerOutput) -> None:
         bm = self.block_manager
-        while self.waiting and out.num_tokens < self.max_num_batched_tokens:
-            budget = self.max_num_batched_tokens - out.num_tokens
+        used = out.num_tokens
+        while self.waiting and used < self.max_num_batched_tokens:
+            budget = self.max_num_batched_tokens - used
             group = self.waiting[0]
             seqs = group.live_seqs
             if self.num_running_seqs + group.max_seqs > self.max_num_seqs and self.running:
@@ -224,6 +231,7 @@ class Scheduler:
                 assert allocated
                 seq.status = SequenceStatus.RUNNING
                 out.scheduled.append(ScheduledSeq(seq, n))
+                used += n
             self.waiting.popleft()
             self.running.append(group)
 
