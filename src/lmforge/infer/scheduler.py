@@ -40,12 +40,21 @@ class ScheduledSeq:
 
 @dataclass
 class SchedulerOutput:
+    """A step's plan. Chunks go in and out through :meth:`add` and :meth:`drop`, which keep ``num_tokens``
+    (the step's token total, read once per scheduled group) current without re-summing the list."""
+
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[SequenceGroup] = field(default_factory=list)
+    num_tokens: int = 0
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
+    def add(self, items: Seq[ScheduledSeq]) -> None:
+        self.scheduled.extend(items)
+        self.num_tokens += sum(item.num_tokens for item in items)
+
+    def drop(self, group: SequenceGroup) -> None:
+        """Take the group's chunks back out (it was preempted after they were placed)."""
+        self.scheduled = [s for s in self.scheduled if s.seq not in group.seqs]
+        self.num_tokens = sum(s.num_tokens for s in self.scheduled)
 
 
 class Scheduler:
@@ -155,7 +164,7 @@ class Scheduler:
         for seq in group.live_seqs:
             self.block_manager.free(seq)
             seq.status = SequenceStatus.WAITING
-        out.scheduled = [s for s in out.scheduled if s.seq not in group.seqs]
+        out.drop(group)
         out.preempted.append(group)
         self.waiting.appendleft(group)
         self.num_preemptions += 1
@@ -165,9 +174,8 @@ class Scheduler:
         decoding = [g for g in self.running if all(s.num_uncomputed == 1 for s in g.live_seqs)]
         decoding_ids = {id(g) for g in decoding}
         prefilling = [g for g in self.running if id(g) not in decoding_ids]
-        used = out.num_tokens  # kept up to date here: summing out.scheduled per group is quadratic
         for group in decoding + prefilling:
-            budget = self.max_num_batched_tokens - used
+            budget = self.max_num_batched_tokens - out.num_tokens
             if budget <= 0:
                 return
             if group not in self.running:
@@ -179,25 +187,19 @@ class Scheduler:
             if sum(wanted) > budget:
                 continue
             placed = []
-            preempted = False
             for seq, n in zip(seqs, wanted):
                 while group in self.running and not self.block_manager.ensure_slots(seq, n):
                     self._preempt(self.running[-1], out)
-                    preempted = True
                 if group not in self.running:
                     break  # it was the most recently admitted: it preempted itself
                 placed.append(ScheduledSeq(seq, n))
             if group in self.running:
-                out.scheduled.extend(placed)
-                used += sum(wanted)
-            if preempted:  # a preemption took scheduled chunks back out
-                used = out.num_tokens
+                out.add(placed)
 
     def _admit_waiting(self, out: SchedulerOutput) -> None:
         bm = self.block_manager
-        used = out.num_tokens
-        while self.waiting and used < self.max_num_batched_tokens:
-            budget = self.max_num_batched_tokens - used
+        while self.waiting and out.num_tokens < self.max_num_batched_tokens:
+            budget = self.max_num_batched_tokens - out.num_tokens
             group = self.waiting[0]
             seqs = group.live_seqs
             if self.num_running_seqs + group.max_seqs > self.max_num_seqs and self.running:
@@ -230,8 +232,7 @@ class Scheduler:
                 allocated = bm.ensure_slots(seq, n)  # cannot fail: the free blocks were counted above
                 assert allocated
                 seq.status = SequenceStatus.RUNNING
-                out.scheduled.append(ScheduledSeq(seq, n))
-                used += n
+                out.add([ScheduledSeq(seq, n)])
             self.waiting.popleft()
             self.running.append(group)
 
